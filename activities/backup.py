@@ -1,0 +1,165 @@
+"""The backup activity: drive the copy engine from a backup worker, durably.
+
+The copy itself is blocking file I/O, so it runs in the worker's bounded thread pool while
+this coroutine heartbeats the engine's latest fsynced checkpoint, forwards progress to the
+workflow (for the Web UI's current details), and turns a cancel into a clean stop. A retry
+after a crash reads the checkpoint back from ``activity.info().heartbeat_details``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from temporalio import activity
+
+from .contracts import BackupProgress, BackupResult, CopyRequest
+from .errors import converts_errors
+from .hypervisors import load_driver
+from .hypervisors.base import HypervisorDriver
+from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
+from .settings import Settings
+from .storage.copy_engine import Checkpoint, CopyEngine
+from .storage.secondary import SecondaryStore
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_from(details: Any) -> Checkpoint | None:
+    if not details:
+        return None
+    try:
+        return Checkpoint.model_validate(details[0])
+    except ValueError:
+        return None
+
+
+class BackupActivities:
+    def __init__(self, settings: Settings, *, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.store = SecondaryStore(settings.secondary)
+        self.engine = CopyEngine(
+            chunk_size=settings.chunk_size,
+            checkpoint_bytes=settings.checkpoint_bytes,
+            rate_limit_bps=settings.backup_rate_limit_bps,
+        )
+        self.executor = executor
+        self._drivers: dict[str, HypervisorDriver] = {}
+
+    def _driver(self, req: CopyRequest) -> HypervisorDriver:
+        kind = req.volume.vm.hypervisor
+        if kind not in self._drivers:
+            self._drivers[kind] = load_driver(kind, self.settings)
+        return self._drivers[kind]
+
+    def _result(self, req: CopyRequest, *, bytes_copied: int, resumed_from: int) -> BackupResult:
+        manifest = self.store.read_manifest(self.store.manifest_path(req.volume, req.snapshot_id))
+        return BackupResult(
+            path=manifest.path,
+            manifest_path=str(self.store.manifest_path(req.volume, req.snapshot_id)),
+            checksum=manifest.checksum,
+            virtual_size=manifest.virtual_size,
+            bytes_copied=bytes_copied,
+            resumed_from=resumed_from,
+            attempts=activity.info().attempt,
+        )
+
+    def _copy(
+        self,
+        req: CopyRequest,
+        resume: Checkpoint | None,
+        on_checkpoint: Any,
+        stop: threading.Event,
+    ) -> tuple[int, int]:
+        """Blocking part: copy, verify, rename, write the manifest. Returns counters."""
+        target = self.store.target(req.volume, req.snapshot_id)
+        reader = self._driver(req).open_reader(req.source)
+        try:
+            outcome = self.engine.copy(
+                reader, target, resume=resume, on_checkpoint=on_checkpoint,
+                should_stop=stop.is_set,
+            )
+        finally:
+            reader.close()
+        self.store.finalize(
+            volume=req.volume,
+            snapshot_id=req.snapshot_id,
+            target=target,
+            outcome=outcome,
+            source=req.source.image,
+            source_format=req.source.image_format,
+        )
+        return outcome.bytes_copied, outcome.resumed_from
+
+    @activity.defn(name=BACKUP_SNAPSHOT)
+    @converts_errors
+    async def backup_snapshot(self, req: CopyRequest) -> BackupResult:
+        info = activity.info()
+        manifest = self.store.manifest_path(req.volume, req.snapshot_id)
+        if manifest.exists():
+            # Finished before (the manifest is written last): verify instead of copying.
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.store.verify, self.store.read_manifest(manifest)
+            )
+            return self._result(req, bytes_copied=0, resumed_from=req.source.virtual_size)
+
+        resume = _checkpoint_from(info.heartbeat_details)
+        latest: list[tuple[Checkpoint, int]] = []
+        if resume is not None:
+            latest.append((resume, resume.chunks_done * resume.chunk_size))
+        stop = threading.Event()
+        assert info.workflow_id is not None, "backup_snapshot runs inside a workflow"
+        handle = activity.client().get_workflow_handle(
+            info.workflow_id, run_id=info.workflow_run_id
+        )
+
+        def on_checkpoint(cp: Checkpoint, done: int) -> None:
+            latest.append((cp, done))
+            del latest[:-1]
+
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.executor, self._copy, req, resume, on_checkpoint, stop
+        )
+        last_signal = 0.0
+        started = time.monotonic()
+        first_done = latest[-1][1] if latest else 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=0.25)
+                if latest:
+                    activity.heartbeat(latest[-1][0].model_dump())
+                else:
+                    activity.heartbeat()
+                now = time.monotonic()
+                if fut in done or now - last_signal >= req.progress_interval_s:
+                    bytes_done = req.source.virtual_size if fut in done else (
+                        latest[-1][1] if latest else 0
+                    )
+                    elapsed = max(now - started, 1e-6)
+                    progress = BackupProgress(
+                        snapshot_id=req.snapshot_id,
+                        bytes_done=bytes_done,
+                        bytes_total=req.source.virtual_size,
+                        bytes_per_second=(bytes_done - first_done) / elapsed,
+                        attempt=info.attempt,
+                    )
+                    try:
+                        await handle.signal(BACKUP_PROGRESS_SIGNAL, progress)
+                    except Exception as exc:  # progress is best effort; the copy goes on
+                        log.warning("progress signal failed: %s", exc)
+                    last_signal = now
+                if fut in done:
+                    break
+            bytes_copied, resumed_from = fut.result()
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait({fut})
+            if not activity.is_worker_shutdown():
+                # A cancel from the workflow: nothing half-written stays on the store.
+                self.store.discard_partial(self.store.target(req.volume, req.snapshot_id))
+            raise
+        return self._result(req, bytes_copied=bytes_copied, resumed_from=resumed_from)

@@ -1,0 +1,215 @@
+"""Payload contracts shared by workflows, activities and callers.
+
+They are pydantic v2 models sent with Temporal's pydantic data converter, and their JSON
+Schemas are exported by ``snapferry schema`` so that management code in any language can call
+the workflows by name. State names are CloudStack's own, so an integration maps one to one.
+
+Names that become file names on primary or secondary storage (VM, disk, snapshot ID) are
+validated here, at the edge, so that no path traversal can reach a driver or the store.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _safe_name(value: str) -> str:
+    """Reject anything that could escape a directory or confuse a shell or a URL."""
+    if not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-128 characters of letters, digits, '.', '_'"
+            " or '-', starting with a letter or digit, and no '..'"
+        )
+    return value
+
+
+def validate_snapshot_id(value: str) -> str:
+    if not _UUID_RE.match(value):
+        raise ValueError(f"{value!r} is not a snapshot ID: expected a lowercase UUID")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+SnapshotId = Annotated[str, AfterValidator(validate_snapshot_id)]
+
+
+def new_snapshot_id() -> str:
+    """Snapshot IDs are UUIDs, as in CloudStack, so that they are unique across clouds."""
+    return str(uuid.uuid4())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SnapshotState(StrEnum):
+    """CloudStack's ``Snapshot.State`` names (the subset snapferry moves through)."""
+
+    ALLOCATED = "Allocated"
+    CREATING = "Creating"
+    CREATED_ON_PRIMARY = "CreatedOnPrimary"
+    BACKING_UP = "BackingUp"
+    BACKED_UP = "BackedUp"
+    DESTROYING = "Destroying"
+    DESTROYED = "Destroyed"
+    ERROR = "Error"
+
+
+class HypervisorType(StrEnum):
+    KVM = "kvm"
+    VMWARE = "vmware"
+    XENSERVER = "xenserver"
+
+
+class VmRef(_Model):
+    """A VM as the hypervisor knows it, and the host whose worker owns it."""
+
+    name: SafeName = Field(description="Domain / VM name on the hypervisor")
+    host: SafeName = Field(description="Hypervisor host; selects the host-pinned task queue")
+    hypervisor: HypervisorType = HypervisorType.KVM
+
+
+class VolumeRef(_Model):
+    vm: VmRef
+    disk: SafeName = Field(description="Disk target on the VM, for example 'vda'")
+
+
+class BackupOptions(_Model):
+    """CloudStack's ``backup.retry`` and ``backup.retry.interval``, plus liveness.
+
+    Liveness comes from the heartbeat timeout, not a wall-clock limit, so a large volume
+    never times out; ``max_duration_s`` is only a last-resort bound.
+    """
+
+    retry_attempts: int = Field(3, ge=0, le=100, description="Retries after the first try")
+    retry_interval_s: float = Field(300.0, gt=0, description="Wait before the first retry")
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    max_duration_s: float = Field(7 * 24 * 3600.0, gt=0)
+    progress_interval_s: float = Field(
+        2.0, gt=0, description="How often progress reaches the workflow (Web UI details)"
+    )
+
+
+class SnapshotRequest(_Model):
+    """Input of the VolumeSnapshot workflow; also what ``snapshot create`` sends."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    backup: BackupOptions = Field(default_factory=BackupOptions)
+
+
+class PrimarySnapshot(_Model):
+    """Where the snapshot lives on primary storage, as the take left it.
+
+    ``image`` is the frozen image whose guest-visible content is the snapshot (it may have a
+    backing chain); ``overlay`` is the layer the VM writes to meanwhile, if the mechanism
+    needs one.
+    """
+
+    image: str
+    image_format: str
+    overlay: str | None = None
+    virtual_size: int = Field(ge=0)
+    vm_was_running: bool
+
+
+class BackupResult(_Model):
+    path: str
+    manifest_path: str
+    checksum: str
+    virtual_size: int
+    bytes_copied: int = Field(description="Bytes read and written by the final attempt")
+    resumed_from: int = Field(description="Offset the final attempt resumed from")
+    attempts: int
+
+
+class BackupProgress(_Model):
+    snapshot_id: SnapshotId
+    bytes_done: int = 0
+    bytes_total: int = 0
+    bytes_per_second: float = 0.0
+    attempt: int = 1
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+
+
+class SnapshotRecord(_Model):
+    """What callers see of a volume snapshot: ``show --json`` prints exactly this."""
+
+    id: SnapshotId
+    state: SnapshotState
+    vm: str
+    disk: str
+    host: str
+    hypervisor: HypervisorType
+    created: datetime | None = None
+    primary: PrimarySnapshot | None = None
+    primary_released: bool = Field(
+        False, description="True once the primary copy was merged away after a verified backup"
+    )
+    backup: BackupResult | None = None
+    backup_error: str | None = None
+    backup_attempts: int = 0
+    backup_workflow_id: str | None = Field(
+        None, description="The current BackupSnapshot child; query it for progress"
+    )
+    error: str | None = None
+
+
+class BackupRequest(_Model):
+    """Input of the BackupSnapshot child workflow."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+    options: BackupOptions
+    round: int = Field(1, ge=1, description="1 for the first backup, +1 per operator retry")
+
+
+class CopyRequest(_Model):
+    """Input of the backup activity; the copy engine resumes from its heartbeat details."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+    progress_interval_s: float = 2.0
+
+
+class TakeRequest(_Model):
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+
+
+class ReleaseRequest(_Model):
+    """Free the primary copy of a snapshot whose backup was verified."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+
+
+class AlertSeverity(StrEnum):
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class Alert(_Model):
+    """One event for the operator: a line in management-server.log and a webhook POST."""
+
+    event: str = Field(description="Machine-readable kind, e.g. SNAPSHOT.BACKUP.FAILED")
+    severity: AlertSeverity = AlertSeverity.ERROR
+    snapshot_id: SnapshotId | None = None
+    vm: str | None = None
+    disk: str | None = None
+    message: str

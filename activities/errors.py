@@ -1,0 +1,127 @@
+"""Typed domain errors, and the one place where they become Temporal failures.
+
+Each error says whether retrying can help. A bad input, a missing VM or a full store will not
+get better by waiting, so they are non-retryable; transport and I/O trouble is retried with
+backoff. Workflows build ``non_retryable_error_types`` from these classes' names, and
+activities convert with :func:`as_application_error` at their boundary (the MAAS pattern).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from temporalio.exceptions import ApplicationError
+
+
+class SnapferryError(Exception):
+    """Base class. ``non_retryable`` is a class attribute so that it can be tabulated."""
+
+    non_retryable = False
+
+
+class InvalidInput(SnapferryError):
+    non_retryable = True
+
+
+class VmNotFound(SnapferryError):
+    non_retryable = True
+
+
+class DiskNotFound(SnapferryError):
+    non_retryable = True
+
+
+class UnsupportedImage(SnapferryError):
+    """The snapshot's image uses a feature the copy engine cannot read (e.g. compression)."""
+
+    non_retryable = True
+
+
+class SecondaryStoreFull(SnapferryError):
+    non_retryable = True
+
+
+class SecondaryStoreUnavailable(SnapferryError):
+    """The store cannot be written now (unmounted, read-only, permissions): may come back."""
+
+
+class HypervisorUnavailable(SnapferryError):
+    """The hypervisor could not be reached or refused for a transient reason."""
+
+
+class BackupCorrupt(SnapferryError):
+    """A verification read back different bytes than were written; a retry rewrites."""
+
+
+class ChainBusy(SnapferryError):
+    """A block job is already running on the disk; retrying later helps."""
+
+
+class AlertSinkUnavailable(SnapferryError):
+    """A webhook or mail relay did not take the alert; it is retried."""
+
+
+class BackupCancelled(SnapferryError):
+    """The workflow cancelled the copy; the ``.partial`` files were removed."""
+
+    non_retryable = True
+
+
+ALL_ERRORS: tuple[type[SnapferryError], ...] = (
+    InvalidInput,
+    VmNotFound,
+    DiskNotFound,
+    UnsupportedImage,
+    SecondaryStoreFull,
+    SecondaryStoreUnavailable,
+    HypervisorUnavailable,
+    BackupCorrupt,
+    ChainBusy,
+    AlertSinkUnavailable,
+    BackupCancelled,
+)
+
+NON_RETRYABLE_ERROR_TYPES: list[str] = [c.__name__ for c in ALL_ERRORS if c.non_retryable]
+
+
+def classify_os_error(exc: OSError, *, where: str) -> SnapferryError:
+    """Map an OS error on the secondary store to a domain error."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SecondaryStoreFull(f"secondary store is full at {where}: {exc.strerror}")
+    return SecondaryStoreUnavailable(f"secondary store not writable at {where}: {exc}")
+
+
+def as_application_error(exc: SnapferryError) -> ApplicationError:
+    return ApplicationError(str(exc), type=type(exc).__name__, non_retryable=exc.non_retryable)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def converts_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate an activity so that domain errors leave it as typed ApplicationErrors."""
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except SnapferryError as exc:
+                raise as_application_error(exc) from exc
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SnapferryError as exc:
+            raise as_application_error(exc) from exc
+
+    return wrapper  # type: ignore[return-value]

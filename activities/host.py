@@ -1,0 +1,40 @@
+"""Activities that run on a hypervisor host's own task queue: take and release.
+
+Like CloudStack's agent, each host runs one worker polling ``snapferry-host-<name>``; the
+workflow routes every hypervisor operation for a VM to the queue of the host that owns it.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from .contracts import PrimarySnapshot, ReleaseRequest, TakeRequest
+from .errors import converts_errors
+from .hypervisors import load_driver
+from .hypervisors.base import HypervisorDriver
+from .names import RELEASE_PRIMARY, TAKE_SNAPSHOT
+from .settings import Settings
+
+
+class HostActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._drivers: dict[str, HypervisorDriver] = {}
+
+    def driver(self, req: TakeRequest | ReleaseRequest) -> HypervisorDriver:
+        kind = req.volume.vm.hypervisor
+        if kind not in self._drivers:
+            self._drivers[kind] = load_driver(kind, self.settings)
+        return self._drivers[kind]
+
+    @activity.defn(name=TAKE_SNAPSHOT)
+    @converts_errors
+    def take_snapshot(self, req: TakeRequest) -> PrimarySnapshot:
+        return self.driver(req).take(volume=req.volume, snapshot_id=req.snapshot_id)
+
+    @activity.defn(name=RELEASE_PRIMARY)
+    @converts_errors
+    def release_primary(self, req: ReleaseRequest) -> None:
+        self.driver(req).release(
+            volume=req.volume, snapshot_id=req.snapshot_id, source=req.source
+        )

@@ -1,0 +1,26 @@
+"""Name -> driver registry. Vendor SDKs are imported lazily, so that a backup worker or a
+VMware-only host never needs libvirt installed (each SDK is an install extra)."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..contracts import HypervisorType
+from ..errors import InvalidInput
+from ..settings import Settings
+from .base import HypervisorDriver
+
+_DRIVERS: dict[HypervisorType, str] = {
+    HypervisorType.KVM: "activities.hypervisors.kvm:KvmDriver",
+}
+
+
+def load_driver(hypervisor: HypervisorType, settings: Settings) -> HypervisorDriver:
+    try:
+        target = _DRIVERS[hypervisor]
+    except KeyError:
+        raise InvalidInput(f"hypervisor {hypervisor.value!r} has no driver yet") from None
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    driver: HypervisorDriver = cls(settings)
+    return driver

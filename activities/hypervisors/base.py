@@ -1,0 +1,31 @@
+"""The driver interface every hypervisor implements (Cinder-style thin vendor layer).
+
+Workflows never see a driver: activities call these three primitives, and the copy engine
+does the rest. ``take`` runs on the hypervisor host's own worker; ``open_reader`` runs on a
+backup worker; ``release`` runs on the host again, only after the backup was verified.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..contracts import PrimarySnapshot, VolumeRef
+from ..storage.reader import SnapshotReader
+
+
+class HypervisorDriver(ABC):
+    @abstractmethod
+    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        """Create the snapshot on primary storage, fast, whatever the volume's size.
+
+        Must be idempotent for one ``snapshot_id``: a retried activity returns what the
+        first attempt made instead of making a second snapshot.
+        """
+
+    @abstractmethod
+    def open_reader(self, source: PrimarySnapshot) -> SnapshotReader:
+        """A reader of the snapshot's guest-visible bytes, for the copy engine."""
+
+    @abstractmethod
+    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
+        """Give primary storage back once the backup is safe (merge, delete a clone...)."""

@@ -1,0 +1,12 @@
+"""Activity and signal names: the contract between workflows and workers.
+
+Workflows refer to activities by these names only, so workflow code never imports a driver
+(and never libvirt), and tests can register mocks under the real names.
+"""
+
+TAKE_SNAPSHOT = "take_snapshot"
+RELEASE_PRIMARY = "release_primary"
+BACKUP_SNAPSHOT = "backup_snapshot"
+RAISE_ALERT = "raise_alert"
+
+BACKUP_PROGRESS_SIGNAL = "backup_progress"

@@ -1,0 +1,286 @@
+"""``snapferry``: the command line for operators, the demo, and the worker processes.
+
+Every command that prints a record takes ``--json``. Errors exit non-zero with a message
+that names what was wrong. The process ends with ``os._exit`` after flushing, because a
+Temporal client can abort the interpreter at shutdown (temporalio/sdk-python#300) and turn
+success into exit code 134.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from activities.contracts import (
+    HypervisorType,
+    SnapshotRecord,
+    SnapshotRequest,
+    SnapshotState,
+    VmRef,
+    VolumeRef,
+    new_snapshot_id,
+)
+from activities.settings import Settings
+
+from . import starter
+from .client import connect
+from .stack import Stack
+
+
+def default_host() -> str:
+    return os.environ.get("SNAPFERRY_HOST") or socket.gethostname().split(".")[0]
+
+
+def print_record(record: SnapshotRecord, as_json: bool) -> None:
+    if as_json:
+        print(record.model_dump_json(indent=2))
+        return
+    print(f"snapshot {record.id}  {record.state.value}  vm={record.vm} disk={record.disk}")
+    if record.primary:
+        print(f"  primary: {record.primary.image} (overlay {record.primary.overlay})")
+    if record.backup:
+        print(f"  backup:  {record.backup.path}\n  checksum {record.backup.checksum}")
+    if record.backup_error:
+        print(f"  backup failed: {record.backup_error}")
+    if record.error:
+        print(f"  error: {record.error}")
+
+
+def progress_bar(done: int, total: int, width: int = 40) -> str:
+    pct = done / total if total else 0.0
+    filled = int(width * pct)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * pct:5.1f}%"
+
+
+async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> SnapshotRecord:
+    """Draw the backup's progress until the snapshot is BackedUp or its backup failed."""
+    while True:
+        record = await starter.get_record(client, snapshot_id)
+        if record.state in (SnapshotState.BACKED_UP, SnapshotState.ERROR) or record.backup_error:
+            if record.state == SnapshotState.BACKED_UP:
+                size = record.backup.virtual_size if record.backup else 0
+                out.write(f"\r{progress_bar(size, size)} BackedUp" + " " * 20 + "\n")
+            return record
+        progress = await starter.backup_progress(client, record)
+        if progress:
+            out.write(
+                f"\r{progress_bar(progress.bytes_done, progress.bytes_total)}"
+                f" {progress.bytes_done // 2**20}/{progress.bytes_total // 2**20} MiB"
+                f" {progress.bytes_per_second / 1e6:6.0f} MB/s  {record.state.value}"
+            )
+        else:
+            out.write(f"\r{progress_bar(0, 1)} {record.state.value}")
+        out.flush()
+        await asyncio.sleep(0.2)
+
+
+# -- commands --------------------------------------------------------------------------------
+async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        req = SnapshotRequest(
+            snapshot_id=args.id or new_snapshot_id(),
+            volume=VolumeRef(
+                vm=VmRef(name=args.vm, host=args.host, hypervisor=HypervisorType(args.hypervisor)),
+                disk=args.disk,
+            ),
+            backup=settings.backup_defaults,
+        )
+    except ValidationError as err:
+        raise starter.SnapferryClientError(_validation_message(err)) from err
+    client = await connect(settings)
+    record = await starter.create_snapshot(client, req)
+    print_record(record, args.json)
+    return 0
+
+
+async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
+    record = await starter.get_record(await connect(settings), args.id)
+    print_record(record, args.json)
+    return 0
+
+
+async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
+    rows = await starter.list_snapshots(await connect(settings), vm=args.vm, state=args.state)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['id']}  {r['state']:<16} {r['vm']}/{r['disk']}  {r['started']}")
+    return 0
+
+
+async def cmd_snapshot_wait(args: argparse.Namespace, settings: Settings) -> int:
+    record = await starter.wait_for_state(
+        await connect(settings), args.id, SnapshotState(args.state), timeout=args.timeout
+    )
+    print_record(record, args.json)
+    return 0
+
+
+async def cmd_snapshot_watch(args: argparse.Namespace, settings: Settings) -> int:
+    record = await watch(await connect(settings), args.id)
+    print_record(record, False)
+    return 0 if record.state == SnapshotState.BACKED_UP else 1
+
+
+async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
+    record = await starter.retry_backup(await connect(settings), args.id)
+    print(f"backup of {record.id} restarted")
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from .worker import running_workers
+
+    if not args.host and not args.backup:
+        raise starter.SnapferryClientError("say what to serve: --host NAME and/or --backup")
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_workers(
+        client, settings, hosts=args.host, backup=args.backup, concurrency=args.concurrency
+    ):
+        print(
+            f"worker ready: hosts={args.host or []} backup={args.backup}"
+            f" concurrency={args.concurrency}",
+            flush=True,
+        )
+        await stop.wait()
+    return 0
+
+
+async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    stack = Stack(settings)
+    worker_args = ["--host", args.host, "--backup", "--concurrency", str(args.concurrency)]
+    stack.up(workers=not args.no_workers, worker_args=worker_args)
+    status = stack.status()
+    print(f"temporal: {settings.temporal_address} (pid {status['temporal'] or 'external'})")
+    print(f"web ui:   http://127.0.0.1:{settings.ui_port}")
+    if not args.no_workers:
+        print(f"worker:   pid {status['worker']} (host {args.host}, backup pool)")
+    print(f"logs:     {settings.home / 'logs'}")
+    return 0
+
+
+async def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    stopped = Stack(settings).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+async def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from .schema import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import run_demo
+
+    return await run_demo(settings, host=args.host, size_mib=args.size_mib)
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
+    return "invalid input: " + "; ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapferry", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(parent: Any, name: str, fn: Callable[..., Awaitable[int]], help_: str) -> Any:
+        sp = parent.add_parser(name, help=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    up = add(sub, "up", cmd_up, "start the embedded stack (dev server + worker) in the background")
+    up.add_argument("--no-workers", action="store_true")
+    up.add_argument("--host", default=default_host())
+    up.add_argument("--concurrency", type=int, default=2)
+    add(sub, "down", cmd_down, "stop the embedded stack started by 'up'")
+
+    w = add(sub, "worker", cmd_worker, "run workers in the foreground")
+    w.add_argument("--host", action="append", help="serve this hypervisor host's queue")
+    w.add_argument("--backup", action="store_true", help="serve the backup pool")
+    w.add_argument("--concurrency", type=int, default=2, help="parallel backups")
+
+    snap = sub.add_parser("snapshot", help="volume snapshots").add_subparsers(
+        dest="action", required=True
+    )
+    c = add(snap, "create", cmd_snapshot_create, "take a snapshot; returns once it is on primary")
+    c.add_argument("--vm", required=True)
+    c.add_argument("--disk", required=True)
+    c.add_argument("--host", default=default_host())
+    c.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
+    c.add_argument("--id", help="snapshot ID (UUID); makes create idempotent")
+    c.add_argument("--json", action="store_true")
+    s = add(snap, "show", cmd_snapshot_show, "print one snapshot's record")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    ls = add(snap, "list", cmd_snapshot_list, "list snapshots")
+    ls.add_argument("--vm")
+    ls.add_argument("--state", choices=[s.value for s in SnapshotState])
+    ls.add_argument("--json", action="store_true")
+    wt = add(snap, "wait", cmd_snapshot_wait, "wait until a snapshot reaches a state")
+    wt.add_argument("id")
+    wt.add_argument("--state", required=True, choices=[s.value for s in SnapshotState])
+    wt.add_argument("--timeout", type=float, default=600.0)
+    wt.add_argument("--json", action="store_true")
+    wa = add(snap, "watch", cmd_snapshot_watch, "show the backup's progress bar")
+    wa.add_argument("id")
+
+    backup = sub.add_parser("backup", help="backups").add_subparsers(dest="action", required=True)
+    r = add(backup, "retry", cmd_backup_retry, "start a failed backup again")
+    r.add_argument("id")
+
+    sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")
+    sc.add_argument("--out", default="schemas")
+
+    d = add(sub, "demo", cmd_demo, "the main job: demo VM, snapshot, backup, verify, serve")
+    d.add_argument("--host", default=default_host())
+    d.add_argument("--size-mib", type=int, default=1024)
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    try:
+        return asyncio.run(args.fn(args, settings))
+    except starter.SnapferryClientError as err:
+        print(f"snapferry: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, RuntimeError) as err:
+        print(f"snapferry: error: {err}", file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    status = run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""What management code calls: create, show, list, wait, retry, over an injected client.
+
+The CLI, the demo, the benchmarks and the tests all go through these functions, so the
+Temporal calls management code should make are written down exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.contracts import (
+    BackupProgress,
+    SnapshotRecord,
+    SnapshotRequest,
+    SnapshotState,
+    validate_snapshot_id,
+)
+from workflows.routing import (
+    CONTROL_QUEUE,
+    SNAPSHOT_ID,
+    SNAPSHOT_STATE,
+    VM_ID,
+    VOLUME_ID,
+    VOLUME_SNAPSHOT_WORKFLOW,
+    snapshot_workflow_id,
+)
+from workflows.snapshot import (
+    RETRY_BACKUP_UPDATE,
+    WAIT_TAKEN_UPDATE,
+    VolumeSnapshotWorkflow,
+    search_attributes,
+)
+
+
+class SnapferryClientError(Exception):
+    """An error for the caller, with a message that says what was wrong."""
+
+
+def _cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecord:
+    """Start (or join) the snapshot's workflow and return once the take is done."""
+    vm = req.volume.vm
+    start = WithStartWorkflowOperation(
+        VolumeSnapshotWorkflow.run,
+        req,
+        id=snapshot_workflow_id(req.snapshot_id),
+        task_queue=CONTROL_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=search_attributes(req, SnapshotState.ALLOCATED),
+        static_summary=f"Volume snapshot of {vm.name}/{req.volume.disk} on {vm.host}",
+        static_details=(
+            f"snapshot {req.snapshot_id}\nvm {vm.name} disk {req.volume.disk}\n"
+            f"host {vm.host} ({vm.hypervisor.value})"
+        ),
+    )
+    try:
+        return await client.execute_update_with_start_workflow(
+            WAIT_TAKEN_UPDATE,
+            start_workflow_operation=start,
+            result_type=SnapshotRecord,
+        )
+    except WorkflowUpdateFailedError as err:
+        raise SnapferryClientError(
+            f"snapshot of {vm.name}/{req.volume.disk} failed: {_cause(err)}"
+        ) from err
+
+
+def _check_id(snapshot_id: str) -> str:
+    try:
+        return validate_snapshot_id(snapshot_id)
+    except ValueError as err:
+        raise SnapferryClientError(str(err)) from err
+
+
+async def get_record(client: Client, snapshot_id: str) -> SnapshotRecord:
+    handle = client.get_workflow_handle_for(
+        VolumeSnapshotWorkflow.run, snapshot_workflow_id(_check_id(snapshot_id))
+    )
+    try:
+        desc = await handle.describe()
+        if desc.status == WorkflowExecutionStatus.RUNNING:
+            return await handle.query(VolumeSnapshotWorkflow.get_record)
+        if desc.status == WorkflowExecutionStatus.COMPLETED:
+            return await handle.result()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise SnapferryClientError(f"no snapshot with ID {snapshot_id}") from err
+        raise
+    raise SnapferryClientError(
+        f"snapshot {snapshot_id}'s workflow is {desc.status.name if desc.status else '?'};"
+        " see it in the Web UI"
+    )
+
+
+async def list_snapshots(
+    client: Client, *, vm: str | None = None, state: str | None = None, limit: int = 10000
+) -> list[dict[str, Any]]:
+    """List from visibility (search attributes) only: one call, fine for thousands."""
+    clauses = [f'WorkflowType = "{VOLUME_SNAPSHOT_WORKFLOW}"']
+    if vm:
+        clauses.append(f'VmId = "{vm}"')
+    if state:
+        clauses.append(f'SnapshotState = "{SnapshotState(state).value}"')
+    rows = []
+    async for wf in client.list_workflows(" AND ".join(clauses), limit=limit):
+        sa = wf.typed_search_attributes
+        volume = sa.get(VOLUME_ID) or ":"
+        rows.append(
+            {
+                "id": sa.get(SNAPSHOT_ID),
+                "state": sa.get(SNAPSHOT_STATE),
+                "vm": sa.get(VM_ID),
+                "disk": volume.split(":", 1)[1],
+                "workflow_id": wf.id,
+                "started": wf.start_time.isoformat(),
+            }
+        )
+    return rows
+
+
+async def wait_for_state(
+    client: Client, snapshot_id: str, state: SnapshotState, *, timeout: float = 600.0
+) -> SnapshotRecord:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = await get_record(client, snapshot_id)
+        if record.state == state:
+            return record
+        if record.state == SnapshotState.ERROR:
+            raise SnapferryClientError(f"snapshot {snapshot_id} is in Error: {record.error}")
+        if time.monotonic() > deadline:
+            raise SnapferryClientError(
+                f"snapshot {snapshot_id} is {record.state.value}, not {state.value},"
+                f" after {timeout:.0f}s"
+            )
+        await asyncio.sleep(0.25)
+
+
+async def backup_progress(client: Client, record: SnapshotRecord) -> BackupProgress | None:
+    if not record.backup_workflow_id:
+        return None
+    handle = client.get_workflow_handle(record.backup_workflow_id)
+    return await handle.query("progress", result_type=BackupProgress | None)  # type: ignore[arg-type]
+
+
+async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
+    handle = client.get_workflow_handle(snapshot_workflow_id(_check_id(snapshot_id)))
+    try:
+        return await handle.execute_update(RETRY_BACKUP_UPDATE, result_type=SnapshotRecord)
+    except WorkflowUpdateFailedError as err:
+        raise SnapferryClientError(_cause(err)) from err
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise SnapferryClientError(
+                f"no snapshot with ID {snapshot_id} is waiting for a backup retry"
+            ) from err
+        raise

@@ -1,0 +1,118 @@
+"""BackupSnapshot: copy one snapshot to secondary storage, in the background.
+
+It runs on the backup task queue as a child of VolumeSnapshot with ``ParentClosePolicy.ABANDON``
+so that nothing that happens to the parent stops a backup. Retries follow CloudStack's
+``backup.retry`` / ``backup.retry.interval`` (with backoff); each retry resumes from the last
+heartbeated checkpoint. When retries run out, an alert is raised and the workflow fails,
+leaving the snapshot on primary for an operator's ``backup retry``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from activities.contracts import (
+        Alert,
+        BackupProgress,
+        BackupRequest,
+        BackupResult,
+        CopyRequest,
+    )
+    from activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT, RAISE_ALERT
+
+from .routing import ALERT_QUEUE, BACKUP_SNAPSHOT_WORKFLOW
+
+ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
+
+
+def progress_details(p: BackupProgress, width: int = 30) -> str:
+    """A text progress bar for the Web UI's current details."""
+    filled = int(width * p.percent / 100)
+    bar = "#" * filled + "-" * (width - filled)
+    mib = 1024 * 1024
+    return (
+        f"[{bar}] {p.percent:5.1f}%  {p.bytes_done // mib}/{p.bytes_total // mib} MiB"
+        f"  {p.bytes_per_second / 1e6:.0f} MB/s  attempt {p.attempt}"
+    )
+
+
+def cause_message(err: BaseException) -> str:
+    """The innermost failure's message: what an operator needs to read."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+@workflow.defn(name=BACKUP_SNAPSHOT_WORKFLOW)
+class BackupSnapshotWorkflow:
+    def __init__(self) -> None:
+        self.progress: BackupProgress | None = None
+
+    @workflow.run
+    async def run(self, req: BackupRequest) -> BackupResult:
+        vol = req.volume
+        workflow.set_current_details(f"backing up {vol.vm.name}/{vol.disk}: starting")
+        opts = req.options
+        try:
+            result: BackupResult = await workflow.execute_activity(
+                BACKUP_SNAPSHOT,
+                CopyRequest(
+                    snapshot_id=req.snapshot_id,
+                    volume=vol,
+                    source=req.source,
+                    progress_interval_s=opts.progress_interval_s,
+                ),
+                result_type=BackupResult,
+                start_to_close_timeout=timedelta(seconds=opts.max_duration_s),
+                heartbeat_timeout=timedelta(seconds=opts.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=opts.retry_interval_s),
+                    backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=max(opts.retry_interval_s, 3600)),
+                    maximum_attempts=opts.retry_attempts + 1,
+                    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
+                ),
+            )
+        except ActivityError as err:
+            if is_cancelled_exception(err):
+                raise
+            message = cause_message(err)
+            workflow.set_current_details(f"FAILED: {message}")
+            await workflow.execute_activity(
+                RAISE_ALERT,
+                Alert(
+                    event="SNAPSHOT.BACKUP.FAILED",
+                    snapshot_id=req.snapshot_id,
+                    vm=vol.vm.name,
+                    disk=vol.disk,
+                    message=(
+                        f"backup of snapshot {req.snapshot_id} failed after retries: {message}."
+                        " The snapshot is kept on primary storage; retry with"
+                        f" 'snapferry backup retry {req.snapshot_id}'"
+                    ),
+                ),
+                task_queue=ALERT_QUEUE,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=ALERT_RETRY,
+            )
+            raise ApplicationError(message, type="BackupFailed", non_retryable=True) from err
+        workflow.set_current_details(
+            f"done: {result.path}\nchecksum {result.checksum}\n"
+            f"copied {result.bytes_copied} bytes, resumed from {result.resumed_from}"
+        )
+        return result
+
+    @workflow.signal(name=BACKUP_PROGRESS_SIGNAL)
+    def on_progress(self, progress: BackupProgress) -> None:
+        self.progress = progress
+        workflow.set_current_details(progress_details(progress))
+
+    @workflow.query(name="progress")
+    def get_progress(self) -> BackupProgress | None:
+        return self.progress

@@ -1,0 +1,40 @@
+"""Task queues and search attributes: where work runs, and how operators find it.
+
+Hypervisor operations run on host-pinned queues (one worker per hypervisor host, like
+CloudStack's agent); backups share one queue whose workers bound their concurrency, which is
+the spec's "separate thread pool"; workflows run on the control queue.
+"""
+
+from temporalio.common import SearchAttributeKey
+
+CONTROL_QUEUE = "snapferry"
+BACKUP_QUEUE = "snapferry-backup"
+ALERT_QUEUE = "snapferry-alerts"
+
+
+def host_queue(host: str) -> str:
+    return f"snapferry-host-{host}"
+
+
+VOLUME_ID = SearchAttributeKey.for_keyword("VolumeId")
+VM_ID = SearchAttributeKey.for_keyword("VmId")
+SNAPSHOT_ID = SearchAttributeKey.for_keyword("SnapshotId")
+SNAPSHOT_STATE = SearchAttributeKey.for_keyword("SnapshotState")
+HYPERVISOR = SearchAttributeKey.for_keyword("Hypervisor")
+
+SEARCH_ATTRIBUTES = (VOLUME_ID, VM_ID, SNAPSHOT_ID, SNAPSHOT_STATE, HYPERVISOR)
+
+VOLUME_SNAPSHOT_WORKFLOW = "VolumeSnapshot"
+BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
+
+
+def volume_id(vm: str, disk: str) -> str:
+    return f"{vm}:{disk}"
+
+
+def snapshot_workflow_id(snapshot_id: str) -> str:
+    return f"volume-snapshot-{snapshot_id}"
+
+
+def backup_workflow_id(snapshot_id: str, round_: int) -> str:
+    return f"backup-{snapshot_id}-{round_}"
