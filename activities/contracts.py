@@ -144,6 +144,11 @@ class BackupProgress(_Model):
         return 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 0.0
 
 
+class StateChange(_Model):
+    state: SnapshotState
+    at: datetime
+
+
 class SnapshotRecord(_Model):
     """What callers see of a volume snapshot: ``show --json`` prints exactly this."""
 
@@ -161,6 +166,9 @@ class SnapshotRecord(_Model):
     backup: BackupResult | None = None
     backup_error: str | None = None
     backup_attempts: int = 0
+    transitions: list[StateChange] = Field(
+        default_factory=list, description="Every state the snapshot went through, in order"
+    )
     backup_workflow_id: str | None = Field(
         None, description="The current BackupSnapshot child; query it for progress"
     )

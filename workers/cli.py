@@ -46,7 +46,9 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         print(record.model_dump_json(indent=2))
         return
     print(f"snapshot {record.id}  {record.state.value}  vm={record.vm} disk={record.disk}")
-    if record.primary:
+    if record.primary and record.primary_released:
+        print("  primary: released (merged back after the verified backup)")
+    elif record.primary:
         print(f"  primary: {record.primary.image} (overlay {record.primary.overlay})")
     if record.backup:
         print(f"  backup:  {record.backup.path}\n  checksum {record.backup.checksum}")

@@ -152,6 +152,14 @@ async def wait_for_state(
         await asyncio.sleep(0.25)
 
 
+async def wait_finished(client: Client, snapshot_id: str) -> SnapshotRecord:
+    """Wait until the snapshot's workflow is over: backed up and its primary released."""
+    handle = client.get_workflow_handle_for(
+        VolumeSnapshotWorkflow.run, snapshot_workflow_id(_check_id(snapshot_id))
+    )
+    return await handle.result()
+
+
 async def backup_progress(client: Client, record: SnapshotRecord) -> BackupProgress | None:
     if not record.backup_workflow_id:
         return None

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         SnapshotRecord,
         SnapshotRequest,
         SnapshotState,
+        StateChange,
         TakeRequest,
     )
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
@@ -81,6 +82,7 @@ class VolumeSnapshotWorkflow:
         self.req = req
         self.retry_requested = False
         self.backup_round = 0
+        self.answer: SnapshotRecord | None = None
         self.record = SnapshotRecord(
             id=req.snapshot_id,
             state=SnapshotState.ALLOCATED,
@@ -92,6 +94,7 @@ class VolumeSnapshotWorkflow:
 
     def _set_state(self, state: SnapshotState) -> None:
         self.record.state = state
+        self.record.transitions.append(StateChange(state=state, at=workflow.now()))
         workflow.upsert_search_attributes([SNAPSHOT_STATE.value_set(state.value)])
         details = f"{self.record.vm}/{self.record.disk}: {state.value}"
         if self.record.backup_error:
@@ -117,6 +120,7 @@ class VolumeSnapshotWorkflow:
     @workflow.run
     async def run(self, req: SnapshotRequest) -> SnapshotRecord:
         self.record.created = workflow.now()
+        self.record.transitions.append(StateChange(state=self.record.state, at=workflow.now()))
         self._set_state(SnapshotState.CREATING)
         queue = host_queue(req.volume.vm.host)
         try:
@@ -139,6 +143,7 @@ class VolumeSnapshotWorkflow:
             return self.record
         self.record.primary = primary
         self._set_state(SnapshotState.CREATED_ON_PRIMARY)
+        self.answer = self.record.model_copy(deep=True)
 
         result = await self._backup_until_done(req, primary)
         self.record.backup = result
@@ -201,12 +206,13 @@ class VolumeSnapshotWorkflow:
 
     @workflow.update(name=WAIT_TAKEN_UPDATE)
     async def wait_taken(self) -> SnapshotRecord:
+        """The caller's answer: the record as it was when the take completed."""
         await workflow.wait_condition(
-            lambda: self.record.state not in (SnapshotState.ALLOCATED, SnapshotState.CREATING)
+            lambda: self.answer is not None or self.record.state == SnapshotState.ERROR
         )
-        if self.record.state == SnapshotState.ERROR:
+        if self.answer is None:
             raise ApplicationError(self.record.error or "take failed", type="TakeFailed")
-        return self.record
+        return self.answer
 
     @workflow.update(name=RETRY_BACKUP_UPDATE)
     def retry_backup(self) -> SnapshotRecord:

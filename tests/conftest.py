@@ -1,0 +1,183 @@
+"""Shared fixtures: a real Temporal dev server per test, real libvirt domains, workers.
+
+Every server binds 127.0.0.1 on a free port, every process is stopped by its own PID, and
+every domain and file a test makes is destroyed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+
+from activities.settings import Settings
+from workers.client import connect
+from workers.stack import dev_server_command, terminate, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's status before a Temporal client can abort the interpreter
+    at shutdown (temporalio/sdk-python#300, exit code 134)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DevServer:
+    """One ``temporal server start-dev`` on SQLite, restartable on the same file."""
+
+    db: Path
+    port: int
+    log: Path
+    pid: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = dev_server_command(db=self.db, host="127.0.0.1", port=self.port, ui_port=None)
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid = proc.pid
+        wait_for_port("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            terminate(self.pid)
+            self.pid = None
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path) -> Iterator[DevServer]:
+    server = DevServer(db=tmp_path / "temporal.db", port=free_port(), log=tmp_path / "temporal.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(home: Path, dev_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for one test; also exported to the environment for CLI subprocesses."""
+    env = {
+        "SNAPFERRY_HOME": str(home),
+        "SNAPFERRY_SECONDARY": str(home / "secondary"),
+        "SNAPFERRY_TEMPORAL_ADDRESS": dev_server.address,
+        "SNAPFERRY_BACKUP_RETRY": "2",
+        "SNAPFERRY_BACKUP_RETRY_INTERVAL": "0.5",
+        "SNAPFERRY_BACKUP_HEARTBEAT_TIMEOUT": "5",
+        "SNAPFERRY_PROGRESS_INTERVAL": "0.5",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Settings.from_env()
+
+
+@pytest_asyncio.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    yield await connect(settings)
+
+
+@pytest.fixture
+def host_name() -> str:
+    return f"h{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def libvirt_conn() -> Iterator[object]:
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def make_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
+    """Factory for TCG domains with random-data disks; all destroyed at teardown."""
+    from workers.demo_vm import DemoVm, create_vm
+
+    made: list[DemoVm] = []
+
+    def factory(*, size: int, data_bytes: int, start: bool = True, seed: int = 0) -> DemoVm:
+        name = f"sf-test-{uuid.uuid4().hex[:8]}"
+        vm = create_vm(
+            libvirt_conn,
+            name=name,
+            directory=tmp_path / "primary",  # type: ignore[arg-type]
+            size=size,
+            data_bytes=data_bytes,
+            start=start,
+            seed=seed,
+        )
+        made.append(vm)
+        return vm
+
+    try:
+        yield factory
+    finally:
+        for vm in made:
+            vm.destroy()
+
+
+def with_settings(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture
+async def workers(client: Client, settings: Settings, host_name: str) -> AsyncIterator[None]:
+    """In-process workers: this test's host queue, and a backup pool of two."""
+    from workers.worker import running_workers
+
+    async with running_workers(client, settings, hosts=[host_name], backup=True, concurrency=2):
+        yield
+
+
+def snapferry_cli(
+    *args: str, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run the real console script, with this test's environment."""
+    exe = shutil.which("snapferry", path=str(Path(sys.executable).parent)) or "snapferry"
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, timeout=timeout, check=check
+    )

@@ -1,0 +1,40 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
+from activities.settings import Settings
+
+
+def request_for(vm_name: str, host: str, settings: Settings, disk: str = "vda") -> SnapshotRequest:
+    return SnapshotRequest(
+        snapshot_id=new_snapshot_id(),
+        volume=VolumeRef(vm=VmRef(name=vm_name, host=host), disk=disk),
+        backup=settings.backup_defaults,
+    )
+
+
+def images_identical(
+    a: Path | str, b: Path | str, *, fmt_a: str = "raw", fmt_b: str = "raw"
+) -> bool:
+    """``qemu-img compare`` in strict mode: same content, byte for byte."""
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-q", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0
+
+
+def patch_reference(src: Path, dst: Path, *, pattern: int, offset: int, length: int) -> Path:
+    """A copy of a raw reference with one guest write applied: the expected disk content."""
+    if src != dst:
+        shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes([pattern]) * length)
+    return dst
