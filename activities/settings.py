@@ -68,6 +68,6 @@ class Settings:
             alert_webhook=os.environ.get("SNAPFERRY_ALERT_WEBHOOK") or None,
             backup_rate_limit_bps=float(rate) * 1e6 if rate else None,
             chunk_size=int(_env("SNAPFERRY_CHUNK_SIZE", str(8 * 1024 * 1024))),
-            checkpoint_bytes=int(_env("SNAPFERRY_CHECKPOINT_BYTES", str(128 * 1024 * 1024))),
+            checkpoint_bytes=int(_env("SNAPFERRY_CHECKPOINT_BYTES", str(64 * 1024 * 1024))),
             backup_defaults=backup_defaults,
         )

@@ -82,8 +82,8 @@ async def running_workers(
                 activities=[backups.backup_snapshot],
                 max_concurrent_activities=concurrency,
                 # Heartbeats carry checkpoints: send them often so a crash loses little.
-                max_heartbeat_throttle_interval=timedelta(seconds=1),
-                default_heartbeat_throttle_interval=timedelta(seconds=1),
+                max_heartbeat_throttle_interval=timedelta(milliseconds=250),
+                default_heartbeat_throttle_interval=timedelta(milliseconds=250),
                 graceful_shutdown_timeout=timedelta(seconds=5),
             )
         )

@@ -58,7 +58,7 @@ class CopyEngine:
         *,
         chunk_size: int = 8 * 1024 * 1024,
         checkpoint_bytes: int = 128 * 1024 * 1024,
-        checkpoint_seconds: float = 1.0,
+        checkpoint_seconds: float = 0.25,
         rate_limit_bps: float | None = None,
     ) -> None:
         if chunk_size <= 0 or chunk_size % 4096:
