@@ -6,6 +6,7 @@ every domain and file a test makes is destroyed at teardown.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -173,11 +174,10 @@ async def workers(client: Client, settings: Settings, host_name: str) -> AsyncIt
         yield
 
 
-def snapferry_cli(
-    *args: str, check: bool = False, timeout: float = 120
-) -> subprocess.CompletedProcess:
-    """Run the real console script, with this test's environment."""
+async def snapferry_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real console script with this test's environment, off the event loop (the
+    in-process workers share the loop and must keep serving while the CLI waits)."""
     exe = shutil.which("snapferry", path=str(Path(sys.executable).parent)) or "snapferry"
-    return subprocess.run(
-        [exe, *args], capture_output=True, text=True, timeout=timeout, check=check
+    return await asyncio.to_thread(
+        subprocess.run, [exe, *args], capture_output=True, text=True, timeout=timeout
     )

@@ -26,8 +26,6 @@ from activities.contracts import (
     SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
-    VmRef,
-    VolumeRef,
     new_snapshot_id,
 )
 from activities.settings import Settings
@@ -89,13 +87,15 @@ async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> Snap
 # -- commands --------------------------------------------------------------------------------
 async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        req = SnapshotRequest(
-            snapshot_id=args.id or new_snapshot_id(),
-            volume=VolumeRef(
-                vm=VmRef(name=args.vm, host=args.host, hypervisor=HypervisorType(args.hypervisor)),
-                disk=args.disk,
-            ),
-            backup=settings.backup_defaults,
+        req = SnapshotRequest.model_validate(
+            {
+                "snapshot_id": args.id or new_snapshot_id(),
+                "volume": {
+                    "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
+                    "disk": args.disk,
+                },
+                "backup": settings.backup_defaults.model_dump(),
+            }
         )
     except ValidationError as err:
         raise starter.SnapferryClientError(_validation_message(err)) from err

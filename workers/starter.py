@@ -26,6 +26,7 @@ from activities.contracts import (
     SnapshotState,
     validate_snapshot_id,
 )
+from workflows.backup import cause_message
 from workflows.routing import (
     CONTROL_QUEUE,
     SNAPSHOT_ID,
@@ -45,12 +46,6 @@ from workflows.snapshot import (
 
 class SnapferryClientError(Exception):
     """An error for the caller, with a message that says what was wrong."""
-
-
-def _cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err)
 
 
 async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecord:
@@ -77,7 +72,7 @@ async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecor
         )
     except WorkflowUpdateFailedError as err:
         raise SnapferryClientError(
-            f"snapshot of {vm.name}/{req.volume.disk} failed: {_cause(err)}"
+            f"snapshot of {vm.name}/{req.volume.disk} failed: {cause_message(err.cause)}"
         ) from err
 
 
@@ -172,7 +167,7 @@ async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
     try:
         return await handle.execute_update(RETRY_BACKUP_UPDATE, result_type=SnapshotRecord)
     except WorkflowUpdateFailedError as err:
-        raise SnapferryClientError(_cause(err)) from err
+        raise SnapferryClientError(cause_message(err.cause)) from err
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             raise SnapferryClientError(

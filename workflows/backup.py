@@ -13,7 +13,12 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import (
@@ -43,9 +48,18 @@ def progress_details(p: BackupProgress, width: int = 30) -> str:
 
 
 def cause_message(err: BaseException) -> str:
-    """The innermost failure's message: what an operator needs to read."""
-    while err.__cause__ is not None:
+    """The message an operator needs: the first real failure under Temporal's wrappers.
+
+    It stops at the first ApplicationError, i.e. our typed domain error, rather than at the
+    raw Python exception serialised beneath it.
+    """
+    while (
+        isinstance(err, ActivityError | ChildWorkflowError)
+        and err.__cause__ is not None
+    ):
         err = err.__cause__
+    if isinstance(err, ApplicationError) and err.type:
+        return f"{err.type}: {err.message}"
     return str(err)
 
 

@@ -32,7 +32,10 @@ def start_backup_worker(log: Path, *, rate_mbps: int) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "worker", "--backup", "--concurrency", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
 
@@ -41,7 +44,11 @@ async def wait_for_progress(client: Client, snapshot_id: str, fraction: float) -
     for _ in range(600):
         record = await starter.get_record(client, snapshot_id)
         progress = await starter.backup_progress(client, record)
-        if progress and progress.bytes_total and progress.bytes_done >= fraction * progress.bytes_total:
+        if (
+            progress
+            and progress.bytes_total
+            and progress.bytes_done >= fraction * progress.bytes_total
+        ):
             return progress.bytes_done
         await asyncio.sleep(0.1)
     raise AssertionError("the backup made no progress")
@@ -63,12 +70,15 @@ async def test_kill_9_backup_worker_resumes_from_checkpoint(
     worker_b = None
     try:
         async with running_workers(client, settings, hosts=[host_name]):
-            answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
+            answer = await starter.create_snapshot(
+                client, request_for(vm.name, host_name, settings)
+            )
             await wait_for_progress(client, answer.id, 0.4)
             os.kill(worker_a.pid, signal.SIGKILL)
             worker_a.wait()
-            partial = (settings.secondary / "snapshots" / vm.name / "vda" /
-                       f"{answer.id}.raw.partial")
+            partial = (
+                settings.secondary / "snapshots" / vm.name / "vda" / f"{answer.id}.raw.partial"
+            )
             written_before_crash = partial.stat().st_size
             assert 0.3 * size < written_before_crash < size
 
@@ -89,9 +99,11 @@ async def test_kill_9_backup_worker_resumes_from_checkpoint(
     # ... and what the crash made it copy again is under 25 % of the volume.
     recopied = written_before_crash - backup.resumed_from
     assert recopied < 0.25 * size, f"re-copied {recopied / MIB:.0f} MiB"
-    print(f"\nkill -9 at {written_before_crash / MIB:.0f} MiB, resumed from "
-          f"{backup.resumed_from / MIB:.0f} MiB, re-copied {recopied / MIB:.0f} MiB "
-          f"({100 * recopied / size:.1f} %)")
+    print(
+        f"\nkill -9 at {written_before_crash / MIB:.0f} MiB, resumed from "
+        f"{backup.resumed_from / MIB:.0f} MiB, re-copied {recopied / MIB:.0f} MiB "
+        f"({100 * recopied / size:.1f} %)"
+    )
 
 
 async def test_temporal_server_restart_mid_backup(
