@@ -24,7 +24,7 @@ _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 
 def _safe_name(value: str) -> str:
     """Reject anything that could escape a directory or confuse a shell or a URL."""
-    if not _NAME_RE.match(value) or ".." in value:
+    if not _NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{value!r} is not a valid name: use 1-128 characters of letters, digits, '.', '_'"
             " or '-', starting with a letter or digit, and no '..'"
@@ -33,7 +33,7 @@ def _safe_name(value: str) -> str:
 
 
 def validate_snapshot_id(value: str) -> str:
-    if not _UUID_RE.match(value):
+    if not _UUID_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a snapshot ID: expected a lowercase UUID")
     return value
 

@@ -4,9 +4,9 @@ Vendors supply only a :class:`~activities.storage.reader.SnapshotReader`; this m
 everything that must be right for every hypervisor (the Cinder ``ChunkedBackupDriver`` idea).
 
 Durability contract: a checkpoint is reported only after the data and the chunk-digest file
-up to its offset were fsynced. Resuming from a checkpoint truncates both files back to it, so
-bytes written after the last checkpoint, including stale bytes over later holes, are never
-trusted.
+up to its offset were fsynced, and the data file is cut to end exactly at that offset.
+Resuming from a checkpoint truncates both files back to it, so bytes written after the last
+checkpoint, including stale bytes over later holes, are never trusted.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class CopyEngine:
         checkpoint_bytes: int = 128 * 1024 * 1024,
         checkpoint_seconds: float = 0.25,
         rate_limit_bps: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if chunk_size <= 0 or chunk_size % 4096:
             raise ValueError("chunk_size must be a positive multiple of 4096")
@@ -67,6 +68,7 @@ class CopyEngine:
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_seconds = checkpoint_seconds
         self.rate_limit_bps = rate_limit_bps
+        self._sleep = sleep
 
     def _resume_point(self, target: CopyTarget, resume: Checkpoint | None) -> Checkpoint:
         """Trust a checkpoint only if its files still hold what it says; else start over."""
@@ -111,7 +113,7 @@ class CopyEngine:
         fd = os.open(target.data, os.O_WRONLY | os.O_CREAT, 0o640)
         digests = open(target.digests, "a+" if start.chunks_done else "w")  # noqa: SIM115
         try:
-            os.ftruncate(fd, resumed_from)
+            os.ftruncate(fd, min(resumed_from, size))
             if start.chunks_done:
                 digests.seek(0)
                 kept = digests.read().splitlines()[: start.chunks_done]
@@ -195,7 +197,7 @@ class CopyEngine:
             if self.rate_limit_bps:
                 ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
                 if ahead > 0:
-                    time.sleep(ahead)
+                    self._sleep(ahead)
 
             now = time.monotonic()
             last = k == nchunks - 1
@@ -204,6 +206,9 @@ class CopyEngine:
                 or since_checkpoint >= self.checkpoint_bytes
                 or now - last_checkpoint >= self.checkpoint_seconds
             ):
+                # The file ends exactly at the checkpoint (holes included), so that on resume
+                # anything past it was written after the checkpoint and is cut off.
+                os.ftruncate(fd, cend)
                 os.fdatasync(fd)
                 digests.flush()
                 os.fsync(digests.fileno())
