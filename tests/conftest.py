@@ -29,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--model-examples",
+        type=int,
+        default=0,
+        help="extra examples for model-based tests (CI keeps the fixed seed only)",
+    )
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     global _exit_status
     _exit_status = int(exitstatus)

@@ -1,0 +1,35 @@
+"""Replay recorded histories against the current workflow code (non-determinism guard)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_histories_are_recorded() -> None:
+    names = {p.name for p in HISTORIES}
+    assert {
+        "volume-snapshot-happy.json",
+        "volume-snapshot-failed-then-retried.json",
+        "backup-snapshot-happy.json",
+        "backup-snapshot-failed-then-retried.json",
+    } <= names
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_replay(path: Path) -> None:
+    replayer = Replayer(
+        workflows=[VolumeSnapshotWorkflow, BackupSnapshotWorkflow],
+        data_converter=pydantic_data_converter,
+    )
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure

@@ -1,0 +1,166 @@
+"""Workflow tests: the real workflows, mock activities registered under the real names.
+
+They run on the time-skipping test server, where CloudStack's retry intervals of minutes pass
+instantly; the real dev server is exercised by tests/integration.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.contracts import (
+    Alert,
+    BackupResult,
+    CopyRequest,
+    PrimarySnapshot,
+    ReleaseRequest,
+    SnapshotRequest,
+    TakeRequest,
+    VmRef,
+    VolumeRef,
+    new_snapshot_id,
+)
+from activities.names import BACKUP_SNAPSHOT, RAISE_ALERT, RELEASE_PRIMARY, TAKE_SNAPSHOT
+from workflows.routing import (
+    ALERT_QUEUE,
+    BACKUP_QUEUE,
+    CONTROL_QUEUE,
+    SEARCH_ATTRIBUTES,
+    host_queue,
+)
+from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+
+HOST = "hv1"
+
+
+@pytest_asyncio.fixture
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in SEARCH_ATTRIBUTES
+            },
+        )
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+def make_request(**backup: Any) -> SnapshotRequest:
+    return SnapshotRequest.model_validate(
+        {
+            "snapshot_id": new_snapshot_id(),
+            "volume": VolumeRef(vm=VmRef(name="vm1", host=HOST), disk="vda").model_dump(),
+            "backup": backup,
+        }
+    )
+
+
+PRIMARY = PrimarySnapshot(
+    image="/primary/vm1-vda.qcow2",
+    image_format="qcow2",
+    overlay="/primary/vm1-vda.qcow2.snapferry-x.qcow2",
+    virtual_size=1 << 30,
+    vm_was_running=True,
+)
+
+
+class Mocks:
+    """Activity mocks that record their calls; ``backup_outcomes`` scripts each attempt."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.take_error: Exception | None = None
+        self.backup_outcomes: list[Callable[[CopyRequest], BackupResult]] = []
+
+    def activities_for(self, queue: str) -> list[Callable]:
+        @activity.defn(name=TAKE_SNAPSHOT)
+        async def take(req: TakeRequest) -> PrimarySnapshot:
+            self.calls.append((TAKE_SNAPSHOT, req))
+            if self.take_error:
+                raise self.take_error
+            return PRIMARY
+
+        @activity.defn(name=RELEASE_PRIMARY)
+        async def release(req: ReleaseRequest) -> None:
+            self.calls.append((RELEASE_PRIMARY, req))
+
+        @activity.defn(name=BACKUP_SNAPSHOT)
+        async def backup(req: CopyRequest) -> BackupResult:
+            self.calls.append((BACKUP_SNAPSHOT, req))
+            if self.backup_outcomes:
+                return self.backup_outcomes.pop(0)(req)
+            return ok_result(req)
+
+        @activity.defn(name=RAISE_ALERT)
+        async def alert(a: Alert) -> None:
+            self.calls.append((RAISE_ALERT, a))
+
+        return {
+            host_queue(HOST): [take, release],
+            BACKUP_QUEUE: [backup],
+            ALERT_QUEUE: [alert],
+            CONTROL_QUEUE: [],
+        }[queue]
+
+    def named(self, name: str) -> list[Any]:
+        return [arg for n, arg in self.calls if n == name]
+
+
+def ok_result(req: CopyRequest) -> BackupResult:
+    return BackupResult(
+        path=f"/secondary/{req.snapshot_id}.raw",
+        manifest_path=f"/secondary/{req.snapshot_id}.manifest.json",
+        checksum="sha256-chain:8388608:" + "ab" * 32,
+        virtual_size=req.source.virtual_size,
+        bytes_copied=req.source.virtual_size,
+        resumed_from=0,
+        attempts=1,
+    )
+
+
+@pytest_asyncio.fixture
+async def mocks(env: WorkflowEnvironment) -> AsyncIterator[Mocks]:
+    m = Mocks()
+    workflows = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow]
+    workers = [
+        Worker(
+            env.client,
+            task_queue=q,
+            workflows=workflows if q in (CONTROL_QUEUE, BACKUP_QUEUE) else [],
+            activities=m.activities_for(q),
+        )
+        for q in (CONTROL_QUEUE, BACKUP_QUEUE, ALERT_QUEUE, host_queue(HOST))
+    ]
+    import asyncio
+
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        yield m
+    finally:
+        for w in workers:
+            await w.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:8]

@@ -1,0 +1,131 @@
+"""VolumeSnapshot and BackupSnapshot with mock activities under the real names."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+
+from activities.contracts import CopyRequest, SnapshotState
+from activities.names import BACKUP_SNAPSHOT, RAISE_ALERT, RELEASE_PRIMARY, TAKE_SNAPSHOT
+from workers import starter
+from workers.starter import SnapferryClientError
+from workflows.routing import snapshot_workflow_id
+from workflows.snapshot import VolumeSnapshotWorkflow
+
+from .conftest import PRIMARY, Mocks, make_request
+
+
+async def start(env: WorkflowEnvironment, req):
+    """Start + update (update-with-start is covered by the integration tests; the
+    time-skipping server does not implement multi-operations)."""
+    handle = await env.client.start_workflow(
+        VolumeSnapshotWorkflow.run,
+        req,
+        id=snapshot_workflow_id(req.snapshot_id),
+        task_queue="snapferry",
+    )
+    return handle
+
+
+async def test_answer_at_created_on_primary_then_backup_then_release(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    req = make_request()
+    handle = await start(env, req)
+    answer = await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    assert answer.state == SnapshotState.CREATED_ON_PRIMARY
+    assert answer.primary == PRIMARY and answer.backup is None
+    record = await handle.result()
+    assert [t.state for t in record.transitions] == [
+        SnapshotState.ALLOCATED,
+        SnapshotState.CREATING,
+        SnapshotState.CREATED_ON_PRIMARY,
+        SnapshotState.BACKING_UP,
+        SnapshotState.BACKED_UP,
+    ]
+    assert record.primary_released and record.backup is not None
+    assert [n for n, _ in mocks.calls] == [TAKE_SNAPSHOT, BACKUP_SNAPSHOT, RELEASE_PRIMARY]
+    assert mocks.named(RELEASE_PRIMARY)[0].source == PRIMARY
+    assert mocks.named(RAISE_ALERT) == []
+
+
+async def test_backup_retries_then_alerts_keeps_primary_and_operator_retry_completes(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    def transient(_req: CopyRequest):
+        raise ApplicationError("store gone", type="SecondaryStoreUnavailable")
+
+    # CloudStack defaults: 3 retries 300 s apart (time-skipping makes them instant).
+    mocks.backup_outcomes = [transient] * 4
+    req = make_request()
+    handle = await start(env, req)
+    await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    for _ in range(100):
+        record = await handle.query(VolumeSnapshotWorkflow.get_record)
+        if record.backup_error:
+            break
+        await env.sleep(60)
+    assert record.state == SnapshotState.CREATED_ON_PRIMARY
+    assert record.backup_error and "SecondaryStoreUnavailable: store gone" in record.backup_error
+    assert len(mocks.named(BACKUP_SNAPSHOT)) == 4
+    alerts = mocks.named(RAISE_ALERT)
+    assert [a.event for a in alerts] == ["SNAPSHOT.BACKUP.FAILED"]
+    assert req.snapshot_id in alerts[0].message and "kept on primary" in alerts[0].message
+    assert mocks.named(RELEASE_PRIMARY) == []  # nothing deleted
+
+    retried = await handle.execute_update(VolumeSnapshotWorkflow.retry_backup)
+    assert retried.state == SnapshotState.CREATED_ON_PRIMARY
+    final = await handle.result()
+    assert final.state == SnapshotState.BACKED_UP and final.backup_attempts == 2
+    assert final.backup_error is None and final.primary_released
+
+
+async def test_permanent_backup_error_is_not_retried(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    def full(_req: CopyRequest):
+        raise ApplicationError("no space", type="SecondaryStoreFull")
+
+    mocks.backup_outcomes = [full]
+    handle = await start(env, make_request())
+    await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    for _ in range(50):
+        record = await handle.query(VolumeSnapshotWorkflow.get_record)
+        if record.backup_error:
+            break
+        await env.sleep(1)
+    assert len(mocks.named(BACKUP_SNAPSHOT)) == 1
+    assert "SecondaryStoreFull" in (record.backup_error or "")
+    await handle.terminate()
+
+
+async def test_take_failure_is_error_with_alert_and_the_caller_hears_why(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    mocks.take_error = ApplicationError(
+        "VM 'vm1' does not exist", type="VmNotFound", non_retryable=True
+    )
+    req = make_request()
+    handle = await start(env, req)
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    assert "VM 'vm1' does not exist" in str(info.value.cause)
+    record = await handle.result()
+    assert record.state == SnapshotState.ERROR
+    assert len(mocks.named(TAKE_SNAPSHOT)) == 1  # non-retryable: one attempt
+    assert [a.event for a in mocks.named(RAISE_ALERT)] == ["SNAPSHOT.TAKE.FAILED"]
+    assert mocks.named(BACKUP_SNAPSHOT) == []
+
+
+async def test_retry_of_a_healthy_backup_is_refused(env: WorkflowEnvironment, mocks: Mocks) -> None:
+    req = make_request()
+    await start(env, req)
+    handle = env.client.get_workflow_handle_for(
+        VolumeSnapshotWorkflow.run, snapshot_workflow_id(req.snapshot_id)
+    )
+    await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    await handle.result()
+    with pytest.raises(SnapferryClientError, match="no snapshot with ID|only a snapshot"):
+        await starter.retry_backup(env.client, req.snapshot_id)
