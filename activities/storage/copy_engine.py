@@ -15,6 +15,7 @@ import bisect
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,9 +152,16 @@ class CopyEngine:
         on_checkpoint: Callable[[Checkpoint, int], None],
         should_stop: Callable[[], bool],
     ) -> tuple[str, int, int]:
+        """Read and hash here; write on a writer thread; fsync and report on a sync thread.
+
+        The three stages overlap (hashlib and file I/O release the GIL). The writer's FIFO
+        order keeps the durability contract: a checkpoint is handed to the syncer only after
+        every write before it was issued, and the syncer reports it only after an fdatasync
+        that started later, while the writer goes on writing.
+        """
         csize = self.chunk_size
-        buf = bytearray(csize)
-        view = memoryview(buf)
+        buffers = [bytearray(csize) for _ in range(_BUFFERS)]
+        in_flight: list[Future[None] | None] = [None] * _BUFFERS
         zeros = memoryview(bytes(csize))
         ends = [e.start + e.length for e in extents]
         idx = bisect.bisect_right(ends, start.chunks_done * csize)
@@ -161,67 +169,138 @@ class CopyEngine:
         copied = written = 0
         since_checkpoint = 0
         last_checkpoint = t0 = time.monotonic()
+        syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-sync")
+        sink = _Writer(fd, digests, min(start.chunks_done * csize, size), on_checkpoint, syncer)
 
-        for k in range(start.chunks_done, nchunks):
-            if should_stop():
-                raise BackupCancelled("backup cancelled")
-            cstart = k * csize
-            clen = min(csize, size - cstart)
-            cend = cstart + clen
-            parts: list[tuple[DataExtent, int, int]] = []
-            while idx < len(extents) and extents[idx].start < cend:
-                e = extents[idx]
-                lo, hi = max(e.start, cstart), min(e.start + e.length, cend)
-                if hi > lo:
-                    parts.append((e, lo, hi))
-                if e.start + e.length <= cend:
-                    idx += 1
-                else:
-                    break
-            if not parts:
-                digest = checksum.zero_digest(clen)
-            else:
-                if sum(hi - lo for _, lo, hi in parts) < clen:
-                    view[:clen] = zeros[:clen]
-                for e, lo, hi in parts:
-                    reader.read_range(e, lo, view[lo - cstart : hi - cstart])
-                    copied += hi - lo
-                digest = checksum.chunk_digest(view[:clen])
-                if digest != checksum.zero_digest(clen):
-                    os.pwrite(fd, view[:clen], cstart)
-                    written += clen
-            digests.write(digest + "\n")
-            state = checksum.advance(state, digest)
-            since_checkpoint += clen
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-writer") as pool:
+            try:
+                for k in range(start.chunks_done, nchunks):
+                    if should_stop():
+                        raise BackupCancelled("backup cancelled")
+                    slot = k % _BUFFERS
+                    if (prev := in_flight[slot]) is not None:
+                        prev.result()  # the buffer is free again; a write error surfaces here
+                    view = memoryview(buffers[slot])
+                    cstart = k * csize
+                    clen = min(csize, size - cstart)
+                    cend = cstart + clen
+                    parts: list[tuple[DataExtent, int, int]] = []
+                    while idx < len(extents) and extents[idx].start < cend:
+                        e = extents[idx]
+                        lo, hi = max(e.start, cstart), min(e.start + e.length, cend)
+                        if hi > lo:
+                            parts.append((e, lo, hi))
+                        if e.start + e.length <= cend:
+                            idx += 1
+                        else:
+                            break
+                    data: memoryview | None = None
+                    if not parts:
+                        digest = checksum.zero_digest(clen)
+                    else:
+                        if sum(hi - lo for _, lo, hi in parts) < clen:
+                            view[:clen] = zeros[:clen]
+                        for e, lo, hi in parts:
+                            reader.read_range(e, lo, view[lo - cstart : hi - cstart])
+                            copied += hi - lo
+                        digest = checksum.chunk_digest(view[:clen])
+                        if digest != checksum.zero_digest(clen):
+                            data = view[:clen]
+                            written += clen
+                    in_flight[slot] = pool.submit(sink.write, data, cstart, digest)
+                    state = checksum.advance(state, digest)
+                    since_checkpoint += clen
 
-            if self.rate_limit_bps:
-                ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
-                if ahead > 0:
-                    self._sleep(ahead)
+                    if self.rate_limit_bps:
+                        ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
+                        if ahead > 0:
+                            self._sleep(ahead)
 
-            now = time.monotonic()
-            last = k == nchunks - 1
-            if (
-                last
-                or since_checkpoint >= self.checkpoint_bytes
-                or now - last_checkpoint >= self.checkpoint_seconds
-            ):
-                # The file ends exactly at the checkpoint (holes included), so that on resume
-                # anything past it was written after the checkpoint and is cut off.
-                os.ftruncate(fd, cend)
-                os.fdatasync(fd)
-                digests.flush()
-                os.fsync(digests.fileno())
-                cp = Checkpoint(
-                    chunks_done=k + 1,
-                    state=state,
-                    chunk_size=csize,
-                    bytes_copied_total=start.bytes_copied_total + copied,
-                )
-                on_checkpoint(cp, cend)
-                since_checkpoint = 0
-                last_checkpoint = now
+                    now = time.monotonic()
+                    if (
+                        k == nchunks - 1
+                        or since_checkpoint >= self.checkpoint_bytes
+                        or now - last_checkpoint >= self.checkpoint_seconds
+                    ):
+                        cp = Checkpoint(
+                            chunks_done=k + 1,
+                            state=state,
+                            chunk_size=csize,
+                            bytes_copied_total=start.bytes_copied_total + copied,
+                        )
+                        pool.submit(sink.checkpoint, cp, cend)
+                        since_checkpoint = 0
+                        last_checkpoint = now
+            finally:
+                pool.shutdown(wait=True)
+                syncer.shutdown(wait=True)
+            sink.raise_if_failed()
         return state, copied, written
+
+
+_BUFFERS = 3
+
+
+class _Writer:
+    """The writer and sync stages. After a failure they drop later work, as a crash would."""
+
+    def __init__(
+        self,
+        fd: int,
+        digests,  # type: ignore[no-untyped-def]
+        file_end: int,
+        on_checkpoint: Callable[[Checkpoint, int], None],
+        syncer: ThreadPoolExecutor,
+    ) -> None:
+        self.syncer = syncer
+        self.fd = fd
+        self.digests = digests
+        self.file_end = file_end
+        self.on_checkpoint = on_checkpoint
+        self.error: BaseException | None = None
+
+    def write(self, data: memoryview | None, offset: int, digest: str) -> None:
+        if self.error:
+            return
+        try:
+            if data is not None:
+                os.pwrite(self.fd, data, offset)
+                self.file_end = max(self.file_end, offset + len(data))
+            self.digests.write(digest + "\n")
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def checkpoint(self, cp: Checkpoint, end: int) -> None:
+        if self.error:
+            return
+        try:
+            # The file ends exactly at the checkpoint (holes included), so that on resume
+            # anything past it was written after the checkpoint and is cut off. Only extend:
+            # a no-op truncate still makes ext4 flush (auto_da_alloc).
+            if self.file_end < end:
+                os.ftruncate(self.fd, end)
+                self.file_end = end
+            self.digests.flush()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.syncer.submit(self._sync_and_report, cp, end)
+
+    def _sync_and_report(self, cp: Checkpoint, end: int) -> None:
+        if self.error:
+            return
+        try:
+            os.fdatasync(self.fd)
+            os.fsync(self.digests.fileno())
+            self.on_checkpoint(cp, end)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def raise_if_failed(self) -> None:
+        if self.error:
+            raise self.error
 
 
 def verify_copy(data: Path, expected: str) -> None:
