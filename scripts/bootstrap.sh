@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
-              libvirt-dev pkg-config gcc python3-venv python3-dev)
+              libvirt-dev pkg-config gcc make e2fsprogs)
+PY=${PYTHON:-python3}
+# A Debian python3 needs python3-venv (and headers to build libvirt-python).
+"$PY" -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv python3-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -18,7 +21,6 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -1,0 +1,21 @@
+# The two commands (see README): `make run` and `make test`. Both install what they need.
+.PHONY: run test bench lint install schema clean
+
+install:
+	scripts/bootstrap.sh
+
+run: install
+	.venv/bin/snapferry demo
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+test: lint
+	.venv/bin/pytest -q -p no:cacheprovider tests
+
+bench: install
+	.venv/bin/python bench/bench.py --sizes-gib 1 4
+
+schema: install
+	.venv/bin/snapferry schema --out schemas
