@@ -60,13 +60,24 @@ def peak_rss_mib(pid: int) -> float:
 
 async def bench_size(settings: Settings, client, conn, work: Path, size: int) -> dict:  # type: ignore[no-untyped-def]
     host = f"bench{uuid.uuid4().hex[:6]}"
-    vm = create_vm(conn, name=f"sf-bench-{uuid.uuid4().hex[:6]}", directory=work / "primary",
-                   size=size, data_bytes=size)
+    vm = create_vm(
+        conn,
+        name=f"sf-bench-{uuid.uuid4().hex[:6]}",
+        directory=work / "primary",
+        size=size,
+        data_bytes=size,
+    )
     worker = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker", "--backup", "--concurrency", "1"],
-        env=dict(os.environ, SNAPFERRY_TEMPORAL_ADDRESS=settings.temporal_address,
-                 SNAPFERRY_SECONDARY=str(settings.secondary), SNAPFERRY_HOME=str(settings.home)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=dict(
+            os.environ,
+            SNAPFERRY_TEMPORAL_ADDRESS=settings.temporal_address,
+            SNAPFERRY_SECONDARY=str(settings.secondary),
+            SNAPFERRY_HOME=str(settings.home),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
@@ -91,8 +102,20 @@ async def bench_size(settings: Settings, client, conn, work: Path, size: int) ->
     src = vm.disk
     cp_s = timed(["cp", "--sparse=always", str(src), str(work / "cp.out")])
     conv_s = timed(["qemu-img", "convert", "-U", "-O", "raw", str(src), str(work / "conv.raw")])
-    conv_fast_s = timed(["qemu-img", "convert", "-U", "-W", "-m", "16", "-O", "raw",
-                         str(src), str(work / "conv2.raw")])
+    conv_fast_s = timed(
+        [
+            "qemu-img",
+            "convert",
+            "-U",
+            "-W",
+            "-m",
+            "16",
+            "-O",
+            "raw",
+            str(src),
+            str(work / "conv2.raw"),
+        ]
+    )
     for f in ("cp.out", "conv.raw", "conv2.raw"):
         (work / f).unlink()
     Path(record.backup.path).unlink()
@@ -110,18 +133,24 @@ async def bench_size(settings: Settings, client, conn, work: Path, size: int) ->
 
 
 async def main(sizes: list[float]) -> None:
-    work = Path(tempfile.mkdtemp(prefix="snapferry-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")))
+    work = Path(
+        tempfile.mkdtemp(prefix="snapferry-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    )
     port = free_port()
     server = subprocess.Popen(
         dev_server_command(db=work / "temporal.db", host="127.0.0.1", port=port, ui_port=None),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     conn = libvirt.open("qemu:///system")
     rows = []
     try:
         wait_for_port("127.0.0.1", port)
         settings = dataclasses.replace(
-            Settings.from_env(), home=work, secondary=work / "secondary",
+            Settings.from_env(),
+            home=work,
+            secondary=work / "secondary",
             temporal_address=f"127.0.0.1:{port}",
         )
         client = await connect(settings)
@@ -131,9 +160,11 @@ async def main(sizes: list[float]) -> None:
         terminate(server.pid)
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print("| volume | answer (create) | total to BackedUp | answer / total | backup MB/s "
-          "| cp MB/s | qemu-img convert MB/s | convert -W -m16 MB/s | backup / cp "
-          "| backup / convert | backup worker peak RSS |")
+    print(
+        "| volume | answer (create) | total to BackedUp | answer / total | backup MB/s "
+        "| cp MB/s | qemu-img convert MB/s | convert -W -m16 MB/s | backup / cp "
+        "| backup / convert | backup worker peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -143,8 +174,10 @@ async def main(sizes: list[float]) -> None:
             f" | {r['backup_mbps'] / r['cp_mbps']:.2f} | {r['backup_mbps'] / r['convert_mbps']:.2f}"
             f" | {r['rss_mib']:.0f} MiB |"
         )
-    print("\nbackup MB/s is end to end (BackingUp -> BackedUp: copy, fsync, verify re-read,"
-          " rename, manifest) from the workflow's own transition times.")
+    print(
+        "\nbackup MB/s is end to end (BackingUp -> BackedUp: copy, fsync, verify re-read,"
+        " rename, manifest) from the workflow's own transition times."
+    )
 
 
 if __name__ == "__main__":
