@@ -19,8 +19,7 @@ from temporalio import activity
 
 from .contracts import BackupProgress, BackupResult, CopyRequest
 from .errors import converts_errors
-from .hypervisors import load_driver
-from .hypervisors.base import HypervisorDriver
+from .hypervisors import Drivers
 from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 from .settings import Settings
 from .storage.copy_engine import Checkpoint, CopyEngine
@@ -48,13 +47,7 @@ class BackupActivities:
             rate_limit_bps=settings.backup_rate_limit_bps,
         )
         self.executor = executor
-        self._drivers: dict[str, HypervisorDriver] = {}
-
-    def _driver(self, req: CopyRequest) -> HypervisorDriver:
-        kind = req.volume.vm.hypervisor
-        if kind not in self._drivers:
-            self._drivers[kind] = load_driver(kind, self.settings)
-        return self._drivers[kind]
+        self.drivers = Drivers(settings)
 
     def _result(self, req: CopyRequest, *, bytes_copied: int, resumed_from: int) -> BackupResult:
         manifest = self.store.read_manifest(self.store.manifest_path(req.volume, req.snapshot_id))
@@ -77,7 +70,7 @@ class BackupActivities:
     ) -> tuple[int, int]:
         """Blocking part: copy, verify, rename, write the manifest. Returns counters."""
         target = self.store.target(req.volume, req.snapshot_id)
-        reader = self._driver(req).open_reader(req.source)
+        reader = self.drivers.get(req.volume.vm.hypervisor).open_reader(req.source)
         try:
             outcome = self.engine.copy(
                 reader, target, resume=resume, on_checkpoint=on_checkpoint,

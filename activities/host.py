@@ -10,7 +10,7 @@ from temporalio import activity
 
 from .contracts import PrimarySnapshot, ReleaseRequest, TakeRequest
 from .errors import converts_errors
-from .hypervisors import load_driver
+from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
 from .names import RELEASE_PRIMARY, TAKE_SNAPSHOT
 from .settings import Settings
@@ -18,14 +18,10 @@ from .settings import Settings
 
 class HostActivities:
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._drivers: dict[str, HypervisorDriver] = {}
+        self.drivers = Drivers(settings)
 
     def driver(self, req: TakeRequest | ReleaseRequest) -> HypervisorDriver:
-        kind = req.volume.vm.hypervisor
-        if kind not in self._drivers:
-            self._drivers[kind] = load_driver(kind, self.settings)
-        return self._drivers[kind]
+        return self.drivers.get(req.volume.vm.hypervisor)
 
     @activity.defn(name=TAKE_SNAPSHOT)
     @converts_errors

@@ -31,18 +31,10 @@ from activities.settings import Settings  # noqa: E402
 from workers import starter  # noqa: E402
 from workers.client import connect  # noqa: E402
 from workers.demo_vm import MIB, create_vm  # noqa: E402
-from workers.stack import dev_server_command, terminate, wait_for_port  # noqa: E402
+from workers.stack import dev_server_command, free_port, terminate, wait_for_port  # noqa: E402
 from workers.worker import running_workers  # noqa: E402
 
 GIB = 1024 * MIB
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(cmd: list[str]) -> float:

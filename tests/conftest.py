@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,7 +22,7 @@ from temporalio.client import Client
 
 from activities.settings import Settings
 from workers.client import connect
-from workers.stack import dev_server_command, terminate, wait_for_port
+from workers.stack import dev_server_command, free_port, terminate, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
@@ -49,12 +48,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

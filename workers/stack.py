@@ -31,6 +31,13 @@ def temporal_binary() -> str:
     return found
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for servers that tests and benchmarks start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)

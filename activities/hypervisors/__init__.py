@@ -24,3 +24,17 @@ def load_driver(hypervisor: HypervisorType, settings: Settings) -> HypervisorDri
     cls = getattr(importlib.import_module(module_name), cls_name)
     driver: HypervisorDriver = cls(settings)
     return driver
+
+
+class Drivers:
+    """One driver per hypervisor kind per process, created on first use (each holds a
+    connection, e.g. to libvirtd)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: dict[HypervisorType, HypervisorDriver] = {}
+
+    def get(self, hypervisor: HypervisorType) -> HypervisorDriver:
+        if hypervisor not in self._loaded:
+            self._loaded[hypervisor] = load_driver(hypervisor, self.settings)
+        return self._loaded[hypervisor]

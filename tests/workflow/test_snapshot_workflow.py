@@ -17,6 +17,16 @@ from workflows.snapshot import VolumeSnapshotWorkflow
 from .conftest import PRIMARY, Mocks, make_request
 
 
+async def until_backup_failed(env: WorkflowEnvironment, handle, step_s: float):
+    """Let (skipped) time pass until the record shows a failed backup; return the record."""
+    for _ in range(100):
+        record = await handle.query(VolumeSnapshotWorkflow.get_record)
+        if record.backup_error:
+            return record
+        await env.sleep(step_s)
+    raise AssertionError("the backup never failed")
+
+
 async def start(env: WorkflowEnvironment, req):
     """Start + update (update-with-start is covered by the integration tests; the
     time-skipping server does not implement multi-operations)."""
@@ -62,11 +72,7 @@ async def test_backup_retries_then_alerts_keeps_primary_and_operator_retry_compl
     req = make_request()
     handle = await start(env, req)
     await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
-    for _ in range(100):
-        record = await handle.query(VolumeSnapshotWorkflow.get_record)
-        if record.backup_error:
-            break
-        await env.sleep(60)
+    record = await until_backup_failed(env, handle, 60)
     assert record.state == SnapshotState.CREATED_ON_PRIMARY
     assert record.backup_error and "SecondaryStoreUnavailable: store gone" in record.backup_error
     assert len(mocks.named(BACKUP_SNAPSHOT)) == 4
@@ -91,11 +97,7 @@ async def test_permanent_backup_error_is_not_retried(
     mocks.backup_outcomes = [full]
     handle = await start(env, make_request())
     await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
-    for _ in range(50):
-        record = await handle.query(VolumeSnapshotWorkflow.get_record)
-        if record.backup_error:
-            break
-        await env.sleep(1)
+    record = await until_backup_failed(env, handle, 1)
     assert len(mocks.named(BACKUP_SNAPSHOT)) == 1
     assert "SecondaryStoreFull" in (record.backup_error or "")
     await handle.terminate()
