@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
 
 from .contracts import BackupProgress, BackupResult, CopyRequest
-from .errors import converts_errors
+from .errors import BackupCorrupt, classify_os_error, converts_errors
 from .hypervisors import Drivers
 from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 from .settings import Settings
@@ -68,42 +69,62 @@ class BackupActivities:
         on_checkpoint: Any,
         stop: threading.Event,
     ) -> tuple[int, int]:
-        """Blocking part: copy, verify, rename, write the manifest. Returns counters."""
+        """Blocking part: copy, verify, rename, write the manifest. Returns counters.
+
+        An exclusive lock on the store makes sure a stale attempt (cut off from the server,
+        its heartbeat timed out) can never write the same ``.partial`` files as its retry.
+        """
         target = self.store.target(req.volume, req.snapshot_id)
-        reader = self.drivers.get(req.volume.vm.hypervisor).open_reader(req.source)
         try:
-            outcome = self.engine.copy(
-                reader, target, resume=resume, on_checkpoint=on_checkpoint,
-                should_stop=stop.is_set,
-            )
-        finally:
-            reader.close()
-        self.store.finalize(
-            volume=req.volume,
-            snapshot_id=req.snapshot_id,
-            target=target,
-            outcome=outcome,
-            source=req.source.image,
-            source_format=req.source.image_format,
-        )
+            with self.store.exclusive(req.volume, req.snapshot_id):
+                reader = self.drivers.get(req.volume.vm.hypervisor).open_reader(req.source)
+                try:
+                    outcome = self.engine.copy(
+                        reader,
+                        target,
+                        resume=resume,
+                        on_checkpoint=on_checkpoint,
+                        should_stop=stop.is_set,
+                    )
+                finally:
+                    reader.close()
+                try:
+                    self.store.finalize(
+                        volume=req.volume,
+                        snapshot_id=req.snapshot_id,
+                        target=target,
+                        outcome=outcome,
+                        source=req.source.image,
+                        source_format=req.source.image_format,
+                    )
+                except BackupCorrupt:
+                    # Resuming would only re-verify the same bad bytes: start over instead.
+                    self.store.discard_partial(target)
+                    raise
+        except OSError as exc:
+            raise classify_os_error(exc, where=str(target.data.parent)) from exc
         return outcome.bytes_copied, outcome.resumed_from
 
     @activity.defn(name=BACKUP_SNAPSHOT)
     @converts_errors
     async def backup_snapshot(self, req: CopyRequest) -> BackupResult:
         info = activity.info()
+        loop = asyncio.get_running_loop()
         manifest = self.store.manifest_path(req.volume, req.snapshot_id)
         if manifest.exists():
             # Finished before (the manifest is written last): verify instead of copying.
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.store.verify, self.store.read_manifest(manifest)
-            )
-            return self._result(req, bytes_copied=0, resumed_from=req.source.virtual_size)
+            try:
+                await loop.run_in_executor(
+                    self.executor, self.store.verify, self.store.read_manifest(manifest)
+                )
+                return self._result(req, bytes_copied=0, resumed_from=req.source.virtual_size)
+            except BackupCorrupt:
+                self.store.discard_backup(req.volume, req.snapshot_id)  # and copy it again
 
         resume = _checkpoint_from(info.heartbeat_details)
-        latest: list[tuple[Checkpoint, int]] = []
+        latest: list[tuple[Checkpoint, int, float]] = []
         if resume is not None:
-            latest.append((resume, resume.chunks_done * resume.chunk_size))
+            latest.append((resume, resume.chunks_done * resume.chunk_size, time.monotonic()))
         stop = threading.Event()
         assert info.workflow_id is not None, "backup_snapshot runs inside a workflow"
         handle = activity.client().get_workflow_handle(
@@ -111,33 +132,38 @@ class BackupActivities:
         )
 
         def on_checkpoint(cp: Checkpoint, done: int) -> None:
-            latest.append((cp, done))
+            latest.append((cp, done, time.monotonic()))
             del latest[:-1]
 
-        fut = asyncio.get_running_loop().run_in_executor(
-            self.executor, self._copy, req, resume, on_checkpoint, stop
-        )
+        fut = loop.run_in_executor(self.executor, self._copy, req, resume, on_checkpoint, stop)
+        stall_limit = (info.heartbeat_timeout or timedelta(seconds=60)).total_seconds() * 0.8
         last_signal = 0.0
         started = time.monotonic()
         first_done = latest[-1][1] if latest else 0
         try:
             while True:
                 done, _ = await asyncio.wait({fut}, timeout=0.25)
-                if latest:
+                now = time.monotonic()
+                last_progress = latest[-1][2] if latest else started
+                if fut not in done and now - last_progress > stall_limit:
+                    # The copy is stuck (a hung store?): stop vouching for it, so that the
+                    # heartbeat timeout hands the backup to a retry.
+                    stop.set()
+                elif latest:
                     activity.heartbeat(latest[-1][0].model_dump())
                 else:
                     activity.heartbeat()
-                now = time.monotonic()
-                if fut in done or now - last_signal >= req.progress_interval_s:
-                    bytes_done = req.source.virtual_size if fut in done else (
-                        latest[-1][1] if latest else 0
+                # Progress signals thin out as a backup ages, to bound the history size.
+                interval = max(req.progress_interval_s, (now - started) / 1000)
+                if fut in done or now - last_signal >= interval:
+                    bytes_done = (
+                        req.source.virtual_size if fut in done else (latest[-1][1] if latest else 0)
                     )
-                    elapsed = max(now - started, 1e-6)
                     progress = BackupProgress(
                         snapshot_id=req.snapshot_id,
                         bytes_done=bytes_done,
                         bytes_total=req.source.virtual_size,
-                        bytes_per_second=(bytes_done - first_done) / elapsed,
+                        bytes_per_second=(bytes_done - first_done) / max(now - started, 1e-6),
                         attempt=info.attempt,
                     )
                     try:
@@ -151,8 +177,10 @@ class BackupActivities:
         except asyncio.CancelledError:
             stop.set()
             await asyncio.wait({fut})
-            if not activity.is_worker_shutdown():
-                # A cancel from the workflow: nothing half-written stays on the store.
+            details = activity.cancellation_details()
+            if details is not None and details.cancel_requested:
+                # Cancelled by the workflow (operator cancel, delete): leave nothing behind.
+                # Any other cancel (timeout, shutdown, pause) keeps the files for the resume.
                 self.store.discard_partial(self.store.target(req.volume, req.snapshot_id))
             raise
         return self._result(req, bytes_copied=bytes_copied, resumed_from=resumed_from)

@@ -99,14 +99,6 @@ class BackupOptions(_Model):
     )
 
 
-class SnapshotRequest(_Model):
-    """Input of the VolumeSnapshot workflow; also what ``snapshot create`` sends."""
-
-    snapshot_id: SnapshotId
-    volume: VolumeRef
-    backup: BackupOptions = Field(default_factory=BackupOptions)
-
-
 class PrimarySnapshot(_Model):
     """Where the snapshot lives on primary storage, as the take left it.
 
@@ -173,6 +165,53 @@ class SnapshotRecord(_Model):
         None, description="The current BackupSnapshot child; query it for progress"
     )
     error: str | None = None
+
+
+class SnapshotRequest(_Model):
+    """Input of the VolumeSnapshot workflow; also what ``snapshot create`` sends."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    backup: BackupOptions = Field(default_factory=BackupOptions)
+    carried: SnapshotRecord | None = Field(
+        None, description="Set only by continue-as-new: the record to carry over"
+    )
+
+
+class RestoreKind(StrEnum):
+    VOLUME = "volume"
+    TEMPLATE = "template"
+
+
+class RestoreRequest(_Model):
+    """Materialise a backup as a new qcow2 volume (on primary) or template (on secondary)."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    kind: RestoreKind
+    name: SafeName
+    manifest_path: str
+    primary_dir: str = Field(description="Where new volumes go: the snapshot's primary pool")
+
+
+class RestoreResult(_Model):
+    path: str
+    virtual_size: int
+    format: str = "qcow2"
+
+
+class RevertRequest(_Model):
+    """Revert a (stopped) VM's disk to a snapshot, from primary if it is still there."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    primary: PrimarySnapshot | None
+    manifest_path: str | None
+
+
+class DeleteBackupRequest(_Model):
+    snapshot_id: SnapshotId
+    manifest_path: str
 
 
 class BackupRequest(_Model):

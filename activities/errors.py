@@ -41,6 +41,10 @@ class UnsupportedImage(SnapferryError):
     non_retryable = True
 
 
+class ImageUnreadable(SnapferryError):
+    """qemu-img could not read an image now (I/O error, lock, file not there yet)."""
+
+
 class SecondaryStoreFull(SnapferryError):
     non_retryable = True
 
@@ -76,6 +80,7 @@ ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     VmNotFound,
     DiskNotFound,
     UnsupportedImage,
+    ImageUnreadable,
     SecondaryStoreFull,
     SecondaryStoreUnavailable,
     HypervisorUnavailable,

@@ -10,3 +10,10 @@ BACKUP_SNAPSHOT = "backup_snapshot"
 RAISE_ALERT = "raise_alert"
 
 BACKUP_PROGRESS_SIGNAL = "backup_progress"
+
+# Operations on existing snapshots (backup pool: they read or change secondary storage).
+DELETE_BACKUP = "delete_backup"
+RESTORE_BACKUP = "restore_backup"
+VERIFY_BACKUP = "verify_backup"
+# On the host: revert a stopped VM's disk.
+REVERT_VOLUME = "revert_volume"

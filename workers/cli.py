@@ -34,6 +34,12 @@ from . import starter
 from .client import connect
 from .stack import Stack
 
+CLI_CONNECT_WAIT_S = 3.0  # an operator's command should fail fast when Temporal is down
+
+
+async def cli_client(settings: Settings) -> Any:
+    return await connect(settings, wait_s=CLI_CONNECT_WAIT_S)
+
 
 def default_host() -> str:
     return os.environ.get("SNAPFERRY_HOST") or socket.gethostname().split(".")[0]
@@ -99,20 +105,20 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
         )
     except ValidationError as err:
         raise starter.SnapferryClientError(_validation_message(err)) from err
-    client = await connect(settings)
+    client = await cli_client(settings)
     record = await starter.create_snapshot(client, req)
     print_record(record, args.json)
     return 0
 
 
 async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
-    record = await starter.get_record(await connect(settings), args.id)
+    record = await starter.get_record(await cli_client(settings), args.id)
     print_record(record, args.json)
     return 0
 
 
 async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
-    rows = await starter.list_snapshots(await connect(settings), vm=args.vm, state=args.state)
+    rows = await starter.list_snapshots(await cli_client(settings), vm=args.vm, state=args.state)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -123,20 +129,20 @@ async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int
 
 async def cmd_snapshot_wait(args: argparse.Namespace, settings: Settings) -> int:
     record = await starter.wait_for_state(
-        await connect(settings), args.id, SnapshotState(args.state), timeout=args.timeout
+        await cli_client(settings), args.id, SnapshotState(args.state), timeout=args.timeout
     )
     print_record(record, args.json)
     return 0
 
 
 async def cmd_snapshot_watch(args: argparse.Namespace, settings: Settings) -> int:
-    record = await watch(await connect(settings), args.id)
+    record = await watch(await cli_client(settings), args.id)
     print_record(record, False)
     return 0 if record.state == SnapshotState.BACKED_UP else 1
 
 
 async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
-    record = await starter.retry_backup(await connect(settings), args.id)
+    record = await starter.retry_backup(await cli_client(settings), args.id)
     print(f"backup of {record.id} restarted")
     return 0
 

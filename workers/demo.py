@@ -35,8 +35,11 @@ async def run_demo(settings: Settings, *, host: str, size_mib: int) -> int:
     conn = libvirt.open(settings.libvirt_uri)
     print(f"creating demo VM {DEMO_VM!r}: {size_mib} MiB qcow2 disk of random data (TCG) ...")
     vm = create_vm(
-        conn, name=DEMO_VM, directory=settings.home / "primary",
-        size=size_mib * MIB, data_bytes=size_mib * MIB,
+        conn,
+        name=DEMO_VM,
+        directory=settings.home / "primary",
+        size=size_mib * MIB,
+        data_bytes=size_mib * MIB,
     )
     try:
         req = SnapshotRequest(
@@ -60,14 +63,28 @@ async def run_demo(settings: Settings, *, host: str, size_mib: int) -> int:
             return 1
         print(f"BackedUp after {total:.1f} s (answer came after {answer * 1000:.0f} ms)")
         SecondaryStore.verify(SecondaryStore.read_manifest(Path(record.backup.manifest_path)))
-        same = subprocess.run(
-            ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
-             str(vm.reference), record.backup.path],
-        ).returncode == 0
+        same = (
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "compare",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "raw",
+                    str(vm.reference),
+                    record.backup.path,
+                ],
+            ).returncode
+            == 0
+        )
         print(f"verified: checksum {record.backup.checksum}")
         print(f"backup equals the disk at snapshot time (qemu-img compare): {same}")
-        print(f"\nTemporal Web UI: http://127.0.0.1:{settings.ui_port}"
-              f"/namespaces/{settings.namespace}/workflows")
+        print(
+            f"\nTemporal Web UI: http://127.0.0.1:{settings.ui_port}"
+            f"/namespaces/{settings.namespace}/workflows"
+        )
         print("serving; press Ctrl-C to stop the stack")
         try:
             while True:

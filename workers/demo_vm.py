@@ -71,7 +71,7 @@ class DemoVm:
     def guest_write(self, *, pattern: int, offset: int, length: int, target: str = "vda") -> None:
         """Write through the running VM's block layer, as the guest would."""
         cmd = (
-            f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend '
+            f"qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "
             f'"write -P {pattern:#x} {offset} {length}"'
         )
         out = libvirt_qemu.qemuMonitorCommand(self.domain, cmd, 1)

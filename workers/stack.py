@@ -55,11 +55,17 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
 
 def dev_server_command(*, db: Path, host: str, port: int, ui_port: int | None) -> list[str]:
     cmd = [
-        temporal_binary(), "server", "start-dev",
-        "--db-filename", str(db),
-        "--ip", host,
-        "--port", str(port),
-        "--log-level", "error",
+        temporal_binary(),
+        "server",
+        "start-dev",
+        "--db-filename",
+        str(db),
+        "--ip",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
     ]
     if ui_port:
         cmd += ["--ui-port", str(ui_port)]
@@ -87,11 +93,15 @@ class Managed:
         return self.log_dir / f"{self.name}.log"
 
     def pid(self) -> int | None:
+        """The recorded PID, if that process is alive and still ours (PIDs get reused)."""
         try:
             pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if alive(pid) else None
+        # (Right after the fork, before exec, a child still shows our own command line.)
+        ours = any(mark in cmdline for mark in (b"start-dev", b"workers.cli", b"snapferry"))
+        return pid if ours and alive(pid) else None
 
     def start(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
         if (pid := self.pid()) is not None:
@@ -100,8 +110,12 @@ class Managed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
         self.pidfile.write_text(str(proc.pid))
         return proc.pid
@@ -158,7 +172,9 @@ class Stack:
         if not port_open(self.host, s.temporal_port):
             self.server.start(
                 dev_server_command(
-                    db=s.home / "temporal.db", host=self.host, port=s.temporal_port,
+                    db=s.home / "temporal.db",
+                    host=self.host,
+                    port=s.temporal_port,
                     ui_port=s.ui_port,
                 )
             )

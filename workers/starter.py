@@ -16,7 +16,8 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.contracts import (
@@ -57,6 +58,9 @@ async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecor
         id=snapshot_workflow_id(req.snapshot_id),
         task_queue=CONTROL_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        # A closed snapshot's ID is never reused: a repeated create must not take a second
+        # snapshot under the same ID (and find the first one's backup).
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=search_attributes(req, SnapshotState.ALLOCATED),
         static_summary=f"Volume snapshot of {vm.name}/{req.volume.disk} on {vm.host}",
         static_details=(
@@ -74,6 +78,9 @@ async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecor
         raise SnapferryClientError(
             f"snapshot of {vm.name}/{req.volume.disk} failed: {cause_message(err.cause)}"
         ) from err
+    except WorkflowAlreadyStartedError:
+        # The snapshot exists and its workflow is closed: answer with its record.
+        return await get_record(client, req.snapshot_id)
 
 
 def _check_id(snapshot_id: str) -> str:

@@ -53,10 +53,7 @@ def cause_message(err: BaseException) -> str:
     It stops at the first ApplicationError, i.e. our typed domain error, rather than at the
     raw Python exception serialised beneath it.
     """
-    while (
-        isinstance(err, ActivityError | ChildWorkflowError)
-        and err.__cause__ is not None
-    ):
+    while isinstance(err, ActivityError | ChildWorkflowError) and err.__cause__ is not None:
         err = err.__cause__
     if isinstance(err, ApplicationError) and err.type:
         return f"{err.type}: {err.message}"

@@ -165,10 +165,14 @@ class KvmDriver(HypervisorDriver):
             return
         vm, disk = volume.vm.name, volume.disk
         with _domain_locks[vm]:
-            Path(source.overlay + RELEASED_SUFFIX).touch()
             dom = self._domain(vm)
             active, _ = self._active_source(dom, vm, disk)
             chain = backing_chain(active)
+            if source.overlay in chain:
+                # Only a layer still in the chain is marked: a retry after a finished merge
+                # must not leave a marker that a later take with this name would inherit.
+                Path(source.overlay + RELEASED_SUFFIX).touch()
+            self._remove_merged_leftovers(chain)
             depth = self._mergeable_depth(chain)
             if depth == 0:
                 return
@@ -180,6 +184,17 @@ class KvmDriver(HypervisorDriver):
             for layer in chain[:depth]:
                 Path(layer).unlink(missing_ok=True)
                 Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_merged_leftovers(chain: list[str]) -> None:
+        """Delete released overlays no longer in the chain: a crash after a pivot but
+        before the unlinks would otherwise leave them behind for good."""
+        directory = Path(chain[-1]).parent
+        for marker in directory.glob(f"*{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"):
+            layer = str(marker)[: -len(RELEASED_SUFFIX)]
+            if layer not in chain:
+                Path(layer).unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
 
     @staticmethod
     def _mergeable_depth(chain: list[str]) -> int:
@@ -199,7 +214,9 @@ class KvmDriver(HypervisorDriver):
 
     def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
         try:
-            dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            # A retry after a failure mid-job finds its commit still running: finish it.
+            if not dom.blockJobInfo(disk, 0):
+                dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
             while True:
                 info = dom.blockJobInfo(disk, 0)
                 if info and info["end"] > 0 and info["cur"] == info["end"]:

@@ -112,7 +112,11 @@ class CopyEngine:
 
         target.data.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(target.data, os.O_WRONLY | os.O_CREAT, 0o640)
-        digests = open(target.digests, "a+" if start.chunks_done else "w")  # noqa: SIM115
+        try:
+            digests = open(target.digests, "a+" if start.chunks_done else "w")  # noqa: SIM115
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             os.ftruncate(fd, min(resumed_from, size))
             if start.chunks_done:
@@ -121,6 +125,9 @@ class CopyEngine:
                 digests.seek(0)
                 digests.truncate()
                 digests.write("".join(d + "\n" for d in kept))
+            # Report the start point actually accepted, so that a rejected checkpoint is
+            # never heartbeated again.
+            on_checkpoint(start, min(resumed_from, size))
             outcome = self._loop(
                 reader, extents, fd, digests, start, nchunks, size, on_checkpoint, should_stop
             )
@@ -177,6 +184,7 @@ class CopyEngine:
                 for k in range(start.chunks_done, nchunks):
                     if should_stop():
                         raise BackupCancelled("backup cancelled")
+                    sink.raise_if_failed()  # a write or sync error stops the copy at once
                     slot = k % _BUFFERS
                     if (prev := in_flight[slot]) is not None:
                         prev.result()  # the buffer is free again; a write error surfaces here

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import UnsupportedImage
+from ..errors import ImageUnreadable, UnsupportedImage
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class SnapshotReader(Protocol):
 
 
 def run_qemu_img(*args: str) -> str:
+    """Run qemu-img; a failure (I/O error, a file not there yet) is retryable."""
     proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UnsupportedImage(f"qemu-img {' '.join(args)} failed: {proc.stderr.strip()}")
+        raise ImageUnreadable(f"qemu-img {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
 
 

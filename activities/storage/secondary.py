@@ -13,15 +13,18 @@ without snapferry; sparse files keep holes free on the store.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from ..contracts import VolumeRef
-from ..errors import BackupCorrupt, classify_os_error
+from ..errors import BackupCorrupt, SecondaryStoreUnavailable, classify_os_error
 from . import checksum
 from .copy_engine import CopyOutcome, CopyTarget, verify_copy
 
@@ -142,3 +145,26 @@ class SecondaryStore:
     def discard_partial(self, target: CopyTarget) -> None:
         for p in (target.data, target.digests):
             p.unlink(missing_ok=True)
+
+    def discard_backup(self, volume: VolumeRef, snapshot_id: str) -> None:
+        """Remove a finished backup that failed verification (manifest first)."""
+        image = self.image_path(volume, snapshot_id)
+        for p in (self.manifest_path(volume, snapshot_id), image, image.with_suffix(".chunks")):
+            p.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def exclusive(self, volume: VolumeRef, snapshot_id: str) -> Iterator[None]:
+        """Hold the per-snapshot lock (flock, which NFSv4 honours) while writing its files."""
+        lock = self.directory(volume) / f".{snapshot_id}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SecondaryStoreUnavailable(
+                    f"another attempt is still writing snapshot {snapshot_id}'s backup"
+                ) from None
+            yield
+            lock.unlink(missing_ok=True)  # done: the lock need not outlive the backup
+        finally:
+            os.close(fd)

@@ -111,7 +111,8 @@ async def test_stopped_vm_take_backup_and_offline_merge(
 ) -> None:
     vm = make_vm(size=32 * MIB, data_bytes=8 * MIB, start=False)
     original = disk_source(libvirt_conn, vm.name, inactive=True)
-    answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
+    req = request_for(vm.name, host_name, settings)
+    answer = await starter.create_snapshot(client, req)
     assert answer.primary is not None and not answer.primary.vm_was_running
     record = await starter.wait_finished(client, answer.id)
     assert record.state == SnapshotState.BACKED_UP and record.backup is not None
@@ -119,6 +120,12 @@ async def test_stopped_vm_take_backup_and_offline_merge(
     assert record.primary_released
     assert disk_source(libvirt_conn, vm.name, inactive=True) == original
     libvirt_conn.lookupByName(vm.name).create()  # the VM still starts on its original disk
+    assert disk_source(libvirt_conn, vm.name) == original
+
+    # Create is idempotent per snapshot ID: asking again returns the same snapshot's record
+    # and takes no second snapshot (no new overlay, no new backup).
+    again = await starter.create_snapshot(client, req)
+    assert again.id == record.id and again.backup == record.backup
     assert disk_source(libvirt_conn, vm.name) == original
 
 

@@ -66,6 +66,7 @@ def test_unknown_fields_are_refused() -> None:
         (errors.SecondaryStoreFull, True),
         (errors.BackupCancelled, True),
         (errors.SecondaryStoreUnavailable, False),
+        (errors.ImageUnreadable, False),
         (errors.HypervisorUnavailable, False),
         (errors.BackupCorrupt, False),
         (errors.ChainBusy, False),

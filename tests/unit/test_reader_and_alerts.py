@@ -10,7 +10,7 @@ import pytest
 
 from activities.alerts import alert_logger, format_alert
 from activities.contracts import Alert
-from activities.errors import UnsupportedImage
+from activities.errors import ImageUnreadable, UnsupportedImage
 from activities.settings import Settings
 from activities.storage.copy_engine import CopyEngine, CopyTarget
 from activities.storage.reader import QemuImageReader
@@ -56,7 +56,7 @@ def test_compressed_clusters_are_refused_not_misread(tmp_path: Path) -> None:
 
 
 def test_missing_image_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedImage, match="qemu-img info"):
+    with pytest.raises(ImageUnreadable, match="qemu-img info"):
         QemuImageReader(str(tmp_path / "nope.qcow2"))
 
 
