@@ -22,7 +22,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def _safe_name(value: str) -> str:
+def validate_name(value: str) -> str:
     """Reject anything that could escape a directory or confuse a shell or a URL."""
     if not _NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(
@@ -38,7 +38,7 @@ def validate_snapshot_id(value: str) -> str:
     return value
 
 
-SafeName = Annotated[str, AfterValidator(_safe_name)]
+SafeName = Annotated[str, AfterValidator(validate_name)]
 SnapshotId = Annotated[str, AfterValidator(validate_snapshot_id)]
 
 
@@ -165,6 +165,10 @@ class SnapshotRecord(_Model):
         None, description="The current BackupSnapshot child; query it for progress"
     )
     error: str | None = None
+    restored: list[str] = Field(
+        default_factory=list, description="Volumes and templates created from this snapshot"
+    )
+    reverts: int = Field(0, description="How many times a volume was reverted to it")
 
 
 class SnapshotRequest(_Model):

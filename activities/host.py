@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from .contracts import PrimarySnapshot, ReleaseRequest, TakeRequest
+from .contracts import PrimarySnapshot, ReleaseRequest, RevertRequest, TakeRequest
 from .errors import converts_errors
 from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
-from .names import RELEASE_PRIMARY, TAKE_SNAPSHOT
+from .names import RELEASE_PRIMARY, REVERT_VOLUME, TAKE_SNAPSHOT
 from .settings import Settings
 
 
@@ -27,6 +27,11 @@ class HostActivities:
     @converts_errors
     def take_snapshot(self, req: TakeRequest) -> PrimarySnapshot:
         return self.driver(req).take(volume=req.volume, snapshot_id=req.snapshot_id)
+
+    @activity.defn(name=REVERT_VOLUME)
+    @converts_errors
+    def revert_volume(self, req: RevertRequest) -> None:
+        self.drivers.get(req.volume.vm.hypervisor).revert(req)
 
     @activity.defn(name=RELEASE_PRIMARY)
     @converts_errors

@@ -84,7 +84,7 @@ async def bench_size(settings: Settings, client, conn, work: Path, size: int) ->
             t0 = time.perf_counter()
             answer = await starter.create_snapshot(client, req)
             t_answer = time.perf_counter() - t0
-            record = await starter.wait_finished(client, answer.id)
+            record = await starter.wait_settled(client, answer.id)
         assert record.state == SnapshotState.BACKED_UP and record.backup
         at = {t.state: t.at for t in record.transitions}
         backup_s = (at[SnapshotState.BACKED_UP] - at[SnapshotState.BACKING_UP]).total_seconds()

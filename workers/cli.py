@@ -23,12 +23,21 @@ from pydantic import ValidationError
 
 from activities.contracts import (
     HypervisorType,
+    RestoreResult,
     SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
     new_snapshot_id,
 )
 from activities.settings import Settings
+from workflows.snapshot import (  # noqa: E402  (names of the snapshot operations)
+    CANCEL_BACKUP_UPDATE,
+    CREATE_TEMPLATE_UPDATE,
+    CREATE_VOLUME_UPDATE,
+    DELETE_UPDATE,
+    REVERT_UPDATE,
+    VERIFY_BACKUP_UPDATE,
+)
 
 from . import starter
 from .client import connect
@@ -147,6 +156,27 @@ async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _operation_command(
+    update: str, *, takes_name: bool = False, result_type: type = SnapshotRecord
+):  # type: ignore[no-untyped-def]
+    """A CLI command that sends one update to a snapshot and prints what it returns."""
+
+    async def command(args: argparse.Namespace, settings: Settings) -> int:
+        extra = [args.name] if takes_name else []
+        result = await starter.snapshot_operation(
+            await cli_client(settings), args.id, update, *extra, result_type=result_type
+        )
+        if isinstance(result, SnapshotRecord):
+            print_record(result, getattr(args, "json", False))
+        elif isinstance(result, str):
+            print(f"backup of {args.id} verified: {result}")
+        else:
+            print(result.model_dump_json(indent=2) if args.json else f"created {result.path}")
+        return 0
+
+    return command
+
+
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from .worker import running_workers
 
@@ -255,9 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
     wa = add(snap, "watch", cmd_snapshot_watch, "show the backup's progress bar")
     wa.add_argument("id")
 
+    operations: list[tuple[str, str, str, bool, type]] = [
+        ("delete", DELETE_UPDATE, "delete on secondary and primary", False, SnapshotRecord),
+        ("revert", REVERT_UPDATE, "revert the stopped VM's disk to it", False, SnapshotRecord),
+        ("to-volume", CREATE_VOLUME_UPDATE, "create a volume from it", True, RestoreResult),
+        ("to-template", CREATE_TEMPLATE_UPDATE, "create a template from it", True, RestoreResult),
+    ]
+    for name, update, help_, takes_name, result_type in operations:
+        command = _operation_command(update, takes_name=takes_name, result_type=result_type)
+        op = add(snap, name, command, help_)
+        op.add_argument("id")
+        if takes_name:
+            op.add_argument("--name", required=True)
+        op.add_argument("--json", action="store_true")
+
     backup = sub.add_parser("backup", help="backups").add_subparsers(dest="action", required=True)
     r = add(backup, "retry", cmd_backup_retry, "start a failed backup again")
     r.add_argument("id")
+    cancel = add(
+        backup,
+        "cancel",
+        _operation_command(CANCEL_BACKUP_UPDATE),
+        "cancel a running backup (its .partial files are removed)",
+    )
+    cancel.add_argument("id")
+    verify = add(
+        backup,
+        "verify",
+        _operation_command(VERIFY_BACKUP_UPDATE, result_type=str),
+        "re-read a backup and check it against its manifest checksum",
+    )
+    verify.add_argument("id")
 
     sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")
     sc.add_argument("--out", default="schemas")

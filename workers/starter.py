@@ -154,12 +154,30 @@ async def wait_for_state(
         await asyncio.sleep(0.25)
 
 
-async def wait_finished(client: Client, snapshot_id: str) -> SnapshotRecord:
-    """Wait until the snapshot's workflow is over: backed up and its primary released."""
-    handle = client.get_workflow_handle_for(
-        VolumeSnapshotWorkflow.run, snapshot_workflow_id(_check_id(snapshot_id))
+def settled(record: SnapshotRecord) -> bool:
+    """Nothing more will happen without an operator: backed up and primary released, or the
+    backup failed and waits for a retry, or the snapshot is in Error or destroyed."""
+    return (
+        (record.state == SnapshotState.BACKED_UP and record.primary_released)
+        or (record.state == SnapshotState.CREATED_ON_PRIMARY and bool(record.backup_error))
+        or record.state in (SnapshotState.ERROR, SnapshotState.DESTROYED)
     )
-    return await handle.result()
+
+
+async def wait_settled(
+    client: Client, snapshot_id: str, *, timeout: float = 600.0
+) -> SnapshotRecord:
+    """Wait until the snapshot is settled (see :func:`settled`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = await get_record(client, snapshot_id)
+        if settled(record):
+            return record
+        if time.monotonic() > deadline:
+            raise SnapferryClientError(
+                f"snapshot {snapshot_id} is still {record.state.value} after {timeout:.0f}s"
+            )
+        await asyncio.sleep(0.25)
 
 
 async def backup_progress(client: Client, record: SnapshotRecord) -> BackupProgress | None:
@@ -169,15 +187,26 @@ async def backup_progress(client: Client, record: SnapshotRecord) -> BackupProgr
     return await handle.query("progress", result_type=BackupProgress | None)  # type: ignore[arg-type]
 
 
-async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
+async def snapshot_operation(
+    client: Client, snapshot_id: str, update: str, *args: Any, result_type: type = SnapshotRecord
+) -> Any:
+    """Send one operation (an update) to a snapshot's workflow, with errors for humans."""
     handle = client.get_workflow_handle(snapshot_workflow_id(_check_id(snapshot_id)))
     try:
-        return await handle.execute_update(RETRY_BACKUP_UPDATE, result_type=SnapshotRecord)
+        return await handle.execute_update(update, args=args, result_type=result_type)
     except WorkflowUpdateFailedError as err:
         raise SnapferryClientError(cause_message(err.cause)) from err
     except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
+        if err.status == RPCStatusCode.NOT_FOUND and "completed" in str(err).lower():
+            record = await get_record(client, snapshot_id)
             raise SnapferryClientError(
-                f"no snapshot with ID {snapshot_id} is waiting for a backup retry"
+                f"snapshot {snapshot_id} is {record.state.value}; its workflow is closed"
             ) from err
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise SnapferryClientError(f"no snapshot with ID {snapshot_id}") from err
         raise
+
+
+async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
+    record: SnapshotRecord = await snapshot_operation(client, snapshot_id, RETRY_BACKUP_UPDATE)
+    return record

@@ -23,6 +23,7 @@ from temporalio.worker import Worker
 from activities.alerts import AlertActivities
 from activities.backup import BackupActivities
 from activities.host import HostActivities
+from activities.restore import RestoreActivities
 from activities.settings import Settings
 from workflows.backup import BackupSnapshotWorkflow
 from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
@@ -55,7 +56,11 @@ async def running_workers(
                 Worker(
                     client,
                     task_queue=host_queue(host),
-                    activities=[host_acts.take_snapshot, host_acts.release_primary],
+                    activities=[
+                        host_acts.take_snapshot,
+                        host_acts.release_primary,
+                        host_acts.revert_volume,
+                    ],
                     activity_executor=host_pool,
                     max_concurrent_activities=4,
                 )
@@ -65,6 +70,7 @@ async def running_workers(
         alert_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="alert")
         executors += [copy_pool, alert_pool]
         backups = BackupActivities(settings, executor=copy_pool)
+        restores = RestoreActivities(settings)
         alerts = AlertActivities(settings)
         workers.append(
             Worker(
@@ -79,7 +85,14 @@ async def running_workers(
                 client,
                 task_queue=BACKUP_QUEUE,
                 workflows=WORKFLOWS,
-                activities=[backups.backup_snapshot],
+                activities=[
+                    backups.backup_snapshot,
+                    restores.restore_backup,
+                    restores.verify_backup,
+                    restores.delete_backup,
+                ],
+                # Sync restore/verify/delete run on the copy pool, within the same bound.
+                activity_executor=copy_pool,
                 max_concurrent_activities=concurrency,
                 # Heartbeats carry checkpoints: send them often so a crash loses little.
                 max_heartbeat_throttle_interval=timedelta(milliseconds=250),

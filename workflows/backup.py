@@ -19,6 +19,7 @@ from temporalio.exceptions import (
     ChildWorkflowError,
     is_cancelled_exception,
 )
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import (
@@ -80,6 +81,8 @@ class BackupSnapshotWorkflow:
                     progress_interval_s=opts.progress_interval_s,
                 ),
                 result_type=BackupResult,
+                # A cancel waits for the activity's cleanup (no .partial left behind).
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 start_to_close_timeout=timedelta(seconds=opts.max_duration_s),
                 heartbeat_timeout=timedelta(seconds=opts.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(

@@ -11,29 +11,45 @@ its record, nothing is deleted, and the workflow waits for the ``retry_backup`` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
-from temporalio.workflow import ParentClosePolicy
+from temporalio.workflow import ChildWorkflowHandle, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import (
         Alert,
         AlertSeverity,
         BackupRequest,
-        BackupResult,
+        DeleteBackupRequest,
         PrimarySnapshot,
         ReleaseRequest,
+        RestoreKind,
+        RestoreRequest,
+        RestoreResult,
+        RevertRequest,
         SnapshotRecord,
         SnapshotRequest,
         SnapshotState,
         StateChange,
         TakeRequest,
+        validate_name,
     )
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from activities.names import RAISE_ALERT, RELEASE_PRIMARY, TAKE_SNAPSHOT
+    from activities.names import (
+        DELETE_BACKUP,
+        RAISE_ALERT,
+        RELEASE_PRIMARY,
+        RESTORE_BACKUP,
+        REVERT_VOLUME,
+        TAKE_SNAPSHOT,
+        VERIFY_BACKUP,
+    )
 
 from .backup import ALERT_RETRY, BackupSnapshotWorkflow, cause_message
 from .routing import (
@@ -57,9 +73,24 @@ HOST_RETRY = RetryPolicy(
     non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
 )
 
+ENTITY_PATCH = "snapshot-stays-open-as-entity"
+
 WAIT_TAKEN_UPDATE = "wait_taken"
 RETRY_BACKUP_UPDATE = "retry_backup"
 RECORD_QUERY = "record"
+DELETE_UPDATE = "delete_snapshot"
+CANCEL_BACKUP_UPDATE = "cancel_backup"
+VERIFY_BACKUP_UPDATE = "verify_backup"
+CREATE_VOLUME_UPDATE = "create_volume"
+CREATE_TEMPLATE_UPDATE = "create_template"
+REVERT_UPDATE = "revert_volume"
+
+OPERATION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=3,
+    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
+)
 
 
 def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearchAttributes:
@@ -83,6 +114,12 @@ class VolumeSnapshotWorkflow:
         self.retry_requested = False
         self.backup_round = 0
         self.answer: SnapshotRecord | None = None
+        self.backup_child: ChildWorkflowHandle | None = None
+        self.deleting = False
+        self.destroyed = False
+        self.busy = False  # an operation holds the snapshot (see _operation)
+        self.cancel_requested = False
+        self.op_lock = asyncio.Lock()
         self.record = SnapshotRecord(
             id=req.snapshot_id,
             state=SnapshotState.ALLOCATED,
@@ -119,16 +156,42 @@ class VolumeSnapshotWorkflow:
 
     @workflow.run
     async def run(self, req: SnapshotRequest) -> SnapshotRecord:
+        if req.carried is not None:
+            # Continued as new: the record is carried over, the take and backup are done.
+            self.record = req.carried
+            self.answer = req.carried
+            self.backup_round = req.carried.backup_attempts
+        else:
+            if not await self._take(req):
+                return self.record
+            await self._backup_phase(req)
+            if self.record.backup is not None and not self.deleting:
+                async with self.op_lock:
+                    await self._release(req)
+            if not workflow.patched(ENTITY_PATCH):
+                return self.record  # histories from before snapshots stayed open
+        # The snapshot now lives on as an entity: it answers queries and serves operations
+        # (delete, revert, restore, verify) until it is destroyed.
+        await workflow.wait_condition(
+            lambda: self.destroyed
+            or (workflow.info().is_continue_as_new_suggested() and not self.busy)
+        )
+        if not self.destroyed:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(req.model_copy(update={"carried": self.record}))
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.record
+
+    async def _take(self, req: SnapshotRequest) -> bool:
         self.record.created = workflow.now()
         self.record.transitions.append(StateChange(state=self.record.state, at=workflow.now()))
         self._set_state(SnapshotState.CREATING)
-        queue = host_queue(req.volume.vm.host)
         try:
             primary: PrimarySnapshot = await workflow.execute_activity(
                 TAKE_SNAPSHOT,
                 TakeRequest(snapshot_id=req.snapshot_id, volume=req.volume),
                 result_type=PrimarySnapshot,
-                task_queue=queue,
+                task_queue=host_queue(req.volume.vm.host),
                 start_to_close_timeout=timedelta(minutes=5),
                 retry_policy=HOST_RETRY,
             )
@@ -140,20 +203,68 @@ class VolumeSnapshotWorkflow:
                 f"taking snapshot {req.snapshot_id} failed: {self.record.error}",
                 AlertSeverity.ERROR,
             )
-            return self.record
+            return False
         self.record.primary = primary
         self._set_state(SnapshotState.CREATED_ON_PRIMARY)
         self.answer = self.record.model_copy(deep=True)
+        return True
 
-        result = await self._backup_until_done(req, primary)
-        self.record.backup = result
-        self._set_state(SnapshotState.BACKED_UP)
+    async def _backup_phase(self, req: SnapshotRequest) -> None:
+        """Back up until it succeeds; after a failure wait for an operator's retry (or a
+        delete). Nothing is deleted when a backup fails."""
+        primary = self.record.primary
+        assert primary is not None
+        while not self.deleting:
+            self.backup_round += 1
+            self.record.backup_attempts = self.backup_round
+            self.record.backup_workflow_id = backup_workflow_id(req.snapshot_id, self.backup_round)
+            self._set_state(SnapshotState.BACKING_UP)
+            vm = req.volume.vm
+            self.backup_child = await workflow.start_child_workflow(
+                BackupSnapshotWorkflow.run,
+                BackupRequest(
+                    snapshot_id=req.snapshot_id,
+                    volume=req.volume,
+                    source=primary,
+                    options=req.backup,
+                    round=self.backup_round,
+                ),
+                id=self.record.backup_workflow_id,
+                task_queue=BACKUP_QUEUE,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                search_attributes=search_attributes(req, SnapshotState.BACKING_UP),
+                static_summary=(
+                    f"Backup of {vm.name}/{req.volume.disk} snapshot {req.snapshot_id}"
+                    f" ({primary.virtual_size // (1024 * 1024)} MiB, round"
+                    f" {self.backup_round})"
+                ),
+            )
+            try:
+                self.record.backup = await self.backup_child
+                self.backup_child = None
+                self._set_state(SnapshotState.BACKED_UP)
+                return
+            except ChildWorkflowError as err:
+                self.backup_child = None
+                self.record.backup_error = (
+                    "backup cancelled by an operator" if self.cancel_requested
+                    else cause_message(err)
+                )
+                self.cancel_requested = False
+                self._set_state(SnapshotState.CREATED_ON_PRIMARY)
+                await workflow.wait_condition(lambda: self.retry_requested or self.deleting)
+                self.retry_requested = False
+                if not self.deleting:
+                    self.record.backup_error = None
 
+    async def _release(self, req: SnapshotRequest) -> None:
+        primary = self.record.primary
+        assert primary is not None
         try:
             await workflow.execute_activity(
                 RELEASE_PRIMARY,
                 ReleaseRequest(snapshot_id=req.snapshot_id, volume=req.volume, source=primary),
-                task_queue=queue,
+                task_queue=host_queue(req.volume.vm.host),
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=HOST_RETRY,
             )
@@ -166,43 +277,6 @@ class VolumeSnapshotWorkflow:
                 f" merged yet: {cause_message(err)}",
                 AlertSeverity.WARNING,
             )
-        return self.record
-
-    async def _backup_until_done(
-        self, req: SnapshotRequest, primary: PrimarySnapshot
-    ) -> BackupResult:
-        while True:
-            self.backup_round += 1
-            self.record.backup_attempts = self.backup_round
-            self.record.backup_workflow_id = backup_workflow_id(req.snapshot_id, self.backup_round)
-            self._set_state(SnapshotState.BACKING_UP)
-            vm = req.volume.vm
-            try:
-                return await workflow.execute_child_workflow(
-                    BackupSnapshotWorkflow.run,
-                    BackupRequest(
-                        snapshot_id=req.snapshot_id,
-                        volume=req.volume,
-                        source=primary,
-                        options=req.backup,
-                        round=self.backup_round,
-                    ),
-                    id=self.record.backup_workflow_id,
-                    task_queue=BACKUP_QUEUE,
-                    parent_close_policy=ParentClosePolicy.ABANDON,
-                    search_attributes=search_attributes(req, SnapshotState.BACKING_UP),
-                    static_summary=(
-                        f"Backup of {vm.name}/{req.volume.disk} snapshot {req.snapshot_id}"
-                        f" ({primary.virtual_size // (1024 * 1024)} MiB, round"
-                        f" {self.backup_round})"
-                    ),
-                )
-            except ChildWorkflowError as err:
-                self.record.backup_error = cause_message(err)
-                self._set_state(SnapshotState.CREATED_ON_PRIMARY)
-                await workflow.wait_condition(lambda: self.retry_requested)
-                self.retry_requested = False
-                self.record.backup_error = None
 
     @workflow.update(name=WAIT_TAKEN_UPDATE)
     async def wait_taken(self) -> SnapshotRecord:
@@ -227,6 +301,165 @@ class VolumeSnapshotWorkflow:
                 " snapshot whose backup failed (CreatedOnPrimary with an error) can be retried",
                 type="InvalidInput",
             )
+
+    # -- operations on an existing snapshot ------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _operation(self, what: str) -> AsyncIterator[None]:
+        """Operations on one snapshot run one at a time, and never after it is destroyed."""
+        async with self.op_lock:
+            if self.destroyed:
+                raise ApplicationError(
+                    f"snapshot {self.req.snapshot_id} was destroyed", type="InvalidInput"
+                )
+            self.busy = True
+            try:
+                yield
+            finally:
+                self.busy = False
+
+    def _refuse(self, message: str) -> None:
+        raise ApplicationError(f"snapshot {self.req.snapshot_id}: {message}", type="InvalidInput")
+
+    def _require_backup(self, what: str) -> str:
+        if self.deleting or self.record.backup is None:
+            self._refuse(f"cannot {what}: it is {self.record.state.value}, not BackedUp")
+        assert self.record.backup is not None
+        return self.record.backup.manifest_path
+
+    @workflow.update(name=DELETE_UPDATE)
+    async def delete_snapshot(self) -> SnapshotRecord:
+        """Delete on secondary and primary. A running backup is cancelled first (its
+        ``.partial`` files are removed); a snapshot still on primary is merged away."""
+        self.deleting = True
+        if self.backup_child is not None:
+            self.backup_child.cancel()
+            await workflow.wait_condition(lambda: self.backup_child is None)
+        async with self._operation("delete"):
+            self._set_state(SnapshotState.DESTROYING)
+            if self.record.backup is not None:
+                await workflow.execute_activity(
+                    DELETE_BACKUP,
+                    DeleteBackupRequest(
+                        snapshot_id=self.req.snapshot_id,
+                        manifest_path=self.record.backup.manifest_path,
+                    ),
+                    task_queue=BACKUP_QUEUE,
+                    start_to_close_timeout=timedelta(minutes=10),
+                    retry_policy=HOST_RETRY,
+                )
+            if self.record.primary is not None and not self.record.primary_released:
+                await self._release(self.req)
+            self._set_state(SnapshotState.DESTROYED)
+            self.destroyed = True
+        return self.record
+
+    @delete_snapshot.validator
+    def _validate_delete(self) -> None:
+        if self.deleting or self.record.state in (
+            SnapshotState.ALLOCATED, SnapshotState.CREATING, SnapshotState.ERROR
+        ):
+            self._refuse(f"cannot delete it while it is {self.record.state.value}")
+
+    @workflow.update(name=CANCEL_BACKUP_UPDATE)
+    async def cancel_backup(self) -> SnapshotRecord:
+        assert self.backup_child is not None
+        self.cancel_requested = True
+        self.backup_child.cancel()
+        await workflow.wait_condition(lambda: self.backup_child is None)
+        return self.record
+
+    @cancel_backup.validator
+    def _validate_cancel(self) -> None:
+        if self.backup_child is None or self.deleting:
+            self._refuse(f"no backup is running (it is {self.record.state.value})")
+
+    @workflow.update(name=VERIFY_BACKUP_UPDATE)
+    async def verify_backup(self) -> str:
+        """Re-read the backup and check it against its manifest checksum."""
+        manifest = self._require_backup("verify its backup")
+        async with self._operation("verify"):
+            checksum: str = await workflow.execute_activity(
+                VERIFY_BACKUP,
+                manifest,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                retry_policy=OPERATION_RETRY,
+            )
+        return checksum
+
+    async def _restore(self, kind: RestoreKind, name: str) -> RestoreResult:
+        manifest = self._require_backup(f"create a {kind.value} from it")
+        primary = self.record.primary
+        assert primary is not None
+        async with self._operation(f"create {kind.value}"):
+            result: RestoreResult = await workflow.execute_activity(
+                RESTORE_BACKUP,
+                RestoreRequest(
+                    snapshot_id=self.req.snapshot_id,
+                    volume=self.req.volume,
+                    kind=kind,
+                    name=name,
+                    manifest_path=manifest,
+                    primary_dir=primary.image.rsplit("/", 1)[0],
+                ),
+                result_type=RestoreResult,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                retry_policy=OPERATION_RETRY,
+            )
+            self.record.restored.append(result.path)
+        return result
+
+    @workflow.update(name=CREATE_VOLUME_UPDATE)
+    async def create_volume(self, name: str) -> RestoreResult:
+        return await self._restore(RestoreKind.VOLUME, name)
+
+    @workflow.update(name=CREATE_TEMPLATE_UPDATE)
+    async def create_template(self, name: str) -> RestoreResult:
+        return await self._restore(RestoreKind.TEMPLATE, name)
+
+    @create_volume.validator
+    def _validate_create_volume(self, name: str) -> None:
+        self._validate_restore(name)
+
+    @create_template.validator
+    def _validate_create_template(self, name: str) -> None:
+        self._validate_restore(name)
+
+    def _validate_restore(self, name: str) -> None:
+        try:
+            validate_name(name)
+        except ValueError as err:
+            self._refuse(str(err))
+        self._require_backup("restore it")
+
+    @workflow.update(name=REVERT_UPDATE)
+    async def revert_volume(self) -> SnapshotRecord:
+        """Revert the (stopped) VM's disk to this snapshot: from primary while the frozen
+        image is there, else from the verified backup."""
+        async with self._operation("revert"):
+            await workflow.execute_activity(
+                REVERT_VOLUME,
+                RevertRequest(
+                    snapshot_id=self.req.snapshot_id,
+                    volume=self.req.volume,
+                    primary=None if self.record.primary_released else self.record.primary,
+                    manifest_path=self.record.backup.manifest_path if self.record.backup else None,
+                ),
+                task_queue=host_queue(self.req.volume.vm.host),
+                start_to_close_timeout=timedelta(hours=12),
+                retry_policy=OPERATION_RETRY,
+            )
+            self.record.reverts += 1
+        return self.record
+
+    @revert_volume.validator
+    def _validate_revert(self) -> None:
+        usable = self.record.backup is not None or (
+            self.record.primary is not None and not self.record.primary_released
+        )
+        if self.deleting or not usable:
+            self._refuse(f"cannot revert to it while it is {self.record.state.value}")
 
     @workflow.query(name=RECORD_QUERY)
     def get_record(self) -> SnapshotRecord:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..contracts import PrimarySnapshot, VolumeRef
+from ..contracts import PrimarySnapshot, RevertRequest, VolumeRef
 from ..storage.reader import SnapshotReader
 
 
@@ -29,3 +29,7 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
         """Give primary storage back once the backup is safe (merge, delete a clone...)."""
+
+    @abstractmethod
+    def revert(self, req: RevertRequest) -> None:
+        """Make the (stopped) VM's disk read as the snapshot; verified before it is used."""

@@ -19,6 +19,7 @@ release of a host's VMs runs on that host's single worker.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import libvirt
 
-from ..contracts import PrimarySnapshot, VolumeRef
+from ..contracts import PrimarySnapshot, RevertRequest, VolumeRef
 from ..errors import ChainBusy, DiskNotFound, HypervisorUnavailable, InvalidInput, VmNotFound
 from ..settings import Settings
 from ..storage.reader import QemuImageReader, image_info, run_qemu_img
@@ -259,3 +260,57 @@ class KvmDriver(HypervisorDriver):
             self._connection().defineXML(ET.tostring(root, encoding="unicode"))
         except libvirt.libvirtError as exc:
             raise _libvirt_error(exc, vm=vm) from exc
+
+    # -- revert ----------------------------------------------------------------------------
+    def revert(self, req: RevertRequest) -> None:
+        """Build the reverted disk beside the active image, verify it, then swap it in.
+
+        The new image keeps the active image's backing file, so the frozen images of other
+        pending snapshots stay below it untouched. The source is the snapshot's frozen image
+        while it is on primary, else its verified backup. Reverting a running VM is refused:
+        the guest would see its disk change under it.
+        """
+        vm, disk = req.volume.vm.name, req.volume.disk
+        with _domain_locks[vm]:
+            dom = self._domain(vm)
+            if dom.isActive():
+                raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
+            active, fmt = self._active_source(dom, vm, disk)
+            if req.primary is not None and Path(req.primary.image).exists():
+                source, source_fmt = req.primary.image, req.primary.image_format
+            elif req.manifest_path is not None:
+                from ..storage.secondary import SecondaryStore
+
+                manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+                SecondaryStore.verify(manifest)
+                source, source_fmt = manifest.path, manifest.format
+            else:
+                raise InvalidInput(f"snapshot {req.snapshot_id} has no copy left to revert to")
+            chain = backing_chain(active)
+            partial = f"{active}.revert-{req.snapshot_id}.partial"
+            Path(partial).unlink(missing_ok=True)
+            size = str(image_info(source)["virtual-size"])
+            create = ["create", "-q", "-f", "qcow2"]
+            if len(chain) > 1:
+                create += ["-b", chain[1], "-F", image_info(chain[1])["format"]]
+            try:
+                run_qemu_img(*create, partial, size)
+                run_qemu_img("convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source,
+                             partial)
+                run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
+                os.replace(partial, active)
+            finally:
+                Path(partial).unlink(missing_ok=True)
+            if fmt != "qcow2":
+                self._commit_offline_format(dom, vm, disk)
+
+    def _commit_offline_format(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
+        """A raw disk reverted into qcow2: tell libvirt the new format."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        root = ET.fromstring(dom.XMLDesc(flags))
+        for el in root.findall("./devices/disk"):
+            target = el.find("target")
+            drv = el.find("driver")
+            if target is not None and target.get("dev") == disk and drv is not None:
+                drv.set("type", "qcow2")
+        self._connection().defineXML(ET.tostring(root, encoding="unicode"))

@@ -83,7 +83,7 @@ async def test_kill_9_backup_worker_resumes_from_checkpoint(
             assert 0.3 * size < written_before_crash < size
 
             worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
-            record = await asyncio.wait_for(starter.wait_finished(client, answer.id), 120)
+            record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
     finally:
         for w in (worker_a, worker_b):
             if w is not None and w.poll() is None:
@@ -119,5 +119,5 @@ async def test_temporal_server_restart_mid_backup(
         dev_server.stop()
         await asyncio.sleep(1.0)
         dev_server.start()  # same SQLite file, same port
-        record = await asyncio.wait_for(starter.wait_finished(client, answer.id), 180)
+        record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 180)
     assert_backup_is_the_snapshot(record, vm.reference)

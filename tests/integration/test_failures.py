@@ -112,7 +112,7 @@ async def test_unwritable_store_retries_then_alerts_and_retry_completes(
             chattr("-i", store_dir)
             proc = await snapferry_cli("backup", "retry", answer.id)
             assert proc.returncode == 0, proc.stderr
-            done = await starter.wait_finished(client, answer.id)
+            done = await starter.wait_settled(client, answer.id)
     finally:
         chattr("-i", store_dir)
     assert done.state == SnapshotState.BACKED_UP and done.backup is not None
@@ -132,7 +132,7 @@ async def test_retry_is_refused_for_a_snapshot_that_did_not_fail(
 ) -> None:
     vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
     answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
-    await starter.wait_finished(client, answer.id)
+    await starter.wait_settled(client, answer.id)
     proc = await snapferry_cli("backup", "retry", answer.id)
     assert proc.returncode != 0
     assert (

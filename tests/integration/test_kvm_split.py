@@ -52,7 +52,7 @@ async def test_backup_equals_disk_at_snapshot_time_and_vm_keeps_later_writes(
     # The guest goes on writing after the take: the backup must NOT contain this.
     vm.guest_write(pattern=0xCD, offset=0, length=2 * MIB)
 
-    record = await starter.wait_finished(client, answer.id)
+    record = await starter.wait_settled(client, answer.id)
     assert record.state == SnapshotState.BACKED_UP and record.backup is not None
     assert images_identical(expected, record.backup.path)
     chunk_size, _ = checksum.parse_checksum(record.backup.checksum)
@@ -114,7 +114,7 @@ async def test_stopped_vm_take_backup_and_offline_merge(
     req = request_for(vm.name, host_name, settings)
     answer = await starter.create_snapshot(client, req)
     assert answer.primary is not None and not answer.primary.vm_was_running
-    record = await starter.wait_finished(client, answer.id)
+    record = await starter.wait_settled(client, answer.id)
     assert record.state == SnapshotState.BACKED_UP and record.backup is not None
     assert images_identical(vm.reference, record.backup.path)
     assert record.primary_released
@@ -146,8 +146,8 @@ async def test_vm_can_stop_start_and_snapshot_again_while_a_backup_runs(
         )
         second = await starter.create_snapshot(client, request_for(vm.name, host_name, slow))
         assert (await starter.get_record(client, first.id)).state != SnapshotState.BACKED_UP
-        r1 = await starter.wait_finished(client, first.id)
-        r2 = await starter.wait_finished(client, second.id)
+        r1 = await starter.wait_settled(client, first.id)
+        r2 = await starter.wait_settled(client, second.id)
     assert r1.backup and r2.backup
     assert images_identical(vm.reference, r1.backup.path)
     assert images_identical(second_expected, r2.backup.path)

@@ -24,15 +24,24 @@ from activities.contracts import (
     Alert,
     BackupResult,
     CopyRequest,
+    DeleteBackupRequest,
     PrimarySnapshot,
     ReleaseRequest,
+    RevertRequest,
     SnapshotRequest,
     TakeRequest,
     VmRef,
     VolumeRef,
     new_snapshot_id,
 )
-from activities.names import BACKUP_SNAPSHOT, RAISE_ALERT, RELEASE_PRIMARY, TAKE_SNAPSHOT
+from activities.names import (
+    BACKUP_SNAPSHOT,
+    DELETE_BACKUP,
+    RAISE_ALERT,
+    RELEASE_PRIMARY,
+    REVERT_VOLUME,
+    TAKE_SNAPSHOT,
+)
 from workflows.routing import (
     ALERT_QUEUE,
     BACKUP_QUEUE,
@@ -115,9 +124,17 @@ class Mocks:
         async def alert(a: Alert) -> None:
             self.calls.append((RAISE_ALERT, a))
 
+        @activity.defn(name=DELETE_BACKUP)
+        async def delete(req: DeleteBackupRequest) -> None:
+            self.calls.append((DELETE_BACKUP, req))
+
+        @activity.defn(name=REVERT_VOLUME)
+        async def revert(req: RevertRequest) -> None:
+            self.calls.append((REVERT_VOLUME, req))
+
         return {
-            host_queue(HOST): [take, release],
-            BACKUP_QUEUE: [backup],
+            host_queue(HOST): [take, release, revert],
+            BACKUP_QUEUE: [backup, delete],
             ALERT_QUEUE: [alert],
             CONTROL_QUEUE: [],
         }[queue]

@@ -8,13 +8,30 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.contracts import CopyRequest, SnapshotState
-from activities.names import BACKUP_SNAPSHOT, RAISE_ALERT, RELEASE_PRIMARY, TAKE_SNAPSHOT
+from activities.names import (
+    BACKUP_SNAPSHOT,
+    DELETE_BACKUP,
+    RAISE_ALERT,
+    RELEASE_PRIMARY,
+    REVERT_VOLUME,
+    TAKE_SNAPSHOT,
+)
 from workers import starter
 from workers.starter import SnapferryClientError
 from workflows.routing import snapshot_workflow_id
 from workflows.snapshot import VolumeSnapshotWorkflow
 
 from .conftest import PRIMARY, Mocks, make_request
+
+
+async def until_settled(env: WorkflowEnvironment, handle):
+    """Let (skipped) time pass until the snapshot is settled; return the record."""
+    for _ in range(200):
+        record = await handle.query(VolumeSnapshotWorkflow.get_record)
+        if starter.settled(record):
+            return record
+        await env.sleep(1)
+    raise AssertionError(f"never settled: {record.state}")
 
 
 async def until_backup_failed(env: WorkflowEnvironment, handle, step_s: float):
@@ -47,7 +64,7 @@ async def test_answer_at_created_on_primary_then_backup_then_release(
     answer = await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
     assert answer.state == SnapshotState.CREATED_ON_PRIMARY
     assert answer.primary == PRIMARY and answer.backup is None
-    record = await handle.result()
+    record = await until_settled(env, handle)
     assert [t.state for t in record.transitions] == [
         SnapshotState.ALLOCATED,
         SnapshotState.CREATING,
@@ -59,6 +76,23 @@ async def test_answer_at_created_on_primary_then_backup_then_release(
     assert [n for n, _ in mocks.calls] == [TAKE_SNAPSHOT, BACKUP_SNAPSHOT, RELEASE_PRIMARY]
     assert mocks.named(RELEASE_PRIMARY)[0].source == PRIMARY
     assert mocks.named(RAISE_ALERT) == []
+
+    # The snapshot stays open as an entity until it is deleted.
+    reverted = await handle.execute_update(VolumeSnapshotWorkflow.revert_volume)
+    assert reverted.reverts == 1
+    revert_req = mocks.named(REVERT_VOLUME)[0]
+    assert revert_req.primary is None  # released: the revert must come from secondary
+    assert revert_req.manifest_path == record.backup.manifest_path
+    deleted = await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
+    assert deleted.state == SnapshotState.DESTROYED
+    assert mocks.named(DELETE_BACKUP)[0].manifest_path == record.backup.manifest_path
+    final = await handle.result()
+    assert [t.state for t in final.transitions][-2:] == [
+        SnapshotState.DESTROYING,
+        SnapshotState.DESTROYED,
+    ]
+    with pytest.raises(Exception):  # noqa: B017 (a closed workflow refuses updates)
+        await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
 
 
 async def test_backup_retries_then_alerts_keeps_primary_and_operator_retry_completes(
@@ -83,7 +117,7 @@ async def test_backup_retries_then_alerts_keeps_primary_and_operator_retry_compl
 
     retried = await handle.execute_update(VolumeSnapshotWorkflow.retry_backup)
     assert retried.state == SnapshotState.CREATED_ON_PRIMARY
-    final = await handle.result()
+    final = await until_settled(env, handle)
     assert final.state == SnapshotState.BACKED_UP and final.backup_attempts == 2
     assert final.backup_error is None and final.primary_released
 
@@ -128,6 +162,38 @@ async def test_retry_of_a_healthy_backup_is_refused(env: WorkflowEnvironment, mo
         VolumeSnapshotWorkflow.run, snapshot_workflow_id(req.snapshot_id)
     )
     await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
-    await handle.result()
-    with pytest.raises(SnapferryClientError, match="no snapshot with ID|only a snapshot"):
+    await until_settled(env, handle)
+    with pytest.raises(SnapferryClientError, match="only a snapshot"):
         await starter.retry_backup(env.client, req.snapshot_id)
+
+
+async def test_delete_while_a_backup_fails_keeps_nothing_and_ends(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    def transient(_req: CopyRequest):
+        raise ApplicationError("store gone", type="SecondaryStoreUnavailable")
+
+    mocks.backup_outcomes = [transient] * 4
+    handle = await start(env, make_request())
+    await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    await until_backup_failed(env, handle, 60)
+    deleted = await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
+    assert deleted.state == SnapshotState.DESTROYED
+    assert mocks.named(DELETE_BACKUP) == []  # there was no backup
+    assert len(mocks.named(RELEASE_PRIMARY)) == 1  # the primary snapshot is merged away
+    assert (await handle.result()).state == SnapshotState.DESTROYED
+
+
+async def test_operations_that_make_no_sense_are_refused(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    handle = await start(env, make_request())
+    await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    await until_settled(env, handle)
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await handle.execute_update(VolumeSnapshotWorkflow.cancel_backup)
+    assert "no backup is running" in str(info.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await handle.execute_update(VolumeSnapshotWorkflow.create_volume, "../evil")
+    assert "not a valid name" in str(info.value.cause)
+    await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
