@@ -180,6 +180,49 @@ class SnapshotRequest(_Model):
     carried: SnapshotRecord | None = Field(
         None, description="Set only by continue-as-new: the record to carry over"
     )
+    policy_id: SafeName | None = Field(None, description="The recurring policy that took it")
+
+
+class PolicyInterval(StrEnum):
+    """CloudStack's recurring snapshot intervals."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+
+def _timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{value!r} is not a known timezone (e.g. 'UTC', 'Europe/Berlin')"
+        ) from None
+    return value
+
+
+class SnapshotPolicy(_Model):
+    """A recurring snapshot policy: when (interval + time of day, in a timezone) and how
+    many snapshots it keeps (CloudStack's default maximum is 8 per interval)."""
+
+    policy_id: SafeName
+    volume: VolumeRef
+    interval: PolicyInterval
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    keep: int = Field(8, ge=1, le=1000)
+    minute: int = Field(0, ge=0, le=59)
+    hour: int = Field(0, ge=0, le=23, description="daily, weekly, monthly")
+    day_of_week: int = Field(0, ge=0, le=6, description="weekly: 0 = Sunday")
+    day_of_month: int = Field(1, ge=1, le=28, description="monthly")
+    backup: BackupOptions = Field(default_factory=BackupOptions)
+
+
+class RetentionRequest(_Model):
+    policy_id: SafeName
+    keep: int = Field(ge=1)
 
 
 class RestoreKind(StrEnum):

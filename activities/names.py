@@ -17,3 +17,8 @@ RESTORE_BACKUP = "restore_backup"
 VERIFY_BACKUP = "verify_backup"
 # On the host: revert a stopped VM's disk.
 REVERT_VOLUME = "revert_volume"
+
+# Recurring policies (control queue): retention deletes the oldest snapshots beyond N.
+APPLY_RETENTION = "apply_retention"
+# The snapshot workflow's delete update, which retention sends.
+DELETE_SNAPSHOT_UPDATE = "delete_snapshot"

@@ -23,13 +23,15 @@ from temporalio.worker import Worker
 from activities.alerts import AlertActivities
 from activities.backup import BackupActivities
 from activities.host import HostActivities
+from activities.policy import PolicyActivities
 from activities.restore import RestoreActivities
 from activities.settings import Settings
 from workflows.backup import BackupSnapshotWorkflow
+from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
 from workflows.snapshot import VolumeSnapshotWorkflow
 
-WORKFLOWS = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow]
+WORKFLOWS = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow, SnapshotPolicyRunWorkflow]
 
 
 @contextlib.asynccontextmanager
@@ -45,7 +47,12 @@ async def running_workers(
     hosts = hosts or []
     executors: list[ThreadPoolExecutor] = []
     workers: list[Worker] = [
-        Worker(client, task_queue=CONTROL_QUEUE, workflows=WORKFLOWS),
+        Worker(
+            client,
+            task_queue=CONTROL_QUEUE,
+            workflows=WORKFLOWS,
+            activities=[PolicyActivities().apply_retention],
+        ),
     ]
     if hosts:
         host_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="host")

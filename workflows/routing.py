@@ -21,10 +21,12 @@ VM_ID = SearchAttributeKey.for_keyword("VmId")
 SNAPSHOT_ID = SearchAttributeKey.for_keyword("SnapshotId")
 SNAPSHOT_STATE = SearchAttributeKey.for_keyword("SnapshotState")
 HYPERVISOR = SearchAttributeKey.for_keyword("Hypervisor")
+POLICY_ID = SearchAttributeKey.for_keyword("PolicyId")
 
-SEARCH_ATTRIBUTES = (VOLUME_ID, VM_ID, SNAPSHOT_ID, SNAPSHOT_STATE, HYPERVISOR)
+SEARCH_ATTRIBUTES = (VOLUME_ID, VM_ID, SNAPSHOT_ID, SNAPSHOT_STATE, HYPERVISOR, POLICY_ID)
 
 VOLUME_SNAPSHOT_WORKFLOW = "VolumeSnapshot"
+SNAPSHOT_POLICY_RUN_WORKFLOW = "SnapshotPolicyRun"
 BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
 
 
@@ -38,3 +40,7 @@ def snapshot_workflow_id(snapshot_id: str) -> str:
 
 def backup_workflow_id(snapshot_id: str, round_: int) -> str:
     return f"backup-{snapshot_id}-{round_}"
+
+
+def policy_schedule_id(policy_id: str) -> str:
+    return f"snapshot-policy-{policy_id}"

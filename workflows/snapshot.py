@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
     from activities.names import (
         DELETE_BACKUP,
+        DELETE_SNAPSHOT_UPDATE,
         RAISE_ALERT,
         RELEASE_PRIMARY,
         RESTORE_BACKUP,
@@ -56,6 +57,7 @@ from .routing import (
     ALERT_QUEUE,
     BACKUP_QUEUE,
     HYPERVISOR,
+    POLICY_ID,
     SNAPSHOT_ID,
     SNAPSHOT_STATE,
     VM_ID,
@@ -78,7 +80,7 @@ ENTITY_PATCH = "snapshot-stays-open-as-entity"
 WAIT_TAKEN_UPDATE = "wait_taken"
 RETRY_BACKUP_UPDATE = "retry_backup"
 RECORD_QUERY = "record"
-DELETE_UPDATE = "delete_snapshot"
+DELETE_UPDATE = DELETE_SNAPSHOT_UPDATE
 CANCEL_BACKUP_UPDATE = "cancel_backup"
 VERIFY_BACKUP_UPDATE = "verify_backup"
 CREATE_VOLUME_UPDATE = "create_volume"
@@ -103,6 +105,7 @@ def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearch
             SearchAttributePair(SNAPSHOT_STATE, state.value),
             SearchAttributePair(HYPERVISOR, vm.hypervisor.value),
         ]
+        + ([SearchAttributePair(POLICY_ID, req.policy_id)] if req.policy_id else [])
     )
 
 
