@@ -117,6 +117,7 @@ class VolumeSnapshotWorkflow:
         self.retry_requested = False
         self.backup_round = 0
         self.answer: SnapshotRecord | None = None
+        self.answered = False
         self.backup_child: ChildWorkflowHandle | None = None
         self.deleting = False
         self.destroyed = False
@@ -163,6 +164,7 @@ class VolumeSnapshotWorkflow:
             # Continued as new: the record is carried over, the take and backup are done.
             self.record = req.carried
             self.answer = req.carried
+            self.answered = True
             self.backup_round = req.carried.backup_attempts
         else:
             if not await self._take(req):
@@ -289,6 +291,9 @@ class VolumeSnapshotWorkflow:
         )
         if self.answer is None:
             raise ApplicationError(self.record.error or "take failed", type="TakeFailed")
+        if self.answered:
+            return self.record  # a repeated create of this ID: the record as it is now
+        self.answered = True
         return self.answer
 
     @workflow.update(name=RETRY_BACKUP_UPDATE)
