@@ -238,6 +238,20 @@ async def cmd_policy_run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from .replay import replay_closed
+
+    count, failures = await replay_closed(
+        await cli_client(settings),
+        limit=args.limit,
+        export=Path(args.export) if args.export else None,
+    )
+    for failure in failures:
+        print(f"NON-DETERMINISM: {failure}")
+    print(f"replayed {count} closed workflows against this code: {len(failures)} failed")
+    return 1 if failures else 0
+
+
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from .worker import running_workers
 
@@ -400,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("id")
     pr = add(pol, "run-now", cmd_policy_run, "trigger one run of a policy now")
     pr.add_argument("id")
+
+    rp = add(sub, "replay", cmd_replay, "replay closed workflows' histories against this code")
+    rp.add_argument("--limit", type=int, default=100)
+    rp.add_argument("--export", help="also save the histories as JSON into this directory")
 
     sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")
     sc.add_argument("--out", default="schemas")

@@ -178,8 +178,9 @@ class VolumeSnapshotWorkflow:
         # The snapshot now lives on as an entity: it answers queries and serves operations
         # (delete, revert, restore, verify) until it is destroyed.
         await workflow.wait_condition(
-            lambda: self.destroyed
-            or (workflow.info().is_continue_as_new_suggested() and not self.busy)
+            lambda: (
+                self.destroyed or (workflow.info().is_continue_as_new_suggested() and not self.busy)
+            )
         )
         if not self.destroyed:
             await workflow.wait_condition(workflow.all_handlers_finished)
@@ -252,7 +253,8 @@ class VolumeSnapshotWorkflow:
             except ChildWorkflowError as err:
                 self.backup_child = None
                 self.record.backup_error = (
-                    "backup cancelled by an operator" if self.cancel_requested
+                    "backup cancelled by an operator"
+                    if self.cancel_requested
                     else cause_message(err)
                 )
                 self.cancel_requested = False
@@ -364,7 +366,9 @@ class VolumeSnapshotWorkflow:
     @delete_snapshot.validator
     def _validate_delete(self) -> None:
         if self.deleting or self.record.state in (
-            SnapshotState.ALLOCATED, SnapshotState.CREATING, SnapshotState.ERROR
+            SnapshotState.ALLOCATED,
+            SnapshotState.CREATING,
+            SnapshotState.ERROR,
         ):
             self._refuse(f"cannot delete it while it is {self.record.state.value}")
 

@@ -295,8 +295,9 @@ class KvmDriver(HypervisorDriver):
                 create += ["-b", chain[1], "-F", image_info(chain[1])["format"]]
             try:
                 run_qemu_img(*create, partial, size)
-                run_qemu_img("convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source,
-                             partial)
+                run_qemu_img(
+                    "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
+                )
                 run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
                 os.replace(partial, active)
             finally:

@@ -76,6 +76,11 @@ async def test_up_snapshot_commands_and_down(stack_env: dict[str, str], make_vm)
         assert [(r["id"], r["state"], r["disk"]) for r in listed] == [
             (record["id"], "BackedUp", "vda")
         ]
+        exported = Path(stack_env["SNAPFERRY_HOME"]) / "histories"
+        replayed = await snapferry_cli("replay", "--export", str(exported))
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        assert "0 failed" in replayed.stdout and "replayed 0 " not in replayed.stdout
+        assert (exported / f"backup-{record['id']}-1.json").exists()
         shown = await snapferry_cli("snapshot", "show", record["id"])
         assert f"snapshot {record['id']}  BackedUp" in shown.stdout
     finally:
