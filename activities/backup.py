@@ -181,6 +181,6 @@ class BackupActivities:
             if details is not None and details.cancel_requested:
                 # Cancelled by the workflow (operator cancel, delete): leave nothing behind.
                 # Any other cancel (timeout, shutdown, pause) keeps the files for the resume.
-                self.store.discard_partial(self.store.target(req.volume, req.snapshot_id))
+                self.store.discard_partial(self.store.partial_target(req.volume, req.snapshot_id))
             raise
         return self._result(req, bytes_copied=bytes_copied, resumed_from=resumed_from)

@@ -257,8 +257,10 @@ class RevertRequest(_Model):
 
 
 class DeleteBackupRequest(_Model):
+    """Delete everything a snapshot's backups left on secondary storage."""
+
     snapshot_id: SnapshotId
-    manifest_path: str
+    volume: VolumeRef
 
 
 class BackupRequest(_Model):

@@ -115,14 +115,9 @@ class RestoreActivities:
     @activity.defn(name=DELETE_BACKUP)
     @converts_errors
     def delete_backup(self, req: DeleteBackupRequest) -> None:
-        """Remove a backup: the manifest first (so a half-deleted backup never looks whole)."""
-        manifest = Path(req.manifest_path)
-        if not manifest.exists():
-            return  # already deleted: deletes are idempotent
-        m = self.store.read_manifest(manifest)
+        """Remove a snapshot's files from the store: the manifest first (so a half-deleted
+        backup never looks whole), then the image, digests, partials and lock. Idempotent."""
         try:
-            manifest.unlink()
-            Path(m.path).unlink(missing_ok=True)
-            Path(m.chunks_file).unlink(missing_ok=True)
+            self.store.discard_everything(req.volume, req.snapshot_id)
         except OSError as exc:
-            raise classify_os_error(exc, where=str(manifest.parent)) from exc
+            raise classify_os_error(exc, where=str(self.store.directory(req.volume))) from exc

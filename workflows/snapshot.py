@@ -119,6 +119,7 @@ class VolumeSnapshotWorkflow:
         self.answer: SnapshotRecord | None = None
         self.answered = False
         self.backup_child: ChildWorkflowHandle | None = None
+        self.backup_running = False
         self.deleting = False
         self.destroyed = False
         self.busy = False  # an operation holds the snapshot (see _operation)
@@ -226,6 +227,7 @@ class VolumeSnapshotWorkflow:
             self.record.backup_workflow_id = backup_workflow_id(req.snapshot_id, self.backup_round)
             self._set_state(SnapshotState.BACKING_UP)
             vm = req.volume.vm
+            self.backup_running = True  # from here until the child is over (see delete)
             self.backup_child = await workflow.start_child_workflow(
                 BackupSnapshotWorkflow.run,
                 BackupRequest(
@@ -247,11 +249,11 @@ class VolumeSnapshotWorkflow:
             )
             try:
                 self.record.backup = await self.backup_child
-                self.backup_child = None
+                self.backup_child, self.backup_running = None, False
                 self._set_state(SnapshotState.BACKED_UP)
                 return
             except ChildWorkflowError as err:
-                self.backup_child = None
+                self.backup_child, self.backup_running = None, False
                 self.record.backup_error = (
                     "backup cancelled by an operator"
                     if self.cancel_requested
@@ -341,18 +343,21 @@ class VolumeSnapshotWorkflow:
         """Delete on secondary and primary. A running backup is cancelled first (its
         ``.partial`` files are removed); a snapshot still on primary is merged away."""
         self.deleting = True
+        # A backup being started has no handle yet: wait for it, then cancel it.
+        await workflow.wait_condition(
+            lambda: self.backup_child is not None or not self.backup_running
+        )
         if self.backup_child is not None:
             self.backup_child.cancel()
-            await workflow.wait_condition(lambda: self.backup_child is None)
+        await workflow.wait_condition(lambda: not self.backup_running)
         async with self._operation("delete"):
             self._set_state(SnapshotState.DESTROYING)
-            if self.record.backup is not None:
+            if self.record.primary is not None:
+                # Whatever a backup left (finished, or cancelled mid-way), by the store's
+                # own layout: a backup that finished just as it was cancelled is included.
                 await workflow.execute_activity(
                     DELETE_BACKUP,
-                    DeleteBackupRequest(
-                        snapshot_id=self.req.snapshot_id,
-                        manifest_path=self.record.backup.manifest_path,
-                    ),
+                    DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
                     task_queue=BACKUP_QUEUE,
                     start_to_close_timeout=timedelta(minutes=10),
                     retry_policy=HOST_RETRY,
@@ -377,7 +382,7 @@ class VolumeSnapshotWorkflow:
         assert self.backup_child is not None
         self.cancel_requested = True
         self.backup_child.cancel()
-        await workflow.wait_condition(lambda: self.backup_child is None)
+        await workflow.wait_condition(lambda: not self.backup_running)
         return self.record
 
     @cancel_backup.validator

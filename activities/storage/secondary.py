@@ -78,6 +78,10 @@ class SecondaryStore:
             probe.unlink()
         except OSError as exc:
             raise classify_os_error(exc, where=str(d)) from exc
+        return self.partial_target(volume, snapshot_id)
+
+    def partial_target(self, volume: VolumeRef, snapshot_id: str) -> CopyTarget:
+        d = self.directory(volume)
         return CopyTarget(
             data=d / f"{snapshot_id}.raw.partial", digests=d / f"{snapshot_id}.chunks.partial"
         )
@@ -152,6 +156,12 @@ class SecondaryStore:
         for p in (self.manifest_path(volume, snapshot_id), image, image.with_suffix(".chunks")):
             p.unlink(missing_ok=True)
 
+    def discard_everything(self, volume: VolumeRef, snapshot_id: str) -> None:
+        """Every file of one snapshot, in an order that never leaves a whole-looking backup."""
+        self.discard_backup(volume, snapshot_id)
+        self.discard_partial(self.partial_target(volume, snapshot_id))
+        (self.directory(volume) / f".{snapshot_id}.lock").unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def exclusive(self, volume: VolumeRef, snapshot_id: str) -> Iterator[None]:
         """Hold the per-snapshot lock (flock, which NFSv4 honours) while writing its files."""
@@ -164,7 +174,12 @@ class SecondaryStore:
                 raise SecondaryStoreUnavailable(
                     f"another attempt is still writing snapshot {snapshot_id}'s backup"
                 ) from None
-            yield
-            lock.unlink(missing_ok=True)  # done: the lock need not outlive the backup
+            if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                # We locked a lock file its previous holder had already removed.
+                raise SecondaryStoreUnavailable(f"lost the race for {lock}; retrying")
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)  # the lock never outlives its holder
         finally:
             os.close(fd)

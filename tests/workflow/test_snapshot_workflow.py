@@ -85,7 +85,7 @@ async def test_answer_at_created_on_primary_then_backup_then_release(
     assert revert_req.manifest_path == record.backup.manifest_path
     deleted = await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
     assert deleted.state == SnapshotState.DESTROYED
-    assert mocks.named(DELETE_BACKUP)[0].manifest_path == record.backup.manifest_path
+    assert mocks.named(DELETE_BACKUP)[0].snapshot_id == record.id
     final = await handle.result()
     assert [t.state for t in final.transitions][-2:] == [
         SnapshotState.DESTROYING,
@@ -179,7 +179,7 @@ async def test_delete_while_a_backup_fails_keeps_nothing_and_ends(
     await until_backup_failed(env, handle, 60)
     deleted = await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
     assert deleted.state == SnapshotState.DESTROYED
-    assert mocks.named(DELETE_BACKUP) == []  # there was no backup
+    assert len(mocks.named(DELETE_BACKUP)) == 1  # clears whatever a failed backup left
     assert len(mocks.named(RELEASE_PRIMARY)) == 1  # the primary snapshot is merged away
     assert (await handle.result()).state == SnapshotState.DESTROYED
 
