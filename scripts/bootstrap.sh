@@ -27,7 +27,7 @@ fi
 stamp=.venv/.snapferry-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing Python dependencies into .venv"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[dev]' 2> >(grep -v 'is ignored: it is neither' >&2)
   touch "$stamp"
 fi

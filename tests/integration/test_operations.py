@@ -112,3 +112,35 @@ async def test_cancel_a_running_backup_cleans_up_and_retry_completes(
         done = await starter.wait_settled(client, answer.id, timeout=120)
     assert done.state == SnapshotState.BACKED_UP and done.backup is not None
     assert images_identical(vm.reference, done.backup.path)
+
+
+async def test_records_and_policies_survive_worker_and_server_restarts(
+    client: Client, settings: Settings, dev_server, make_vm, host_name: str, libvirt_conn
+) -> None:
+    from workers.policies import create_policy, list_policies
+
+    from .test_policies import policy
+
+    vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
+    async with running_workers(client, settings, hosts=[host_name], backup=True):
+        answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
+        await starter.wait_settled(client, answer.id)
+        made = await snapferry_cli("snapshot", "to-volume", answer.id, "--name", "kept1")
+        assert made.returncode == 0, made.stderr
+        libvirt_conn.lookupByName(vm.name).destroy()
+        assert (await snapferry_cli("snapshot", "revert", answer.id)).returncode == 0
+        await create_policy(client, policy(vm.name, host_name, settings, interval="daily"))
+        before = await starter.get_record(client, answer.id)
+    # Workers gone, then the server restarted on the same SQLite file.
+    dev_server.stop()
+    dev_server.start()
+    async with running_workers(client, settings, hosts=[host_name], backup=True):
+        after = await starter.get_record(client, answer.id)
+        assert after == before
+        assert after.reverts == 1 and after.restored == [str(vm.disk.parent / "kept1.qcow2")]
+        assert [r["policy"]["policy_id"] for r in await list_policies(client)] == [
+            f"{vm.name}-vda-daily"
+        ]
+        gone = await snapferry_cli("snapshot", "delete", answer.id, "--json")
+        assert json.loads(gone.stdout)["state"] == "Destroyed"
+    (vm.disk.parent / "kept1.qcow2").unlink()
