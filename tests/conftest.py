@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from activities.settings import Settings
 from workers.client import connect
-from workers.stack import dev_server_command, free_port, terminate, wait_for_port
+from workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
@@ -65,15 +65,7 @@ class DevServer:
 
     def start(self) -> None:
         cmd = dev_server_command(db=self.db, host="127.0.0.1", port=self.port, ui_port=None)
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pid = proc.pid
+        self.pid = spawn(cmd, self.log)
         wait_for_port("127.0.0.1", self.port)
 
     def stop(self) -> None:

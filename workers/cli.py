@@ -107,10 +107,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
         req = SnapshotRequest.model_validate(
             {
                 "snapshot_id": args.id or new_snapshot_id(),
-                "volume": {
-                    "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
-                    "disk": args.disk,
-                },
+                "volume": volume_from_args(args),
                 "backup": settings.backup_defaults.model_dump(),
             }
         )
@@ -186,10 +183,7 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
         policy = SnapshotPolicy.model_validate(
             {
                 "policy_id": args.id or f"{args.vm}-{args.disk}-{args.interval}",
-                "volume": {
-                    "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
-                    "disk": args.disk,
-                },
+                "volume": volume_from_args(args),
                 "interval": args.interval,
                 "timezone": args.timezone,
                 "keep": args.keep,
@@ -315,6 +309,21 @@ def _validation_message(err: ValidationError) -> str:
     return "invalid input: " + "; ".join(parts)
 
 
+def add_volume_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vm", required=True)
+    parser.add_argument("--disk", required=True)
+    parser.add_argument("--host", default=default_host())
+    parser.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
+
+
+def volume_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The volume as a plain dict, validated with the rest of its request."""
+    return {
+        "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
+        "disk": args.disk,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapferry", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -339,10 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     c = add(snap, "create", cmd_snapshot_create, "take a snapshot; returns once it is on primary")
-    c.add_argument("--vm", required=True)
-    c.add_argument("--disk", required=True)
-    c.add_argument("--host", default=default_host())
-    c.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
+    add_volume_args(c)
     c.add_argument("--id", help="snapshot ID (UUID); makes create idempotent")
     c.add_argument("--json", action="store_true")
     s = add(snap, "show", cmd_snapshot_show, "print one snapshot's record")
@@ -396,10 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     pc = add(pol, "create", cmd_policy_create, "create a recurring policy (a Temporal Schedule)")
-    pc.add_argument("--vm", required=True)
-    pc.add_argument("--disk", required=True)
-    pc.add_argument("--host", default=default_host())
-    pc.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
+    add_volume_args(pc)
     pc.add_argument("--interval", required=True, choices=[i.value for i in PolicyInterval])
     pc.add_argument("--keep", type=int, default=8, help="snapshots kept (CloudStack: 8)")
     pc.add_argument("--timezone", default="UTC")

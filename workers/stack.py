@@ -108,17 +108,9 @@ class Managed:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.logfile, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-            )
-        self.pidfile.write_text(str(proc.pid))
-        return proc.pid
+        pid = spawn(cmd, self.logfile, env=env)
+        self.pidfile.write_text(str(pid))
+        return pid
 
     def stop(self, timeout: float = 15.0) -> bool:
         pid = self.pid()
@@ -127,6 +119,20 @@ class Managed:
             return False
         terminate(pid, timeout=timeout)
         return True
+
+
+def spawn(cmd: list[str], log: Path, *, env: dict[str, str] | None = None) -> int:
+    """Start a background process in its own session, output appended to ``log``."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+    return proc.pid
 
 
 def alive(pid: int) -> bool:
