@@ -99,8 +99,7 @@ class Managed:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        # (Right after the fork, before exec, a child still shows our own command line.)
-        ours = any(mark in cmdline for mark in (b"start-dev", b"workers.cli", b"snapferry"))
+        ours = b"start-dev" in cmdline or b"workers.cli" in cmdline
         return pid if ours and alive(pid) else None
 
     def start(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
@@ -110,6 +109,11 @@ class Managed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pid = spawn(cmd, self.logfile, env=env)
         self.pidfile.write_text(str(pid))
+        # Until the child has exec'd, /proc shows a transitional command line; wait for the
+        # real one, so that pid() (which checks it) recognises the process from now on.
+        deadline = time.monotonic() + 5.0
+        while self.pid() is None and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return pid
 
     def stop(self, timeout: float = 15.0) -> bool:
