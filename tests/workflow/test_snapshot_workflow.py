@@ -45,8 +45,8 @@ async def until_backup_failed(env: WorkflowEnvironment, handle, step_s: float):
 
 
 async def start(env: WorkflowEnvironment, req):
-    """Start + update (update-with-start is covered by the integration tests; the
-    time-skipping server does not implement multi-operations)."""
+    """Start + update. Update-with-start is covered by the integration tests; against the
+    time-skipping server it hung in a probe."""
     handle = await env.client.start_workflow(
         VolumeSnapshotWorkflow.run,
         req,
