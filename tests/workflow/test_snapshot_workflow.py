@@ -45,8 +45,8 @@ async def until_backup_failed(env: WorkflowEnvironment, handle, step_s: float):
 
 
 async def start(env: WorkflowEnvironment, req):
-    """Start + update. Update-with-start is covered by the integration tests; against the
-    time-skipping server it hung in a probe."""
+    """Start only: each test sends the ``wait_taken`` update itself. The caller's real path,
+    update-with-start, has its own test below."""
     handle = await env.client.start_workflow(
         VolumeSnapshotWorkflow.run,
         req,
@@ -197,3 +197,18 @@ async def test_operations_that_make_no_sense_are_refused(
         await handle.execute_update(VolumeSnapshotWorkflow.create_volume, "../evil")
     assert "not a valid name" in str(info.value.cause)
     await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
+
+
+async def test_update_with_start_answers_at_created_on_primary_and_is_idempotent(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    req = make_request()
+    answer = await starter.create_snapshot(env.client, req)
+    assert answer.state == SnapshotState.CREATED_ON_PRIMARY
+    handle = env.client.get_workflow_handle_for(
+        VolumeSnapshotWorkflow.run, snapshot_workflow_id(req.snapshot_id)
+    )
+    await until_settled(env, handle)
+    again = await starter.create_snapshot(env.client, req)  # the same ID: no second take
+    assert again.state == SnapshotState.BACKED_UP
+    assert len(mocks.named(TAKE_SNAPSHOT)) == 1
