@@ -32,6 +32,7 @@ from activities.contracts import (
     new_snapshot_id,
 )
 from activities.settings import Settings
+from workflows.backup import text_bar  # noqa: E402
 from workflows.snapshot import (  # noqa: E402  (names of the snapshot operations)
     CANCEL_BACKUP_UPDATE,
     CREATE_TEMPLATE_UPDATE,
@@ -73,12 +74,6 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         print(f"  error: {record.error}")
 
 
-def progress_bar(done: int, total: int, width: int = 40) -> str:
-    pct = done / total if total else 0.0
-    filled = int(width * pct)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * pct:5.1f}%"
-
-
 async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> SnapshotRecord:
     """Draw the backup's progress until the snapshot is BackedUp or its backup failed."""
     while True:
@@ -86,17 +81,17 @@ async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> Snap
         if record.state in (SnapshotState.BACKED_UP, SnapshotState.ERROR) or record.backup_error:
             if record.state == SnapshotState.BACKED_UP:
                 size = record.backup.virtual_size if record.backup else 0
-                out.write(f"\r{progress_bar(size, size)} BackedUp" + " " * 20 + "\n")
+                out.write(f"\r{text_bar(size, size, 40)} BackedUp" + " " * 20 + "\n")
             return record
         progress = await starter.backup_progress(client, record)
         if progress:
             out.write(
-                f"\r{progress_bar(progress.bytes_done, progress.bytes_total)}"
+                f"\r{text_bar(progress.bytes_done, progress.bytes_total, 40)}"
                 f" {progress.bytes_done // 2**20}/{progress.bytes_total // 2**20} MiB"
                 f" {progress.bytes_per_second / 1e6:6.0f} MB/s  {record.state.value}"
             )
         else:
-            out.write(f"\r{progress_bar(0, 1)} {record.state.value}")
+            out.write(f"\r{text_bar(0, 1, 40)} {record.state.value}")
         out.flush()
         await asyncio.sleep(0.2)
 

@@ -37,14 +37,19 @@ from .routing import ALERT_QUEUE, BACKUP_SNAPSHOT_WORKFLOW
 ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
 
 
+def text_bar(done: int, total: int, width: int = 30) -> str:
+    """``[####......]  42.0%``: the one progress bar, for the Web UI and the CLI alike."""
+    fraction = done / total if total else 0.0
+    filled = int(width * fraction)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}%"
+
+
 def progress_details(p: BackupProgress, width: int = 30) -> str:
-    """A text progress bar for the Web UI's current details."""
-    filled = int(width * p.percent / 100)
-    bar = "#" * filled + "-" * (width - filled)
+    """The Web UI's current details for a running backup."""
     mib = 1024 * 1024
     return (
-        f"[{bar}] {p.percent:5.1f}%  {p.bytes_done // mib}/{p.bytes_total // mib} MiB"
-        f"  {p.bytes_per_second / 1e6:.0f} MB/s  attempt {p.attempt}"
+        f"{text_bar(p.bytes_done, p.bytes_total, width)}  {p.bytes_done // mib}/"
+        f"{p.bytes_total // mib} MiB  {p.bytes_per_second / 1e6:.0f} MB/s  attempt {p.attempt}"
     )
 
 

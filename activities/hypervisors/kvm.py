@@ -20,7 +20,6 @@ release of a host's VMs runs on that host's single worker.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -237,11 +236,12 @@ class KvmDriver(HypervisorDriver):
     def _commit_offline(
         self, dom: libvirt.virDomain, vm: str, disk: str, *, top: str, base: str
     ) -> None:
-        proc = subprocess.run(
-            ["qemu-img", "commit", "-q", "-b", base, top], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise ChainBusy(f"qemu-img commit {top} -> {base} failed: {proc.stderr.strip()}")
+        run_qemu_img("commit", "-q", "-b", base, top)
+        self._redefine_disk(dom, vm, disk, source=base)
+
+    def _redefine_disk(self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str) -> None:
+        """Point a stopped domain's disk at ``source`` (its format probed, its chain left
+        for libvirt to re-detect at start)."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         root = ET.fromstring(dom.XMLDesc(flags))
         for el in root.findall("./devices/disk"):
@@ -250,12 +250,12 @@ class KvmDriver(HypervisorDriver):
                 continue
             src = el.find("source")
             if src is not None:
-                src.set("file", base)
+                src.set("file", source)
             for backing in el.findall("backingStore"):
                 el.remove(backing)
             drv = el.find("driver")
             if drv is not None:
-                drv.set("type", image_info(base)["format"])
+                drv.set("type", image_info(source)["format"])
         try:
             self._connection().defineXML(ET.tostring(root, encoding="unicode"))
         except libvirt.libvirtError as exc:
@@ -302,16 +302,5 @@ class KvmDriver(HypervisorDriver):
                 os.replace(partial, active)
             finally:
                 Path(partial).unlink(missing_ok=True)
-            if fmt != "qcow2":
-                self._commit_offline_format(dom, vm, disk)
-
-    def _commit_offline_format(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
-        """A raw disk reverted into qcow2: tell libvirt the new format."""
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-        root = ET.fromstring(dom.XMLDesc(flags))
-        for el in root.findall("./devices/disk"):
-            target = el.find("target")
-            drv = el.find("driver")
-            if target is not None and target.get("dev") == disk and drv is not None:
-                drv.set("type", "qcow2")
-        self._connection().defineXML(ET.tostring(root, encoding="unicode"))
+            if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
+                self._redefine_disk(dom, vm, disk, source=active)
