@@ -1,4 +1,4 @@
-"""Activities that run on a hypervisor host's own task queue: take and release.
+"""Activities that run on a hypervisor host's own task queue: every hypervisor operation.
 
 Like CloudStack's agent, each host runs one worker polling ``snapferry-host-<name>``; the
 workflow routes every hypervisor operation for a VM to the queue of the host that owns it.
@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from .contracts import PrimarySnapshot, ReleaseRequest, RevertRequest, TakeRequest
+from .contracts import (
+    PrimarySnapshot,
+    ReleaseRequest,
+    RevertRequest,
+    TakeRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+)
 from .errors import converts_errors
 from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
-from .names import RELEASE_PRIMARY, REVERT_VOLUME, TAKE_SNAPSHOT
+from .names import (
+    DELETE_VM_SNAPSHOT,
+    RELEASE_PRIMARY,
+    REVERT_VM_SNAPSHOT,
+    REVERT_VOLUME,
+    TAKE_SNAPSHOT,
+    TAKE_VM_SNAPSHOT,
+)
 from .settings import Settings
 
 
@@ -37,3 +51,30 @@ class HostActivities:
     @converts_errors
     def release_primary(self, req: ReleaseRequest) -> None:
         self.driver(req).release(volume=req.volume, snapshot_id=req.snapshot_id, source=req.source)
+
+    @activity.defn(name=TAKE_VM_SNAPSHOT)
+    @converts_errors
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        return self.drivers.get(op.vm.hypervisor).take_vm_snapshot(op)
+
+    @activity.defn(name=REVERT_VM_SNAPSHOT)
+    @converts_errors
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        self.drivers.get(op.vm.hypervisor).revert_vm_snapshot(op)
+
+    @activity.defn(name=DELETE_VM_SNAPSHOT)
+    @converts_errors
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        self.drivers.get(op.vm.hypervisor).delete_vm_snapshot(op)
+
+    @property
+    def all(self) -> list:  # type: ignore[type-arg]
+        """Every activity a host worker serves."""
+        return [
+            self.take_snapshot,
+            self.release_primary,
+            self.revert_volume,
+            self.take_vm_snapshot,
+            self.revert_vm_snapshot,
+            self.delete_vm_snapshot,
+        ]

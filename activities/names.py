@@ -22,3 +22,8 @@ REVERT_VOLUME = "revert_volume"
 APPLY_RETENTION = "apply_retention"
 # The snapshot workflow's delete update, which retention sends.
 DELETE_SNAPSHOT_UPDATE = "delete_snapshot"
+
+# VM snapshots (host queue): every disk of a VM at once, optionally with its memory.
+TAKE_VM_SNAPSHOT = "take_vm_snapshot"
+REVERT_VM_SNAPSHOT = "revert_vm_snapshot"
+DELETE_VM_SNAPSHOT = "delete_vm_snapshot"

@@ -29,6 +29,10 @@ from activities.contracts import (
     SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
+    VmSnapshotRecord,
+    VmSnapshotRequest,
+    VmSnapshotState,
+    VmSnapshotType,
     new_snapshot_id,
 )
 from activities.settings import Settings
@@ -41,6 +45,7 @@ from workflows.snapshot import (  # noqa: E402  (names of the snapshot operation
     REVERT_UPDATE,
     VERIFY_BACKUP_UPDATE,
 )
+from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
 from . import starter
 from .client import connect
@@ -72,6 +77,44 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         print(f"  backup failed: {record.backup_error}")
     if record.error:
         print(f"  error: {record.error}")
+
+
+def print_vm_record(record: VmSnapshotRecord, as_json: bool) -> None:
+    if as_json:
+        print(record.model_dump_json(indent=2))
+        return
+    name = f" ({record.name})" if record.name else ""
+    print(
+        f"VM snapshot {record.id}{name}  {record.state.value}  {record.type.value} vm={record.vm}"
+    )
+    if record.taken:
+        for disk, overlay in record.taken.overlays.items():
+            print(f"  {disk}: frozen below {overlay}")
+        if record.taken.memory:
+            print(f"  memory: {record.taken.memory}")
+    if record.error:
+        print(f"  error: {record.error}")
+
+
+def print_result(result: Any, as_json: bool, *, snapshot_id: str) -> None:
+    """Print whatever an operation returned: a record of either kind, a checksum, a path."""
+    if isinstance(result, SnapshotRecord):
+        print_record(result, as_json)
+    elif isinstance(result, VmSnapshotRecord):
+        print_vm_record(result, as_json)
+    elif isinstance(result, str):
+        print(f"backup of {snapshot_id} verified: {result}")
+    else:
+        print(result.model_dump_json(indent=2) if as_json else f"created {result.path}")
+
+
+def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        where = f"{r['vm']}/{r['disk']}" if "disk" in r else r["vm"]
+        print(f"{r['id']}  {r['state']:<16} {where}  {r['started']}")
 
 
 async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> SnapshotRecord:
@@ -121,12 +164,41 @@ async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
-    rows = await starter.list_snapshots(await cli_client(settings), vm=args.vm, state=args.state)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['id']}  {r['state']:<16} {r['vm']}/{r['disk']}  {r['started']}")
+    rows = await starter.list_snapshots(
+        await cli_client(settings), vm=args.vm, disk=args.disk, state=args.state
+    )
+    print_rows(rows, args.json)
+    return 0
+
+
+async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        req = VmSnapshotRequest.model_validate(
+            {
+                "snapshot_id": args.id or new_snapshot_id(),
+                "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
+                "type": args.type,
+                "name": args.name,
+            }
+        )
+    except ValidationError as err:
+        raise starter.SnapferryClientError(_validation_message(err)) from err
+    record = await starter.create_vm_snapshot(await cli_client(settings), req)
+    print_vm_record(record, args.json)
+    return 0
+
+
+async def cmd_vm_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
+    record = await starter.get_record(await cli_client(settings), args.id, starter.VM)
+    print_vm_record(record, args.json)
+    return 0
+
+
+async def cmd_vm_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
+    rows = await starter.list_snapshots(
+        await cli_client(settings), vm=args.vm, state=args.state, kind=starter.VM
+    )
+    print_rows(rows, args.json)
     return 0
 
 
@@ -151,21 +223,20 @@ async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _operation_command(
-    update: str, *, takes_name: bool = False, result_type: type = SnapshotRecord
+    update: str,
+    *,
+    takes_name: bool = False,
+    result_type: type = SnapshotRecord,
+    kind: starter.Kind = starter.VOLUME,
 ):  # type: ignore[no-untyped-def]
     """A CLI command that sends one update to a snapshot and prints what it returns."""
 
     async def command(args: argparse.Namespace, settings: Settings) -> int:
         extra = [args.name] if takes_name else []
         result = await starter.snapshot_operation(
-            await cli_client(settings), args.id, update, *extra, result_type=result_type
+            await cli_client(settings), args.id, update, *extra, result_type=result_type, kind=kind
         )
-        if isinstance(result, SnapshotRecord):
-            print_record(result, getattr(args, "json", False))
-        elif isinstance(result, str):
-            print(f"backup of {args.id} verified: {result}")
-        else:
-            print(result.model_dump_json(indent=2) if args.json else f"created {result.path}")
+        print_result(result, getattr(args, "json", False), snapshot_id=args.id)
         return 0
 
     return command
@@ -351,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     ls = add(snap, "list", cmd_snapshot_list, "list snapshots")
     ls.add_argument("--vm")
+    ls.add_argument("--disk", help="with --vm: one volume's snapshots")
     ls.add_argument("--state", choices=[s.value for s in SnapshotState])
     ls.add_argument("--json", action="store_true")
     wt = add(snap, "wait", cmd_snapshot_wait, "wait until a snapshot reaches a state")
@@ -373,6 +445,33 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("id")
         if takes_name:
             op.add_argument("--name", required=True)
+        op.add_argument("--json", action="store_true")
+
+    vms = sub.add_parser("vm-snapshot", help="VM snapshots (every disk, maybe memory)")
+    vsub = vms.add_subparsers(dest="action", required=True)
+    vc = add(vsub, "create", cmd_vm_snapshot_create, "take a VM snapshot; returns when Ready")
+    vc.add_argument("--vm", required=True)
+    vc.add_argument("--host", default=default_host())
+    vc.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
+    vc.add_argument("--type", default="Disk", choices=[t.value for t in VmSnapshotType])
+    vc.add_argument("--name", help="display name")
+    vc.add_argument("--id", help="VM snapshot ID (UUID); makes create idempotent")
+    vc.add_argument("--json", action="store_true")
+    vs = add(vsub, "show", cmd_vm_snapshot_show, "print one VM snapshot's record")
+    vs.add_argument("id")
+    vs.add_argument("--json", action="store_true")
+    vl = add(vsub, "list", cmd_vm_snapshot_list, "list VM snapshots")
+    vl.add_argument("--vm")
+    vl.add_argument("--state", choices=[s.value for s in VmSnapshotState])
+    vl.add_argument("--json", action="store_true")
+    vm_operations = [
+        ("revert", REVERT_VM_SNAPSHOT_UPDATE, "revert the VM to it (Disk: VM stopped first)"),
+        ("delete", DELETE_VM_SNAPSHOT_UPDATE, "delete it; other snapshots are untouched"),
+    ]
+    for name, update, help_ in vm_operations:
+        command = _operation_command(update, result_type=VmSnapshotRecord, kind=starter.VM)
+        op = add(vsub, name, command, help_)
+        op.add_argument("id")
         op.add_argument("--json", action="store_true")
 
     backup = sub.add_parser("backup", help="backups").add_subparsers(dest="action", required=True)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from temporalio.client import (
@@ -25,6 +28,9 @@ from activities.contracts import (
     SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
+    VmSnapshotRecord,
+    VmSnapshotRequest,
+    VmSnapshotState,
     validate_snapshot_id,
 )
 from workflows.backup import cause_message
@@ -33,9 +39,12 @@ from workflows.routing import (
     SNAPSHOT_ID,
     SNAPSHOT_STATE,
     VM_ID,
+    VM_SNAPSHOT_WORKFLOW,
     VOLUME_ID,
     VOLUME_SNAPSHOT_WORKFLOW,
     snapshot_workflow_id,
+    vm_snapshot_workflow_id,
+    volume_id,
 )
 from workflows.snapshot import (
     RETRY_BACKUP_UPDATE,
@@ -43,10 +52,30 @@ from workflows.snapshot import (
     VolumeSnapshotWorkflow,
     search_attributes,
 )
+from workflows.vm_snapshot import WAIT_CREATED_UPDATE, VmSnapshotWorkflow, vm_search_attributes
 
 
 class SnapferryClientError(Exception):
     """An error for the caller, with a message that says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of catalog entity: how to find its workflow and read its record."""
+
+    noun: str
+    workflow_type: str
+    workflow_id: Callable[[str], str]
+    record_type: type
+    states: type[StrEnum]
+
+
+VOLUME = Kind(
+    "snapshot", VOLUME_SNAPSHOT_WORKFLOW, snapshot_workflow_id, SnapshotRecord, SnapshotState
+)
+VM = Kind(
+    "VM snapshot", VM_SNAPSHOT_WORKFLOW, vm_snapshot_workflow_id, VmSnapshotRecord, VmSnapshotState
+)
 
 
 async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecord:
@@ -90,49 +119,66 @@ def _check_id(snapshot_id: str) -> str:
         raise SnapferryClientError(str(err)) from err
 
 
-async def get_record(client: Client, snapshot_id: str) -> SnapshotRecord:
-    handle = client.get_workflow_handle_for(
-        VolumeSnapshotWorkflow.run, snapshot_workflow_id(_check_id(snapshot_id))
+async def get_record(client: Client, snapshot_id: str, kind: Kind = VOLUME) -> Any:
+    """The record, from the running entity (a query) or the closed workflow's result."""
+    handle = client.get_workflow_handle(
+        kind.workflow_id(_check_id(snapshot_id)), result_type=kind.record_type
     )
     try:
         desc = await handle.describe()
         if desc.status == WorkflowExecutionStatus.RUNNING:
-            return await handle.query(VolumeSnapshotWorkflow.get_record)
+            return await handle.query("record", result_type=kind.record_type)
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             return await handle.result()
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
-            raise SnapferryClientError(f"no snapshot with ID {snapshot_id}") from err
+            raise SnapferryClientError(f"no {kind.noun} with ID {snapshot_id}") from err
         raise
     raise SnapferryClientError(
-        f"snapshot {snapshot_id}'s workflow is {desc.status.name if desc.status else '?'};"
+        f"{kind.noun} {snapshot_id}'s workflow is {desc.status.name if desc.status else '?'};"
         " see it in the Web UI"
     )
 
 
 async def list_snapshots(
-    client: Client, *, vm: str | None = None, state: str | None = None, limit: int = 10000
+    client: Client,
+    *,
+    vm: str | None = None,
+    disk: str | None = None,
+    state: str | None = None,
+    kind: Kind = VOLUME,
+    limit: int = 10000,
 ) -> list[dict[str, Any]]:
     """List from visibility (search attributes) only: one call, fine for thousands."""
-    clauses = [f'WorkflowType = "{VOLUME_SNAPSHOT_WORKFLOW}"']
+    clauses = [f'WorkflowType = "{kind.workflow_type}"']
     if vm:
         clauses.append(f'VmId = "{vm}"')
+    if disk and vm:
+        clauses.append(f'VolumeId = "{volume_id(vm, disk)}"')
+    elif disk:
+        raise SnapferryClientError("filtering by disk needs --vm too (a disk name is per VM)")
     if state:
-        clauses.append(f'SnapshotState = "{SnapshotState(state).value}"')
+        try:
+            value = kind.states(state).value
+        except ValueError:
+            raise SnapferryClientError(
+                f"{state!r} is not a {kind.noun} state: one of"
+                f" {', '.join(s.value for s in kind.states)}"
+            ) from None
+        clauses.append(f'SnapshotState = "{value}"')
     rows = []
     async for wf in client.list_workflows(" AND ".join(clauses), limit=limit):
         sa = wf.typed_search_attributes
-        volume = sa.get(VOLUME_ID) or ":"
-        rows.append(
-            {
-                "id": sa.get(SNAPSHOT_ID),
-                "state": sa.get(SNAPSHOT_STATE),
-                "vm": sa.get(VM_ID),
-                "disk": volume.split(":", 1)[1],
-                "workflow_id": wf.id,
-                "started": wf.start_time.isoformat(),
-            }
-        )
+        row = {
+            "id": sa.get(SNAPSHOT_ID),
+            "state": sa.get(SNAPSHOT_STATE),
+            "vm": sa.get(VM_ID),
+            "workflow_id": wf.id,
+            "started": wf.start_time.isoformat(),
+        }
+        if kind is VOLUME:
+            row["disk"] = (sa.get(VOLUME_ID) or ":").split(":", 1)[1]
+        rows.append(row)
     return rows
 
 
@@ -188,25 +234,59 @@ async def backup_progress(client: Client, record: SnapshotRecord) -> BackupProgr
 
 
 async def snapshot_operation(
-    client: Client, snapshot_id: str, update: str, *args: Any, result_type: type = SnapshotRecord
+    client: Client,
+    snapshot_id: str,
+    update: str,
+    *args: Any,
+    result_type: type = SnapshotRecord,
+    kind: Kind = VOLUME,
 ) -> Any:
     """Send one operation (an update) to a snapshot's workflow, with errors for humans."""
-    handle = client.get_workflow_handle(snapshot_workflow_id(_check_id(snapshot_id)))
+    handle = client.get_workflow_handle(kind.workflow_id(_check_id(snapshot_id)))
     try:
         return await handle.execute_update(update, args=args, result_type=result_type)
     except WorkflowUpdateFailedError as err:
         raise SnapferryClientError(cause_message(err.cause)) from err
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND and "completed" in str(err).lower():
-            record = await get_record(client, snapshot_id)
+            record = await get_record(client, snapshot_id, kind)
             raise SnapferryClientError(
-                f"snapshot {snapshot_id} is {record.state.value}; its workflow is closed"
+                f"{kind.noun} {snapshot_id} is {record.state.value}; its workflow is closed"
             ) from err
         if err.status == RPCStatusCode.NOT_FOUND:
-            raise SnapferryClientError(f"no snapshot with ID {snapshot_id}") from err
+            raise SnapferryClientError(f"no {kind.noun} with ID {snapshot_id}") from err
         raise
 
 
 async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
     record: SnapshotRecord = await snapshot_operation(client, snapshot_id, RETRY_BACKUP_UPDATE)
     return record
+
+
+async def create_vm_snapshot(client: Client, req: VmSnapshotRequest) -> VmSnapshotRecord:
+    """Start (or join) the VM snapshot's workflow and return once it is Ready."""
+    start = WithStartWorkflowOperation(
+        VmSnapshotWorkflow.run,
+        req,
+        id=vm_snapshot_workflow_id(req.snapshot_id),
+        task_queue=CONTROL_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=vm_search_attributes(req, VmSnapshotState.ALLOCATED),
+        static_summary=f"{req.type.value} VM snapshot of {req.vm.name} on {req.vm.host}",
+        static_details=(
+            f"VM snapshot {req.snapshot_id} ({req.type.value})\nvm {req.vm.name}\n"
+            f"host {req.vm.host} ({req.vm.hypervisor.value})"
+        ),
+    )
+    try:
+        return await client.execute_update_with_start_workflow(
+            WAIT_CREATED_UPDATE, start_workflow_operation=start, result_type=VmSnapshotRecord
+        )
+    except WorkflowUpdateFailedError as err:
+        raise SnapferryClientError(
+            f"VM snapshot of {req.vm.name} failed: {cause_message(err.cause)}"
+        ) from err
+    except WorkflowAlreadyStartedError:
+        record: VmSnapshotRecord = await get_record(client, req.snapshot_id, VM)
+        return record

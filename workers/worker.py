@@ -30,8 +30,14 @@ from workflows.backup import BackupSnapshotWorkflow
 from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
 from workflows.snapshot import VolumeSnapshotWorkflow
+from workflows.vm_snapshot import VmSnapshotWorkflow
 
-WORKFLOWS = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow, SnapshotPolicyRunWorkflow]
+WORKFLOWS = [
+    VolumeSnapshotWorkflow,
+    VmSnapshotWorkflow,
+    BackupSnapshotWorkflow,
+    SnapshotPolicyRunWorkflow,
+]
 
 
 @contextlib.asynccontextmanager
@@ -63,11 +69,7 @@ async def running_workers(
                 Worker(
                     client,
                     task_queue=host_queue(host),
-                    activities=[
-                        host_acts.take_snapshot,
-                        host_acts.release_primary,
-                        host_acts.revert_volume,
-                    ],
+                    activities=host_acts.all,
                     activity_executor=host_pool,
                     max_concurrent_activities=4,
                 )

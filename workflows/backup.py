@@ -30,11 +30,10 @@ with workflow.unsafe.imports_passed_through():
         CopyRequest,
     )
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT, RAISE_ALERT
+    from activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 
-from .routing import ALERT_QUEUE, BACKUP_SNAPSHOT_WORKFLOW
-
-ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
+from .entity import raise_alert
+from .routing import BACKUP_SNAPSHOT_WORKFLOW
 
 
 def text_bar(done: int, total: int, width: int = 30) -> str:
@@ -103,8 +102,7 @@ class BackupSnapshotWorkflow:
                 raise
             message = cause_message(err)
             workflow.set_current_details(f"FAILED: {message}")
-            await workflow.execute_activity(
-                RAISE_ALERT,
+            await raise_alert(
                 Alert(
                     event="SNAPSHOT.BACKUP.FAILED",
                     snapshot_id=req.snapshot_id,
@@ -115,10 +113,7 @@ class BackupSnapshotWorkflow:
                         " The snapshot is kept on primary storage; retry with"
                         f" 'snapferry backup retry {req.snapshot_id}'"
                     ),
-                ),
-                task_queue=ALERT_QUEUE,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=ALERT_RETRY,
+                )
             )
             raise ApplicationError(message, type="BackupFailed", non_retryable=True) from err
         workflow.set_current_details(

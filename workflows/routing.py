@@ -26,6 +26,7 @@ POLICY_ID = SearchAttributeKey.for_keyword("PolicyId")
 SEARCH_ATTRIBUTES = (VOLUME_ID, VM_ID, SNAPSHOT_ID, SNAPSHOT_STATE, HYPERVISOR, POLICY_ID)
 
 VOLUME_SNAPSHOT_WORKFLOW = "VolumeSnapshot"
+VM_SNAPSHOT_WORKFLOW = "VmSnapshot"
 SNAPSHOT_POLICY_RUN_WORKFLOW = "SnapshotPolicyRun"
 BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
 
@@ -36,6 +37,10 @@ def volume_id(vm: str, disk: str) -> str:
 
 def snapshot_workflow_id(snapshot_id: str) -> str:
     return f"volume-snapshot-{snapshot_id}"
+
+
+def vm_snapshot_workflow_id(snapshot_id: str) -> str:
+    return f"vm-snapshot-{snapshot_id}"
 
 
 def backup_workflow_id(snapshot_id: str, round_: int) -> str:

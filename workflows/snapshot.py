@@ -11,9 +11,6 @@ its record, nothing is deleted, and the workflow waits for the ``retry_backup`` 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from temporalio import workflow
@@ -44,7 +41,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.names import (
         DELETE_BACKUP,
         DELETE_SNAPSHOT_UPDATE,
-        RAISE_ALERT,
         RELEASE_PRIMARY,
         RESTORE_BACKUP,
         REVERT_VOLUME,
@@ -52,9 +48,9 @@ with workflow.unsafe.imports_passed_through():
         VERIFY_BACKUP,
     )
 
-from .backup import ALERT_RETRY, BackupSnapshotWorkflow, cause_message
+from .backup import BackupSnapshotWorkflow, cause_message
+from .entity import EntityWorkflow, raise_alert
 from .routing import (
-    ALERT_QUEUE,
     BACKUP_QUEUE,
     HYPERVISOR,
     POLICY_ID,
@@ -110,7 +106,7 @@ def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearch
 
 
 @workflow.defn(name=VOLUME_SNAPSHOT_WORKFLOW)
-class VolumeSnapshotWorkflow:
+class VolumeSnapshotWorkflow(EntityWorkflow):
     @workflow.init
     def __init__(self, req: SnapshotRequest) -> None:
         self.req = req
@@ -121,10 +117,8 @@ class VolumeSnapshotWorkflow:
         self.backup_child: ChildWorkflowHandle | None = None
         self.backup_running = False
         self.deleting = False
-        self.destroyed = False
-        self.busy = False  # an operation holds the snapshot (see _operation)
         self.cancel_requested = False
-        self.op_lock = asyncio.Lock()
+        self._init_entity(req.snapshot_id)
         self.record = SnapshotRecord(
             id=req.snapshot_id,
             state=SnapshotState.ALLOCATED,
@@ -144,8 +138,7 @@ class VolumeSnapshotWorkflow:
         workflow.set_current_details(details)
 
     async def _alert(self, event: str, message: str, severity: AlertSeverity) -> None:
-        await workflow.execute_activity(
-            RAISE_ALERT,
+        await raise_alert(
             Alert(
                 event=event,
                 severity=severity,
@@ -153,10 +146,7 @@ class VolumeSnapshotWorkflow:
                 vm=self.record.vm,
                 disk=self.record.disk,
                 message=message,
-            ),
-            task_queue=ALERT_QUEUE,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=ALERT_RETRY,
+            )
         )
 
     @workflow.run
@@ -178,15 +168,7 @@ class VolumeSnapshotWorkflow:
                 return self.record  # histories from before snapshots stayed open
         # The snapshot now lives on as an entity: it answers queries and serves operations
         # (delete, revert, restore, verify) until it is destroyed.
-        await workflow.wait_condition(
-            lambda: (
-                self.destroyed or (workflow.info().is_continue_as_new_suggested() and not self.busy)
-            )
-        )
-        if not self.destroyed:
-            await workflow.wait_condition(workflow.all_handlers_finished)
-            workflow.continue_as_new(req.model_copy(update={"carried": self.record}))
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._live_on(lambda: req.model_copy(update={"carried": self.record}))
         return self.record
 
     async def _take(self, req: SnapshotRequest) -> bool:
@@ -315,23 +297,6 @@ class VolumeSnapshotWorkflow:
             )
 
     # -- operations on an existing snapshot ------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _operation(self, what: str) -> AsyncIterator[None]:
-        """Operations on one snapshot run one at a time, and never after it is destroyed."""
-        async with self.op_lock:
-            if self.destroyed:
-                raise ApplicationError(
-                    f"snapshot {self.req.snapshot_id} was destroyed", type="InvalidInput"
-                )
-            self.busy = True
-            try:
-                yield
-            finally:
-                self.busy = False
-
-    def _refuse(self, message: str) -> None:
-        raise ApplicationError(f"snapshot {self.req.snapshot_id}: {message}", type="InvalidInput")
-
     def _require_backup(self, what: str) -> str:
         if self.deleting or self.record.backup is None:
             self._refuse(f"cannot {what}: it is {self.record.state.value}, not BackedUp")
@@ -350,7 +315,7 @@ class VolumeSnapshotWorkflow:
         if self.backup_child is not None:
             self.backup_child.cancel()
         await workflow.wait_condition(lambda: not self.backup_running)
-        async with self._operation("delete"):
+        async with self._operation():
             self._set_state(SnapshotState.DESTROYING)
             if self.record.primary is not None:
                 # Whatever a backup left (finished, or cancelled mid-way), by the store's
@@ -394,7 +359,7 @@ class VolumeSnapshotWorkflow:
     async def verify_backup(self) -> str:
         """Re-read the backup and check it against its manifest checksum."""
         manifest = self._require_backup("verify its backup")
-        async with self._operation("verify"):
+        async with self._operation():
             checksum: str = await workflow.execute_activity(
                 VERIFY_BACKUP,
                 manifest,
@@ -408,7 +373,7 @@ class VolumeSnapshotWorkflow:
         manifest = self._require_backup(f"create a {kind.value} from it")
         primary = self.record.primary
         assert primary is not None
-        async with self._operation(f"create {kind.value}"):
+        async with self._operation():
             result: RestoreResult = await workflow.execute_activity(
                 RESTORE_BACKUP,
                 RestoreRequest(
@@ -454,7 +419,7 @@ class VolumeSnapshotWorkflow:
     async def revert_volume(self) -> SnapshotRecord:
         """Revert the (stopped) VM's disk to this snapshot: from primary while the frozen
         image is there, else from the verified backup."""
-        async with self._operation("revert"):
+        async with self._operation():
             await workflow.execute_activity(
                 REVERT_VOLUME,
                 RevertRequest(

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..contracts import PrimarySnapshot, RevertRequest, VolumeRef
+from ..contracts import (
+    PrimarySnapshot,
+    RevertRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VolumeRef,
+)
 from ..storage.reader import SnapshotReader
 
 
@@ -33,3 +39,16 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def revert(self, req: RevertRequest) -> None:
         """Make the (stopped) VM's disk read as the snapshot; verified before it is used."""
+
+    # -- VM snapshots: every disk at one point (and RAM for DiskAndMemory) -----------------
+    @abstractmethod
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        """Idempotent for one ``snapshot_id``, like :meth:`take`."""
+
+    @abstractmethod
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Every disk back to the snapshot; other snapshots (of either kind) survive."""
+
+    @abstractmethod
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Give the snapshot's primary space back without touching any other snapshot."""

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import libvirt
 
-from ..contracts import PrimarySnapshot, RevertRequest, VolumeRef
+from ..contracts import (
+    PrimarySnapshot,
+    RevertRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VmSnapshotType,
+    VolumeRef,
+)
 from ..errors import ChainBusy, DiskNotFound, HypervisorUnavailable, InvalidInput, VmNotFound
 from ..settings import Settings
 from ..storage.reader import QemuImageReader, image_info, run_qemu_img
@@ -50,6 +57,11 @@ def overlay_path(active: str, snapshot_id: str) -> str:
     """The overlay a take creates: next to the active image, named after the snapshot."""
     root = active.split(OVERLAY_TAG, 1)[0]
     return f"{root}{OVERLAY_TAG}{snapshot_id}.qcow2"
+
+
+def memory_path(active: str, snapshot_id: str) -> str:
+    """Where a DiskAndMemory VM snapshot saves the guest's RAM: beside the first disk."""
+    return overlay_path(active, snapshot_id).removesuffix(".qcow2") + ".mem"
 
 
 def snapshot_of_overlay(path: str) -> str | None:
@@ -124,6 +136,31 @@ class KvmDriver(HypervisorDriver):
         return source.get("file", ""), fmt
 
     # -- take ------------------------------------------------------------------------------
+    def _create_external(
+        self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
+    ) -> None:
+        """One atomic libvirt external snapshot: the named disks get the named overlays
+        (every other disk is left alone), and with ``memory`` the guest's RAM is saved there
+        in libvirt's save-image format, which ``restoreFlags`` can resume later."""
+        spec = ET.Element("domainsnapshot")
+        if memory is not None:
+            ET.SubElement(spec, "memory", snapshot="external", file=memory)
+        disks_el = ET.SubElement(spec, "disks")
+        for name in self._disks(dom):
+            if name in overlays:
+                d = ET.SubElement(disks_el, "disk", name=name, snapshot="external")
+                ET.SubElement(d, "driver", type="qcow2")
+                ET.SubElement(d, "source", file=overlays[name])
+            else:
+                ET.SubElement(disks_el, "disk", name=name, snapshot="no")
+        flags = _SNAPSHOT_FLAGS
+        if memory is not None:
+            flags &= ~libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        try:
+            dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         vm, disk = volume.vm.name, volume.disk
         with _domain_locks[vm]:
@@ -133,18 +170,7 @@ class KvmDriver(HypervisorDriver):
             overlay = overlay_path(active, snapshot_id)
             # A retried activity finds the overlay its first attempt made in the chain.
             if overlay not in backing_chain(active):
-                others = [d for d in self._disks(dom) if d != disk]
-                spec = ET.Element("domainsnapshot")
-                disks_el = ET.SubElement(spec, "disks")
-                d = ET.SubElement(disks_el, "disk", name=disk, snapshot="external")
-                ET.SubElement(d, "driver", type="qcow2")
-                ET.SubElement(d, "source", file=overlay)
-                for other in others:
-                    ET.SubElement(disks_el, "disk", name=other, snapshot="no")
-                try:
-                    dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), _SNAPSHOT_FLAGS)
-                except libvirt.libvirtError as exc:
-                    raise _libvirt_error(exc, vm=vm) from exc
+                self._create_external(dom, vm, {disk: overlay}, None)
             frozen = backing_chain(overlay)[1]
             info = image_info(frozen)
             return PrimarySnapshot(
@@ -166,24 +192,32 @@ class KvmDriver(HypervisorDriver):
         vm, disk = volume.vm.name, volume.disk
         with _domain_locks[vm]:
             dom = self._domain(vm)
-            active, _ = self._active_source(dom, vm, disk)
-            chain = backing_chain(active)
-            if source.overlay in chain:
-                # Only a layer still in the chain is marked: a retry after a finished merge
-                # must not leave a marker that a later take with this name would inherit.
-                Path(source.overlay + RELEASED_SUFFIX).touch()
-            self._remove_merged_leftovers(chain)
-            depth = self._mergeable_depth(chain)
-            if depth == 0:
-                return
-            base = chain[depth]
-            if dom.isActive():
-                self._commit_live(dom, vm, disk, base)
-            else:
-                self._commit_offline(dom, vm, disk, top=active, base=base)
-            for layer in chain[:depth]:
-                Path(layer).unlink(missing_ok=True)
-                Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
+            self._release_overlay(dom, vm, disk, source.overlay)
+
+    def _release_overlay(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
+        """Mark one snapshot's overlay released, then consolidate what the marks allow.
+
+        Volume snapshots call this after a verified backup; VM snapshots when deleted. A
+        layer that an unreleased snapshot still needs (a VM snapshot, a volume snapshot
+        whose backup is in flight) stops the merge, so it is never rewritten."""
+        active, _ = self._active_source(dom, vm, disk)
+        chain = backing_chain(active)
+        if overlay in chain:
+            # Only a layer still in the chain is marked: a retry after a finished merge
+            # must not leave a marker that a later take with this name would inherit.
+            Path(overlay + RELEASED_SUFFIX).touch()
+        self._remove_merged_leftovers(chain)
+        depth = self._mergeable_depth(chain)
+        if depth == 0:
+            return
+        base = chain[depth]
+        if dom.isActive():
+            self._commit_live(dom, vm, disk, base)
+        else:
+            self._commit_offline(dom, vm, disk, top=active, base=base)
+        for layer in chain[:depth]:
+            Path(layer).unlink(missing_ok=True)
+            Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
 
     @staticmethod
     def _remove_merged_leftovers(chain: list[str]) -> None:
@@ -263,19 +297,14 @@ class KvmDriver(HypervisorDriver):
 
     # -- revert ----------------------------------------------------------------------------
     def revert(self, req: RevertRequest) -> None:
-        """Build the reverted disk beside the active image, verify it, then swap it in.
-
-        The new image keeps the active image's backing file, so the frozen images of other
-        pending snapshots stay below it untouched. The source is the snapshot's frozen image
-        while it is on primary, else its verified backup. Reverting a running VM is refused:
-        the guest would see its disk change under it.
-        """
+        """Revert a stopped VM's volume to a volume snapshot: from its frozen image while it
+        is on primary, else from its verified backup. Reverting a running VM is refused: the
+        guest would see its disk change under it."""
         vm, disk = req.volume.vm.name, req.volume.disk
         with _domain_locks[vm]:
             dom = self._domain(vm)
             if dom.isActive():
                 raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
-            active, fmt = self._active_source(dom, vm, disk)
             if req.primary is not None and Path(req.primary.image).exists():
                 source, source_fmt = req.primary.image, req.primary.image_format
             elif req.manifest_path is not None:
@@ -286,21 +315,122 @@ class KvmDriver(HypervisorDriver):
                 source, source_fmt = manifest.path, manifest.format
             else:
                 raise InvalidInput(f"snapshot {req.snapshot_id} has no copy left to revert to")
-            chain = backing_chain(active)
-            partial = f"{active}.revert-{req.snapshot_id}.partial"
-            Path(partial).unlink(missing_ok=True)
-            size = str(image_info(source)["virtual-size"])
-            create = ["create", "-q", "-f", "qcow2"]
-            if len(chain) > 1:
-                create += ["-b", chain[1], "-F", image_info(chain[1])["format"]]
-            try:
-                run_qemu_img(*create, partial, size)
+            self._revert_disk(dom, vm, disk, req.snapshot_id, source=source, source_fmt=source_fmt)
+
+    def _revert_disk(
+        self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
+    ) -> None:
+        """Make a stopped VM's disk read as ``source``: a new top layer, built beside the
+        active image, verified, then swapped in under the active image's name.
+
+        The new layer keeps the active image's backing file, so the frozen images of every
+        other snapshot (volume or VM, older or newer) stay below it untouched, and a backup
+        reading one of them is not disturbed. When ``source`` *is* that backing file (the
+        newest snapshot), the new layer is an empty overlay: O(1). Otherwise it holds a full
+        copy of the snapshot's content, which costs primary space until the chain is merged.
+        """
+        active, fmt = self._active_source(dom, vm, disk)
+        chain = backing_chain(active)
+        partial = f"{active}.revert-{tag}.partial"
+        Path(partial).unlink(missing_ok=True)
+        size = str(image_info(source)["virtual-size"])
+        create = ["create", "-q", "-f", "qcow2"]
+        if len(chain) > 1:
+            create += ["-b", chain[1], "-F", image_info(chain[1])["format"]]
+        try:
+            run_qemu_img(*create, partial, size)
+            if len(chain) < 2 or source != chain[1]:
                 run_qemu_img(
                     "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
                 )
                 run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
-                os.replace(partial, active)
-            finally:
-                Path(partial).unlink(missing_ok=True)
-            if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
-                self._redefine_disk(dom, vm, disk, source=active)
+            os.replace(partial, active)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
+            self._redefine_disk(dom, vm, disk, source=active)
+
+    # -- VM snapshots ----------------------------------------------------------------------
+    def _file_disks(self, dom: libvirt.virDomain, vm: str) -> dict[str, str]:
+        """Every file-backed disk of the VM, with its active image."""
+        return {d: self._active_source(dom, vm, d)[0] for d in self._disks(dom)}
+
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        """An external snapshot of every disk at once (plus RAM for DiskAndMemory).
+
+        The overlays are never merged while the VM snapshot exists: it holds them unreleased,
+        like a volume snapshot whose backup has not finished, so every later volume-snapshot
+        merge stops above its frozen images."""
+        vm = op.vm.name
+        with _domain_locks[vm]:
+            dom = self._domain(vm)
+            running = bool(dom.isActive())
+            with_memory = op.type == VmSnapshotType.DISK_AND_MEMORY
+            actives = self._file_disks(dom, vm)
+            overlays = {d: overlay_path(a, op.snapshot_id) for d, a in actives.items()}
+            first = next(iter(actives.values()))
+            memory = memory_path(first, op.snapshot_id) if with_memory else None
+            present = [d for d, a in actives.items() if overlays[d] in backing_chain(a)]
+            if not present:  # a retry finds what its first (atomic) attempt made
+                if with_memory and not running:
+                    raise InvalidInput(
+                        f"VM {vm!r} is stopped: a DiskAndMemory snapshot needs a running VM"
+                        " (take a Disk snapshot instead)"
+                    )
+                self._create_external(dom, vm, overlays, memory)
+            return VmSnapshotTaken(overlays=overlays, memory=memory, vm_was_running=running)
+
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Every disk back to the VM snapshot; with memory, the VM resumes from it, running.
+
+        A Disk snapshot needs the VM stopped (the guest would see its disks change under
+        it). A DiskAndMemory revert replaces the running state by definition, so a running
+        VM is powered off first, then restored from the saved memory with its disks on the
+        reverted images (never on the frozen images the save file names)."""
+        assert op.taken is not None
+        vm = op.vm.name
+        with _domain_locks[vm]:
+            dom = self._domain(vm)
+            if op.taken.memory and not Path(op.taken.memory).exists():
+                raise InvalidInput(f"VM snapshot {op.snapshot_id}: its memory file is gone")
+            sources = {d: self._frozen_below(dom, vm, d, o) for d, o in op.taken.overlays.items()}
+            if dom.isActive():
+                if op.taken.memory is None:
+                    raise InvalidInput(
+                        f"VM {vm!r} is running; stop it before reverting to Disk snapshot"
+                        f" {op.snapshot_id}"
+                    )
+                dom.destroy()
+            for disk, frozen in sources.items():
+                fmt = image_info(frozen)["format"]
+                self._revert_disk(dom, vm, disk, op.snapshot_id, source=frozen, source_fmt=fmt)
+            if op.taken.memory is not None:
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                try:
+                    self._connection().restoreFlags(
+                        op.taken.memory, xml, libvirt.VIR_DOMAIN_SAVE_RUNNING
+                    )
+                except libvirt.libvirtError as exc:
+                    raise _libvirt_error(exc, vm=vm) from exc
+
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Release the VM snapshot's overlays (merging what that allows) and its memory."""
+        vm = op.vm.name
+        if op.taken is None:
+            return
+        with _domain_locks[vm]:
+            dom = self._domain(vm)
+            for disk, overlay in op.taken.overlays.items():
+                self._release_overlay(dom, vm, disk, overlay)
+            if op.taken.memory:
+                Path(op.taken.memory).unlink(missing_ok=True)
+
+    def _frozen_below(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> str:
+        """The image a snapshot froze: whatever its overlay is backed by now."""
+        chain = backing_chain(self._active_source(dom, vm, disk)[0])
+        if overlay not in chain or overlay == chain[-1]:
+            raise InvalidInput(
+                f"VM {vm!r} disk {disk!r}: the snapshot's layer {Path(overlay).name} is no"
+                " longer in the disk's chain"
+            )
+        return chain[chain.index(overlay) + 1]

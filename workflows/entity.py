@@ -1,0 +1,81 @@
+"""What the snapshot entity workflows share: one-at-a-time operations, a long life, alerts.
+
+Each volume snapshot and each VM snapshot is an entity workflow whose ID is the snapshot's
+(``volume-snapshot-<id>``, ``vm-snapshot-<id>``). Its state *is* the catalog record: it
+survives worker and server restarts (Temporal's history) and continue-as-new (the record is
+carried in the new run's input), answers queries, and takes operations as updates, which it
+runs one at a time. Listing goes through visibility (search attributes), so it never has to
+wake thousands of workflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.contracts import Alert
+    from activities.names import RAISE_ALERT
+
+from .routing import ALERT_QUEUE
+
+ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
+
+
+async def raise_alert(alert: Alert) -> None:
+    """The alert activity, on its own queue so that it never waits for a backup slot."""
+    await workflow.execute_activity(
+        RAISE_ALERT,
+        alert,
+        task_queue=ALERT_QUEUE,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=ALERT_RETRY,
+    )
+
+
+class EntityWorkflow:
+    """Mixin for the entity workflows (call :meth:`_init_entity` from ``__init__``)."""
+
+    kind = "snapshot"
+
+    def _init_entity(self, entity_id: str) -> None:
+        self.entity_id = entity_id
+        self.op_lock = asyncio.Lock()
+        self.busy = False  # an operation holds the entity (see _operation)
+        self.destroyed = False
+
+    @contextlib.asynccontextmanager
+    async def _operation(self) -> AsyncIterator[None]:
+        """Operations on one entity run one at a time, and never after it is destroyed."""
+        async with self.op_lock:
+            if self.destroyed:
+                self._refuse("it was destroyed")
+            self.busy = True
+            try:
+                yield
+            finally:
+                self.busy = False
+
+    def _refuse(self, message: str) -> NoReturn:
+        """A clear, non-retryable "no" for the caller; nothing was changed."""
+        raise ApplicationError(f"{self.kind} {self.entity_id}: {message}", type="InvalidInput")
+
+    async def _live_on(self, carry: Callable[[], Any]) -> None:
+        """Serve queries and operations until destroyed; when Temporal suggests it, and no
+        operation is in flight, continue as new with ``carry()`` (the record carried over)."""
+        await workflow.wait_condition(
+            lambda: (
+                self.destroyed or (workflow.info().is_continue_as_new_suggested() and not self.busy)
+            )
+        )
+        if not self.destroyed:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(carry())
+        await workflow.wait_condition(workflow.all_handlers_finished)
