@@ -213,8 +213,8 @@ class KvmDriver(HypervisorDriver):
         base = chain[depth]
         if dom.isActive():
             self._commit_live(dom, vm, disk, base)
-        else:
-            self._commit_offline(dom, vm, disk, top=active, base=base)
+        elif not self._commit_offline(dom, vm, disk, top=active, base=base):
+            return  # started meanwhile: its layers stay, the next release merges them live
         for layer in chain[:depth]:
             Path(layer).unlink(missing_ok=True)
             Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
@@ -269,9 +269,23 @@ class KvmDriver(HypervisorDriver):
 
     def _commit_offline(
         self, dom: libvirt.virDomain, vm: str, disk: str, *, top: str, base: str
-    ) -> None:
+    ) -> bool:
+        """Merge a stopped VM's released layers with ``qemu-img commit``; False if the VM
+        was started meanwhile (by anyone: snapferry never blocks a start).
+
+        ``-b`` leaves ``top`` intact, so a VM that started on the old chain still reads the
+        right data. The definition is switched to ``base`` first and the VM's state checked
+        after: if it runs on ``top``, the definition is pointed back at it and nothing is
+        deleted; if it started later, it started on ``base``, and the old layers can go.
+        """
         run_qemu_img("commit", "-q", "-b", base, top)
         self._redefine_disk(dom, vm, disk, source=base)
+        if dom.isActive():
+            live, _ = self._active_source(dom, vm, disk)
+            if live != base:
+                self._redefine_disk(dom, vm, disk, source=live)
+                return False
+        return True
 
     def _redefine_disk(self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str) -> None:
         """Point a stopped domain's disk at ``source`` (its format probed, its chain left
@@ -344,6 +358,8 @@ class KvmDriver(HypervisorDriver):
                     "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
                 )
                 run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
+            if dom.isActive():  # started meanwhile: it runs on the old image; keep it
+                raise ChainBusy(f"VM {vm!r} was started during the revert; nothing changed")
             os.replace(partial, active)
         finally:
             Path(partial).unlink(missing_ok=True)
