@@ -248,14 +248,13 @@ async def snapshot_operation(
     except WorkflowUpdateFailedError as err:
         raise SnapferryClientError(cause_message(err.cause)) from err
     except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND and "completed" in str(err).lower():
-            record = await get_record(client, snapshot_id, kind)
-            raise SnapferryClientError(
-                f"{kind.noun} {snapshot_id} is {record.state.value}; its workflow is closed"
-            ) from err
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise SnapferryClientError(f"no {kind.noun} with ID {snapshot_id}") from err
-        raise
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # No running workflow: either the entity ended (say in which state) or never was.
+        record = await get_record(client, snapshot_id, kind)
+        raise SnapferryClientError(
+            f"{kind.noun} {snapshot_id} is {record.state.value}; its workflow is closed"
+        ) from err
 
 
 async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:

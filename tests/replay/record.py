@@ -1,4 +1,7 @@
-"""Record workflow histories for the replay tests: ``python -m tests.replay.record``.
+"""Record workflow histories for the replay tests: ``python -m tests.replay.record [NAME...]``.
+
+With names, only those recordings are made (``volume``, ``entity``, ``vm``), so that older
+histories, which stand for workflows recorded by older code, are kept as they are.
 
 Run it only when a workflow change is deliberate (and guarded with ``workflow.patched``);
 the committed histories are what running workflows in production look like, and replaying
@@ -14,14 +17,21 @@ from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
 
-from tests.workflow.conftest import Mocks, make_request
-from workflows.routing import CONTROL_QUEUE, backup_workflow_id, snapshot_workflow_id
+from activities.contracts import VmRef, VmSnapshotRequest, VmSnapshotType, new_snapshot_id
+from tests.workflow.conftest import HOST, Mocks, make_request
+from workflows.routing import (
+    CONTROL_QUEUE,
+    backup_workflow_id,
+    snapshot_workflow_id,
+    vm_snapshot_workflow_id,
+)
 from workflows.snapshot import VolumeSnapshotWorkflow
+from workflows.vm_snapshot import VmSnapshotWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
 
-async def record() -> None:
+async def record(names: set[str]) -> None:
     from tests.workflow import conftest
 
     env_gen = conftest.env.__wrapped__()  # type: ignore[attr-defined]
@@ -33,7 +43,8 @@ async def record() -> None:
         raise ApplicationError("store gone", type="SecondaryStoreUnavailable")
 
     # 1. happy path; 2. a backup that fails for good, then an operator retry.
-    for name, outcomes in (("happy", []), ("failed-then-retried", [transient] * 4)):
+    volume_cases = (("happy", []), ("failed-then-retried", [transient] * 4))
+    for name, outcomes in volume_cases if "volume" in names else ():
         mocks.backup_outcomes = list(outcomes)
         req = make_request()
         handle = await env.client.start_workflow(
@@ -57,11 +68,49 @@ async def record() -> None:
             (await child.fetch_history()).to_json()
         )
         print(f"recorded {name}")
+    if "entity" in names:  # a volume snapshot that lives on: reverted, then deleted
+        req = make_request()
+        handle = await env.client.start_workflow(
+            VolumeSnapshotWorkflow.run,
+            req,
+            id=snapshot_workflow_id(req.snapshot_id),
+            task_queue=CONTROL_QUEUE,
+        )
+        await handle.execute_update(VolumeSnapshotWorkflow.wait_taken)
+        while not (await handle.query(VolumeSnapshotWorkflow.get_record)).primary_released:
+            await env.sleep(1)
+        await handle.execute_update(VolumeSnapshotWorkflow.revert_volume)
+        await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
+        await handle.result()
+        (HISTORIES / "volume-snapshot-entity-reverted-deleted.json").write_text(
+            (await handle.fetch_history()).to_json()
+        )
+        print("recorded entity")
+    if "vm" in names:  # a VM snapshot: created, reverted, deleted
+        vm_req = VmSnapshotRequest(
+            snapshot_id=new_snapshot_id(),
+            vm=VmRef(name="vm1", host=HOST),
+            type=VmSnapshotType.DISK_AND_MEMORY,
+        )
+        vm_handle = await env.client.start_workflow(
+            VmSnapshotWorkflow.run,
+            vm_req,
+            id=vm_snapshot_workflow_id(vm_req.snapshot_id),
+            task_queue=CONTROL_QUEUE,
+        )
+        await vm_handle.execute_update(VmSnapshotWorkflow.wait_created)
+        await vm_handle.execute_update(VmSnapshotWorkflow.revert)
+        await vm_handle.execute_update(VmSnapshotWorkflow.delete)
+        await vm_handle.result()
+        (HISTORIES / "vm-snapshot-reverted-deleted.json").write_text(
+            (await vm_handle.fetch_history()).to_json()
+        )
+        print("recorded vm")
     await mocks_gen.aclose()
     await env_gen.aclose()
 
 
 if __name__ == "__main__":
-    asyncio.run(record())
+    asyncio.run(record(set(sys.argv[1:]) or {"volume", "entity", "vm"}))
     sys.stdout.flush()
     os._exit(0)

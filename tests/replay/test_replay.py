@@ -10,6 +10,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+from workflows.vm_snapshot import VmSnapshotWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -21,13 +22,15 @@ def test_histories_are_recorded() -> None:
         "volume-snapshot-failed-then-retried.json",
         "backup-snapshot-happy.json",
         "backup-snapshot-failed-then-retried.json",
+        "volume-snapshot-entity-reverted-deleted.json",
+        "vm-snapshot-reverted-deleted.json",
     } <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_replay(path: Path) -> None:
     replayer = Replayer(
-        workflows=[VolumeSnapshotWorkflow, BackupSnapshotWorkflow],
+        workflows=[VolumeSnapshotWorkflow, BackupSnapshotWorkflow, VmSnapshotWorkflow],
         data_converter=pydantic_data_converter,
     )
     history = WorkflowHistory.from_json(path.stem, path.read_text())

@@ -31,16 +31,21 @@ from activities.contracts import (
     SnapshotRequest,
     TakeRequest,
     VmRef,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
     VolumeRef,
     new_snapshot_id,
 )
 from activities.names import (
     BACKUP_SNAPSHOT,
     DELETE_BACKUP,
+    DELETE_VM_SNAPSHOT,
     RAISE_ALERT,
     RELEASE_PRIMARY,
+    REVERT_VM_SNAPSHOT,
     REVERT_VOLUME,
     TAKE_SNAPSHOT,
+    TAKE_VM_SNAPSHOT,
 )
 from workflows.routing import (
     ALERT_QUEUE,
@@ -50,6 +55,7 @@ from workflows.routing import (
     host_queue,
 )
 from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+from workflows.vm_snapshot import VmSnapshotWorkflow
 
 HOST = "hv1"
 
@@ -100,6 +106,7 @@ class Mocks:
         self.calls: list[tuple[str, Any]] = []
         self.take_error: Exception | None = None
         self.backup_outcomes: list[Callable[[CopyRequest], BackupResult]] = []
+        self.vm_errors: dict[str, Exception] = {}  # activity name -> error it raises
 
     def activities_for(self, queue: str) -> list[Callable]:
         @activity.defn(name=TAKE_SNAPSHOT)
@@ -132,8 +139,27 @@ class Mocks:
         async def revert(req: RevertRequest) -> None:
             self.calls.append((REVERT_VOLUME, req))
 
+        def vm_activity(name: str) -> Callable:
+            @activity.defn(name=name)
+            async def run(op: VmSnapshotOperation) -> VmSnapshotTaken | None:
+                self.calls.append((name, op))
+                if name in self.vm_errors:
+                    raise self.vm_errors[name]
+                if name != TAKE_VM_SNAPSHOT:
+                    return None
+                return VmSnapshotTaken(
+                    overlays={"vda": f"/primary/vm1-vda.qcow2.snapferry-{op.snapshot_id}.qcow2"},
+                    memory=None,
+                    vm_was_running=True,
+                )
+
+            return run
+
+        vm_ops = [
+            vm_activity(n) for n in (TAKE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, DELETE_VM_SNAPSHOT)
+        ]
         return {
-            host_queue(HOST): [take, release, revert],
+            host_queue(HOST): [take, release, revert, *vm_ops],
             BACKUP_QUEUE: [backup, delete],
             ALERT_QUEUE: [alert],
             CONTROL_QUEUE: [],
@@ -158,7 +184,7 @@ def ok_result(req: CopyRequest) -> BackupResult:
 @pytest_asyncio.fixture
 async def mocks(env: WorkflowEnvironment) -> AsyncIterator[Mocks]:
     m = Mocks()
-    workflows = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow]
+    workflows = [VolumeSnapshotWorkflow, BackupSnapshotWorkflow, VmSnapshotWorkflow]
     workers = [
         Worker(
             env.client,
