@@ -127,20 +127,30 @@ async def test_records_and_policies_survive_worker_and_server_restarts(
         await starter.wait_settled(client, answer.id)
         made = await snapferry_cli("snapshot", "to-volume", answer.id, "--name", "kept1")
         assert made.returncode == 0, made.stderr
+        vm_snap = await snapferry_cli(
+            "vm-snapshot", "create", "--vm", vm.name, "--host", host_name, "--json"
+        )
+        vm_sid = json.loads(vm_snap.stdout)["id"]
         libvirt_conn.lookupByName(vm.name).destroy()
         assert (await snapferry_cli("snapshot", "revert", answer.id)).returncode == 0
+        assert (await snapferry_cli("vm-snapshot", "revert", vm_sid)).returncode == 0
         await create_policy(client, policy(vm.name, host_name, settings, interval="daily"))
         before = await starter.get_record(client, answer.id)
+        vm_before = await starter.get_record(client, vm_sid, starter.VM)
     # Workers gone, then the server restarted on the same SQLite file.
     dev_server.stop()
     dev_server.start()
     async with running_workers(client, settings, hosts=[host_name], backup=True):
         after = await starter.get_record(client, answer.id)
         assert after == before
+        vm_after = await starter.get_record(client, vm_sid, starter.VM)
+        assert vm_after == vm_before and vm_after.reverts == 1 and vm_after.state == "Ready"
         assert after.reverts == 1 and after.restored == [str(vm.disk.parent / "kept1.qcow2")]
         assert [r["policy"]["policy_id"] for r in await list_policies(client)] == [
             f"{vm.name}-vda-daily"
         ]
         gone = await snapferry_cli("snapshot", "delete", answer.id, "--json")
         assert json.loads(gone.stdout)["state"] == "Destroyed"
+        vm_gone = await snapferry_cli("vm-snapshot", "delete", vm_sid, "--json")
+        assert json.loads(vm_gone.stdout)["state"] == "Removed"
     (vm.disk.parent / "kept1.qcow2").unlink()
