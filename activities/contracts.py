@@ -287,6 +287,13 @@ class TakeRequest(_Model):
     volume: VolumeRef
 
 
+class DiscardRequest(_Model):
+    """Undo what a take that failed for good may have left on primary (of either kind)."""
+
+    snapshot_id: SnapshotId
+    vm: VmRef
+
+
 class ReleaseRequest(_Model):
     """Free the primary copy of a snapshot whose backup was verified."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from .contracts import (
+    DiscardRequest,
     PrimarySnapshot,
     ReleaseRequest,
     RevertRequest,
@@ -21,6 +22,7 @@ from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
 from .names import (
     DELETE_VM_SNAPSHOT,
+    DISCARD_SNAPSHOT,
     RELEASE_PRIMARY,
     REVERT_VM_SNAPSHOT,
     REVERT_VOLUME,
@@ -52,6 +54,11 @@ class HostActivities:
     def release_primary(self, req: ReleaseRequest) -> None:
         self.driver(req).release(volume=req.volume, snapshot_id=req.snapshot_id, source=req.source)
 
+    @activity.defn(name=DISCARD_SNAPSHOT)
+    @converts_errors
+    def discard_snapshot(self, req: DiscardRequest) -> None:
+        self.drivers.get(req.vm.hypervisor).discard(req)
+
     @activity.defn(name=TAKE_VM_SNAPSHOT)
     @converts_errors
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
@@ -74,6 +81,7 @@ class HostActivities:
             self.take_snapshot,
             self.release_primary,
             self.revert_volume,
+            self.discard_snapshot,
             self.take_vm_snapshot,
             self.revert_vm_snapshot,
             self.delete_vm_snapshot,

@@ -6,6 +6,8 @@ Workflows refer to activities by these names only, so workflow code never import
 
 TAKE_SNAPSHOT = "take_snapshot"
 RELEASE_PRIMARY = "release_primary"
+# After a take failed for good: remove whatever its attempts left (an overlay, a memory file).
+DISCARD_SNAPSHOT = "discard_snapshot"
 BACKUP_SNAPSHOT = "backup_snapshot"
 RAISE_ALERT = "raise_alert"
 

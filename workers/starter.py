@@ -33,7 +33,7 @@ from activities.contracts import (
     VmSnapshotState,
     validate_snapshot_id,
 )
-from workflows.backup import cause_message
+from workflows.entity import cause_message
 from workflows.routing import (
     CONTROL_QUEUE,
     SNAPSHOT_ID,

@@ -16,7 +16,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
-    ChildWorkflowError,
     is_cancelled_exception,
 )
 from temporalio.workflow import ActivityCancellationType
@@ -32,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
     from activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 
-from .entity import raise_alert
+from .entity import cause_message, raise_alert
 from .routing import BACKUP_SNAPSHOT_WORKFLOW
 
 
@@ -50,19 +49,6 @@ def progress_details(p: BackupProgress, width: int = 30) -> str:
         f"{text_bar(p.bytes_done, p.bytes_total, width)}  {p.bytes_done // mib}/"
         f"{p.bytes_total // mib} MiB  {p.bytes_per_second / 1e6:.0f} MB/s  attempt {p.attempt}"
     )
-
-
-def cause_message(err: BaseException) -> str:
-    """The message an operator needs: the first real failure under Temporal's wrappers.
-
-    It stops at the first ApplicationError, i.e. our typed domain error, rather than at the
-    raw Python exception serialised beneath it.
-    """
-    while isinstance(err, ActivityError | ChildWorkflowError) and err.__cause__ is not None:
-        err = err.__cause__
-    if isinstance(err, ApplicationError) and err.type:
-        return f"{err.type}: {err.message}"
-    return str(err)
 
 
 @workflow.defn(name=BACKUP_SNAPSHOT_WORKFLOW)

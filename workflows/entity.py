@@ -18,13 +18,14 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import Alert
-    from activities.names import RAISE_ALERT
+    from activities.contracts import Alert, DiscardRequest, VmRef
+    from activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
 
-from .routing import ALERT_QUEUE
+from .routing import ALERT_QUEUE, host_queue
 
 ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
 
@@ -38,6 +39,45 @@ async def raise_alert(alert: Alert) -> None:
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=ALERT_RETRY,
     )
+
+
+def cause_message(err: BaseException) -> str:
+    """The message an operator needs: the first real failure under Temporal's wrappers.
+
+    It stops at the first ApplicationError, i.e. our typed domain error, rather than at the
+    raw Python exception serialised beneath it.
+    """
+    while isinstance(err, ActivityError | ChildWorkflowError) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, ApplicationError) and err.type:
+        return f"{err.type}: {err.message}"
+    return str(err)
+
+
+DISCARD_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
+)
+
+
+async def discard_failed_take(snapshot_id: str, vm: VmRef) -> str:
+    """Remove what a failed take left on primary; '' when done, else why it could not be.
+
+    Never raises: the take already failed, and the alert that follows must still be sent
+    (with this outcome in it)."""
+    try:
+        await workflow.execute_activity(
+            DISCARD_SNAPSHOT,
+            DiscardRequest(snapshot_id=snapshot_id, vm=vm),
+            task_queue=host_queue(vm.host),
+            start_to_close_timeout=timedelta(minutes=30),
+            retry_policy=DISCARD_RETRY,
+        )
+    except ActivityError as err:
+        return f"; what it left on primary could not be removed: {cause_message(err)}"
+    return ""
 
 
 class EntityWorkflow:

@@ -48,8 +48,8 @@ with workflow.unsafe.imports_passed_through():
         VERIFY_BACKUP,
     )
 
-from .backup import BackupSnapshotWorkflow, cause_message
-from .entity import EntityWorkflow, raise_alert
+from .backup import BackupSnapshotWorkflow
+from .entity import EntityWorkflow, cause_message, discard_failed_take, raise_alert
 from .routing import (
     BACKUP_QUEUE,
     HYPERVISOR,
@@ -72,6 +72,7 @@ HOST_RETRY = RetryPolicy(
 )
 
 ENTITY_PATCH = "snapshot-stays-open-as-entity"
+DISCARD_PATCH = "discard-what-a-failed-take-left"
 
 WAIT_TAKEN_UPDATE = "wait_taken"
 RETRY_BACKUP_UPDATE = "retry_backup"
@@ -187,6 +188,8 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         except ActivityError as err:
             self.record.error = cause_message(err)
             self._set_state(SnapshotState.ERROR)
+            if workflow.patched(DISCARD_PATCH):
+                self.record.error += await discard_failed_take(req.snapshot_id, req.volume.vm)
             await self._alert(
                 "SNAPSHOT.TAKE.FAILED",
                 f"taking snapshot {req.snapshot_id} failed: {self.record.error}",

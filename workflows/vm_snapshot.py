@@ -31,8 +31,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.names import DELETE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, TAKE_VM_SNAPSHOT
 
-from .backup import cause_message
-from .entity import EntityWorkflow, raise_alert
+from .entity import EntityWorkflow, cause_message, discard_failed_take, raise_alert
 from .routing import (
     HYPERVISOR,
     SNAPSHOT_ID,
@@ -119,6 +118,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
                 self._set_state(VmSnapshotState.READY)
             except ActivityError as err:
                 self.record.error = cause_message(err)
+                self.record.error += await discard_failed_take(req.snapshot_id, req.vm)
                 self._set_state(VmSnapshotState.ERROR)
                 await raise_alert(
                     Alert(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..contracts import (
+    DiscardRequest,
     PrimarySnapshot,
     RevertRequest,
     VmSnapshotOperation,
@@ -35,6 +36,11 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
         """Give primary storage back once the backup is safe (merge, delete a clone...)."""
+
+    @abstractmethod
+    def discard(self, req: DiscardRequest) -> None:
+        """After a take failed for good, remove what its attempts may have made, found by
+        the snapshot's ID. Idempotent, and a no-op when nothing was made."""
 
     @abstractmethod
     def revert(self, req: RevertRequest) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import libvirt
 
 from ..contracts import (
+    DiscardRequest,
     PrimarySnapshot,
     RevertRequest,
     VmSnapshotOperation,
@@ -365,6 +366,22 @@ class KvmDriver(HypervisorDriver):
             Path(partial).unlink(missing_ok=True)
         if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
             self._redefine_disk(dom, vm, disk, source=active)
+
+    # -- failed takes ----------------------------------------------------------------------
+    def discard(self, req: DiscardRequest) -> None:
+        """A take can fail after libvirt made the overlay (say, reading its chain failed on
+        every retry). The overlay's name follows from the snapshot ID, so it is found, released
+        and merged like any other; a DiskAndMemory take's memory file is removed."""
+        vm = req.vm.name
+        with _domain_locks[vm]:
+            dom = self._domain(vm)
+            actives = self._file_disks(dom, vm)
+            for disk, active in actives.items():
+                overlay = overlay_path(active, req.snapshot_id)
+                if overlay in backing_chain(active):
+                    self._release_overlay(dom, vm, disk, overlay)
+            for active in actives.values():
+                Path(memory_path(active, req.snapshot_id)).unlink(missing_ok=True)
 
     # -- VM snapshots ----------------------------------------------------------------------
     def _file_disks(self, dom: libvirt.virDomain, vm: str) -> dict[str, str]:

@@ -120,3 +120,39 @@ async def test_vm_snapshot_bad_input(
     assert not_an_id.returncode == 1 and "not a snapshot ID" in not_an_id.stderr
     missing = await snapferry_cli("vm-snapshot", "delete", "0f0e0d0c-0b0a-4909-8807-060504030201")
     assert missing.returncode == 1 and "no VM snapshot with ID" in missing.stderr
+
+
+def test_discard_removes_what_a_failed_take_left(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    """A take that made its overlay but then failed on every retry leaves it behind; the
+    workflow's discard step (driven here directly) finds it by the snapshot ID and merges it,
+    for both kinds, and is a no-op the second time or for a take that made nothing."""
+    from activities.contracts import (
+        DiscardRequest,
+        VmRef,
+        VmSnapshotOperation,
+        VmSnapshotType,
+        VolumeRef,
+        new_snapshot_id,
+    )
+    from activities.hypervisors.kvm import KvmDriver
+
+    vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
+    dom = libvirt_conn.lookupByName(vm.name)
+    ref = VmRef(name=vm.name, host=host_name)
+    driver = KvmDriver(settings)
+    volume_sid, vm_sid = new_snapshot_id(), new_snapshot_id()
+    driver.take(volume=VolumeRef(vm=ref, disk="vda"), snapshot_id=volume_sid)
+    vm.guest_write(pattern=0x5A, offset=MIB, length=MIB)
+    taken = driver.take_vm_snapshot(
+        VmSnapshotOperation(snapshot_id=vm_sid, vm=ref, type=VmSnapshotType.DISK_AND_MEMORY)
+    )
+    assert taken.memory and Path(taken.memory).exists() and len(layer_files(vm.disk)) == 3
+    for sid in (vm_sid, volume_sid, vm_sid, new_snapshot_id()):
+        driver.discard(DiscardRequest(snapshot_id=sid, vm=ref))
+    assert active_image(dom) == str(vm.disk) and layer_files(vm.disk) == []
+    expected = patch_reference(
+        vm.reference, tmp_path / "now.raw", pattern=0x5A, offset=MIB, length=MIB
+    )
+    assert images_identical(expected, vm.disk, fmt_b="qcow2")  # the guest's write is kept

@@ -25,6 +25,7 @@ from activities.contracts import (
     BackupResult,
     CopyRequest,
     DeleteBackupRequest,
+    DiscardRequest,
     PrimarySnapshot,
     ReleaseRequest,
     RevertRequest,
@@ -40,6 +41,7 @@ from activities.names import (
     BACKUP_SNAPSHOT,
     DELETE_BACKUP,
     DELETE_VM_SNAPSHOT,
+    DISCARD_SNAPSHOT,
     RAISE_ALERT,
     RELEASE_PRIMARY,
     REVERT_VM_SNAPSHOT,
@@ -120,6 +122,10 @@ class Mocks:
         async def release(req: ReleaseRequest) -> None:
             self.calls.append((RELEASE_PRIMARY, req))
 
+        @activity.defn(name=DISCARD_SNAPSHOT)
+        async def discard(req: DiscardRequest) -> None:
+            self.calls.append((DISCARD_SNAPSHOT, req))
+
         @activity.defn(name=BACKUP_SNAPSHOT)
         async def backup(req: CopyRequest) -> BackupResult:
             self.calls.append((BACKUP_SNAPSHOT, req))
@@ -159,7 +165,7 @@ class Mocks:
             vm_activity(n) for n in (TAKE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, DELETE_VM_SNAPSHOT)
         ]
         return {
-            host_queue(HOST): [take, release, revert, *vm_ops],
+            host_queue(HOST): [take, release, revert, discard, *vm_ops],
             BACKUP_QUEUE: [backup, delete],
             ALERT_QUEUE: [alert],
             CONTROL_QUEUE: [],

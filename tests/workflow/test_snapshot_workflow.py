@@ -11,6 +11,7 @@ from activities.contracts import CopyRequest, SnapshotState
 from activities.names import (
     BACKUP_SNAPSHOT,
     DELETE_BACKUP,
+    DISCARD_SNAPSHOT,
     RAISE_ALERT,
     RELEASE_PRIMARY,
     REVERT_VOLUME,
@@ -153,6 +154,10 @@ async def test_take_failure_is_error_with_alert_and_the_caller_hears_why(
     assert len(mocks.named(TAKE_SNAPSHOT)) == 1  # non-retryable: one attempt
     assert [a.event for a in mocks.named(RAISE_ALERT)] == ["SNAPSHOT.TAKE.FAILED"]
     assert mocks.named(BACKUP_SNAPSHOT) == []
+    # Whatever the failed attempts left on primary is removed before the alert goes out.
+    (discarded,) = mocks.named(DISCARD_SNAPSHOT)
+    assert discarded.snapshot_id == req.snapshot_id and discarded.vm == req.volume.vm
+    assert [n for n, _ in mocks.calls][-2:] == [DISCARD_SNAPSHOT, RAISE_ALERT]
 
 
 async def test_retry_of_a_healthy_backup_is_refused(env: WorkflowEnvironment, mocks: Mocks) -> None:

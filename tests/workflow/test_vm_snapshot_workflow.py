@@ -16,6 +16,7 @@ from activities.contracts import (
 )
 from activities.names import (
     DELETE_VM_SNAPSHOT,
+    DISCARD_SNAPSHOT,
     RAISE_ALERT,
     REVERT_VM_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
@@ -96,6 +97,7 @@ async def test_a_failed_take_is_error_with_an_alert_and_a_clear_answer(
     assert record.state == VmSnapshotState.ERROR and "does not exist" in (record.error or "")
     assert len(mocks.named(TAKE_VM_SNAPSHOT)) == 1  # permanent: not retried
     assert [a.event for a in mocks.named(RAISE_ALERT)] == ["VMSNAPSHOT.CREATE.FAILED"]
+    assert [d.snapshot_id for d in mocks.named(DISCARD_SNAPSHOT)] == [req.snapshot_id]
     with pytest.raises(SnapferryClientError, match="cannot revert"):
         await operate(env, req.snapshot_id, REVERT_VM_SNAPSHOT_UPDATE)
     # An Error snapshot can still be deleted, so that nothing lingers.
