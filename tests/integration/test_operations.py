@@ -135,6 +135,25 @@ async def test_records_and_policies_survive_worker_and_server_restarts(
         assert (await snapferry_cli("snapshot", "revert", answer.id)).returncode == 0
         assert (await snapferry_cli("vm-snapshot", "revert", vm_sid)).returncode == 0
         await create_policy(client, policy(vm.name, host_name, settings, interval="daily"))
+        # Records that ended before the restart: a deleted snapshot of each kind.
+        ended = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
+        await starter.wait_settled(client, ended.id)
+        tpl = await snapferry_cli("snapshot", "to-template", ended.id, "--name", "kept-tpl")
+        assert tpl.returncode == 0, tpl.stderr
+        assert (await snapferry_cli("backup", "verify", ended.id)).returncode == 0
+        assert (await snapferry_cli("snapshot", "delete", ended.id)).returncode == 0
+        vm_ended = json.loads(
+            (
+                await snapferry_cli(
+                    "vm-snapshot", "create", "--vm", vm.name, "--host", host_name, "--json"
+                )
+            ).stdout
+        )["id"]
+        assert (await snapferry_cli("vm-snapshot", "delete", vm_ended)).returncode == 0
+        records = {
+            sid: await starter.get_record(client, sid, kind)
+            for sid, kind in ((ended.id, starter.VOLUME), (vm_ended, starter.VM))
+        }
         before = await starter.get_record(client, answer.id)
         vm_before = await starter.get_record(client, vm_sid, starter.VM)
     # Workers gone, then the server restarted on the same SQLite file.
@@ -143,6 +162,11 @@ async def test_records_and_policies_survive_worker_and_server_restarts(
     async with running_workers(client, settings, hosts=[host_name], backup=True):
         after = await starter.get_record(client, answer.id)
         assert after == before
+        for sid, record in records.items():
+            kind = starter.VOLUME if sid == ended.id else starter.VM
+            assert await starter.get_record(client, sid, kind) == record
+        assert records[ended.id].state == "Destroyed" and records[vm_ended].state == "Removed"
+        assert records[ended.id].restored == [str(settings.secondary / "templates/kept-tpl.qcow2")]
         vm_after = await starter.get_record(client, vm_sid, starter.VM)
         assert vm_after == vm_before and vm_after.reverts == 1 and vm_after.state == "Ready"
         assert after.reverts == 1 and after.restored == [str(vm.disk.parent / "kept1.qcow2")]
