@@ -75,6 +75,18 @@ class BackupCancelled(SnapferryError):
     non_retryable = True
 
 
+class CredentialsRejected(SnapferryError):
+    """The hypervisor manager refused our credentials: retrying cannot help."""
+
+    non_retryable = True
+
+
+class SourceGone(SnapferryError):
+    """The snapshot's primary copy (or its datastore) is not there: an operator must act."""
+
+    non_retryable = True
+
+
 ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     InvalidInput,
     VmNotFound,
@@ -88,6 +100,8 @@ ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     ChainBusy,
     AlertSinkUnavailable,
     BackupCancelled,
+    CredentialsRejected,
+    SourceGone,
 )
 
 NON_RETRYABLE_ERROR_TYPES: list[str] = [c.__name__ for c in ALL_ERRORS if c.non_retryable]

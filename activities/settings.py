@@ -20,6 +20,37 @@ def _env(name: str, default: str) -> str:
 
 
 @dataclass(frozen=True)
+class VcenterConfig:
+    """Where a VMware worker finds vCenter. The password is *not* here: only where to read
+    it (``SNAPFERRY_VCENTER_PASSWORD_FILE``, else ``SNAPFERRY_VCENTER_PASSWORD``), read at
+    login, so that no settings dump, payload or log can carry it."""
+
+    url: str
+    user: str
+    datacenter: str
+    password_file: str | None
+    verify_tls: bool
+
+    def password(self) -> str:
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return os.environ.get("SNAPFERRY_VCENTER_PASSWORD", "")
+
+    @classmethod
+    def from_env(cls) -> VcenterConfig | None:
+        url = os.environ.get("SNAPFERRY_VCENTER_URL")
+        if not url:
+            return None
+        return cls(
+            url=url.rstrip("/"),
+            user=_env("SNAPFERRY_VCENTER_USER", "administrator@vsphere.local"),
+            datacenter=_env("SNAPFERRY_VCENTER_DATACENTER", "dc1"),
+            password_file=os.environ.get("SNAPFERRY_VCENTER_PASSWORD_FILE") or None,
+            verify_tls=_env("SNAPFERRY_VCENTER_VERIFY_TLS", "1") != "0",
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     secondary: Path
@@ -33,6 +64,7 @@ class Settings:
     chunk_size: int
     checkpoint_bytes: int
     backup_defaults: BackupOptions = field(default_factory=BackupOptions)
+    vcenter: VcenterConfig | None = None
 
     @property
     def temporal_port(self) -> int:
@@ -70,4 +102,5 @@ class Settings:
             chunk_size=int(_env("SNAPFERRY_CHUNK_SIZE", str(8 * 1024 * 1024))),
             checkpoint_bytes=int(_env("SNAPFERRY_CHECKPOINT_BYTES", str(64 * 1024 * 1024))),
             backup_defaults=backup_defaults,
+            vcenter=VcenterConfig.from_env(),
         )

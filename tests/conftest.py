@@ -175,3 +175,71 @@ async def snapferry_cli(*args: str, timeout: float = 120) -> subprocess.Complete
     return await asyncio.to_thread(
         subprocess.run, [exe, *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+@dataclass
+class Vsphere:
+    """A running vSphere simulator (tests/vsphere_sim) and snapferry's settings for it."""
+
+    port: int
+    root: Path
+    settings: Settings
+
+    def disk(self, vm: str, index: int = 0) -> Path:
+        from tests.vsphere_sim.control import disk_path
+
+        return disk_path(self.root, vm, index)
+
+    def vm_names(self) -> set[str]:
+        from tests.vsphere_sim.control import list_vms
+
+        return {v["name"] for v in list_vms(self.port)}
+
+    def snapshot_names(self, vm: str) -> list[str]:
+        from tests.vsphere_sim.control import list_vms
+
+        found = [v for v in list_vms(self.port) if v["name"] == vm]
+        return list(found[0]["snapshots"]) if found else []
+
+    def connect(self):  # type: ignore[no-untyped-def]
+        """A pyvmomi session of the test's own (to power VMs on and off, as a user would)."""
+        from pyVim.connect import SmartConnect
+
+        assert self.settings.vcenter is not None
+        return SmartConnect(
+            protocol="http",
+            host="127.0.0.1",
+            port=self.port,
+            user=self.settings.vcenter.user,
+            pwd=self.settings.vcenter.password(),
+        )
+
+
+VSPHERE_PASSWORD = "sim pass w0rd"  # a test secret: must never show up in a history
+
+
+@pytest.fixture
+def vsphere(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Vsphere]:
+    """The simulator as a separate process, and the environment a VMware worker reads."""
+    from activities.settings import VcenterConfig
+    from tests.vsphere_sim.control import SimulatorProcess
+
+    sim = SimulatorProcess()
+    port = sim.start(tmp_path / "vsphere", 0, "administrator@vsphere.local", VSPHERE_PASSWORD)
+    password_file = tmp_path / "vcenter.password"
+    password_file.write_text(VSPHERE_PASSWORD)
+    password_file.chmod(0o600)
+    monkeypatch.setenv("SNAPFERRY_VCENTER_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("SNAPFERRY_VCENTER_USER", "administrator@vsphere.local")
+    monkeypatch.setenv("SNAPFERRY_VCENTER_PASSWORD_FILE", str(password_file))
+    monkeypatch.setenv("SNAPFERRY_VCENTER_DATACENTER", "dc1")
+    try:
+        yield Vsphere(
+            port=port,
+            root=tmp_path / "vsphere",
+            settings=replace(settings, vcenter=VcenterConfig.from_env()),
+        )
+    finally:
+        sim.stop()

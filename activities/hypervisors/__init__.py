@@ -12,6 +12,7 @@ from .base import HypervisorDriver
 
 _DRIVERS: dict[HypervisorType, str] = {
     HypervisorType.KVM: "activities.hypervisors.kvm:KvmDriver",
+    HypervisorType.VMWARE: "activities.hypervisors.vmware:VmwareDriver",
 }
 
 

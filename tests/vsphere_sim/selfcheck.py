@@ -1,0 +1,194 @@
+"""End-to-end self-check: real pyvmomi against the simulator process, byte-exact.
+
+Run from the repo root: ``.venv/bin/python -m tests.vsphere_sim.selfcheck``.
+Not a pytest test; it exits non-zero on the first failed check.
+"""
+
+from __future__ import annotations
+
+import http.client
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from .control import (
+    SimulatorProcess,
+    create_vm,
+    disk_path,
+    guest_write,
+    set_datastore_gone,
+    set_task_delay,
+)
+
+USER, PASSWORD = "administrator@vsphere.local", "s3cret pass"
+MIB = 1 << 20
+
+
+def check(cond: object, what: str) -> None:
+    if not cond:
+        raise SystemExit(f"FAIL: {what}")
+    print(f"ok   {what}")
+
+
+def raises(fn: Any, exc: type[BaseException], what: str) -> None:
+    try:
+        fn()
+    except exc:
+        return check(True, what)
+    check(False, what)
+
+
+def wait(task: vim.Task) -> Any:
+    """Poll task.info (no PropertyCollector filters needed) until it finishes."""
+    while (info := task.info).state not in ("success", "error"):
+        time.sleep(0.05)
+    return info
+
+
+def ds_request(
+    port: int, cookie: str | None, method: str, path: str, body: bytes | None = None, **hdr: str
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One datastore file-transfer request, as a backup tool would make it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Cookie": cookie} if cookie else {}
+    conn.request(method, f"/folder/{path}?dcPath=dc1&dsName=ds1", body, headers | hdr)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp, data
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as root, SimulatorProcess() as sim:
+        port = sim.start(root, 0, USER, PASSWORD)
+        check(port > 0, f"simulator ready on port {port}")
+        create_vm(port, "vm1", [4 * MIB, 1 * MIB], "poweredOn")
+        si = SmartConnect(protocol="http", host="127.0.0.1", port=port, user=USER, pwd=PASSWORD)
+        content = si.RetrieveContent()
+        check(
+            content.about.apiType == "VirtualCenter", f"connected, api {content.about.apiVersion}"
+        )
+        cookie = si._stub.cookie
+        vm = content.searchIndex.FindByInventoryPath("dc1/vm/vm1")
+        check(vm is not None and vm.name == "vm1", "FindByInventoryPath dc1/vm/vm1")
+        check(content.searchIndex.FindByInventoryPath("dc1/vm/nope") is None, "unknown VM -> None")
+        check(vm.snapshot is None, "vm.snapshot is None without snapshots")
+        check(vm.parent.name == "vm" and vm.datastore[0].name == "ds1", "vm.parent, vm.datastore")
+        devs = vm.config.hardware.device
+        ctrl = [d for d in devs if isinstance(d, vim.vm.device.VirtualLsiLogicController)]
+        disks = [d for d in devs if isinstance(d, vim.vm.device.VirtualDisk)]
+        check(ctrl and ctrl[0].key == 1000 and len(disks) == 2, "controller + 2 disks")
+        check(
+            disks[1].backing.fileName == "[ds1] vm1/vm1_1.vmdk"
+            and disks[0].capacityInBytes == 4 * MIB
+            and disks[1].unitNumber == 1,
+            "disk backing names, capacity and unit numbers",
+        )
+
+        guest_write(port, "vm1", 0, b"A" * 4096)
+        guest_write(port, "vm1", 3 * MIB, b"tail-at-snapshot")
+        guest_write(port, "vm1", 100, disk=1, pattern=0x5A, length=1000)
+        expected = disk_path(root, "vm1", 0).read_bytes()
+        expected1 = disk_path(root, "vm1", 1).read_bytes()
+        info = wait(vm.CreateSnapshot_Task("snap1", "first", memory=False, quiesce=False))
+        snap = info.result
+        check(info.state == "success" and isinstance(snap, vim.vm.Snapshot), "CreateSnapshot_Task")
+        tree = vm.snapshot.rootSnapshotList[0]
+        check(vm.snapshot.currentSnapshot == snap and tree.name == "snap1", "snapshot tree")
+        check(tree.state == "poweredOff", "non-memory snapshot state is poweredOff")
+        guest_write(port, "vm1", 0, b"B" * 4096)
+
+        set_task_delay(port, 0.5)
+        spec = vim.vm.CloneSpec(
+            snapshot=snap,
+            location=vim.vm.RelocateSpec(diskMoveType="moveAllDiskBackingsAndDisallowSharing"),
+            powerOn=False,
+            template=False,
+        )
+        task = vm.CloneVM_Task(folder=vm.parent, name="vm1-snapferry-x", spec=spec)
+        check(task.info.state == "running", "clone task observed running (task-delay)")
+        info = wait(task)
+        clone = info.result
+        check(info.state == "success" and clone.name == "vm1-snapferry-x", "CloneVM_Task")
+        set_task_delay(port, 0)
+        dup = wait(vm.CloneVM_Task(folder=vm.parent, name="vm1-snapferry-x", spec=spec))
+        check(isinstance(dup.error, vim.fault.DuplicateName), "clone to existing name")
+
+        info = wait(snap.RemoveSnapshot_Task(removeChildren=False))
+        check(info.state == "success" and vm.snapshot is None, "RemoveSnapshot_Task")
+
+        flat = "vm1-snapferry-x/vm1-snapferry-x-flat.vmdk"
+        resp, _ = ds_request(port, cookie, "HEAD", flat)
+        check(resp.status == 200 and int(resp.headers["Content-Length"]) == 4 * MIB, "HEAD")
+        got = b""
+        while len(got) < 4 * MIB:
+            rng = f"bytes={len(got)}-{len(got) + MIB - 1}"
+            resp, data = ds_request(port, cookie, "GET", flat, Range=rng)
+            assert resp.status == 206, resp.status
+            got += data
+        check(got == expected, "clone disk 0 (ranged GET) == bytes at snapshot time")
+        _, data = ds_request(port, cookie, "GET", "vm1-snapferry-x/vm1-snapferry-x_1-flat.vmdk")
+        check(data == expected1, "clone disk 1 == bytes at snapshot time")
+        src = disk_path(root, "vm1", 0).read_bytes()
+        check(src[:4096] == b"B" * 4096, "source disk still has the post-snapshot write")
+        check(ds_request(port, None, "GET", flat)[0].status == 401, "GET without cookie -> 401")
+        resp, data = ds_request(port, cookie, "GET", flat, Range="bytes=-16")
+        check(resp.status == 206 and data == b"\0" * 16, "suffix range")
+
+        info = wait(vm.PowerOffVM_Task())
+        check(info.state == "success" and vm.runtime.powerState == "poweredOff", "PowerOff")
+        info = wait(vm.PowerOffVM_Task())
+        check(isinstance(info.error, vim.fault.InvalidPowerState), "PowerOff twice")
+        new = b"R" * 512 + b"\0" * (MIB - 1024) + b"S" * 512
+        resp, _ = ds_request(port, cookie, "PUT", "vm1/vm1_1-flat.vmdk", body=new)
+        check(resp.status == 200 and disk_path(root, "vm1", 1).read_bytes() == new, "PUT disk")
+        resp, _ = ds_request(port, cookie, "PUT", "vm1/vm1_1-flat.vmdk", body=b"short")
+        check(resp.status == 400, "PUT of a wrong-sized disk is refused")
+        info = wait(vm.PowerOnVM_Task())
+        check(info.state == "success" and vm.runtime.powerState == "poweredOn", "PowerOn")
+
+        snap2 = wait(vm.CreateSnapshot_Task("mem", "", memory=True, quiesce=False)).result
+        before = disk_path(root, "vm1", 0).read_bytes()
+        guest_write(port, "vm1", 0, b"C" * 10)
+        wait(vm.PowerOffVM_Task())
+        info = wait(snap2.RevertToSnapshot_Task())
+        check(info.state == "success", "RevertToSnapshot_Task")
+        check(disk_path(root, "vm1", 0).read_bytes() == before, "revert restored bytes")
+        check(vm.runtime.powerState == "poweredOn", "memory snapshot revert -> poweredOn")
+
+        pc = vmodl.query.PropertyCollector
+        fs = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=clone, skip=False)],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name", "snapshot"])],
+        )
+        res = content.propertyCollector.RetrievePropertiesEx([fs], pc.RetrieveOptions())
+        names = [p.name for p in res.objects[0].propSet]
+        check(names == ["name"], "RetrievePropertiesEx omits unset snapshot")
+
+        info = wait(clone.Destroy_Task())
+        check(
+            info.state == "success" and not (Path(root) / "ds1/vm1-snapferry-x").exists(), "Destroy"
+        )
+        raises(lambda: clone.name, vmodl.fault.ManagedObjectNotFound, "destroyed VM -> MONotFound")
+        info = wait(vm.Destroy_Task())
+        check(isinstance(info.error, vim.fault.InvalidPowerState), "Destroy poweredOn VM fails")
+
+        set_datastore_gone(port, True)
+        info = wait(vm.CreateSnapshot_Task("x", "", memory=False, quiesce=False))
+        check(isinstance(info.error, vim.fault.FileNotFound), "datastore gone -> FileNotFound")
+        check(ds_request(port, cookie, "HEAD", "vm1/vm1-flat.vmdk")[0].status == 404, "gone: 404")
+        set_datastore_gone(port, False)
+
+        bad = dict(protocol="http", host="127.0.0.1", port=port, user=USER, pwd="bad")
+        raises(lambda: SmartConnect(**bad), vim.fault.InvalidLogin, "bad password -> InvalidLogin")
+        Disconnect(si)
+        raises(lambda: vm.name, vim.fault.NotAuthenticated, "after Logout -> NotAuthenticated")
+    print("selfcheck passed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""HTTP front end: SOAP on ``/sdk``, datastore files on ``/folder``, test control on ``/sim``.
+
+One ThreadingHTTPServer speaks HTTP/1.1 keep-alive because pyvmomi pools its
+connections. Every SOAP call and datastore request except RetrieveServiceContent
+and Login needs the ``vmware_soap_session`` cookie handed out by Login.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import soap
+from .inventory import DC, DS, Inventory
+from .vimapi import VimService
+
+COOKIE = "vmware_soap_session"
+_CHUNK = 1 << 20
+
+
+class SimServer(ThreadingHTTPServer):
+    """Loopback-only server; a thread per connection so a slow download blocks nobody."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, inventory: Inventory, user: str, password: str) -> None:
+        super().__init__(("127.0.0.1", port), Handler)
+        self.inv = inventory
+        self.vim = VimService(inventory, user, password)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: SimServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if os.environ.get("VSPHERE_SIM_VERBOSE"):
+            super().log_message(format, *args)
+
+    # ----- plumbing ------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain", **hdr: str):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in hdr.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _authenticated(self) -> bool:
+        morsel = SimpleCookie(self.headers.get("Cookie") or "").get(COOKIE)
+        return morsel is not None and morsel.value in self.server.vim.sessions
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if path == "/sdk/vimServiceVersions.xml":
+            self._send(200, soap.service_versions_xml(), "text/xml")
+        elif path == "/sdk/vimService.wsdl":
+            self._send(200, soap.SERVICE_WSDL, "text/xml")
+        elif path.startswith("/folder/"):
+            self._datastore_get()
+        elif path == "/sim/vms":
+            self._sim_list()
+        else:
+            self._send(404, b"not found")
+
+    do_HEAD = do_GET
+
+    def do_PUT(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path.startswith("/folder/"):
+            self._datastore_put()
+        else:
+            self._send(404, b"not found")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if path == "/sdk":
+            self._soap()
+        elif path.startswith("/sim/"):
+            try:
+                self._sim(path[5:], json.loads(self._body() or b"{}"))
+            except (KeyError, TypeError, ValueError) as exc:
+                self._json(400, {"error": f"bad control request: {exc!r}"})
+        else:
+            self._send(404, b"not found")
+
+    # ----- SOAP ----------------------------------------------------------------------
+
+    def _soap(self) -> None:
+        morsel = SimpleCookie(self.headers.get("Cookie") or "").get(COOKIE)
+        status, body, new_key = self.server.vim.handle(
+            self._body(),
+            self.headers.get("SOAPAction"),
+            morsel.value if morsel else None,
+            self.headers.get("User-Agent") or "",
+        )
+        cookie = {"Set_Cookie": f'{COOKIE}="{new_key}"; Path=/; HttpOnly'} if new_key else {}
+        self._send(status, body, "text/xml; charset=utf-8", **cookie)
+
+    # ----- datastore file transfer -----------------------------------------------------
+
+    def _datastore_file(self) -> Path | None:
+        """Map ``/folder/<path>?dcPath=dc1&dsName=ds1`` to a local file path (or None)."""
+        url = urlsplit(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        rel = unquote(url.path[len("/folder/") :])
+        inv = self.server.inv
+        if inv.datastore_gone or q.get("dsName") != DS or q.get("dcPath", DC).strip("/") != DC:
+            return None
+        target = (inv.ds_dir / rel).resolve()
+        return target if target.is_relative_to(inv.ds_dir.resolve()) and rel else None
+
+    def _datastore_get(self) -> None:
+        if not self._authenticated():
+            return self._send(401, b"session cookie required")
+        path = self._datastore_file()
+        if path is None or not path.is_file():
+            return self._send(404, b"file not found")
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        status, extra = 200, {}
+        rng = self.headers.get("Range")
+        if rng:
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            if not m or not (m[1] or m[2]):
+                return self._send(416, b"bad range", Content_Range=f"bytes */{size}")
+            if m[1]:
+                start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+            else:
+                start = max(size - int(m[2]), 0)
+            if start > end:
+                return self._send(416, b"bad range", Content_Range=f"bytes */{size}")
+            status, extra = 206, {"Content-Range": f"bytes {start}-{end}/{size}"}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(path, "rb") as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                self.wfile.write(chunk)
+                left -= len(chunk)
+
+    def _datastore_put(self) -> None:
+        """Write a whole file; zero chunks become holes so restored disks stay sparse."""
+        length = self.headers.get("Content-Length")
+        if not self._authenticated():
+            return self._send(401, b"session cookie required")
+        path = self._datastore_file()
+        if path is None or not path.parent.is_dir():
+            return self._send(404, b"directory not found")
+        if length is None:
+            return self._send(411, b"Content-Length required")
+        # Stricter than vSphere on purpose: a restore must replace a whole disk of a
+        # powered-off VM (vSphere would refuse the running VM's locked file anyway).
+        inv = self.server.inv
+        vm = inv.vm_by_name(path.parent.name)
+        disks = [inv.disk_file(vm, i) for i in range(len(vm.disks))] if vm else []
+        if vm and path in disks:
+            if vm.power == "poweredOn":
+                return self._send(409, b"disk is locked by a running VM")
+            if int(length) != vm.disks[disks.index(path)]:
+                return self._send(400, b"upload size differs from the disk capacity")
+        existed = path.exists()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        with os.fdopen(fd, "wb") as f:
+            left = int(length)
+            while left > 0:
+                chunk = self.rfile.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                if chunk.count(0) == len(chunk):
+                    f.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    f.write(chunk)
+                left -= len(chunk)
+            f.truncate(int(length) - left)
+        if left:
+            os.unlink(tmp)
+            return self._send(400, b"short body")
+        os.replace(tmp, path)
+        self._send(200 if existed else 201, b"")
+
+    # ----- test control (not vSphere) --------------------------------------------------
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _sim_list(self) -> None:
+        inv = self.server.inv
+        with inv.lock:
+            vms = [
+                {
+                    "name": vm.name,
+                    "moid": vm.moid,
+                    "power": vm.power,
+                    "disks": [str(inv.disk_file(vm, i)) for i in range(len(vm.disks))],
+                    "snapshots": [s.name for s in inv.snaps.values() if s.vm == vm.moid],
+                    "current_snapshot": vm.current and inv.snaps[vm.current].name,
+                }
+                for vm in inv.vms.values()
+            ]
+        self._json(200, {"vms": vms, "datastore_gone": inv.datastore_gone})
+
+    def _sim(self, what: str, req: dict[str, Any]) -> None:
+        inv = self.server.inv
+        with inv.lock:
+            if what == "vms":
+                try:
+                    new = inv.create_vm(req["name"], req["disks"], req.get("power", "poweredOff"))
+                except ValueError as exc:
+                    return self._json(409, {"error": str(exc)})
+                return self._json(201, {"moid": new.moid})
+            if what == "guest-write":
+                vm = inv.vm_by_name(req["vm"])
+                if vm is None:
+                    return self._json(404, {"error": "no such vm"})
+                if vm.power != "poweredOn":
+                    return self._json(409, {"error": "vm is not powered on"})
+                data = (
+                    bytes.fromhex(req["data_hex"])
+                    if "data_hex" in req
+                    else bytes([req["pattern"] & 0xFF]) * req["length"]
+                )
+                try:
+                    inv.guest_write(vm, req.get("disk", 0), req["offset"], data)
+                except (ValueError, IndexError) as exc:
+                    return self._json(400, {"error": str(exc)})
+                return self._json(200, {"written": len(data)})
+            if what == "datastore":
+                inv.datastore_gone = bool(req["gone"])
+                return self._json(200, {"gone": inv.datastore_gone})
+            if what == "task-delay":
+                inv.clone_delay = float(req["seconds"])
+                return self._json(200, {"seconds": inv.clone_delay})
+        self._json(404, {"error": f"unknown control endpoint {what}"})
