@@ -80,3 +80,147 @@ async def test_split_snapshot_full_clone_backup_equals_the_disk_at_take(
     assert vsphere.disk("web01").read_bytes()[:MIB] == b"\xee" * MIB  # the VM kept its write
     assert clone not in vsphere.vm_names()  # the clone is destroyed after the backup
     assert vsphere.vm_names() == {"web01"}
+
+
+async def test_kill_9_during_export_resumes_and_leaves_no_clone(
+    client: Client, vsphere: Vsphere, host_name: str, tmp_path: Path
+) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from workers.stack import terminate
+
+    from .test_durability import start_backup_worker, wait_for_progress
+
+    size = 96 * MIB
+    create_vm(vsphere.port, "db01", [size])
+    fill(vsphere, "db01", size=2 * size, seed=2)  # random data over the whole disk
+    worker_a = start_backup_worker(tmp_path / "worker-a.log", rate_mbps=24)
+    worker_b = None
+    try:
+        async with running_workers(client, vsphere.settings, hosts=[host_name]):
+            answer = await starter.create_snapshot(
+                client, vmware_request("db01", "db01", host_name, vsphere)
+            )
+            at_take = vsphere.disk("db01").read_bytes()
+            await wait_for_progress(client, answer.id, 0.4)
+            os.kill(worker_a.pid, signal.SIGKILL)
+            worker_a.wait()
+            worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
+            record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
+    finally:
+        for w in (worker_a, worker_b):
+            if w is not None and w.poll() is None:
+                terminate(w.pid)
+    assert record.state == SnapshotState.BACKED_UP and record.backup
+    assert record.backup.attempts >= 2 and record.backup.resumed_from > 0
+    assert record.backup.bytes_copied == size - record.backup.resumed_from  # ranged resume
+    assert Path(record.backup.path).read_bytes() == at_take
+    assert vsphere.vm_names() == {"db01"} and vsphere.snapshot_names("db01") == []
+    print(
+        f"\nVMware kill -9: resumed from {record.backup.resumed_from / MIB:.0f} MiB of"
+        f" {size / MIB:.0f} MiB over datastore HTTP Range"
+    )
+
+
+async def test_datastore_gone_alerts_keeps_the_snapshot_and_retry_completes(
+    client: Client, vsphere: Vsphere, host_name: str
+) -> None:
+    from tests.vsphere_sim.control import set_datastore_gone
+
+    size = 32 * MIB
+    create_vm(vsphere.port, "app01", [size])
+    fill(vsphere, "app01", size=size, seed=3)
+    slow = dataclasses.replace(vsphere.settings, backup_rate_limit_bps=8e6)
+    async with running_workers(client, slow, hosts=[host_name], backup=True):
+        answer = await starter.create_snapshot(
+            client, vmware_request("app01", "app01", host_name, vsphere)
+        )
+        at_take = vsphere.disk("app01").read_bytes()
+        set_datastore_gone(vsphere.port, True)
+        failed = await starter.wait_settled(client, answer.id)
+        assert failed.state == SnapshotState.CREATED_ON_PRIMARY
+        assert "SourceGone" in (failed.backup_error or "") and failed.backup is None
+        assert failed.primary is not None and not failed.primary_released
+        log = vsphere.settings.alert_log.read_text()
+        assert "SNAPSHOT.BACKUP.FAILED" in log and answer.id in log
+        set_datastore_gone(vsphere.port, False)
+        # The clone is the snapshot's primary copy: kept, so nothing is lost.
+        assert answer.primary and answer.primary.overlay in vsphere.vm_names()
+        await starter.retry_backup(client, answer.id)
+        done = await starter.wait_settled(client, answer.id)
+    assert done.state == SnapshotState.BACKED_UP and done.backup
+    assert Path(done.backup.path).read_bytes() == at_take
+    assert vsphere.vm_names() == {"app01"}
+
+
+async def test_delete_during_backup_cancels_and_destroys_the_clone(
+    client: Client, vsphere: Vsphere, host_name: str
+) -> None:
+    from workflows.snapshot import DELETE_UPDATE
+
+    create_vm(vsphere.port, "web02", [32 * MIB])
+    fill(vsphere, "web02", size=32 * MIB, seed=4)
+    slow = dataclasses.replace(vsphere.settings, backup_rate_limit_bps=4e6)
+    async with running_workers(client, slow, hosts=[host_name], backup=True):
+        answer = await starter.create_snapshot(
+            client, vmware_request("web02", "web02", host_name, vsphere)
+        )
+        assert (await starter.get_record(client, answer.id)).state == SnapshotState.BACKING_UP
+        gone = await starter.snapshot_operation(client, answer.id, DELETE_UPDATE)
+    assert gone.state == SnapshotState.DESTROYED
+    store = vsphere.settings.secondary / "snapshots" / "web02" / "web02"
+    assert not store.exists() or list(store.iterdir()) == []
+    assert vsphere.vm_names() == {"web02"}  # no clone left behind
+
+
+async def test_bad_credentials_and_unknown_vm_fail_clearly_and_once(
+    client: Client, vsphere: Vsphere, host_name: str, tmp_path: Path, monkeypatch
+) -> None:
+    from activities.contracts import VmSnapshotRequest, VmSnapshotType
+    from activities.names import TAKE_SNAPSHOT
+    from activities.settings import VcenterConfig
+
+    create_vm(vsphere.port, "web03", [8 * MIB])
+    async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
+        with pytest.raises(starter.SnapferryClientError, match="'nosuch' does not exist"):
+            await starter.create_snapshot(
+                client, vmware_request("nosuch", "nosuch", host_name, vsphere)
+            )
+        with pytest.raises(starter.SnapferryClientError, match="has no disk 'vda'"):
+            await starter.create_snapshot(
+                client, vmware_request("web03", "vda", host_name, vsphere)
+            )
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not the password")
+    monkeypatch.setenv("SNAPFERRY_VCENTER_PASSWORD_FILE", str(wrong))
+    bad = dataclasses.replace(vsphere.settings, vcenter=VcenterConfig.from_env())
+    async with running_workers(client, bad, hosts=[host_name], backup=True):
+        req = vmware_request("web03", "web03", host_name, vsphere)
+        with pytest.raises(starter.SnapferryClientError, match="rejected"):
+            await starter.create_snapshot(client, req)
+        handle = client.get_workflow_handle(f"volume-snapshot-{req.snapshot_id}")
+        history = await handle.fetch_history()
+        attempts = [
+            e.activity_task_started_event_attributes.attempt
+            for e in history.events
+            if e.HasField("activity_task_started_event_attributes")
+        ]
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert scheduled[0] == TAKE_SNAPSHOT and attempts[0] == 1  # non-retryable: one try
+        vm_req = VmSnapshotRequest(
+            snapshot_id=new_snapshot_id(),
+            vm=VmRef(name="web03", host=host_name, hypervisor=HypervisorType.VMWARE),
+            type=VmSnapshotType.DISK,
+        )
+        with pytest.raises(starter.SnapferryClientError, match="rejected"):
+            await starter.create_vm_snapshot(client, vm_req)
+    # The password never reached a payload, a history or the alert log.
+    assert "sim pass w0rd" not in history.to_json()
+    assert "sim pass w0rd" not in vsphere.settings.alert_log.read_text()
+    assert vsphere.snapshot_names("web03") == [] and vsphere.vm_names() == {"web03"}
