@@ -17,6 +17,7 @@ from temporalio import activity
 
 from .contracts import DeleteBackupRequest, RestoreKind, RestoreRequest, RestoreResult
 from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_errors
+from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
 from .settings import Settings
 from .storage.secondary import SecondaryStore
@@ -32,6 +33,7 @@ class RestoreActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = SecondaryStore(settings.secondary)
+        self.drivers = Drivers(settings)
 
     def _manifest(self, path: str):  # type: ignore[no-untyped-def]
         p = Path(path)
@@ -55,11 +57,17 @@ class RestoreActivities:
     @activity.defn(name=RESTORE_BACKUP)
     @converts_errors
     def restore_backup(self, req: RestoreRequest) -> RestoreResult:
+        manifest = self._manifest(req.manifest_path)
         target = self.target_path(req)
         if target.exists():
             raise InvalidInput(f"{req.kind.value} {req.name!r} already exists at {target}")
-        manifest = self._manifest(req.manifest_path)
         self.store.verify(manifest)
+        if req.kind == RestoreKind.VOLUME:
+            # A hypervisor with its own primary storage (a VMware datastore) places it there.
+            driver = self.drivers.get(req.volume.vm.hypervisor)
+            placed = driver.create_volume(req, manifest.path)
+            if placed is not None:
+                return placed
         partial = target.with_name(target.name + ".partial")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from ..contracts import (
     DiscardRequest,
     PrimarySnapshot,
+    RestoreRequest,
+    RestoreResult,
     RevertRequest,
     VmSnapshotOperation,
     VmSnapshotTaken,
@@ -41,6 +43,12 @@ class HypervisorDriver(ABC):
     def discard(self, req: DiscardRequest) -> None:
         """After a take failed for good, remove what its attempts may have made, found by
         the snapshot's ID. Idempotent, and a no-op when nothing was made."""
+
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult | None:
+        """Put a new volume made from a verified raw backup on this hypervisor's primary
+        storage. ``None`` (the default) means a file-backed qcow2 in the snapshot's primary
+        pool, which the restore activity writes itself (KVM)."""
+        return None
 
     @abstractmethod
     def revert(self, req: RevertRequest) -> None:

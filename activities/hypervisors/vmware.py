@@ -38,6 +38,8 @@ from pyVmomi import vim, vmodl
 from ..contracts import (
     DiscardRequest,
     PrimarySnapshot,
+    RestoreRequest,
+    RestoreResult,
     RevertRequest,
     VmSnapshotOperation,
     VmSnapshotTaken,
@@ -385,6 +387,51 @@ class VmwareDriver(HypervisorDriver):
             sent = self._upload(ds, path, Path(manifest.path))
             if self._download_digest(ds, path) != sent:
                 raise ChainBusy(f"{disk!r} on {vm_name!r} did not read back as written")
+
+    # -- a new volume from a backup ----------------------------------------------------------
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult:
+        """Upload the backup as a new flat disk (``<name>-flat.vmdk`` plus its descriptor)
+        in the source VM's datastore folder, read it back, and only then write the
+        descriptor that makes it a disk: a half-uploaded volume is never attachable."""
+        vm_name = req.volume.vm.name
+        ds = req.primary_dir.partition("] ")[0].lstrip("[")
+        flat = f"{vm_name}/{req.name}-flat.vmdk"
+        descriptor = f"{vm_name}/{req.name}.vmdk"
+        if self._exists(ds, descriptor) or self._exists(ds, flat):
+            raise InvalidInput(f"volume {req.name!r} already exists at [{ds}] {descriptor}")
+        size = Path(raw_backup).stat().st_size
+        sent = self._upload(ds, flat, Path(raw_backup))
+        if self._download_digest(ds, flat) != sent:
+            raise ChainBusy(f"[{ds}] {flat} did not read back as written")
+        text = (
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+            'createType="vmfs"\n\n# Extent description\n'
+            f'RW {size // 512} VMFS "{req.name}-flat.vmdk"\n'
+        )
+        self._upload_bytes(ds, descriptor, text.encode())
+        return RestoreResult(path=f"[{ds}] {descriptor}", virtual_size=size, format="vmdk")
+
+    def _exists(self, ds: str, path: str) -> bool:
+        conn = self.session.connection()
+        try:
+            conn.request(
+                "HEAD", self.session.file_url(ds, path), None, {"Cookie": self.session.cookie()}
+            )
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorUnavailable(f"datastore HEAD of [{ds}] {path} failed: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _upload_bytes(self, ds: str, path: str, data: bytes) -> None:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile() as tmp:
+            tmp.write(data)
+            tmp.flush()
+            self._upload(ds, path, Path(tmp.name))
 
     def _upload(self, ds: str, path: str, source: Path) -> str:
         size = source.stat().st_size

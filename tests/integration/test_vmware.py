@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from activities.contracts import (
     HypervisorType,
+    SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
     VmRef,
@@ -25,7 +26,7 @@ from workers import starter
 from workers.demo_vm import MIB
 from workers.worker import running_workers
 
-from ..conftest import Vsphere
+from ..conftest import Vsphere, snapferry_cli
 
 pytestmark = pytest.mark.integration
 
@@ -164,9 +165,23 @@ async def test_delete_during_backup_cancels_and_destroys_the_clone(
     fill(vsphere, "web02", size=32 * MIB, seed=4)
     slow = dataclasses.replace(vsphere.settings, backup_rate_limit_bps=4e6)
     async with running_workers(client, slow, hosts=[host_name], backup=True):
-        answer = await starter.create_snapshot(
-            client, vmware_request("web02", "web02", host_name, vsphere)
+        # Through the CLI, as an operator would: the same command with --hypervisor vmware.
+        made = await snapferry_cli(
+            "snapshot",
+            "create",
+            "--vm",
+            "web02",
+            "--disk",
+            "web02",
+            "--host",
+            host_name,
+            "--hypervisor",
+            "vmware",
+            "--json",
         )
+        assert made.returncode == 0, made.stderr
+        answer = SnapshotRecord.model_validate_json(made.stdout)
+        assert answer.state == SnapshotState.CREATED_ON_PRIMARY and answer.hypervisor == "vmware"
         assert (await starter.get_record(client, answer.id)).state == SnapshotState.BACKING_UP
         gone = await starter.snapshot_operation(client, answer.id, DELETE_UPDATE)
     assert gone.state == SnapshotState.DESTROYED
@@ -224,3 +239,83 @@ async def test_bad_credentials_and_unknown_vm_fail_clearly_and_once(
     assert "sim pass w0rd" not in history.to_json()
     assert "sim pass w0rd" not in vsphere.settings.alert_log.read_text()
     assert vsphere.snapshot_names("web03") == [] and vsphere.vm_names() == {"web03"}
+
+
+async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
+    client: Client, vsphere: Vsphere, host_name: str
+) -> None:
+    """Four levels of each kind, interleaved; reverts of both VM snapshot types; deletes of
+    both kinds in the middle; a volume revert refused (with why) while vSphere snapshots
+    stand on the disk, then done from secondary; a new volume from a backup."""
+    from activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
+    from workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
+    from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+
+    size = 16 * MIB
+    create_vm(vsphere.port, "app02", [size])
+    fill(vsphere, "app02", size=size, seed=5)
+    vm = VmRef(name="app02", host=host_name, hypervisor=HypervisorType.VMWARE)
+    disk = vsphere.disk("app02")
+    vm_snaps: dict[str, tuple[bytes, VmSnapshotType]] = {}
+    vol_snaps: dict[str, bytes] = {}
+
+    async def vm_op(sid: str, update: str):  # type: ignore[no-untyped-def]
+        return await starter.snapshot_operation(
+            client, sid, update, kind=starter.VM, result_type=starter.VM.record_type
+        )
+
+    async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
+        for level in range(4):
+            kind = VmSnapshotType.DISK if level % 2 == 0 else VmSnapshotType.DISK_AND_MEMORY
+            guest_write(vsphere.port, "app02", level * MIB, bytes([0x10 + level]) * MIB)
+            taken = await starter.create_vm_snapshot(
+                client, VmSnapshotRequest(snapshot_id=new_snapshot_id(), vm=vm, type=kind)
+            )
+            assert taken.state == "Ready"
+            vm_snaps[taken.id] = (disk.read_bytes(), kind)
+            guest_write(vsphere.port, "app02", level * MIB + 4096, bytes([0x20 + level]) * 4096)
+            answer = await starter.create_snapshot(
+                client, vmware_request("app02", "app02", host_name, vsphere)
+            )
+            vol_snaps[answer.id] = disk.read_bytes()
+        assert len(vsphere.snapshot_names("app02")) == 4  # only the VM snapshots stay
+        for sid, content in vol_snaps.items():
+            record = await starter.wait_settled(client, sid)
+            assert record.backup and Path(record.backup.path).read_bytes() == content
+
+        l1, l2, l3, l4 = list(vm_snaps)
+        v1, v2, v3, v4 = list(vol_snaps)
+        # DiskAndMemory revert of a running VM: it resumes, on the snapshot's bytes.
+        await vm_op(l2, REVERT_VM_SNAPSHOT_UPDATE)
+        assert disk.read_bytes() == vm_snaps[l2][0]
+        with pytest.raises(starter.SnapferryClientError, match="is running; stop it"):
+            await vm_op(l1, REVERT_VM_SNAPSHOT_UPDATE)
+        power(vsphere, "app02", False)
+        await vm_op(l1, REVERT_VM_SNAPSHOT_UPDATE)
+        assert disk.read_bytes() == vm_snaps[l1][0]
+        await vm_op(l4, REVERT_VM_SNAPSHOT_UPDATE)  # back up the tree, running again
+        assert disk.read_bytes() == vm_snaps[l4][0]
+        # Deletes in the middle, of both kinds.
+        assert (await starter.snapshot_operation(client, v2, DELETE_UPDATE)).state == "Destroyed"
+        assert (await vm_op(l3, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
+        assert len(vsphere.snapshot_names("app02")) == 3
+        power(vsphere, "app02", False)
+        with pytest.raises(starter.SnapferryClientError, match="has vSphere snapshots"):
+            await starter.snapshot_operation(client, v1, REVERT_UPDATE)
+        for sid in (l1, l2, l4):
+            assert (await vm_op(sid, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
+        reverted = await starter.snapshot_operation(client, v3, REVERT_UPDATE)
+        assert reverted.reverts == 1 and disk.read_bytes() == vol_snaps[v3]
+        made: RestoreResult = await starter.snapshot_operation(
+            client, v4, CREATE_VOLUME_UPDATE, "app02-restored", result_type=RestoreResult
+        )
+        assert made.path == "[ds1] app02/app02-restored.vmdk"
+        restored = vsphere.root / "ds1" / "app02" / "app02-restored-flat.vmdk"
+        assert restored.read_bytes() == vol_snaps[v4]
+        with pytest.raises(starter.SnapferryClientError, match="already exists"):
+            await starter.snapshot_operation(
+                client, v4, CREATE_VOLUME_UPDATE, "app02-restored", result_type=RestoreResult
+            )
+        for sid in (v1, v3, v4):
+            await starter.snapshot_operation(client, sid, DELETE_UPDATE)
+    assert vsphere.vm_names() == {"app02"} and vsphere.snapshot_names("app02") == []
