@@ -1,0 +1,125 @@
+"""Test-control endpoints under ``/sim/`` (JSON, no auth; not part of XAPI).
+
+They let a test set up VMs, act as the guest OS, and inject the failures a real
+pool produces only under load or bad luck (busy VDIs, expired sessions, slow links).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import ops
+from .httpbase import ReplyHandler
+from .model import VDI, VM, Store
+
+
+class ControlHandler(ReplyHandler):
+    """Mixin half of the request handler: ``GET``/``POST /sim/<what>``."""
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._reply(status, json.dumps(obj).encode(), "application/json")
+
+    def sim_get(self, what: str) -> None:
+        store: Store = self.server.store
+        with store.lock:
+            if what == "vms":
+                return self._json(200, {"vms": [_vm_info(store, v) for v in store.vms.values()]})
+            if what == "vdis":
+                return self._json(200, {"vdis": [_vdi_info(v) for v in store.vdis.values()]})
+            if what == "faults":
+                faults = {m: [f.__dict__ for f in fs] for m, fs in store.faults.items() if fs}
+                return self._json(200, {"faults": faults})
+        self._json(404, {"error": f"unknown control endpoint {what}"})
+
+    def sim_post(self, what: str, req: dict[str, Any]) -> None:
+        store: Store = self.server.store
+        with store.lock:
+            if what == "vms":
+                try:
+                    vm = ops.create_vm(
+                        store, req["name"], req["disks"], req.get("power", "Running")
+                    )
+                except ValueError as exc:
+                    return self._json(409, {"error": str(exc)})
+                return self._json(201, _vm_info(store, vm))
+            if what == "guest-write":
+                return self._guest_write(store, req)
+            if what == "faults":
+                return self._faults(store, req)
+            if what == "export-delay":
+                store.export_bps = max(int(req.get("bytes_per_second") or 0), 0)
+                return self._json(200, {"bytes_per_second": store.export_bps})
+            if what == "task-delay":
+                store.task_delay = max(float(req.get("seconds") or 0), 0.0)
+                return self._json(200, {"seconds": store.task_delay})
+            if what == "revert-mode":
+                if req.get("mode") not in ("in-place", "xapi"):
+                    return self._json(400, {"error": "mode must be in-place or xapi"})
+                store.revert_mode = req["mode"]
+                return self._json(200, {"mode": store.revert_mode})
+        self._json(404, {"error": f"unknown control endpoint {what}"})
+
+    def _guest_write(self, store: Store, req: dict[str, Any]) -> None:
+        vm = _find_vm(store, str(req["vm"]))
+        if vm is None:
+            return self._json(404, {"error": "no such vm"})
+        if vm.power_state != "Running":
+            return self._json(409, {"error": f"vm is {vm.power_state}, not Running"})
+        if "data_hex" in req:
+            data = bytes.fromhex(req["data_hex"])
+        else:
+            data = bytes([int(req["pattern"]) & 0xFF]) * int(req["length"])
+        try:
+            ops.guest_write(store, vm, int(req.get("disk", 0)), int(req["offset"]), data)
+        except (ValueError, IndexError) as exc:
+            return self._json(400, {"error": str(exc)})
+        self._json(200, {"written": len(data)})
+
+    def _faults(self, store: Store, req: dict[str, Any]) -> None:
+        if req.get("clear"):
+            store.faults.clear()
+            return self._json(200, {"cleared": True})
+        if req.get("method") == "session" and req.get("expire"):
+            expired = len(store.sessions)
+            store.sessions.clear()
+            return self._json(200, {"expired": expired})
+        count = int(req.get("count", 1))
+        store.add_fault(str(req["method"]), str(req["code"]), list(req.get("params", [])), count)
+        self._json(200, {"method": req["method"], "code": req["code"], "count": count})
+
+
+def _find_vm(store: Store, key: str) -> VM | None:
+    """Live VM by name, ref or uuid (snapshots are never written by a guest)."""
+    for vm in store.vms.values():
+        if not vm.is_a_snapshot and key in (vm.name_label, vm.ref, vm.uuid):
+            return vm
+    return None
+
+
+def _vm_info(store: Store, vm: VM) -> dict[str, Any]:
+    vbds = sorted((store.vbds[r] for r in vm.vbds), key=lambda b: b.userdevice)
+    return {
+        "ref": vm.ref,
+        "uuid": vm.uuid,
+        "name": vm.name_label,
+        "power": vm.power_state,
+        "is_a_snapshot": vm.is_a_snapshot,
+        "snapshot_of": vm.snapshot_of,
+        "disks": [
+            {"device": b.device, "vbd": b.ref, "vdi": b.vdi, "path": str(store.vdis[b.vdi].path)}
+            for b in vbds
+        ],
+    }
+
+
+def _vdi_info(vdi: VDI) -> dict[str, Any]:
+    return {
+        "ref": vdi.ref,
+        "uuid": vdi.uuid,
+        "name": vdi.name_label,
+        "is_a_snapshot": vdi.is_a_snapshot,
+        "snapshot_of": vdi.snapshot_of,
+        "size": vdi.size,
+        "path": str(vdi.path),
+    }

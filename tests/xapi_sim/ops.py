@@ -1,0 +1,244 @@
+"""State-changing operations (VM/VDI lifecycle), shared by XML-RPC and ``/sim`` control.
+
+Every function takes the store lock itself, so the bytes of a snapshot are taken at
+one instant with respect to guest writes and imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .disks import copy_sparse_to, create_sparse, write_at
+from .model import NULL_REF, VBD, VDI, VM, Store, XapiError, new_ref, new_uuid, xapi_time
+
+
+def _int(value: object, what: str) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise XapiError("FIELD_TYPE_ERROR", what) from None
+
+
+def new_vdi(
+    store: Store, name: str, size: int, *, copy_of: VDI | None = None, snapshot_of: str = ""
+) -> VDI:
+    """A VDI backed by ``<root>/<sr-uuid>/<vdi-uuid>.raw``; zeros or a copy of ``copy_of``."""
+    size = -(-size // 512) * 512  # VHD-based SRs only hold whole sectors
+    vdi_uuid = new_uuid()
+    vdi = VDI(new_ref(), vdi_uuid, name, size, store.sr.ref, store.sr.path / f"{vdi_uuid}.raw")
+    if copy_of is not None:
+        copy_sparse_to(copy_of.path, vdi.path, size)
+    else:
+        create_sparse(vdi.path, size)
+    if snapshot_of:
+        vdi.is_a_snapshot, vdi.snapshot_of, vdi.snapshot_time = True, snapshot_of, xapi_time()
+    store.vdis[vdi.ref] = vdi
+    return vdi
+
+
+def running_vm_of(store: Store, vdi: VDI) -> VM | None:
+    """The Running VM this VDI is plugged into (a VBD is attached iff its VM runs)."""
+    for vbd in store.vbds.values():
+        vm = store.vms.get(vbd.vm)
+        if vbd.vdi == vdi.ref and vm is not None and vm.power_state == "Running":
+            return vm
+    return None
+
+
+def add_vbd(store: Store, vm: VM, vdi: VDI, userdevice: int) -> VBD:
+    vbd = VBD(new_ref(), new_uuid(), vm.ref, vdi.ref, userdevice)
+    store.vbds[vbd.ref] = vbd
+    vm.vbds.append(vbd.ref)
+    return vbd
+
+
+def create_vm(store: Store, name: str, disks: list[int], power: str) -> VM:
+    if power not in ("Running", "Halted"):
+        raise ValueError("power must be Running or Halted")
+    with store.lock:
+        if any(v.name_label == name and not v.is_a_snapshot for v in store.vms.values()):
+            raise ValueError(f"a VM named {name!r} already exists")
+        vm = VM(new_ref(), new_uuid(), name, power)
+        store.vms[vm.ref] = vm
+        for i, size in enumerate(disks):
+            add_vbd(store, vm, new_vdi(store, f"{name} disk {i}", int(size)), i)
+        return vm
+
+
+def guest_write(store: Store, vm: VM, disk: int, offset: int, data: bytes) -> None:
+    with store.lock:
+        vbds = sorted((store.vbds[r] for r in vm.vbds), key=lambda b: b.userdevice)
+        vdi = store.vdis[vbds[disk].vdi]
+        if offset < 0 or offset + len(data) > vdi.size:
+            raise ValueError("write beyond the end of the disk")
+        write_at(vdi.path, offset, data)
+
+
+# ----- VDI -------------------------------------------------------------------------
+
+
+def vdi_snapshot(store: Store, ref: str, driver_params: object = None) -> str:
+    with store.lock:
+        src = store.get("VDI", ref)
+        return new_vdi(store, src.name_label, src.size, copy_of=src, snapshot_of=src.ref).ref
+
+
+def vdi_copy(store: Store, ref: str, sr: str) -> str:
+    with store.lock:
+        src = store.get("VDI", ref)
+        store.get("SR", sr)
+        return new_vdi(store, src.name_label, src.size, copy_of=src).ref
+
+
+def vdi_create(store: Store, record: dict[str, Any]) -> str:
+    if not isinstance(record, dict):
+        raise XapiError("FIELD_TYPE_ERROR", "record")
+    for key in ("SR", "virtual_size"):
+        if key not in record:
+            raise XapiError("FIELD_TYPE_ERROR", key)
+    with store.lock:
+        store.get("SR", record["SR"])
+        size = _int(record["virtual_size"], "virtual_size")
+        if size <= 0:
+            raise XapiError("FIELD_TYPE_ERROR", "virtual_size")
+        vdi = new_vdi(store, str(record.get("name_label", "")), size)
+        vdi.name_description = str(record.get("name_description", ""))
+        vdi.other_config = dict(record.get("other_config") or {})
+        return vdi.ref
+
+
+def vdi_destroy(store: Store, ref: str) -> None:
+    with store.lock:
+        vdi = store.get("VDI", ref)
+        if running_vm_of(store, vdi) is not None:
+            raise XapiError("VDI_IN_USE", vdi.ref, "destroy")
+        for vbd in [b for b in store.vbds.values() if b.vdi == vdi.ref]:
+            store.vms[vbd.vm].vbds.remove(vbd.ref)
+            del store.vbds[vbd.ref]
+        del store.vdis[vdi.ref]
+        vdi.path.unlink(missing_ok=True)
+
+
+# ----- VBD -------------------------------------------------------------------------
+
+
+def vbd_create(store: Store, record: dict[str, Any]) -> str:
+    if not isinstance(record, dict) or "VM" not in record or "VDI" not in record:
+        raise XapiError("FIELD_TYPE_ERROR", "VM/VDI")
+    with store.lock:
+        vm, vdi = store.get("VM", record["VM"]), store.get("VDI", record["VDI"])
+        used = {store.vbds[r].userdevice for r in vm.vbds}
+        raw = str(record.get("userdevice", "autodetect"))
+        dev = min(set(range(16)) - used) if raw == "autodetect" else _int(raw, "userdevice")
+        if dev in used:
+            raise XapiError("DEVICE_ALREADY_EXISTS", dev)
+        return add_vbd(store, vm, vdi, dev).ref
+
+
+def vbd_destroy(store: Store, ref: str) -> None:
+    with store.lock:
+        vbd = store.get("VBD", ref)
+        if store.vms[vbd.vm].power_state == "Running":
+            raise XapiError("OPERATION_NOT_ALLOWED", "VBD is currently attached")
+        store.vms[vbd.vm].vbds.remove(vbd.ref)
+        del store.vbds[vbd.ref]
+
+
+# ----- VM --------------------------------------------------------------------------
+
+
+def _live_vm(store: Store, ref: str) -> VM:
+    vm = store.get("VM", ref)
+    if vm.is_a_snapshot:
+        raise XapiError("VM_IS_TEMPLATE", vm.ref)
+    return vm
+
+
+def vm_snapshot(
+    store: Store,
+    ref: str,
+    new_name: str,
+    ignore_vdis: list[str] | None = None,
+    *,
+    memory: bool = False,
+) -> str:
+    with store.lock:
+        vm = _live_vm(store, ref)
+        if memory and vm.power_state != "Running":
+            raise XapiError("VM_BAD_POWER_STATE", vm.ref, "running", vm.power_state.lower())
+        snap = VM(new_ref(), new_uuid(), str(new_name), "Halted", is_a_snapshot=True)
+        snap.snapshot_of, snap.snapshot_time = vm.ref, xapi_time()
+        snap.snapshot_info = {"power-state-at-snapshot": vm.power_state}
+        if memory:
+            snap.power_state = "Suspended"  # a checkpoint carries the VM's memory image
+        store.vms[snap.ref] = snap
+        for vbd in sorted((store.vbds[r] for r in vm.vbds), key=lambda b: b.userdevice):
+            if vbd.vdi in (ignore_vdis or []):
+                continue
+            copy = store.vdis[vdi_snapshot(store, vbd.vdi)]
+            add_vbd(store, snap, copy, vbd.userdevice)
+        vm.parent = snap.ref
+        return snap.ref
+
+
+def vm_revert(store: Store, ref: str) -> None:
+    """Disks take the snapshot's bytes; power state becomes the snapshot's.
+
+    ``in-place`` mode keeps the VM's VDI refs (the brief's model). ``xapi`` mode
+    does what XAPI does: destroys the VM's snapshotted VDIs, clones the snapshot
+    disks into new VDIs, re-points ``snapshot_of`` and leaves a checkpoint revert
+    Suspended (call ``VM.resume``).
+    """
+    with store.lock:
+        snap = store.get("VM", ref)
+        if not snap.is_a_snapshot or snap.snapshot_of not in store.vms:
+            raise XapiError("VM_REVERT_FAILED", snap.ref, snap.snapshot_of)
+        vm = store.vms[snap.snapshot_of]
+        mine = {store.vbds[r].userdevice: store.vbds[r] for r in vm.vbds}
+        for snap_vbd in (store.vbds[r] for r in snap.vbds):
+            src = store.vdis[snap_vbd.vdi]
+            target = mine.get(snap_vbd.userdevice)
+            if store.revert_mode == "xapi":
+                _revert_by_clone(store, vm, src, target, snap_vbd.userdevice)
+            elif target is not None:
+                copy_sparse_to(src.path, store.vdis[target.vdi].path, src.size)
+        if snap.power_state == "Suspended":  # a checkpoint
+            vm.power_state = "Suspended" if store.revert_mode == "xapi" else "Running"
+        else:
+            vm.power_state = "Halted"
+        vm.parent = snap.ref
+
+
+def _revert_by_clone(store: Store, vm: VM, src: VDI, target: VBD | None, dev: int) -> None:
+    if target is not None:
+        old = store.vdis[target.vdi]
+        vm.vbds.remove(target.ref)
+        del store.vbds[target.ref]
+        if src.snapshot_of == old.ref:
+            del store.vdis[old.ref]
+            old.path.unlink(missing_ok=True)
+    clone = new_vdi(store, src.name_label, src.size, copy_of=src)
+    tree = src.snapshot_of  # every snapshot of the old disk now hangs off the clone
+    for other in store.vdis.values():
+        if tree != NULL_REF and other.snapshot_of == tree:
+            other.snapshot_of = clone.ref
+    add_vbd(store, vm, clone, dev)
+
+
+def vm_destroy(store: Store, ref: str) -> None:
+    """Removes the VM and its VBDs only; VDIs stay until ``VDI.destroy`` (as in XAPI)."""
+    with store.lock:
+        vm = store.get("VM", ref)
+        if vm.power_state == "Running":
+            raise XapiError("VM_BAD_POWER_STATE", vm.ref, "halted", "running")
+        for r in vm.vbds:
+            del store.vbds[r]
+        del store.vms[vm.ref]
+
+
+def vm_set_power(store: Store, ref: str, expected: str, new: str) -> None:
+    with store.lock:
+        vm = _live_vm(store, ref)
+        if vm.power_state != expected:
+            raise XapiError("VM_BAD_POWER_STATE", vm.ref, expected.lower(), vm.power_state.lower())
+        vm.power_state = new

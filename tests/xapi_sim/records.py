@@ -1,0 +1,202 @@
+"""XAPI records built live from the model, so generic ``get_<field>`` calls stay consistent.
+
+Field names and value shapes follow the XAPI datamodel: refs and enums are strings,
+ints travel as strings (see ``wire``), booleans are real booleans, maps are str->str.
+Only the fields a backup tool plausibly reads are present; others answer
+MESSAGE_METHOD_UNKNOWN rather than a made-up value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .disks import allocated_bytes
+from .model import NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
+
+
+def wire(value: Any) -> Any:
+    """Convert to XAPI's XML-RPC shapes: ints as strings, no nil anywhere."""
+    if isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return {str(k): wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [wire(v) for v in value]
+    return value
+
+
+def _vm(store: Store, vm: VM) -> dict[str, Any]:
+    snapshots = [v.ref for v in store.vms.values() if v.snapshot_of == vm.ref and v.is_a_snapshot]
+    return {
+        "uuid": vm.uuid,
+        "name_label": vm.name_label,
+        "name_description": vm.name_description,
+        "power_state": vm.power_state,
+        "is_a_template": vm.is_a_snapshot,  # XAPI snapshots are templates
+        "is_default_template": False,
+        "is_a_snapshot": vm.is_a_snapshot,
+        "is_control_domain": False,
+        "snapshot_of": vm.snapshot_of,
+        "snapshots": snapshots,
+        "snapshot_time": vm.snapshot_time,
+        "snapshot_info": vm.snapshot_info,
+        "parent": vm.parent,
+        "children": [],
+        "VBDs": list(vm.vbds),
+        "VIFs": [],
+        "suspend_VDI": NULL_REF,
+        "resident_on": store.host_ref if vm.power_state == "Running" else NULL_REF,
+        "domid": 1 if vm.power_state == "Running" else -1,
+        "other_config": vm.other_config,
+        "tags": [],
+        "allowed_operations": [],
+        "current_operations": {},
+    }
+
+
+def _vbd(store: Store, vbd: VBD) -> dict[str, Any]:
+    running = store.vms[vbd.vm].power_state == "Running"
+    return {
+        "uuid": vbd.uuid,
+        "VM": vbd.vm,
+        "VDI": vbd.vdi,
+        "device": vbd.device,
+        "userdevice": vbd.userdevice,
+        "bootable": vbd.userdevice == 0,
+        "mode": "RW",
+        "type": "Disk",
+        "empty": False,
+        "currently_attached": running,
+        "unpluggable": True,
+        "other_config": {},
+        "allowed_operations": [],
+        "current_operations": {},
+    }
+
+
+def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
+    return {
+        "uuid": vdi.uuid,
+        "name_label": vdi.name_label,
+        "name_description": vdi.name_description,
+        "SR": vdi.sr,
+        "VBDs": [b.ref for b in store.vbds.values() if b.vdi == vdi.ref],
+        "virtual_size": vdi.size,
+        "physical_utilisation": allocated_bytes(vdi.path),
+        "type": "user",
+        "sharable": False,
+        "read_only": False,
+        "managed": True,
+        "missing": False,
+        "location": vdi.uuid,
+        "is_a_snapshot": vdi.is_a_snapshot,
+        "snapshot_of": vdi.snapshot_of,
+        "snapshots": [v.ref for v in store.vdis.values() if v.snapshot_of == vdi.ref],
+        "snapshot_time": vdi.snapshot_time,
+        "sm_config": {"vdi_type": "vhd"},
+        "other_config": vdi.other_config,
+        "xenstore_data": {},
+        "on_boot": "persist",
+        "allow_caching": False,
+        "cbt_enabled": False,
+        "is_tools_iso": False,
+        "tags": [],
+        "allowed_operations": [],
+        "current_operations": {},
+    }
+
+
+def _sr(store: Store, sr: SR) -> dict[str, Any]:
+    return {
+        "uuid": sr.uuid,
+        "name_label": sr.name_label,
+        "name_description": "",
+        "type": "ext",
+        "content_type": "user",
+        "shared": False,
+        "VDIs": [v.ref for v in store.vdis.values() if v.sr == sr.ref],
+        "PBDs": [],
+        "other_config": {},
+        "sm_config": {},
+        "tags": [],
+    }
+
+
+def _task(store: Store, task: Task) -> dict[str, Any]:
+    return {
+        "uuid": task.uuid,
+        "name_label": task.name_label,
+        "name_description": task.name_description,
+        "status": task.status,
+        "progress": task.progress,
+        "result": task.result,
+        "error_info": task.error_info,
+        "created": task.created,
+        "finished": task.finished,
+        "type": "<none/>",
+        "resident_on": store.host_ref,
+        "subtask_of": NULL_REF,
+        "subtasks": [],
+        "other_config": task.other_config,
+        "allowed_operations": ["cancel"] if task.status == "pending" else [],
+        "current_operations": {},
+    }
+
+
+def _host(store: Store) -> dict[str, Any]:
+    return {
+        "uuid": store.host_uuid,
+        "name_label": "xapi-sim",
+        "name_description": "",
+        "address": "127.0.0.1",
+        "API_version_major": 2,
+        "API_version_minor": 21,
+        "API_version_vendor": "XenServer simulator",
+        "enabled": True,
+        "resident_VMs": [v.ref for v in store.vms.values() if v.power_state == "Running"],
+        "other_config": {},
+        "tags": [],
+    }
+
+
+def _pool(store: Store) -> dict[str, Any]:
+    return {
+        "uuid": store.pool_uuid,
+        "name_label": "",
+        "name_description": "",
+        "master": store.host_ref,
+        "default_SR": store.sr.ref,
+        "other_config": {},
+        "tags": [],
+    }
+
+
+_BUILDERS = {"VM": _vm, "VBD": _vbd, "VDI": _vdi, "SR": _sr, "task": _task}
+
+
+def all_refs(store: Store, cls: str) -> list[str]:
+    if cls == "host":
+        return [store.host_ref]
+    if cls == "pool":
+        return [store.pool_ref]
+    return list(store.table(cls))
+
+
+def record(store: Store, cls: str, ref: object) -> dict[str, Any]:
+    """The record of ``ref``; HANDLE_INVALID when it is not an object of ``cls``."""
+    if cls in ("host", "pool"):
+        if ref != (store.host_ref if cls == "host" else store.pool_ref):
+            raise XapiError("HANDLE_INVALID", cls, ref)
+        return _host(store) if cls == "host" else _pool(store)
+    return _BUILDERS[cls](store, store.get(cls, ref))
+
+
+def ref_by_uuid(store: Store, cls: str, value: object) -> str:
+    for ref in all_refs(store, cls):
+        if record(store, cls, ref)["uuid"] == value:
+            return ref
+    raise XapiError("UUID_INVALID", cls, value)

@@ -1,0 +1,66 @@
+"""HTTP front end: XML-RPC on ``POST /``, XAPI data endpoints, test control on ``/sim``.
+
+One ThreadingHTTPServer on 127.0.0.1 with a thread per connection, so a throttled
+export never blocks the XML-RPC calls a test makes while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .control_api import ControlHandler
+from .http_data import DataHandler
+from .model import Store
+from .xmlrpc_api import XapiService
+
+RPC_PATHS = ("/", "/RPC2")  # XenAPI.Session("http://host:port") posts to /RPC2
+
+
+class SimServer(ThreadingHTTPServer):
+    """Loopback-only server holding the simulator's state."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, root: Path, user: str, password: str) -> None:
+        super().__init__(("127.0.0.1", port), Handler)
+        self.store = Store(root, user, password)
+        self.xapi = XapiService(self.store)
+
+
+class Handler(DataHandler, ControlHandler):
+    """Routes by path; everything not listed here is a 404."""
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if path == "/export_raw_vdi":
+            self.export_raw_vdi()
+        elif path.startswith("/sim/"):
+            self.sim_get(path[len("/sim/") :])
+        else:
+            self._reply(404, b"not found")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path == "/import_raw_vdi":
+            self.import_raw_vdi()
+        else:
+            self.close_connection = True
+            self._reply(404, b"not found")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        body = self._body()
+        if path in RPC_PATHS:
+            self._reply(200, self.server.xapi.handle(body), "text/xml")
+        elif path.startswith("/sim/"):
+            try:
+                self.sim_post(path[len("/sim/") :], json.loads(body or b"{}"))
+            except (KeyError, TypeError, ValueError) as exc:
+                self._json(400, {"error": f"bad control request: {exc!r}"})
+        else:
+            self._reply(404, b"not found")

@@ -1,0 +1,206 @@
+"""XML-RPC front end: XAPI's result envelope, sessions, fault injection and Async tasks.
+
+Every reply is ``{'Status': 'Success', 'Value': v}`` or ``{'Status': 'Failure',
+'ErrorDescription': [code, *params]}``; XenAPI.py turns the latter into
+``XenAPI.Failure`` and, for SESSION_INVALID, logs in again by itself. Explicit
+operations live in ``self.methods``; per-class getters are generic over the records.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from typing import Any
+from xml.sax.saxutils import escape
+
+from . import ops
+from .model import CLASSES, Store, Task, XapiError, new_ref, new_uuid, xapi_time
+from .records import all_refs, record, ref_by_uuid, wire
+
+Method = Callable[..., Any]
+_NAMED = {"VM": "vms", "VDI": "vdis"}  # classes whose name/other_config can be set
+
+
+class XapiService:
+    """Decodes one XML-RPC request body and encodes the XAPI reply."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = s = store
+        self.methods: dict[str, Method] = {
+            "session.get_this_host": lambda _self: s.host_ref,
+            "VM.snapshot": lambda vm, name, ignore=None: ops.vm_snapshot(s, vm, name, ignore),
+            "VM.checkpoint": lambda vm, name: ops.vm_snapshot(s, vm, name, memory=True),
+            "VM.revert": lambda snap: ops.vm_revert(s, snap),
+            "VM.destroy": lambda vm: ops.vm_destroy(s, vm),
+            "VM.start": lambda vm, paused=False, force=False: ops.vm_set_power(
+                s, vm, "Halted", "Running"
+            ),
+            "VM.resume": lambda vm, paused=False, force=False: ops.vm_set_power(
+                s, vm, "Suspended", "Running"
+            ),
+            "VM.hard_shutdown": lambda vm: ops.vm_set_power(s, vm, "Running", "Halted"),
+            "VM.clean_shutdown": lambda vm: ops.vm_set_power(s, vm, "Running", "Halted"),
+            "VDI.snapshot": lambda vdi, params=None: ops.vdi_snapshot(s, vdi, params),
+            "VDI.clone": lambda vdi, params=None: ops.vdi_copy(s, vdi, s.sr.ref),
+            "VDI.copy": lambda vdi, sr: ops.vdi_copy(s, vdi, sr),
+            "VDI.create": lambda rec: ops.vdi_create(s, rec),
+            "VDI.destroy": lambda vdi: ops.vdi_destroy(s, vdi),
+            "VBD.create": lambda rec: ops.vbd_create(s, rec),
+            "VBD.destroy": lambda vbd: ops.vbd_destroy(s, vbd),
+            "task.create": self._task_create,
+            "task.cancel": self._task_cancel,
+            "task.destroy": lambda task: s.tasks.pop(s.get("task", task).ref) and "",
+        }
+
+    # ----- wire ------------------------------------------------------------------
+
+    def handle(self, body: bytes) -> bytes:
+        try:
+            params, method = xmlrpc.client.loads(body)
+        except Exception:  # noqa: BLE001 - any undecodable body is a parse fault
+            fault = xmlrpc.client.Fault(-32700, "XML-RPC parse error")
+            return xmlrpc.client.dumps(fault, methodresponse=True).encode()
+        reply = self.call(method or "", list(params))
+        return xmlrpc.client.dumps((reply,), methodresponse=True).encode()
+
+    def call(self, method: str, params: list[Any]) -> dict[str, Any]:
+        try:
+            value = self._call(method, params)
+        except XapiError as exc:
+            return {"Status": "Failure", "ErrorDescription": exc.description}
+        except Exception as exc:  # noqa: BLE001 - a sim bug must look like XAPI's error
+            return {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", repr(exc)]}
+        return {"Status": "Success", "Value": wire(value)}
+
+    def _call(self, method: str, params: list[Any]) -> Any:
+        s = self.store
+        if method == "session.login_with_password":
+            if fault := s.take_fault(method):
+                raise fault
+            if not 2 <= len(params) <= 4:
+                raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
+            with s.lock:
+                return s.login(params[0], params[1], str(params[3]) if len(params) > 3 else "")
+        session, args = (params[0] if params else None), params[1:]
+        with s.lock:
+            s.check_session(session)
+            if method == "session.logout":
+                s.sessions.pop(session, None)
+                return ""
+        if method.startswith("Async."):
+            return self._start_task(method[len("Async.") :], args)
+        return self.invoke(method, args)
+
+    def invoke(self, method: str, args: list[Any]) -> Any:
+        """Run one (sync) method: injected fault first, then the implementation."""
+        if fault := self.store.take_fault(method):
+            raise fault
+        fn = self._resolve(method, args)
+        with self.store.lock:
+            return fn(*args)
+
+    def _resolve(self, method: str, args: list[Any]) -> Method:
+        fn = self.methods.get(method)
+        if fn is None:
+            cls, _, name = method.partition(".")
+            fn = self._generic(cls, name) if cls in CLASSES else None
+        if fn is None:
+            raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
+        try:
+            inspect.signature(fn).bind(*args)
+        except TypeError:
+            wanted = len(inspect.signature(fn).parameters) + 1
+            raise XapiError(
+                "MESSAGE_PARAMETER_COUNT_MISMATCH", method, wanted, len(args) + 1
+            ) from None
+        return fn
+
+    # ----- generic per-class methods -----------------------------------------------
+
+    def _generic(self, cls: str, name: str) -> Method | None:
+        s = self.store
+        if name == "get_record":
+            return lambda ref: record(s, cls, ref)
+        if name == "get_all":
+            return lambda: all_refs(s, cls)
+        if name == "get_all_records":
+            return lambda: {r: record(s, cls, r) for r in all_refs(s, cls)}
+        if name == "get_by_uuid":
+            return lambda value: ref_by_uuid(s, cls, value)
+        if name == "get_by_name_label":
+            return lambda label: [
+                r for r in all_refs(s, cls) if record(s, cls, r).get("name_label") == label
+            ]
+        if name.startswith("get_"):
+            return lambda ref: self._field(cls, ref, name[len("get_") :])
+        if cls in _NAMED and name in ("set_name_label", "set_name_description"):
+            return lambda ref, value: setattr(s.get(cls, ref), name[len("set_") :], str(value))
+        if cls in _NAMED and name == "add_to_other_config":
+            return lambda ref, k, v: s.get(cls, ref).other_config.__setitem__(str(k), str(v))
+        if cls in _NAMED and name == "remove_from_other_config":
+            return lambda ref, k: s.get(cls, ref).other_config.pop(str(k), None) and ""
+        return None
+
+    def _field(self, cls: str, ref: object, field: str) -> Any:
+        rec = record(self.store, cls, ref)
+        if field not in rec:
+            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"{cls}.get_{field}")
+        return rec[field]
+
+    # ----- tasks -----------------------------------------------------------------
+
+    def _task_create(self, label: str, description: str = "") -> str:
+        task = Task(new_ref(), new_uuid(), str(label), name_description=str(description))
+        self.store.tasks[task.ref] = task
+        return task.ref
+
+    def _task_cancel(self, ref: str) -> None:
+        task = self.store.get("task", ref)
+        if task.status != "pending":
+            raise XapiError("OPERATION_NOT_ALLOWED", "task is not pending")
+        finish_task(task, "cancelled", error=["TASK_CANCELLED", task.ref])
+
+    def _start_task(self, inner: str, args: list[Any]) -> str:
+        """Validate now (like XAPI), run now or after ``task_delay``; return the task ref."""
+        self._resolve(inner, args)
+        with self.store.lock:
+            ref = self._task_create(f"Async.{inner}")
+            task, delay = self.store.tasks[ref], self.store.task_delay
+        if delay > 0:
+            threading.Thread(target=self._run_task, args=(task, inner, args, delay)).start()
+        else:
+            self._run_task(task, inner, args, 0.0)
+        return ref
+
+    def _run_task(self, task: Task, inner: str, args: list[Any], delay: float) -> None:
+        if delay:
+            time.sleep(delay)
+        with self.store.lock:
+            if task.status != "pending":  # cancelled while waiting
+                return
+        try:
+            value = self.invoke(inner, args)
+        except XapiError as exc:
+            finish_task(task, "failure", error=exc.description)
+        except Exception as exc:  # noqa: BLE001
+            finish_task(task, "failure", error=["INTERNAL_ERROR", repr(exc)])
+        else:
+            finish_task(task, "success", result=task_result(value))
+
+
+def task_result(value: Any) -> str:
+    """XAPI's task result text: ``<value>OpaqueRef:…</value>``, or '' for void."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return f"<value>{escape(value)}</value>"
+    text = xmlrpc.client.dumps((wire(value),))
+    return text[text.index("<value>") : text.rindex("</value>") + len("</value>")]
+
+
+def finish_task(task: Task, status: str, result: str = "", error: list[str] | None = None) -> None:
+    task.status, task.result, task.error_info = status, result, list(error or [])
+    task.progress, task.finished = 1.0, xapi_time()
