@@ -77,7 +77,19 @@ class BackupActivities:
         target = self.store.target(req.volume, req.snapshot_id)
         try:
             with self.store.exclusive(req.volume, req.snapshot_id):
-                reader = self.drivers.get(req.volume.vm.hypervisor).open_reader(req.source)
+                driver = self.drivers.get(req.volume.vm.hypervisor)
+                # A resumed copy must go on against the base its first attempt chose.
+                plan = self.store.load_plan(req.volume, req.snapshot_id) if resume else None
+                if plan is None:
+                    resume = None
+                    plan = driver.plan_backup(req.source, self.store.completed(req.volume))
+                    self.store.save_plan(req.volume, req.snapshot_id, plan)
+                reader = driver.open_reader(req.source, plan)
+                extents = (
+                    [(e.start, e.length) for e in reader.data_extents()]
+                    if plan.parent is not None
+                    else None
+                )
                 try:
                     outcome = self.engine.copy(
                         reader,
@@ -96,6 +108,9 @@ class BackupActivities:
                         outcome=outcome,
                         source=req.source.image,
                         source_format=req.source.image_format,
+                        parent=plan.parent,
+                        depth=plan.depth,
+                        extents=extents,
                     )
                 except BackupCorrupt:
                     # Resuming would only re-verify the same bad bytes: start over instead.

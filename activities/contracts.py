@@ -114,6 +114,16 @@ class PrimarySnapshot(_Model):
     vm_was_running: bool
 
 
+class BackupPlan(_Model):
+    """Full or incremental: chosen once per backup (kept beside its ``.partial`` files, so a
+    resumed attempt copies against the same base), by the driver. Only XenServer makes
+    deltas; the others always plan a full backup."""
+
+    parent: SnapshotId | None = Field(None, description="Snapshot whose backup this extends")
+    base_image: str | None = Field(None, description="The parent's primary image (delta base)")
+    depth: int = Field(0, ge=0, description="Deltas since the last full backup (0 = full)")
+
+
 class BackupResult(_Model):
     path: str
     manifest_path: str

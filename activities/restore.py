@@ -20,7 +20,7 @@ from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_err
 from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
 from .settings import Settings
-from .storage.secondary import SecondaryStore
+from .storage.secondary import Manifest, SecondaryStore
 
 
 def qemu_img_checked(*args: str, what: str) -> None:
@@ -61,13 +61,19 @@ class RestoreActivities:
         target = self.target_path(req)
         if target.exists():
             raise InvalidInput(f"{req.kind.value} {req.name!r} already exists at {target}")
-        self.store.verify(manifest)
-        if req.kind == RestoreKind.VOLUME:
-            # A hypervisor with its own primary storage (a VMware datastore) places it there.
-            driver = self.drivers.get(req.volume.vm.hypervisor)
-            placed = driver.create_volume(req, manifest.path)
-            if placed is not None:
-                return placed
+        with self.store.materialized(manifest) as raw:  # verified, chain applied
+            if req.kind == RestoreKind.VOLUME:
+                # A hypervisor with its own primary storage (a datastore, an SR) puts it there.
+                driver = self.drivers.get(req.volume.vm.hypervisor)
+                placed = driver.create_volume(req, str(raw))
+                if placed is not None:
+                    return placed
+            return self._restore_qcow2(req, target, raw, manifest)
+
+    def _restore_qcow2(
+        self, req: RestoreRequest, target: Path, raw: Path, manifest: Manifest
+    ) -> RestoreResult:
+        """A file-backed qcow2 volume or template, compared before its final name."""
         partial = target.with_name(target.name + ".partial")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +85,7 @@ class RestoreActivities:
                 "raw",
                 "-O",
                 "qcow2",
-                manifest.path,
+                str(raw),
                 str(partial),
                 what=f"restoring {req.snapshot_id}",
             )
@@ -90,7 +96,7 @@ class RestoreActivities:
                 "raw",
                 "-F",
                 "qcow2",
-                manifest.path,
+                str(raw),
                 str(partial),
                 what=f"checking the restore of {req.snapshot_id}",
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..contracts import (
+    BackupPlan,
     DiscardRequest,
     PrimarySnapshot,
     RestoreRequest,
@@ -20,6 +21,7 @@ from ..contracts import (
     VolumeRef,
 )
 from ..storage.reader import SnapshotReader
+from ..storage.secondary import Manifest
 
 
 class HypervisorDriver(ABC):
@@ -31,9 +33,15 @@ class HypervisorDriver(ABC):
         first attempt made instead of making a second snapshot.
         """
 
+    def plan_backup(self, source: PrimarySnapshot, backups: list[Manifest]) -> BackupPlan:
+        """Full or incremental, given the volume's finished backups (oldest first). The
+        default is a full backup; a driver with deltas (XenServer) picks a base."""
+        return BackupPlan()
+
     @abstractmethod
-    def open_reader(self, source: PrimarySnapshot) -> SnapshotReader:
-        """A reader of the snapshot's guest-visible bytes, for the copy engine."""
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> SnapshotReader:
+        """A reader of the snapshot's guest-visible bytes, for the copy engine. For a delta
+        plan, its data extents are the ranges that changed since ``plan.base_image``."""
 
     @abstractmethod
     def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import libvirt
 
 from ..contracts import (
+    BackupPlan,
     DiscardRequest,
     PrimarySnapshot,
     RevertRequest,
@@ -183,7 +184,7 @@ class KvmDriver(HypervisorDriver):
             )
 
     # -- backup source ---------------------------------------------------------------------
-    def open_reader(self, source: PrimarySnapshot) -> QemuImageReader:
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
         return QemuImageReader(source.image)
 
     # -- release ---------------------------------------------------------------------------
@@ -322,15 +323,19 @@ class KvmDriver(HypervisorDriver):
                 raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
             if req.primary is not None and Path(req.primary.image).exists():
                 source, source_fmt = req.primary.image, req.primary.image_format
+                self._revert_disk(
+                    dom, vm, disk, req.snapshot_id, source=source, source_fmt=source_fmt
+                )
             elif req.manifest_path is not None:
                 from ..storage.secondary import SecondaryStore
 
                 manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-                SecondaryStore.verify(manifest)
-                source, source_fmt = manifest.path, manifest.format
+                with SecondaryStore.materialized(manifest) as raw:
+                    self._revert_disk(
+                        dom, vm, disk, req.snapshot_id, source=str(raw), source_fmt="raw"
+                    )
             else:
                 raise InvalidInput(f"snapshot {req.snapshot_id} has no copy left to revert to")
-            self._revert_disk(dom, vm, disk, req.snapshot_id, source=source, source_fmt=source_fmt)
 
     def _revert_disk(
         self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str

@@ -36,6 +36,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from ..contracts import (
+    BackupPlan,
     DiscardRequest,
     PrimarySnapshot,
     RestoreRequest,
@@ -332,7 +333,7 @@ class VmwareDriver(HypervisorDriver):
             )
 
     # -- backup source ---------------------------------------------------------------------
-    def open_reader(self, source: PrimarySnapshot) -> DatastoreReader:
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> DatastoreReader:
         ds, _, path = source.image.partition("] ")
         return DatastoreReader(self.session, ds.lstrip("["), path, source.virtual_size)
 
@@ -372,8 +373,7 @@ class VmwareDriver(HypervisorDriver):
                 " reverted from its backup"
             )
         manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-        SecondaryStore.verify(manifest)
-        with _vm_locks[vm_name]:
+        with _vm_locks[vm_name], SecondaryStore.materialized(manifest) as raw:
             vm = self._vm(vm_name)
             if self._powered_on(vm):
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
@@ -384,7 +384,7 @@ class VmwareDriver(HypervisorDriver):
                     " them would corrupt them; revert to or delete them first"
                 )
             ds, path = flat_path(self._disk(vm, vm_name, disk).backing.fileName)
-            sent = self._upload(ds, path, Path(manifest.path))
+            sent = self._upload(ds, path, raw)
             if self._download_digest(ds, path) != sent:
                 raise ChainBusy(f"{disk!r} on {vm_name!r} did not read back as written")
 

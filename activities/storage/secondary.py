@@ -17,13 +17,14 @@ import contextlib
 import fcntl
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..contracts import VolumeRef
+from ..contracts import BackupPlan, VolumeRef
 from ..errors import BackupCorrupt, SecondaryStoreUnavailable, classify_os_error
 from . import checksum
 from .copy_engine import CopyOutcome, CopyTarget, verify_copy
@@ -44,7 +45,16 @@ class Manifest(BaseModel):
     source: str
     source_format: str
     parent: str | None = None
+    depth: int = 0
+    extents: list[tuple[int, int]] | None = None
     created: datetime
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes the backup carries: its extents for a delta, the whole image for a full."""
+        if self.extents is None:
+            return self.virtual_size
+        return sum(length for _, length in self.extents)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -96,6 +106,8 @@ class SecondaryStore:
         source: str,
         source_format: str,
         parent: str | None = None,
+        depth: int = 0,
+        extents: list[tuple[int, int]] | None = None,
     ) -> Manifest:
         """Verify the partial copy, then rename it into place and write the manifest last."""
         verify_copy(target.data, outcome.checksum)
@@ -115,6 +127,8 @@ class SecondaryStore:
             source=source,
             source_format=source_format,
             parent=parent,
+            depth=depth,
+            extents=extents,
             created=datetime.now(UTC),
         )
         mpath = self.manifest_path(volume, snapshot_id)
@@ -127,6 +141,7 @@ class SecondaryStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, mpath)
+            self.plan_path(volume, snapshot_id).unlink(missing_ok=True)
             _fsync_dir(mpath.parent)
         except OSError as exc:
             raise classify_os_error(exc, where=str(mpath.parent)) from exc
@@ -149,6 +164,77 @@ class SecondaryStore:
     def discard_partial(self, target: CopyTarget) -> None:
         for p in (target.data, target.digests):
             p.unlink(missing_ok=True)
+        snapshot_id = target.data.name.split(".", 1)[0]
+        (target.data.parent / f".{snapshot_id}.plan.json").unlink(missing_ok=True)
+
+    # -- incremental backups: the plan, the history, the chain ------------------------------
+    def plan_path(self, volume: VolumeRef, snapshot_id: str) -> Path:
+        return self.directory(volume) / f".{snapshot_id}.plan.json"
+
+    def save_plan(self, volume: VolumeRef, snapshot_id: str, plan: BackupPlan) -> None:
+        path = self.plan_path(volume, snapshot_id)
+        path.write_text(plan.model_dump_json())
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+
+    def load_plan(self, volume: VolumeRef, snapshot_id: str) -> BackupPlan | None:
+        path = self.plan_path(volume, snapshot_id)
+        return BackupPlan.model_validate_json(path.read_text()) if path.exists() else None
+
+    def completed(self, volume: VolumeRef) -> list[Manifest]:
+        """The volume's finished backups, oldest first (a manifest means verified)."""
+        manifests = [self.read_manifest(p) for p in self.directory(volume).glob("*.manifest.json")]
+        return sorted(manifests, key=lambda m: m.created)
+
+    @staticmethod
+    def chain(manifest: Manifest) -> list[Manifest]:
+        """``manifest`` and its parents down to the full backup, newest first."""
+        chain = [manifest]
+        while chain[-1].parent is not None:
+            parent = Path(chain[-1].path).with_name(f"{chain[-1].parent}.manifest.json")
+            if not parent.exists():
+                raise BackupCorrupt(
+                    f"backup {manifest.snapshot_id} needs {chain[-1].parent}, which is gone"
+                )
+            chain.append(SecondaryStore.read_manifest(parent))
+        return chain
+
+    @staticmethod
+    @contextlib.contextmanager
+    def materialized(manifest: Manifest) -> Iterator[Path]:
+        """The snapshot's full raw image for as long as the context lasts (a scratch file
+        beside the backup when it has to be rebuilt from a chain, removed afterwards)."""
+        scratch = Path(manifest.path).with_name(f".{manifest.snapshot_id}.restore.raw")
+        try:
+            yield SecondaryStore.materialize(manifest, scratch)
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    @staticmethod
+    def materialize(manifest: Manifest, scratch: Path) -> Path:
+        """A raw image of the snapshot: the backup itself when it is full; else the full
+        backup with each delta's extents applied over it, oldest first, into ``scratch``.
+        Every link of the chain is verified against its manifest first."""
+        chain = SecondaryStore.chain(manifest)
+        for link in chain:
+            SecondaryStore.verify(link)
+        if len(chain) == 1:
+            return Path(manifest.path)
+        subprocess.run(["cp", "--sparse=always", chain[-1].path, str(scratch)], check=True)
+        with open(scratch, "r+b") as out:
+            for link in reversed(chain[:-1]):
+                with open(link.path, "rb") as delta:
+                    for start, length in link.extents or []:
+                        delta.seek(start)
+                        out.seek(start)
+                        left = length
+                        while left:
+                            block = delta.read(min(left, 8 * 1024 * 1024))
+                            out.write(block)
+                            left -= len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        return scratch
 
     def discard_backup(self, volume: VolumeRef, snapshot_id: str) -> None:
         """Remove a finished backup that failed verification (manifest first)."""

@@ -170,7 +170,9 @@ class XapiService:
             ref = self._task_create(f"Async.{inner}")
             task, delay = self.store.tasks[ref], self.store.task_delay
         if delay > 0:
-            threading.Thread(target=self._run_task, args=(task, inner, args, delay)).start()
+            threading.Thread(
+                target=self._run_task, args=(task, inner, args, delay), daemon=True
+            ).start()
         else:
             self._run_task(task, inner, args, 0.0)
         return ref
