@@ -51,6 +51,37 @@ class VcenterConfig:
 
 
 @dataclass(frozen=True)
+class XenConfig:
+    """Where a XenServer worker finds its pool master; the password, as for vCenter, is
+    only referenced (``SNAPFERRY_XEN_PASSWORD_FILE``, else ``SNAPFERRY_XEN_PASSWORD``).
+    ``delta_max`` is CloudStack's ``snapshot.delta.max``: deltas before a new full."""
+
+    url: str
+    user: str
+    password_file: str | None
+    verify_tls: bool
+    delta_max: int
+
+    def password(self) -> str:
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return os.environ.get("SNAPFERRY_XEN_PASSWORD", "")
+
+    @classmethod
+    def from_env(cls) -> XenConfig | None:
+        url = os.environ.get("SNAPFERRY_XEN_URL")
+        if not url:
+            return None
+        return cls(
+            url=url.rstrip("/"),
+            user=_env("SNAPFERRY_XEN_USER", "root"),
+            password_file=os.environ.get("SNAPFERRY_XEN_PASSWORD_FILE") or None,
+            verify_tls=_env("SNAPFERRY_XEN_VERIFY_TLS", "1") != "0",
+            delta_max=int(_env("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16")),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     secondary: Path
@@ -65,6 +96,7 @@ class Settings:
     checkpoint_bytes: int
     backup_defaults: BackupOptions = field(default_factory=BackupOptions)
     vcenter: VcenterConfig | None = None
+    xen: XenConfig | None = None
 
     @property
     def temporal_port(self) -> int:
@@ -103,4 +135,5 @@ class Settings:
             checkpoint_bytes=int(_env("SNAPFERRY_CHECKPOINT_BYTES", str(64 * 1024 * 1024))),
             backup_defaults=backup_defaults,
             vcenter=VcenterConfig.from_env(),
+            xen=XenConfig.from_env(),
         )

@@ -13,6 +13,7 @@ from .base import HypervisorDriver
 _DRIVERS: dict[HypervisorType, str] = {
     HypervisorType.KVM: "activities.hypervisors.kvm:KvmDriver",
     HypervisorType.VMWARE: "activities.hypervisors.vmware:VmwareDriver",
+    HypervisorType.XENSERVER: "activities.hypervisors.xenserver:XenServerDriver",
 }
 
 

@@ -1,0 +1,529 @@
+"""XenServer through XenAPI: VDI snapshots on primary, VHD deltas chained on secondary.
+
+Take: ``Async.VDI.snapshot`` of the volume's VDI, with task polling; the snapshot VDI is
+labelled ``snapferry-<id>`` so that a retried take finds it.
+
+Backup: ``GET /export_raw_vdi?format=vhd``, streamed into the copy engine. The plan
+(``plan_backup``) follows CloudStack: a delta against the newest backed-up snapshot while its
+VDI is still on primary and fewer than ``snapshot.delta.max`` deltas follow the last full
+(``SNAPFERRY_SNAPSHOT_DELTA_MAX``, default 16), else a full. The VHD's block allocation table
+says which 2 MiB blocks the export carries; those are the delta's extents, recorded in its
+manifest with its parent. The export has no Range support, so a resumed backup re-opens it
+and skips (reads and drops) what it already has: the network repeats, the store does not.
+
+Primary snapshots: after a verified backup, the snapshot is marked released and every other
+released snapferry snapshot of the volume is destroyed, so only the newest stays on primary,
+as the next delta's base (CloudStack keeps exactly one). Unreleased ones (a backup pending
+or failed) are never destroyed.
+
+Restore (revert, new volume): the chain is rebuilt on secondary (full + deltas, each link
+verified) and written with ``PUT /import_raw_vdi``, then read back and compared.
+
+VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
+``snapferry-vm-<id>``; ``VM.revert``; delete destroys the snapshot VM and its VDIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import struct
+import threading
+import time
+import urllib.parse
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import XenAPI
+
+from ..contracts import (
+    BackupPlan,
+    DiscardRequest,
+    PrimarySnapshot,
+    RestoreRequest,
+    RestoreResult,
+    RevertRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VmSnapshotType,
+    VolumeRef,
+)
+from ..errors import (
+    ChainBusy,
+    CredentialsRejected,
+    DiskNotFound,
+    HypervisorUnavailable,
+    InvalidInput,
+    SourceGone,
+    UnsupportedImage,
+    VmNotFound,
+)
+from ..settings import Settings, XenConfig
+from ..storage.reader import DataExtent
+from ..storage.secondary import Manifest
+from .base import HypervisorDriver
+
+VOLUME_PREFIX = "snapferry-"
+VM_PREFIX = "snapferry-vm-"
+RELEASED = "snapferry: released"
+TASK_POLL_S = 0.05
+IO_CHUNK = 8 * 1024 * 1024
+NULL_REF = "OpaqueRef:NULL"
+
+_VOLUME_LABEL = re.compile(VOLUME_PREFIX + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+_vm_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+def _failure_error(exc: XenAPI.Failure, what: str) -> Exception:
+    """XAPI's error codes as our typed errors: gone and refused are permanent, busy retries."""
+    code, *params = [str(x) for x in exc.details] or ["UNKNOWN"]
+    message = f"{what}: {code} {params}"
+    if code == "SESSION_AUTHENTICATION_FAILED":
+        return CredentialsRejected(f"XenServer rejected the credentials ({what})")
+    if code in ("HANDLE_INVALID", "UUID_INVALID"):
+        return SourceGone(message)
+    if code in ("VDI_IN_USE", "OTHER_OPERATION_IN_PROGRESS", "SR_BACKEND_FAILURE_46"):
+        return ChainBusy(message)
+    if code == "VM_BAD_POWER_STATE":
+        return InvalidInput(message)
+    return HypervisorUnavailable(message)
+
+
+class XapiSession:
+    """One logged-in XenAPI session per process. XenAPI re-logs in by itself on
+    SESSION_INVALID; calls are serialised because its XML-RPC transport is not thread-safe."""
+
+    def __init__(self, config: XenConfig) -> None:
+        self.config = config
+        parts = urllib.parse.urlsplit(config.url)
+        self.scheme, self.host = parts.scheme or "https", parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.scheme == "https" else 80)
+        self._session: Any = None
+        self._lock = threading.RLock()
+
+    def _login(self) -> Any:
+        session = XenAPI.Session(self.config.url, ignore_ssl=not self.config.verify_tls)
+        try:
+            session.xenapi.login_with_password(
+                self.config.user, self.config.password(), "2.0", "snapferry"
+            )
+        except XenAPI.Failure as exc:
+            raise _failure_error(exc, f"logging in to {self.config.url}") from exc
+        except OSError as exc:
+            raise HypervisorUnavailable(
+                f"cannot reach XenServer at {self.config.url}: {exc}"
+            ) from exc
+        return session
+
+    def call(self, fn: Callable[[Any], Any], what: str) -> Any:
+        """``fn(session.xenapi)`` with XAPI failures mapped to our errors."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._login()
+            try:
+                return fn(self._session.xenapi)
+            except XenAPI.Failure as exc:
+                raise _failure_error(exc, what) from exc
+            except OSError as exc:
+                self._session = None
+                raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}") from exc
+
+    def session_ref(self) -> str:
+        with self._lock:
+            if self._session is None:
+                self._session = self._login()
+            return str(self._session._session)
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            import ssl
+
+            ctx = ssl.create_default_context()
+            if not self.config.verify_tls:
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            return http.client.HTTPSConnection(self.host, self.port, timeout=60, context=ctx)
+        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+
+    def url(self, endpoint: str, **params: str) -> str:
+        query = urllib.parse.urlencode({"session_id": self.session_ref(), **params})
+        return f"/{endpoint}?{query}"
+
+
+class VhdExportReader:
+    """The copy engine's reader over one streamed VHD export (full, or a delta with base).
+
+    The VHD's footer, dynamic header and BAT come first; each present block follows at the
+    sector its BAT entry names, preceded by its sector bitmap. The engine asks for extents
+    in guest order, which is the file order of the blocks, so the stream is read forward
+    once; a request behind the stream's position (a resumed copy) re-opens the export."""
+
+    def __init__(self, session: XapiSession, vdi_uuid: str, base_uuid: str | None) -> None:
+        self.session, self.vdi, self.base = session, vdi_uuid, base_uuid
+        self._resp: http.client.HTTPResponse | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._pos = 0
+        self._open()
+        footer = self._read(512)
+        if footer[:8] != b"conectix" or struct.unpack(">I", footer[60:64])[0] != 3:
+            raise UnsupportedImage(f"export of VDI {vdi_uuid} is not a dynamic VHD")
+        self.virtual_size = struct.unpack(">Q", footer[48:56])[0]
+        header_offset = struct.unpack(">Q", footer[16:24])[0]
+        self._skip_to(header_offset)
+        header = self._read(1024)
+        if header[:8] != b"cxsparse":
+            raise UnsupportedImage(f"export of VDI {vdi_uuid}: bad VHD dynamic header")
+        table_offset = struct.unpack(">Q", header[16:24])[0]
+        entries = struct.unpack(">I", header[28:32])[0]
+        self.block_size = struct.unpack(">I", header[32:36])[0]
+        self._skip_to(table_offset)
+        bat = struct.unpack(f">{entries}I", self._read(4 * entries))
+        self._bitmap = ((self.block_size // 512 // 8 + 511) // 512) * 512
+        self._extents = [
+            DataExtent(
+                start=i * self.block_size,
+                length=min(self.block_size, self.virtual_size - i * self.block_size),
+                path=f"vdi:{vdi_uuid}",
+                host_offset=sector * 512 + self._bitmap,
+            )
+            for i, sector in enumerate(bat)
+            if sector != 0xFFFFFFFF
+        ]
+        self._extents.sort(key=lambda e: e.host_offset)
+        if [e.start for e in self._extents] != sorted(e.start for e in self._extents):
+            raise UnsupportedImage(f"export of VDI {vdi_uuid}: blocks out of guest order")
+        self._extents.sort(key=lambda e: e.start)
+
+    def _open(self) -> None:
+        self.close()
+        params = {"vdi": self.vdi, "format": "vhd"}
+        if self.base:
+            params["base"] = self.base
+        try:
+            self._conn = self.session.connection()
+            self._conn.request("GET", self.session.url("export_raw_vdi", **params))
+            self._resp = self._conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorUnavailable(f"export of VDI {self.vdi} failed: {exc}") from exc
+        if self._resp.status == 404:
+            raise SourceGone(f"VDI {self.vdi} (or its base {self.base}) is gone")
+        if self._resp.status != 200:
+            raise HypervisorUnavailable(f"export of VDI {self.vdi}: HTTP {self._resp.status}")
+        self._pos = 0
+
+    def _read(self, n: int) -> bytes:
+        assert self._resp is not None
+        try:
+            data = self._resp.read(n)
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorUnavailable(f"export of VDI {self.vdi} broke: {exc}") from exc
+        if len(data) != n:
+            raise HypervisorUnavailable(f"export of VDI {self.vdi} ended early at {self._pos}")
+        self._pos += n
+        return data
+
+    def _skip_to(self, offset: int) -> None:
+        if offset < self._pos:
+            self._open()  # behind us (a resume): the export has no Range, start again
+        while self._pos < offset:
+            self._read(min(IO_CHUNK, offset - self._pos))
+
+    def data_extents(self) -> list[DataExtent]:
+        return list(self._extents)
+
+    def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
+        if guest_offset == extent.start:  # a block's sector bitmap: every sector present?
+            self._skip_to(extent.host_offset - self._bitmap)
+            bitmap = self._read(self._bitmap)
+            needed = (extent.length + 511) // 512
+            if bitmap[: needed // 8] != b"\xff" * (needed // 8):
+                raise UnsupportedImage(
+                    f"export of VDI {self.vdi}: partially present block at {extent.start}"
+                )
+        self._skip_to(extent.host_offset + (guest_offset - extent.start))
+        view[:] = self._read(len(view))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._resp = None
+
+
+class XenServerDriver(HypervisorDriver):
+    def __init__(self, settings: Settings) -> None:
+        if settings.xen is None:
+            raise InvalidInput("XenServer needs SNAPFERRY_XEN_URL (and user and password)")
+        self.config = settings.xen
+        self.session = XapiSession(settings.xen)
+
+    def _api(self, method: str, *args: Any) -> Any:
+        """One XenAPI call by its name (``"VDI.snapshot"``, ``"Async.VM.revert"``)."""
+
+        def call(xenapi: Any) -> Any:
+            fn = xenapi
+            for part in method.split("."):
+                fn = getattr(fn, part)
+            return fn(*args)
+
+        return self.session.call(call, method)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def _vm(self, name: str) -> str:
+        refs = self._api("VM.get_by_name_label", name)
+        vms = [r for r in refs if not self._api("VM.get_is_a_snapshot", r)]
+        if not vms:
+            raise VmNotFound(f"VM {name!r} does not exist on XenServer {self.config.url}")
+        return str(vms[0])
+
+    def _vdis(self, vm: str) -> dict[str, str]:
+        """The VM's disks by device name (``xvda``, ``xvdb``) -> VDI ref."""
+        disks = {}
+        for vbd in self._api("VM.get_VBDs", vm):
+            if self._api("VBD.get_type", vbd) != "Disk":
+                continue
+            vdi = self._api("VBD.get_VDI", vbd)
+            if vdi != NULL_REF:
+                disks[self._api("VBD.get_device", vbd)] = vdi
+        return disks
+
+    def _vdi(self, vm: str, vm_name: str, disk: str) -> str:
+        disks = self._vdis(vm)
+        if disk not in disks:
+            raise DiskNotFound(f"VM {vm_name!r} has no disk {disk!r} (it has {sorted(disks)})")
+        return disks[disk]
+
+    def _wait(self, task: str, what: str) -> str:
+        """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``."""
+        try:
+            while (status := self._api("task.get_status", task)) == "pending":
+                time.sleep(TASK_POLL_S)
+            if status != "success":
+                info = self._api("task.get_error_info", task)
+                raise _failure_error(XenAPI.Failure(info), what)
+            result = self._api("task.get_result", task)
+        finally:
+            self._api("task.destroy", task)
+        match = re.search(r"<value>(.*?)</value>", result or "")
+        return match.group(1) if match else str(result)
+
+    def _snapshot_vdis(self, vdi: str) -> dict[str, str]:
+        """Our volume snapshots of one VDI: label ``snapferry-<uuid>`` -> ref."""
+        found = {}
+        for snap in self._api("VDI.get_snapshots", vdi):
+            label = self._api("VDI.get_name_label", snap)
+            if _VOLUME_LABEL.fullmatch(label):
+                found[label] = snap
+        return found
+
+    def _power(self, vm: str) -> str:
+        return str(self._api("VM.get_power_state", vm))
+
+    # -- take --------------------------------------------------------------------------------
+    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        vm_name = volume.vm.name
+        with _vm_locks[vm_name]:
+            vm = self._vm(vm_name)
+            vdi = self._vdi(vm, vm_name, volume.disk)
+            label = VOLUME_PREFIX + snapshot_id
+            snap = self._snapshot_vdis(vdi).get(label)  # a retry finds it
+            if snap is None:
+                task = self._api("Async.VDI.snapshot", vdi, {})
+                snap = self._wait(task, f"snapshot of {vm_name}/{volume.disk}")
+                self._api("VDI.set_name_label", snap, label)
+            size = int(self._api("VDI.get_virtual_size", snap))
+            return PrimarySnapshot(
+                image=str(self._api("VDI.get_uuid", snap)),
+                image_format="vhd",
+                overlay=None,
+                virtual_size=size,
+                vm_was_running=self._power(vm) == "Running",
+            )
+
+    # -- backup --------------------------------------------------------------------------------
+    def _exists(self, vdi_uuid: str) -> bool:
+        try:
+            self._api("VDI.get_by_uuid", vdi_uuid)
+        except SourceGone:
+            return False
+        return True
+
+    def plan_backup(self, source: PrimarySnapshot, backups: list[Manifest]) -> BackupPlan:
+        """A delta on the newest backup while its VDI is on primary and the chain is short
+        enough (``snapshot.delta.max``), else a full."""
+        if not backups:
+            return BackupPlan()
+        newest = backups[-1]
+        if newest.depth + 1 > self.config.delta_max or not self._exists(newest.source):
+            return BackupPlan()
+        return BackupPlan(
+            parent=newest.snapshot_id, base_image=newest.source, depth=newest.depth + 1
+        )
+
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> VhdExportReader:
+        return VhdExportReader(self.session, source.image, plan.base_image)
+
+    # -- release / discard -----------------------------------------------------------------
+    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
+        """Keep this (the newest backed-up) snapshot as the next delta base; destroy every
+        other snapshot of the volume that was released before."""
+        vm_name = volume.vm.name
+        with _vm_locks[vm_name]:
+            vdi = self._vdi(self._vm(vm_name), vm_name, volume.disk)
+            ours = self._snapshot_vdis(vdi)
+            label = VOLUME_PREFIX + snapshot_id
+            if label in ours:
+                self._api("VDI.set_name_description", ours[label], RELEASED)
+            for other, ref in ours.items():
+                if other == label:
+                    continue
+                if self._api("VDI.get_name_description", ref) == RELEASED:
+                    self._api("VDI.destroy", ref)
+
+    def discard(self, req: DiscardRequest) -> None:
+        vm_name = req.vm.name
+        with _vm_locks[vm_name]:
+            vm = self._vm(vm_name)
+            for vdi in self._vdis(vm).values():
+                snap = self._snapshot_vdis(vdi).get(VOLUME_PREFIX + req.snapshot_id)
+                if snap is not None:
+                    self._api("VDI.destroy", snap)
+            self._destroy_vm_snapshot(vm_name, req.snapshot_id)
+
+    # -- restore ---------------------------------------------------------------------------
+    def _import(self, vdi: str, raw: Path) -> None:
+        """``PUT /import_raw_vdi`` of a raw image, then read back and compare (SHA-256)."""
+        uuid = str(self._api("VDI.get_uuid", vdi))
+        digest = hashlib.sha256()
+        conn = self.session.connection()
+        try:
+            conn.putrequest("PUT", self.session.url("import_raw_vdi", vdi=uuid, format="raw"))
+            conn.putheader("Content-Length", str(raw.stat().st_size))
+            conn.endheaders()
+            with open(raw, "rb") as f:
+                while block := f.read(IO_CHUNK):
+                    digest.update(block)
+                    conn.send(block)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 409:
+                raise ChainBusy(f"VDI {uuid} is in use: {body[:200]!r}")
+            if resp.status not in (200, 201, 204):
+                raise HypervisorUnavailable(f"import into VDI {uuid}: HTTP {resp.status}")
+            conn.close()
+            conn = self.session.connection()
+            conn.request("GET", self.session.url("export_raw_vdi", vdi=uuid, format="raw"))
+            resp = conn.getresponse()
+            back = hashlib.sha256()
+            while block := resp.read(IO_CHUNK):
+                back.update(block)
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorUnavailable(f"import into VDI {uuid} failed: {exc}") from exc
+        finally:
+            conn.close()
+        if back.hexdigest() != digest.hexdigest():
+            raise ChainBusy(f"VDI {uuid} did not read back as written")
+
+    def revert(self, req: RevertRequest) -> None:
+        """Rebuild full + deltas and import them into the halted VM's VDI."""
+        from ..storage.secondary import SecondaryStore
+
+        vm_name, disk = req.volume.vm.name, req.volume.disk
+        if req.manifest_path is None:
+            raise InvalidInput(
+                f"snapshot {req.snapshot_id} is not backed up yet; on XenServer a volume is"
+                " reverted from its backup chain"
+            )
+        manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+        with _vm_locks[vm_name], SecondaryStore.materialized(manifest) as raw:
+            vm = self._vm(vm_name)
+            if self._power(vm) != "Halted":
+                raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
+            self._import(self._vdi(vm, vm_name, disk), raw)
+
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult:
+        """A new VDI on the source VDI's SR, named after the volume, filled by import."""
+        vm_name = req.volume.vm.name
+        vm = self._vm(vm_name)
+        source = self._vdi(vm, vm_name, req.volume.disk)
+        sr = self._api("VDI.get_SR", source)
+        size = os.path.getsize(raw_backup)
+        existing = self._api("VDI.get_by_name_label", req.name)
+        if existing:
+            raise InvalidInput(f"volume {req.name!r} already exists on XenServer")
+        record = {
+            "name_label": req.name,
+            "name_description": f"snapferry: from snapshot {req.snapshot_id}",
+            "SR": sr,
+            "virtual_size": str(size),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+        vdi = self._api("VDI.create", record)
+        try:
+            self._import(vdi, Path(raw_backup))
+        except BaseException:
+            self._api("VDI.destroy", vdi)
+            raise
+        uuid = self._api("VDI.get_uuid", vdi)
+        return RestoreResult(path=f"xapi:VDI/{uuid}", virtual_size=size, format="vdi")
+
+    # -- VM snapshots --------------------------------------------------------------------------
+    def _vm_snapshot(self, vm_name: str, snapshot_id: str) -> str | None:
+        label = VM_PREFIX + snapshot_id
+        refs = self._api("VM.get_by_name_label", label)
+        return str(refs[0]) if refs else None
+
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        vm_name = op.vm.name
+        with _vm_locks[vm_name]:
+            vm = self._vm(vm_name)
+            running = self._power(vm) == "Running"
+            memory = op.type == VmSnapshotType.DISK_AND_MEMORY
+            if memory and not running:
+                raise InvalidInput(
+                    f"VM {vm_name!r} is stopped: a DiskAndMemory snapshot needs a running VM"
+                    " (take a Disk snapshot instead)"
+                )
+            label = VM_PREFIX + op.snapshot_id
+            if self._vm_snapshot(vm_name, op.snapshot_id) is None:
+                if memory:
+                    self._api("VM.checkpoint", vm, label)
+                else:
+                    self._api("VM.snapshot", vm, label)
+            return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
+
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        vm_name = op.vm.name
+        with _vm_locks[vm_name]:
+            vm = self._vm(vm_name)
+            snap = self._vm_snapshot(vm_name, op.snapshot_id)
+            if snap is None:
+                raise SourceGone(f"VM snapshot {op.snapshot_id} is gone from {vm_name!r}")
+            if op.type == VmSnapshotType.DISK and self._power(vm) != "Halted":
+                raise InvalidInput(
+                    f"VM {vm_name!r} is running; stop it before reverting to Disk snapshot"
+                    f" {op.snapshot_id}"
+                )
+            self._api("VM.revert", snap)
+            if op.type == VmSnapshotType.DISK_AND_MEMORY and self._power(vm) != "Running":
+                self._api("VM.start", vm, False, False)
+
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        with _vm_locks[op.vm.name]:
+            self._destroy_vm_snapshot(op.vm.name, op.snapshot_id)
+
+    def _destroy_vm_snapshot(self, vm_name: str, snapshot_id: str) -> None:
+        """The snapshot VM and the snapshot VDIs its VBDs hold."""
+        snap = self._vm_snapshot(vm_name, snapshot_id)
+        if snap is None:
+            return
+        vdis = list(self._vdis(snap).values())
+        self._api("VM.destroy", snap)
+        for vdi in vdis:
+            self._api("VDI.destroy", vdi)
