@@ -243,3 +243,51 @@ def vsphere(
         )
     finally:
         sim.stop()
+
+
+@dataclass
+class Xapi:
+    """A running XAPI simulator (tests/xapi_sim) and snapferry's settings for it."""
+
+    port: int
+    settings: Settings
+
+    def vm(self, name: str) -> dict:
+        from tests.xapi_sim.control import list_vms
+
+        return next(v for v in list_vms(self.port) if v["name"] == name)
+
+    def disk(self, vm: str, index: int = 0) -> Path:
+        """The VM's current VDI's bytes (a revert may have replaced the VDI)."""
+        return Path(self.vm(vm)["disks"][index]["path"])
+
+    def snapshot_vdis(self) -> list[dict]:
+        from tests.xapi_sim.control import list_vdis
+
+        return [v for v in list_vdis(self.port) if v["is_a_snapshot"]]
+
+
+XAPI_PASSWORD = "xen s3cret"  # a test secret: must never show up in a history
+
+
+@pytest.fixture
+def xapi(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xapi]:
+    """The XAPI simulator as a separate process, in XAPI's own revert mode (a revert gives
+    the VM new VDIs and leaves a checkpoint Suspended), and the environment a worker reads."""
+    from activities.settings import XenConfig
+    from tests.xapi_sim.control import SimulatorProcess, set_revert_mode
+
+    sim = SimulatorProcess()
+    port = sim.start(tmp_path / "xapi", 0, "root", XAPI_PASSWORD)
+    set_revert_mode(port, "xapi")
+    password_file = tmp_path / "xen.password"
+    password_file.write_text(XAPI_PASSWORD)
+    password_file.chmod(0o600)
+    monkeypatch.setenv("SNAPFERRY_XEN_URL", sim.url)
+    monkeypatch.setenv("SNAPFERRY_XEN_USER", "root")
+    monkeypatch.setenv("SNAPFERRY_XEN_PASSWORD_FILE", str(password_file))
+    monkeypatch.setenv("SNAPFERRY_SNAPSHOT_DELTA_MAX", "3")
+    try:
+        yield Xapi(port=port, settings=replace(settings, xen=XenConfig.from_env()))
+    finally:
+        sim.stop()

@@ -8,6 +8,7 @@ MESSAGE_METHOD_UNKNOWN rather than a made-up value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .disks import allocated_bytes
@@ -175,7 +176,13 @@ def _pool(store: Store) -> dict[str, Any]:
     }
 
 
-_BUILDERS = {"VM": _vm, "VBD": _vbd, "VDI": _vdi, "SR": _sr, "task": _task}
+_BUILDERS: dict[str, Callable[[Store, Any], dict[str, Any]]] = {
+    "VM": _vm,
+    "VBD": _vbd,
+    "VDI": _vdi,
+    "SR": _sr,
+    "task": _task,
+}
 
 
 def all_refs(store: Store, cls: str) -> list[str]:

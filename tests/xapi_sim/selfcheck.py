@@ -216,7 +216,7 @@ def check_faults(x: Any, port: int, session: Any, vdi: str, url: str) -> None:
 
     old = session.handle
     check(sim.expire_sessions(port) >= 1, "sessions expired")
-    raw = xmlrpc.client.ServerProxy(url).VM.get_all(old)
+    raw: Any = xmlrpc.client.ServerProxy(url).VM.get_all(old)
     check(raw["ErrorDescription"] == ["SESSION_INVALID", old], "wire answer is SESSION_INVALID")
     check(len(x.VM.get_all()) == 1, "XenAPI client re-logged in transparently")
     check(session.handle != old, "new session ref after re-login")
@@ -278,7 +278,8 @@ def check_vm_semantics(x: Any, port: int, vm: str, vdi: str, vdi1: str) -> None:
 def check_import(
     x: Any, port: int, session: Any, sr: str, vm: str, work: Path, want: bytes
 ) -> None:
-    rec = {"name_label": "restore", "SR": sr, "virtual_size": str(DISK0), "type": "user"}
+    rec: dict[str, Any] = {"name_label": "restore", "SR": sr, "virtual_size": str(DISK0)}
+    rec |= {"type": "user"}
     rec |= {"sharable": False, "read_only": False, "other_config": {}}
     raw_dst, vhd_dst = x.VDI.create(rec), x.VDI.create(rec)
     check(x.VDI.get_virtual_size(raw_dst) == str(DISK0), "VDI.create makes an empty VDI")

@@ -88,7 +88,7 @@ class XapiService:
         with s.lock:
             s.check_session(session)
             if method == "session.logout":
-                s.sessions.pop(session, None)
+                s.sessions.pop(str(session), None)
                 return ""
         if method.startswith("Async."):
             return self._start_task(method[len("Async.") :], args)
