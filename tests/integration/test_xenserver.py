@@ -4,6 +4,7 @@ XAPI's XML-RPC envelope, tasks and error codes, and its VHD export/import endpoi
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from temporalio.client import Client
@@ -22,7 +23,7 @@ from workers import starter
 from workers.demo_vm import MIB
 from workers.worker import running_workers
 
-from ..conftest import Xapi
+from ..conftest import XAPI_PASSWORD, Xapi
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +85,99 @@ async def test_full_and_deltas_restore_exactly_and_roll_over(
     # Only the newest backed-up snapshot stays on primary, as the next delta's base.
     left = [v for v in xapi.snapshot_vdis() if v["name"].startswith("snapferry-")]
     assert [v["name"] for v in left] == [f"snapferry-{ids[-1]}"]
+
+
+def fill(xapi: Xapi, vm: str, size: int, seed: int) -> random.Random:
+    rng = random.Random(seed)
+    for offset in range(0, size, 4 * MIB):
+        guest_write(xapi.port, vm, offset, rng.randbytes(MIB))
+    return rng
+
+
+def xen_volume(vm: str, host: str) -> VolumeRef:
+    return VolumeRef(vm=VmRef(name=vm, host=host, hypervisor="xenserver"), disk="xvda")
+
+
+async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
+    client: Client, xapi: Xapi, host_name: str, tmp_path: Path
+) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from tests.xapi_sim.control import set_export_delay
+    from workers.stack import terminate
+
+    from .test_durability import start_backup_worker, wait_for_progress
+
+    size = 128 * MIB
+    create_vm(xapi.port, "xen02", [size])
+    rng = fill(xapi, "xen02", size, seed=8)
+    async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
+        first = await starter.create_snapshot(client, xen_request("xen02", host_name, xapi))
+        await starter.wait_settled(client, first.id)
+    guest_write(xapi.port, "xen02", 32 * MIB, rng.randbytes(48 * MIB))  # a 48 MiB delta
+    set_export_delay(xapi.port, 12 * 1000 * 1000)
+    worker_a = start_backup_worker(tmp_path / "worker-a.log", rate_mbps=1000)
+    worker_b = None
+    try:
+        async with running_workers(client, xapi.settings, hosts=[host_name]):
+            second = await starter.create_snapshot(client, xen_request("xen02", host_name, xapi))
+            at_second = xapi.disk("xen02").read_bytes()
+            await wait_for_progress(client, second.id, 0.45)
+            os.kill(worker_a.pid, signal.SIGKILL)
+            worker_a.wait()
+            set_export_delay(xapi.port, 0)
+            worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
+            record = await asyncio.wait_for(starter.wait_settled(client, second.id), 120)
+    finally:
+        for w in (worker_a, worker_b):
+            if w is not None and w.poll() is None:
+                terminate(w.pid)
+    assert record.state == SnapshotState.BACKED_UP and record.backup
+    assert record.backup.attempts >= 2 and record.backup.resumed_from > 0
+    manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
+    assert manifest.parent == first.id and manifest.depth == 1  # the same base after resume
+    assert manifest.data_bytes == 48 * MIB
+    with SecondaryStore.materialized(manifest) as raw:
+        assert raw.read_bytes() == at_second
+    print(
+        f"\nXenServer kill -9 mid-delta: resumed from {record.backup.resumed_from / MIB:.0f}"
+        f" MiB of {size / MIB:.0f}; delta {manifest.data_bytes / MIB:.0f} MiB"
+    )
+
+
+async def test_xapi_faults_retry_or_alert_as_they_should(
+    client: Client, xapi: Xapi, host_name: str
+) -> None:
+    from tests.xapi_sim.control import clear_faults, expire_sessions, inject_fault
+
+    create_vm(xapi.port, "xen03", [16 * MIB])
+    fill(xapi, "xen03", 16 * MIB, seed=9)
+    async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
+        # VDI_IN_USE is transient: the take retries with backoff and succeeds.
+        inject_fault(xapi.port, "VDI.snapshot", "VDI_IN_USE", ["OpaqueRef:x", "snapshot"], 2)
+        busy = await starter.create_snapshot(client, xen_request("xen03", host_name, xapi))
+        assert busy.state == SnapshotState.CREATED_ON_PRIMARY
+        assert (await starter.wait_settled(client, busy.id)).state == SnapshotState.BACKED_UP
+        # An expired session: XenAPI logs in again by itself, nothing fails.
+        expire_sessions(xapi.port)
+        relogged = await starter.create_snapshot(client, xen_request("xen03", host_name, xapi))
+        assert relogged.state == SnapshotState.CREATED_ON_PRIMARY
+        await starter.wait_settled(client, relogged.id)
+        # HANDLE_INVALID is permanent: one attempt, Error, an alert.
+        inject_fault(xapi.port, "VDI.snapshot", "HANDLE_INVALID", ["VDI", "OpaqueRef:gone"], 5)
+        with pytest.raises(starter.SnapferryClientError, match="HANDLE_INVALID"):
+            await starter.create_snapshot(client, xen_request("xen03", host_name, xapi))
+        clear_faults(xapi.port)
+        # Exports failing past the retries: an alert; the snapshot is kept, retry completes.
+        inject_fault(xapi.port, "export_raw_vdi", "INTERNAL_ERROR", [], 20)
+        kept = await starter.create_snapshot(client, xen_request("xen03", host_name, xapi))
+        failed = await starter.wait_settled(client, kept.id)
+        assert failed.state == SnapshotState.CREATED_ON_PRIMARY and failed.backup_error
+        log = xapi.settings.alert_log.read_text()
+        assert "SNAPSHOT.TAKE.FAILED" in log and "SNAPSHOT.BACKUP.FAILED" in log
+        clear_faults(xapi.port)
+        await starter.retry_backup(client, kept.id)
+        assert (await starter.wait_settled(client, kept.id)).state == SnapshotState.BACKED_UP
+    assert XAPI_PASSWORD not in log
