@@ -82,7 +82,8 @@ class BackupActivities:
                 plan = self.store.load_plan(req.volume, req.snapshot_id) if resume else None
                 if plan is None:
                     resume = None
-                    plan = driver.plan_backup(req.source, self.store.completed(req.volume))
+                    history = self.store.completed(req.volume, hidden=False)
+                    plan = driver.plan_backup(req.source, history)
                     self.store.save_plan(req.volume, req.snapshot_id, plan)
                 reader = driver.open_reader(req.source, plan)
                 extents = (

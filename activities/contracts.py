@@ -59,6 +59,7 @@ class SnapshotState(StrEnum):
     CREATED_ON_PRIMARY = "CreatedOnPrimary"
     BACKING_UP = "BackingUp"
     BACKED_UP = "BackedUp"
+    HIDDEN = "Hidden"
     DESTROYING = "Destroying"
     DESTROYED = "Destroyed"
     ERROR = "Error"
@@ -271,6 +272,17 @@ class DeleteBackupRequest(_Model):
 
     snapshot_id: SnapshotId
     volume: VolumeRef
+
+
+class DeleteBackupOutcome(_Model):
+    """What a delete did on secondary, chain-aware as in CloudStack.
+
+    ``hidden``: later deltas still need this backup, so it stays (marked hidden) until they
+    are gone. ``purged``: hidden ancestors this delete left without dependants; they were
+    deleted too, and their snapshots are now Destroyed."""
+
+    hidden: bool = False
+    purged: list[SnapshotId] = Field(default_factory=list)
 
 
 class BackupRequest(_Model):

@@ -15,7 +15,12 @@ from .errors import converts_errors
 from .names import APPLY_RETENTION, DELETE_SNAPSHOT_UPDATE
 
 _STATE = SearchAttributeKey.for_keyword("SnapshotState")
-_GONE = {SnapshotState.DESTROYING.value, SnapshotState.DESTROYED.value, SnapshotState.ERROR.value}
+_GONE = {
+    SnapshotState.HIDDEN.value,
+    SnapshotState.DESTROYING.value,
+    SnapshotState.DESTROYED.value,
+    SnapshotState.ERROR.value,
+}
 
 
 class PolicyActivities:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from temporalio import activity
 
-from .contracts import DeleteBackupRequest, RestoreKind, RestoreRequest, RestoreResult
+from .contracts import (
+    DeleteBackupOutcome,
+    DeleteBackupRequest,
+    RestoreKind,
+    RestoreRequest,
+    RestoreResult,
+)
 from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_errors
 from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
@@ -128,10 +134,11 @@ class RestoreActivities:
 
     @activity.defn(name=DELETE_BACKUP)
     @converts_errors
-    def delete_backup(self, req: DeleteBackupRequest) -> None:
-        """Remove a snapshot's files from the store: the manifest first (so a half-deleted
-        backup never looks whole), then the image, digests, partials and lock. Idempotent."""
+    def delete_backup(self, req: DeleteBackupRequest) -> DeleteBackupOutcome:
+        """Remove a snapshot's files from the store, chain-aware: a backup later deltas
+        depend on is hidden instead, and hidden ancestors left without dependants go too.
+        Files go manifest first, so a half-deleted backup never looks whole. Idempotent."""
         try:
-            self.store.discard_everything(req.volume, req.snapshot_id)
+            return self.store.delete_chain_aware(req.volume, req.snapshot_id)
         except OSError as exc:
             raise classify_os_error(exc, where=str(self.store.directory(req.volume))) from exc

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         Alert,
         AlertSeverity,
         BackupRequest,
+        DeleteBackupOutcome,
         DeleteBackupRequest,
         PrimarySnapshot,
         ReleaseRequest,
@@ -61,6 +62,7 @@ from .routing import (
     VOLUME_SNAPSHOT_WORKFLOW,
     backup_workflow_id,
     host_queue,
+    snapshot_workflow_id,
     volume_id,
 )
 
@@ -73,6 +75,8 @@ HOST_RETRY = RetryPolicy(
 
 ENTITY_PATCH = "snapshot-stays-open-as-entity"
 DISCARD_PATCH = "discard-what-a-failed-take-left"
+HIDDEN_PATCH = "hidden-chain-members"
+PURGED_SIGNAL = "purged"
 
 WAIT_TAKEN_UPDATE = "wait_taken"
 RETRY_BACKUP_UPDATE = "retry_backup"
@@ -323,21 +327,46 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             if self.record.primary is not None:
                 # Whatever a backup left (finished, or cancelled mid-way), by the store's
                 # own layout: a backup that finished just as it was cancelled is included.
-                await workflow.execute_activity(
+                outcome: DeleteBackupOutcome | None = await workflow.execute_activity(
                     DELETE_BACKUP,
                     DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
+                    result_type=DeleteBackupOutcome | None,  # type: ignore[arg-type]
                     task_queue=BACKUP_QUEUE,
                     start_to_close_timeout=timedelta(minutes=10),
                     retry_policy=HOST_RETRY,
                 )
+            else:
+                outcome = None
             if self.record.primary is not None and not self.record.primary_released:
                 await self._release(self.req)
+            if outcome is not None and workflow.patched(HIDDEN_PATCH):
+                for parent in outcome.purged:  # hidden ancestors nothing needs any more
+                    await workflow.get_external_workflow_handle(
+                        snapshot_workflow_id(parent)
+                    ).signal(PURGED_SIGNAL)
+                if outcome.hidden:
+                    # Later deltas need this backup: Hidden, as in CloudStack, until the
+                    # delete of its last dependant purges it.
+                    self._set_state(SnapshotState.HIDDEN)
+                    return self.record
             self._set_state(SnapshotState.DESTROYED)
             self.destroyed = True
         return self.record
 
+    @workflow.signal(name=PURGED_SIGNAL)
+    def purged(self) -> None:
+        """Sent by the delete that removed this Hidden snapshot's backup with its own."""
+        if self.record.state == SnapshotState.HIDDEN:
+            self._set_state(SnapshotState.DESTROYED)
+            self.destroyed = True
+
     @delete_snapshot.validator
     def _validate_delete(self) -> None:
+        if self.record.state == SnapshotState.HIDDEN:
+            self._refuse(
+                "it is Hidden: deleted, but its backup is kept until the later deltas that"
+                " depend on it are deleted"
+            )
         if self.deleting or self.record.state in (
             SnapshotState.ALLOCATED,
             SnapshotState.CREATING,

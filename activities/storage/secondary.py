@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..contracts import BackupPlan, VolumeRef
+from ..contracts import BackupPlan, DeleteBackupOutcome, VolumeRef
 from ..errors import BackupCorrupt, SecondaryStoreUnavailable, classify_os_error
 from . import checksum
 from .copy_engine import CopyOutcome, CopyTarget, verify_copy
@@ -181,9 +181,14 @@ class SecondaryStore:
         path = self.plan_path(volume, snapshot_id)
         return BackupPlan.model_validate_json(path.read_text()) if path.exists() else None
 
-    def completed(self, volume: VolumeRef) -> list[Manifest]:
-        """The volume's finished backups, oldest first (a manifest means verified)."""
-        manifests = [self.read_manifest(p) for p in self.directory(volume).glob("*.manifest.json")]
+    def completed(self, volume: VolumeRef, *, hidden: bool = True) -> list[Manifest]:
+        """The volume's finished backups, oldest first (a manifest means verified);
+        ``hidden=False`` leaves out those of deleted snapshots kept for their dependants."""
+        manifests = [
+            self.read_manifest(p)
+            for p in self.directory(volume).glob("*.manifest.json")
+            if hidden or not self.hidden_marker(volume, p.name.split(".")[0]).exists()
+        ]
         return sorted(manifests, key=lambda m: m.created)
 
     @staticmethod
@@ -242,11 +247,38 @@ class SecondaryStore:
         for p in (self.manifest_path(volume, snapshot_id), image, image.with_suffix(".chunks")):
             p.unlink(missing_ok=True)
 
+    def hidden_marker(self, volume: VolumeRef, snapshot_id: str) -> Path:
+        return self.directory(volume) / f"{snapshot_id}.hidden"
+
+    def dependants(self, volume: VolumeRef, snapshot_id: str) -> list[str]:
+        """Finished backups whose manifest names ``snapshot_id`` as parent."""
+        return [m.snapshot_id for m in self.completed(volume) if m.parent == snapshot_id]
+
+    def delete_chain_aware(self, volume: VolumeRef, snapshot_id: str) -> DeleteBackupOutcome:
+        """Delete one snapshot's backup unless later deltas need it (then hide it); after a
+        delete, purge each hidden ancestor that nothing needs any more, up the chain."""
+        if self.dependants(volume, snapshot_id):
+            self.hidden_marker(volume, snapshot_id).touch()
+            return DeleteBackupOutcome(hidden=True)
+        manifest = self.manifest_path(volume, snapshot_id)
+        parent = self.read_manifest(manifest).parent if manifest.exists() else None
+        self.discard_everything(volume, snapshot_id)
+        purged = []
+        while parent is not None and self.hidden_marker(volume, parent).exists():
+            if self.dependants(volume, parent):
+                break
+            grandparent = self.read_manifest(self.manifest_path(volume, parent)).parent
+            self.discard_everything(volume, parent)
+            purged.append(parent)
+            parent = grandparent
+        return DeleteBackupOutcome(purged=purged)
+
     def discard_everything(self, volume: VolumeRef, snapshot_id: str) -> None:
         """Every file of one snapshot, in an order that never leaves a whole-looking backup."""
         self.discard_backup(volume, snapshot_id)
         self.discard_partial(self.partial_target(volume, snapshot_id))
         (self.directory(volume) / f".{snapshot_id}.lock").unlink(missing_ok=True)
+        self.hidden_marker(volume, snapshot_id).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def exclusive(self, volume: VolumeRef, snapshot_id: str) -> Iterator[None]:

@@ -181,3 +181,67 @@ async def test_xapi_faults_retry_or_alert_as_they_should(
         await starter.retry_backup(client, kept.id)
         assert (await starter.wait_settled(client, kept.id)).state == SnapshotState.BACKED_UP
     assert XAPI_PASSWORD not in log
+
+
+async def test_deleting_a_base_hides_it_until_its_deltas_are_gone(
+    client: Client, xapi: Xapi, host_name: str
+) -> None:
+    from workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
+
+    size = 16 * MIB
+    create_vm(xapi.port, "xen04", [size])
+    rng = fill(xapi, "xen04", size, seed=10)
+    ids: list[str] = []
+    contents: dict[str, bytes] = {}
+    async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
+        for _ in range(3):  # full A, delta B (on A), delta C (on B)
+            guest_write(xapi.port, "xen04", rng.randrange(0, size - MIB, BLOCK), rng.randbytes(MIB))
+            answer = await starter.create_snapshot(client, xen_request("xen04", host_name, xapi))
+            contents[answer.id] = xapi.disk("xen04").read_bytes()
+            await starter.wait_settled(client, answer.id)
+            ids.append(answer.id)
+        a, b, c = ids
+        store = xapi.settings.secondary / "snapshots" / "xen04" / "xvda"
+
+        async def delete(sid: str) -> str:
+            record = await starter.snapshot_operation(client, sid, DELETE_UPDATE)
+            return str(record.state)
+
+        assert await delete(b) == "Hidden"  # C is a delta on B
+        assert await delete(a) == "Hidden"  # B (hidden) is a delta on A
+        with pytest.raises(starter.SnapferryClientError, match="Hidden"):
+            await delete(a)
+        hidden = await starter.list_snapshots(client, vm="xen04", state="Hidden")
+        assert {r["id"] for r in hidden} == {a, b}
+        # C still restores exactly through its hidden ancestors.
+        await snapshot_power(xapi, "xen04", on=False)
+        await starter.snapshot_operation(client, c, REVERT_UPDATE)
+        assert xapi.disk("xen04").read_bytes() == contents[c]
+        assert await delete(c) == "Destroyed"  # ... and purges B and A with it
+        for sid in (a, b):
+            for _ in range(100):
+                if (await starter.get_record(client, sid)).state == SnapshotState.DESTROYED:
+                    break
+                import asyncio
+
+                await asyncio.sleep(0.1)
+            assert (await starter.get_record(client, sid)).state == SnapshotState.DESTROYED
+    assert not store.exists() or sorted(p.name for p in store.iterdir()) == []
+
+
+async def snapshot_power(xapi: Xapi, vm: str, *, on: bool) -> None:
+    """Power a VM on or off as its owner would, through XenAPI."""
+    import XenAPI
+
+    from ..conftest import XAPI_PASSWORD as password
+
+    session = XenAPI.Session(f"http://127.0.0.1:{xapi.port}")
+    session.xenapi.login_with_password("root", password, "2.21", "test")
+    try:
+        ref = session.xenapi.VM.get_by_name_label(vm)[0]
+        if on:
+            session.xenapi.VM.start(ref, False, False)
+        else:
+            session.xenapi.VM.hard_shutdown(ref)
+    finally:
+        session.xenapi.session.logout()
