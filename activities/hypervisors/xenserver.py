@@ -25,6 +25,7 @@ VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -248,6 +249,11 @@ class VhdExportReader:
         view[:] = self._read(len(view))
 
     def close(self) -> None:
+        # Only the VHD's closing footer is normally left: read it rather than reset the
+        # connection under the server's feet; a long remainder (a cancel) is cut off.
+        if self._resp is not None and (self._resp.length or 0) <= IO_CHUNK:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                self._resp.read()
         if self._conn is not None:
             self._conn.close()
         self._conn = self._resp = None
@@ -511,7 +517,12 @@ class XenServerDriver(HypervisorDriver):
                     f" {op.snapshot_id}"
                 )
             self._api("VM.revert", snap)
-            if op.type == VmSnapshotType.DISK_AND_MEMORY and self._power(vm) != "Running":
+            # XAPI leaves a VM reverted to a checkpoint Suspended (its memory restored):
+            # resume it, so that it ends running as on the other hypervisors.
+            state = self._power(vm)
+            if op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Suspended":
+                self._api("VM.resume", vm, False, False)
+            elif op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Halted":
                 self._api("VM.start", vm, False, False)
 
     def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:

@@ -3,6 +3,7 @@ XAPI's XML-RPC envelope, tasks and error codes, and its VHD export/import endpoi
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -245,3 +246,95 @@ async def snapshot_power(xapi: Xapi, vm: str, *, on: bool) -> None:
             session.xenapi.VM.hard_shutdown(ref)
     finally:
         session.xenapi.session.logout()
+
+
+async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
+    client: Client, xapi: Xapi, host_name: str
+) -> None:
+    """Four levels of each kind, interleaved, with XAPI's own revert semantics (the VM gets
+    new VDIs; a checkpoint comes back Suspended and is resumed): reverts of both VM snapshot
+    types, deletes of both kinds in the middle, backups that stay deltas across reverts, a
+    volume revert from a chain and a new volume from a backup."""
+    from activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
+    from workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
+    from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+
+    size = 16 * MIB
+    create_vm(xapi.port, "xen05", [size])
+    rng = fill(xapi, "xen05", size, seed=11)
+    vm = VmRef(name="xen05", host=host_name, hypervisor=HypervisorType.XENSERVER)
+    vm_snaps: dict[str, bytes] = {}
+    vol_snaps: dict[str, bytes] = {}
+
+    async def vm_op(sid: str, update: str):  # type: ignore[no-untyped-def]
+        return await starter.snapshot_operation(
+            client, sid, update, kind=starter.VM, result_type=starter.VM.record_type
+        )
+
+    assert xapi.settings.xen is not None
+    deep = dataclasses.replace(  # no rollover here: v5 must be a delta across the reverts
+        xapi.settings, xen=dataclasses.replace(xapi.settings.xen, delta_max=16)
+    )
+    async with running_workers(client, deep, hosts=[host_name], backup=True):
+        for level in range(4):
+            kind = VmSnapshotType.DISK if level % 2 == 0 else VmSnapshotType.DISK_AND_MEMORY
+            guest_write(xapi.port, "xen05", level * BLOCK, rng.randbytes(MIB))
+            taken = await starter.create_vm_snapshot(
+                client, VmSnapshotRequest(snapshot_id=new_snapshot_id(), vm=vm, type=kind)
+            )
+            assert taken.state == "Ready"
+            vm_snaps[taken.id] = xapi.disk("xen05").read_bytes()
+            guest_write(xapi.port, "xen05", level * BLOCK + MIB, rng.randbytes(4096))
+            answer = await starter.create_snapshot(client, xen_request("xen05", host_name, xapi))
+            vol_snaps[answer.id] = xapi.disk("xen05").read_bytes()
+            await starter.wait_settled(client, answer.id)
+        l1, l2, l3, l4 = list(vm_snaps)
+        v1, v2, v3, v4 = list(vol_snaps)
+        await vm_op(l2, REVERT_VM_SNAPSHOT_UPDATE)  # a checkpoint: resumed, running
+        assert xapi.vm("xen05")["power"] == "Running"
+        assert xapi.disk("xen05").read_bytes() == vm_snaps[l2]
+        with pytest.raises(starter.SnapferryClientError, match="is running; stop it"):
+            await vm_op(l1, REVERT_VM_SNAPSHOT_UPDATE)
+        await snapshot_power(xapi, "xen05", on=False)
+        await vm_op(l1, REVERT_VM_SNAPSHOT_UPDATE)
+        assert xapi.disk("xen05").read_bytes() == vm_snaps[l1]
+        await snapshot_power(xapi, "xen05", on=True)
+        # A volume snapshot after the reverts: still a delta, still exact.
+        guest_write(xapi.port, "xen05", 5 * BLOCK, rng.randbytes(MIB))
+        v5 = (await starter.create_snapshot(client, xen_request("xen05", host_name, xapi))).id
+        vol_snaps[v5] = xapi.disk("xen05").read_bytes()
+        done = await starter.wait_settled(client, v5)
+        assert done.backup
+        manifest = SecondaryStore.read_manifest(Path(done.backup.manifest_path))
+        assert manifest.parent == v4 and manifest.depth == 4
+        with SecondaryStore.materialized(manifest) as raw:
+            assert raw.read_bytes() == vol_snaps[v5]
+        assert (await vm_op(l3, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
+        assert (await starter.snapshot_operation(client, v2, DELETE_UPDATE)).state == "Hidden"
+        await snapshot_power(xapi, "xen05", on=False)
+        await starter.snapshot_operation(client, v3, REVERT_UPDATE)  # through hidden v2
+        assert xapi.disk("xen05").read_bytes() == vol_snaps[v3]
+        made: RestoreResult = await starter.snapshot_operation(
+            client, v4, CREATE_VOLUME_UPDATE, "xen05-restored", result_type=RestoreResult
+        )
+        restored = next(v for v in xapi.snapshot_vdis() + all_vdis(xapi) if v["uuid"] in made.path)
+        assert Path(restored["path"]).read_bytes() == vol_snaps[v4]
+        for sid in (l1, l2, l4):
+            assert (await vm_op(sid, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
+        for sid in (v1, v3, v4, v5):
+            await starter.snapshot_operation(client, sid, DELETE_UPDATE)
+    names = [v["name"] for v in xapi.snapshot_vdis()]
+    assert not [n for n in names if n.startswith("snapferry-vm-")]
+    assert not [vm for vm in all_vms(xapi) if vm["name"].startswith("snapferry-vm-")]
+
+
+def all_vdis(xapi: Xapi) -> list[dict]:
+    from tests.xapi_sim.control import list_vdis
+
+    return list_vdis(xapi.port)
+
+
+def all_vms(xapi: Xapi) -> list[dict]:
+    from tests.xapi_sim.control import list_vms
+
+    return list_vms(xapi.port)
