@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
+from activities.contracts import SnapshotRecord, SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
 from activities.settings import Settings
 
 
@@ -38,3 +38,15 @@ def patch_reference(src: Path, dst: Path, *, pattern: int, offset: int, length: 
         f.seek(offset)
         f.write(bytes([pattern]) * length)
     return dst
+
+
+async def cli_create(vm: str, disk: str, host: str, hypervisor: str) -> SnapshotRecord:
+    """``snapferry snapshot create ... --json`` as an operator runs it; the parsed answer."""
+    from ..conftest import snapferry_cli
+
+    made = await snapferry_cli(
+        *("snapshot", "create", "--vm", vm, "--disk", disk, "--host", host),
+        *("--hypervisor", hypervisor, "--json"),
+    )
+    assert made.returncode == 0, made.stderr
+    return SnapshotRecord.model_validate_json(made.stdout)

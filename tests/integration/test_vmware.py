@@ -14,7 +14,6 @@ from temporalio.client import Client
 
 from activities.contracts import (
     HypervisorType,
-    SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
     VmRef,
@@ -26,7 +25,8 @@ from workers import starter
 from workers.demo_vm import MIB
 from workers.worker import running_workers
 
-from ..conftest import Vsphere, snapferry_cli
+from ..conftest import Vsphere
+from .helpers import cli_create
 
 pytestmark = pytest.mark.integration
 
@@ -166,21 +166,7 @@ async def test_delete_during_backup_cancels_and_destroys_the_clone(
     slow = dataclasses.replace(vsphere.settings, backup_rate_limit_bps=4e6)
     async with running_workers(client, slow, hosts=[host_name], backup=True):
         # Through the CLI, as an operator would: the same command with --hypervisor vmware.
-        made = await snapferry_cli(
-            "snapshot",
-            "create",
-            "--vm",
-            "web02",
-            "--disk",
-            "web02",
-            "--host",
-            host_name,
-            "--hypervisor",
-            "vmware",
-            "--json",
-        )
-        assert made.returncode == 0, made.stderr
-        answer = SnapshotRecord.model_validate_json(made.stdout)
+        answer = await cli_create("web02", "web02", host_name, "vmware")
         assert answer.state == SnapshotState.CREATED_ON_PRIMARY and answer.hypervisor == "vmware"
         assert (await starter.get_record(client, answer.id)).state == SnapshotState.BACKING_UP
         gone = await starter.snapshot_operation(client, answer.id, DELETE_UPDATE)

@@ -3,9 +3,12 @@ XAPI's XML-RPC envelope, tasks and error codes, and its VHD export/import endpoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -25,10 +28,21 @@ from workers.demo_vm import MIB
 from workers.worker import running_workers
 
 from ..conftest import XAPI_PASSWORD, Xapi
+from .helpers import cli_create
 
 pytestmark = pytest.mark.integration
 
 BLOCK = 2 * MIB  # a VHD block: the grain of a delta
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * MIB):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def xen_request(vm: str, host: str, xapi: Xapi, disk: str = "xvda") -> SnapshotRequest:
@@ -52,7 +66,7 @@ async def test_full_and_deltas_restore_exactly_and_roll_over(
     rng = random.Random(7)
     for offset in range(0, size, 8 * MIB):  # data over the whole disk
         guest_write(xapi.port, "xen01", offset, rng.randbytes(MIB))
-    expected: dict[str, bytes] = {}
+    expected: dict[str, str] = {}  # SHA-256 of the VDI at each snapshot time
     async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
         for i in range(6):
             if i:  # change 1 % of the volume, contiguous, between snapshots
@@ -61,7 +75,7 @@ async def test_full_and_deltas_restore_exactly_and_roll_over(
                 guest_write(xapi.port, "xen01", offset, rng.randbytes(change))
             answer = await starter.create_snapshot(client, xen_request("xen01", host_name, xapi))
             assert answer.state == SnapshotState.CREATED_ON_PRIMARY
-            expected[answer.id] = xapi.disk("xen01").read_bytes()
+            expected[answer.id] = sha256_of(xapi.disk("xen01"))
             record = await starter.wait_settled(client, answer.id)
             assert record.state == SnapshotState.BACKED_UP and record.backup
     store = SecondaryStore(xapi.settings.secondary)
@@ -77,7 +91,7 @@ async def test_full_and_deltas_restore_exactly_and_roll_over(
     full = manifests[ids[0]].data_bytes
     for sid in ids:
         with SecondaryStore.materialized(manifests[sid]) as raw:
-            assert raw.read_bytes() == expected[sid], f"chain of {sid} does not rebuild"
+            assert sha256_of(raw) == expected[sid], f"chain of {sid} does not rebuild"
         m = manifests[sid]
         if m.parent is not None:
             ratio = m.data_bytes / full
@@ -99,6 +113,13 @@ def xen_volume(vm: str, host: str) -> VolumeRef:
     return VolumeRef(vm=VmRef(name=vm, host=host, hypervisor="xenserver"), disk="xvda")
 
 
+async def backed_up_snapshot(client: Client, xapi: Xapi, vm: str, host: str) -> Any:
+    """A snapshot of the VM's xvda, waited for until settled (the base of later deltas)."""
+    answer = await starter.create_snapshot(client, xen_request(vm, host, xapi))
+    await starter.wait_settled(client, answer.id)
+    return answer
+
+
 async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
     client: Client, xapi: Xapi, host_name: str, tmp_path: Path
 ) -> None:
@@ -115,8 +136,7 @@ async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
     create_vm(xapi.port, "xen02", [size])
     rng = fill(xapi, "xen02", size, seed=8)
     async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
-        first = await starter.create_snapshot(client, xen_request("xen02", host_name, xapi))
-        await starter.wait_settled(client, first.id)
+        first = await backed_up_snapshot(client, xapi, "xen02", host_name)
     guest_write(xapi.port, "xen02", 32 * MIB, rng.randbytes(48 * MIB))  # a 48 MiB delta
     set_export_delay(xapi.port, 12 * 1000 * 1000)
     worker_a = start_backup_worker(tmp_path / "worker-a.log", rate_mbps=1000)
@@ -230,22 +250,27 @@ async def test_deleting_a_base_hides_it_until_its_deltas_are_gone(
     assert not store.exists() or sorted(p.name for p in store.iterdir()) == []
 
 
-async def snapshot_power(xapi: Xapi, vm: str, *, on: bool) -> None:
-    """Power a VM on or off as its owner would, through XenAPI."""
+@contextlib.contextmanager
+def operator_session(xapi: Xapi) -> Iterator[Any]:
+    """A XenAPI session of the test's own, as an operator's tools would open one."""
     import XenAPI
 
-    from ..conftest import XAPI_PASSWORD as password
-
     session = XenAPI.Session(f"http://127.0.0.1:{xapi.port}")
-    session.xenapi.login_with_password("root", password, "2.21", "test")
+    session.xenapi.login_with_password("root", XAPI_PASSWORD, "2.21", "operator")
     try:
-        ref = session.xenapi.VM.get_by_name_label(vm)[0]
-        if on:
-            session.xenapi.VM.start(ref, False, False)
-        else:
-            session.xenapi.VM.hard_shutdown(ref)
+        yield session.xenapi
     finally:
         session.xenapi.session.logout()
+
+
+async def snapshot_power(xapi: Xapi, vm: str, *, on: bool) -> None:
+    """Power a VM on or off as its owner would, through XenAPI."""
+    with operator_session(xapi) as xenapi:
+        ref = xenapi.VM.get_by_name_label(vm)[0]
+        if on:
+            xenapi.VM.start(ref, False, False)
+        else:
+            xenapi.VM.hard_shutdown(ref)
 
 
 async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
@@ -338,3 +363,25 @@ def all_vms(xapi: Xapi) -> list[dict]:
     from tests.xapi_sim.control import list_vms
 
     return list_vms(xapi.port)
+
+
+async def test_a_base_gone_from_primary_means_a_new_full_through_the_cli(
+    client: Client, xapi: Xapi, host_name: str
+) -> None:
+    """The plan's second condition: a delta needs its base VDI on primary. When an operator
+    destroys it, the next backup is a full, and still exact."""
+    size = 16 * MIB
+    create_vm(xapi.port, "xen06", [size])
+    rng = fill(xapi, "xen06", size, seed=12)
+    async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
+        first = await backed_up_snapshot(client, xapi, "xen06", host_name)
+        with operator_session(xapi) as xenapi:  # the retained delta base, destroyed
+            xenapi.VDI.destroy(xenapi.VDI.get_by_uuid(first.primary.image if first.primary else ""))
+        guest_write(xapi.port, "xen06", 0, rng.randbytes(MIB))
+        second = await cli_create("xen06", "xvda", host_name, "xenserver")
+        at_second = xapi.disk("xen06").read_bytes()
+        record = await starter.wait_settled(client, second.id)
+    assert record.backup
+    manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
+    assert manifest.parent is None and manifest.depth == 0 and manifest.extents is None
+    assert Path(manifest.path).read_bytes() == at_second
