@@ -353,6 +353,36 @@ async def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_codec_server(args: argparse.Namespace, settings: Settings) -> int:
+    from .codec import KeyRing, codec_server
+
+    ring = KeyRing.from_env()
+    if ring is None:
+        raise starter.SnapferryClientError("set SNAPFERRY_CODEC_KEYS_FILE to the codec keys file")
+    server = codec_server(ring, host=args.host, port=args.port, ui_origin=args.ui_origin)
+    print(
+        f"codec server on http://{args.host}:{server.server_port} for {args.ui_origin}"
+        f" (keys {sorted(ring.keys)}, current {ring.current})",
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = loop.run_in_executor(None, server.serve_forever)
+    await stop.wait()
+    server.shutdown()
+    await serving
+    return 0
+
+
+async def cmd_codec_key(args: argparse.Namespace, settings: Settings) -> int:
+    from .codec import new_key
+
+    print(new_key())
+    return 0
+
+
 async def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     from .schema import write_schemas
 
@@ -515,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = add(sub, "replay", cmd_replay, "replay closed workflows' histories against this code")
     rp.add_argument("--limit", type=int, default=100)
     rp.add_argument("--export", help="also save the histories as JSON into this directory")
+
+    cs = add(sub, "codec-server", cmd_codec_server, "decrypt payloads for the Web UI")
+    cs.add_argument("--host", default="127.0.0.1")
+    cs.add_argument("--port", type=int, default=8081)
+    cs.add_argument("--ui-origin", default="http://localhost:8233", help="CORS: the UI's origin")
+    add(sub, "codec-key", cmd_codec_key, "print a new AES-256 key for the codec keys file")
 
     sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")
     sc.add_argument("--out", default="schemas")

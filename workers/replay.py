@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workflows.routing import (
@@ -19,6 +18,7 @@ from workflows.routing import (
     VOLUME_SNAPSHOT_WORKFLOW,
 )
 
+from .client import data_converter
 from .worker import WORKFLOWS
 
 TYPES = (VOLUME_SNAPSHOT_WORKFLOW, BACKUP_SNAPSHOT_WORKFLOW, SNAPSHOT_POLICY_RUN_WORKFLOW)
@@ -30,7 +30,7 @@ async def replay_closed(
     """Replay up to ``limit`` closed workflows; returns (count, failure messages)."""
     types = " OR ".join(f'WorkflowType = "{t}"' for t in TYPES)
     query = f'({types}) AND ExecutionStatus != "Running"'
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter())
     count, failures = 0, []
     async for wf in client.list_workflows(query, limit=limit):
         history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
