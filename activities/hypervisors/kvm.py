@@ -223,10 +223,13 @@ class KvmDriver(HypervisorDriver):
 
     @staticmethod
     def _remove_merged_leftovers(chain: list[str]) -> None:
-        """Delete released overlays no longer in the chain: a crash after a pivot but
-        before the unlinks would otherwise leave them behind for good."""
-        directory = Path(chain[-1]).parent
-        for marker in directory.glob(f"*{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"):
+        """Delete this disk's released overlays no longer in its chain: a crash after a
+        pivot but before the unlinks would otherwise leave them behind for good.
+
+        Only overlays named after *this* disk are looked at: a primary pool directory holds
+        many VMs' disks, and another disk's released layers are still in *its* chain."""
+        root = Path(chain[0].split(OVERLAY_TAG, 1)[0])
+        for marker in root.parent.glob(f"{root.name}{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"):
             layer = str(marker)[: -len(RELEASED_SUFFIX)]
             if layer not in chain:
                 Path(layer).unlink(missing_ok=True)

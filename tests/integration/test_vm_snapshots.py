@@ -156,3 +156,28 @@ def test_discard_removes_what_a_failed_take_left(
         vm.reference, tmp_path / "now.raw", pattern=0x5A, offset=MIB, length=MIB
     )
     assert images_identical(expected, vm.disk, fmt_b="qcow2")  # the guest's write is kept
+
+
+def test_a_release_never_touches_another_disk_in_the_same_pool(
+    settings: Settings, make_vm, host_name: str, libvirt_conn
+) -> None:
+    """Regression (found by the scale-out test): two VMs' disks share a pool directory. A
+    released layer of VM A that its newer snapshot still needs must survive a release on
+    VM B, whose clean-up of merged leftovers once looked at every disk in the directory."""
+    from activities.contracts import VmRef, VolumeRef, new_snapshot_id
+    from activities.hypervisors.kvm import KvmDriver, backing_chain
+
+    a, b = make_vm(size=8 * MIB, data_bytes=MIB), make_vm(size=8 * MIB, data_bytes=MIB)
+    assert a.disk.parent == b.disk.parent
+    driver = KvmDriver(settings)
+    vol_a = VolumeRef(vm=VmRef(name=a.name, host=host_name), disk="vda")
+    vol_b = VolumeRef(vm=VmRef(name=b.name, host=host_name), disk="vda")
+    s1, s2, sb = new_snapshot_id(), new_snapshot_id(), new_snapshot_id()
+    first = driver.take(volume=vol_a, snapshot_id=s1)
+    driver.take(volume=vol_a, snapshot_id=s2)
+    driver.release(volume=vol_a, snapshot_id=s1, source=first)  # held: s2 sits on top
+    on_b = driver.take(volume=vol_b, snapshot_id=sb)
+    driver.release(volume=vol_b, snapshot_id=sb, source=on_b)
+    chain_a = backing_chain(active_image(libvirt_conn.lookupByName(a.name)))
+    assert len(chain_a) == 3 and all(Path(layer).exists() for layer in chain_a)
+    assert images_identical(a.reference, chain_a[0], fmt_b="qcow2")
