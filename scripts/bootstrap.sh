@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
               libvirt-dev pkg-config gcc make e2fsprogs
-              openssl)  # the TLS tests make their certificates with it
+              openssl          # the TLS tests make their certificates with it
+              chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).
 "$PY" -c "import ensurepip, venv" 2>/dev/null || APT_PACKAGES+=(python3-venv python3-dev)

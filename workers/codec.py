@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf import json_format
@@ -109,9 +110,11 @@ def _codec_handler(codec: EncryptionCodec, ui_origin: str) -> type[BaseHTTPReque
             if self.headers.get("Origin") == ui_origin:
                 self.send_header("Access-Control-Allow-Origin", ui_origin)
                 self.send_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+                # Whatever headers the UI's preflight asks for (X-Namespace, Caller-Type...).
+                requested = self.headers.get("Access-Control-Request-Headers")
                 self.send_header(
                     "Access-Control-Allow-Headers",
-                    "Content-Type, X-Namespace, Authorization",
+                    requested or "Content-Type, X-Namespace, Authorization",
                 )
                 self.send_header("Access-Control-Allow-Credentials", "true")
                 self.send_header("Vary", "Origin")
@@ -123,7 +126,7 @@ def _codec_handler(codec: EncryptionCodec, ui_origin: str) -> type[BaseHTTPReque
             self.end_headers()
 
         def do_POST(self) -> None:  # noqa: N802
-            op = self.path.rstrip("/").rsplit("/", 1)[-1]
+            op = urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1]  # ?query ignored
             if op not in ("encode", "decode"):
                 return self._reply(404, {"error": f"unknown path {self.path}"})
             try:
