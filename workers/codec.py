@@ -6,11 +6,16 @@ and its database only ever hold ciphertext: no snapshot path, VM name or host in
 
 Keys come from a JSON file named by ``SNAPFERRY_CODEC_KEYS_FILE``::
 
-    {"current": "2026-11", "keys": {"2026-10": "<base64 32 bytes>", "2026-11": "<...>"}}
+    {"current": "2026-11", "keys": {"2026-10": "<base64 32 bytes>", "2026-11": "<...>"},
+     "routing_key": "<base64, never rotated>"}
 
 New payloads are encrypted with ``current``; the key ID travels in the payload's metadata,
 so payloads written under an older key still decrypt after a rotation, as long as that key
 stays in the file. Retire a key only once no open workflow history still needs it.
+
+Hosts are routed under an alias while encryption is on (``KeyRing.host_alias``): task queue
+names are not payloads, and ``snapferry-host-<name>`` would otherwise show every host's
+name in every history. The starter and the workers apply it, so workflows never see it.
 
 ``snapferry codec-server`` serves Temporal's remote codec protocol (``POST /encode``,
 ``POST /decode``) so that the Web UI (``--ui-codec-endpoint``) can show decrypted payloads to
@@ -46,6 +51,21 @@ class CodecKeyError(Exception):
 class KeyRing:
     current: str
     keys: dict[str, bytes]
+    routing_key: bytes | None = None
+
+    def host_alias(self, host: str) -> str:
+        """The name a host is routed under while encryption is on, so that no history
+        (task queue names are not payloads) carries a host name. Keyed with the file's
+        ``routing_key``, which must never change while workflows run (unlike the
+        encryption keys, which rotate); without one, a plain SHA-256."""
+        import hashlib
+        import hmac
+
+        if self.routing_key:
+            digest = hmac.new(self.routing_key, host.encode(), hashlib.sha256).hexdigest()
+        else:
+            digest = hashlib.sha256(host.encode()).hexdigest()
+        return f"h{digest[:20]}"
 
     @classmethod
     def from_file(cls, path: str | Path) -> KeyRing:
@@ -53,6 +73,7 @@ class KeyRing:
             raw = json.loads(Path(path).read_text())
             keys = {kid: base64.b64decode(value) for kid, value in raw["keys"].items()}
             current = raw["current"]
+            routing = base64.b64decode(raw["routing_key"]) if raw.get("routing_key") else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CodecKeyError(f"cannot read codec keys from {path}: {exc}") from exc
         if current not in keys:
@@ -60,12 +81,18 @@ class KeyRing:
         bad = [kid for kid, key in keys.items() if len(key) != 32]
         if bad:
             raise CodecKeyError(f"codec keys file {path}: keys {bad} are not 32 bytes (AES-256)")
-        return cls(current=current, keys=keys)
+        return cls(current=current, keys=keys, routing_key=routing)
 
     @classmethod
     def from_env(cls) -> KeyRing | None:
         path = os.environ.get("SNAPFERRY_CODEC_KEYS_FILE")
         return cls.from_file(path) if path else None
+
+
+def routed_host(host: str) -> str:
+    """``host`` as it is routed: its alias when encryption is on, else itself."""
+    ring = KeyRing.from_env()
+    return ring.host_alias(host) if ring else host
 
 
 def new_key() -> str:

@@ -27,6 +27,7 @@ from activities.contracts import PolicyInterval, SnapshotPolicy
 from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import CONTROL_QUEUE, policy_schedule_id
 
+from .codec import routed_host
 from .starter import SnapferryClientError
 
 _ALL_HOURS = (ScheduleRange(0, 23),)
@@ -70,6 +71,9 @@ async def create_policy(
     """Create the policy's schedule. ``spec`` replaces the calendar the interval implies;
     tests use it to make a schedule fire every few seconds."""
     schedule_id = policy_schedule_id(policy.policy_id)
+    vm = policy.volume.vm
+    routed = vm.model_copy(update={"host": routed_host(vm.host)})
+    policy = policy.model_copy(update={"volume": policy.volume.model_copy(update={"vm": routed})})
     schedule = schedule_for(policy)
     if spec is not None:
         schedule.spec = spec

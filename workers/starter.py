@@ -28,11 +28,13 @@ from activities.contracts import (
     SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
+    VmRef,
     VmSnapshotRecord,
     VmSnapshotRequest,
     VmSnapshotState,
     validate_snapshot_id,
 )
+from workers.codec import routed_host
 from workflows.entity import cause_message
 from workflows.routing import (
     CONTROL_QUEUE,
@@ -78,8 +80,16 @@ VM = Kind(
 )
 
 
+def _routed(vm: VmRef) -> VmRef:
+    """The VM with its host as it is routed (an alias while encryption is on)."""
+    return vm.model_copy(update={"host": routed_host(vm.host)})
+
+
 async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecord:
     """Start (or join) the snapshot's workflow and return once the take is done."""
+    req = req.model_copy(
+        update={"volume": req.volume.model_copy(update={"vm": _routed(req.volume.vm)})}
+    )
     vm = req.volume.vm
     start = WithStartWorkflowOperation(
         VolumeSnapshotWorkflow.run,
@@ -264,6 +274,7 @@ async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
 
 async def create_vm_snapshot(client: Client, req: VmSnapshotRequest) -> VmSnapshotRecord:
     """Start (or join) the VM snapshot's workflow and return once it is Ready."""
+    req = req.model_copy(update={"vm": _routed(req.vm)})
     start = WithStartWorkflowOperation(
         VmSnapshotWorkflow.run,
         req,

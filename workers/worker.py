@@ -26,6 +26,7 @@ from activities.host import HostActivities
 from activities.policy import PolicyActivities
 from activities.restore import RestoreActivities
 from activities.settings import Settings
+from workers.codec import routed_host
 from workflows.backup import BackupSnapshotWorkflow
 from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
@@ -68,7 +69,7 @@ async def running_workers(
             workers.append(
                 Worker(
                     client,
-                    task_queue=host_queue(host),
+                    task_queue=host_queue(routed_host(host)),
                     activities=host_acts.all,
                     activity_executor=host_pool,
                     max_concurrent_activities=4,

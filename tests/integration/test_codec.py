@@ -2,8 +2,8 @@
 calls (CORS for the UI's origin only), and histories that hold no plaintext path.
 
 What stays readable without the key, by Temporal's design: search attribute values (the
-server indexes VmId, VolumeId... for the UI's filters), task queue names (which carry the
-host name) and workflow IDs (snapshot UUIDs). The README says so."""
+server indexes VmId, VolumeId... for the UI's filters) and workflow IDs (snapshot UUIDs).
+Task queue names would carry host names, so hosts are routed under keyed aliases."""
 
 from __future__ import annotations
 
@@ -142,7 +142,10 @@ def test_codec_server_decodes_for_the_ui_origin_only(tmp_path: Path, monkeypatch
 async def test_histories_hold_no_plaintext_paths_or_names(
     settings: Settings, make_vm, host_name: str, tmp_path: Path, monkeypatch, dev_server
 ) -> None:
-    keys = write_keys(tmp_path / "keys.json", "k1", {"k1": new_key()})
+    keys = tmp_path / "keys.json"
+    keys.write_text(
+        json.dumps({"current": "k1", "keys": {"k1": new_key()}, "routing_key": new_key()})
+    )
     monkeypatch.setenv("SNAPFERRY_CODEC_KEYS_FILE", str(keys))
     client = await connect(settings)  # with the codec
     vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
@@ -190,6 +193,21 @@ async def test_histories_hold_no_plaintext_paths_or_names(
                 walk(value, where)
 
     walk(payloads)
+
+    def without_search_attributes(node: object) -> object:
+        if isinstance(node, dict):
+            return {
+                k: without_search_attributes(v) for k, v in node.items() if k != "searchAttributes"
+            }
+        if isinstance(node, list):
+            return [without_search_attributes(v) for v in node]
+        return node
+
+    # Hosts are routed under an alias, so not even a task queue names one; the VM's name is
+    # left only where operators filter by it (search attributes).
+    rest = json.dumps(without_search_attributes(payloads))
+    assert host_name not in text, "a host name is in a stored history"
+    assert vm.name not in rest, "a VM name is in a stored history outside its search attributes"
     print(f"\npayload encodings in the stored histories: {sorted(encodings)}")
     # Every payload is ciphertext, except what the server itself must read: search
     # attributes (it indexes them for the UI's filters) and the SDK's patch markers.

@@ -20,7 +20,7 @@ from activities.contracts import SnapshotState
 from activities.settings import Settings
 from workers import starter
 from workers.client import connect
-from workers.codec import new_key
+from workers.codec import KeyRing, new_key
 from workers.demo_vm import MIB
 from workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
 from workers.worker import running_workers
@@ -172,7 +172,7 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
                 page_text,
                 browser,
                 f"{base}/volume-snapshot-{answer.id}",
-                expect=[vm.name, host_name],
+                expect=[vm.name, KeyRing.from_file(keys).host_alias(host_name)],
                 timeout=45,
             )
             assert "snapshot_id" in decoded or answer.id in decoded
