@@ -18,8 +18,8 @@ from typing import Any
 
 from temporalio import activity
 
-from .contracts import BackupProgress, BackupResult, CopyRequest
-from .errors import BackupCorrupt, classify_os_error, converts_errors
+from .contracts import BackupPlan, BackupProgress, BackupResult, CopyRequest
+from .errors import BackupCorrupt, SourceGone, classify_os_error, converts_errors
 from .hypervisors import Drivers
 from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 from .settings import Settings
@@ -62,6 +62,15 @@ class BackupActivities:
             attempts=activity.info().attempt,
         )
 
+    def _new_plan(self, driver: Any, req: CopyRequest, *, full: bool) -> BackupPlan:
+        """Choose full or delta and keep the choice beside the partial files; under the
+        volume's chain lock, so that no delete removes the base being chosen."""
+        with self.store.volume_lock(req.volume):
+            history = self.store.completed(req.volume, hidden=False)
+            plan = BackupPlan() if full else driver.plan_backup(req.source, history)
+            self.store.save_plan(req.volume, req.snapshot_id, plan)
+        return plan
+
     def _copy(
         self,
         req: CopyRequest,
@@ -82,10 +91,17 @@ class BackupActivities:
                 plan = self.store.load_plan(req.volume, req.snapshot_id) if resume else None
                 if plan is None:
                     resume = None
-                    history = self.store.completed(req.volume, hidden=False)
-                    plan = driver.plan_backup(req.source, history)
-                    self.store.save_plan(req.volume, req.snapshot_id, plan)
-                reader = driver.open_reader(req.source, plan)
+                    plan = self._new_plan(driver, req, full=False)
+                try:
+                    reader = driver.open_reader(req.source, plan)
+                except SourceGone:
+                    if plan.base_image is None:
+                        raise
+                    # The delta's base went (a newer backup's release destroyed it): what
+                    # was copied against it is worthless, so start over as a full.
+                    self.store.discard_partial(target)
+                    resume, plan = None, self._new_plan(driver, req, full=True)
+                    reader = driver.open_reader(req.source, plan)
                 extents = (
                     [(e.start, e.length) for e in reader.data_extents()]
                     if plan.parent is not None

@@ -123,6 +123,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.backup_running = False
         self.deleting = False
         self.cancel_requested = False
+        self.purge_seen = False
         self._init_entity(req.snapshot_id)
         self.record = SnapshotRecord(
             id=req.snapshot_id,
@@ -305,7 +306,8 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
 
     # -- operations on an existing snapshot ------------------------------------------------
     def _require_backup(self, what: str) -> str:
-        if self.deleting or self.record.backup is None:
+        hidden = self.record.state == SnapshotState.HIDDEN  # deleted (even across runs)
+        if self.deleting or hidden or self.record.backup is None:
             self._refuse(f"cannot {what}: it is {self.record.state.value}, not BackedUp")
         assert self.record.backup is not None
         return self.record.backup.manifest_path
@@ -344,7 +346,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                     await workflow.get_external_workflow_handle(
                         snapshot_workflow_id(parent)
                     ).signal(PURGED_SIGNAL)
-                if outcome.hidden:
+                if outcome.hidden and not self.purge_seen:
                     # Later deltas need this backup: Hidden, as in CloudStack, until the
                     # delete of its last dependant purges it.
                     self._set_state(SnapshotState.HIDDEN)
@@ -355,7 +357,9 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
 
     @workflow.signal(name=PURGED_SIGNAL)
     def purged(self) -> None:
-        """Sent by the delete that removed this Hidden snapshot's backup with its own."""
+        """Sent by the delete that removed this Hidden snapshot's backup with its own. It
+        may arrive while this snapshot's own delete is still finishing: remembered."""
+        self.purge_seen = True
         if self.record.state == SnapshotState.HIDDEN:
             self._set_state(SnapshotState.DESTROYED)
             self.destroyed = True
@@ -472,7 +476,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         usable = self.record.backup is not None or (
             self.record.primary is not None and not self.record.primary_released
         )
-        if self.deleting or not usable:
+        if self.deleting or not usable or self.record.state == SnapshotState.HIDDEN:
             self._refuse(f"cannot revert to it while it is {self.record.state.value}")
 
     @workflow.query(name=RECORD_QUERY)

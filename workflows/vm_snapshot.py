@@ -185,8 +185,14 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=HOST_RETRY,
                 )
-            except ActivityError:
-                self._set_state(before)  # nothing was lost; the delete can be sent again
+            except ActivityError as err:
+                # Some disks' layers may be released already: the snapshot is no longer
+                # whole, so it must not look Ready (a revert would find layers merged
+                # away). Error allows only the delete, which can be sent again.
+                self.record.error = f"delete failed: {cause_message(err)}"
+                self._set_state(
+                    VmSnapshotState.ERROR if before == VmSnapshotState.READY else before
+                )
                 raise
             self._set_state(VmSnapshotState.REMOVED)
             self.destroyed = True

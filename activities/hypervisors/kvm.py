@@ -19,6 +19,7 @@ release of a host's VMs runs on that host's single worker.
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 import time
@@ -229,7 +230,8 @@ class KvmDriver(HypervisorDriver):
         Only overlays named after *this* disk are looked at: a primary pool directory holds
         many VMs' disks, and another disk's released layers are still in *its* chain."""
         root = Path(chain[0].split(OVERLAY_TAG, 1)[0])
-        for marker in root.parent.glob(f"{root.name}{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"):
+        pattern = f"{glob.escape(root.name)}{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"
+        for marker in root.parent.glob(pattern):
             layer = str(marker)[: -len(RELEASED_SUFFIX)]
             if layer not in chain:
                 Path(layer).unlink(missing_ok=True)

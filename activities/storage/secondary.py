@@ -251,27 +251,55 @@ class SecondaryStore:
         return self.directory(volume) / f"{snapshot_id}.hidden"
 
     def dependants(self, volume: VolumeRef, snapshot_id: str) -> list[str]:
-        """Finished backups whose manifest names ``snapshot_id`` as parent."""
-        return [m.snapshot_id for m in self.completed(volume) if m.parent == snapshot_id]
+        """Backups that name ``snapshot_id`` as parent: finished ones (their manifest) and
+        ones still being copied (their plan), so a running delta's base is never deleted."""
+        finished = [m.snapshot_id for m in self.completed(volume) if m.parent == snapshot_id]
+        running = [
+            p.name[1:].split(".", 1)[0]
+            for p in self.directory(volume).glob(".*.plan.json")
+            if BackupPlan.model_validate_json(p.read_text()).parent == snapshot_id
+        ]
+        return finished + running
+
+    @contextlib.contextmanager
+    def volume_lock(self, volume: VolumeRef) -> Iterator[None]:
+        """One chain change at a time per volume (choosing a delta's base, deleting): a
+        delete must not remove a base while a backup is choosing it, nor two deletes of a
+        chain race each other into an orphan. flock, which NFSv4 honours."""
+        # Kept apart from the volume's directory, which holds backups and nothing else.
+        lock = self.root / ".locks" / volume.vm.name / f"{volume.disk}.chain.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def delete_chain_aware(self, volume: VolumeRef, snapshot_id: str) -> DeleteBackupOutcome:
-        """Delete one snapshot's backup unless later deltas need it (then hide it); after a
-        delete, purge each hidden ancestor that nothing needs any more, up the chain."""
-        if self.dependants(volume, snapshot_id):
-            self.hidden_marker(volume, snapshot_id).touch()
-            return DeleteBackupOutcome(hidden=True)
-        manifest = self.manifest_path(volume, snapshot_id)
-        parent = self.read_manifest(manifest).parent if manifest.exists() else None
-        self.discard_everything(volume, snapshot_id)
-        purged = []
-        while parent is not None and self.hidden_marker(volume, parent).exists():
-            if self.dependants(volume, parent):
-                break
-            grandparent = self.read_manifest(self.manifest_path(volume, parent)).parent
-            self.discard_everything(volume, parent)
-            purged.append(parent)
-            parent = grandparent
-        return DeleteBackupOutcome(purged=purged)
+        """Delete one snapshot's backup unless later deltas need it (then hide it); then
+        purge every hidden backup that nothing needs any more, until none is left.
+
+        The sweep looks at the whole directory rather than following this backup's parent,
+        so a retried delete (its own manifest already gone) still reports what it purged,
+        and a purge an interrupted attempt left undone is finished."""
+        with self.volume_lock(volume):
+            if self.dependants(volume, snapshot_id):
+                self.hidden_marker(volume, snapshot_id).touch()
+                return DeleteBackupOutcome(hidden=True)
+            self.discard_everything(volume, snapshot_id)
+            purged: list[str] = []
+            while True:
+                orphans = [
+                    marker.name.split(".", 1)[0]
+                    for marker in self.directory(volume).glob("*.hidden")
+                    if not self.dependants(volume, marker.name.split(".", 1)[0])
+                ]
+                if not orphans:
+                    return DeleteBackupOutcome(purged=purged)
+                for orphan in orphans:
+                    self.discard_everything(volume, orphan)
+                    purged.append(orphan)
 
     def discard_everything(self, volume: VolumeRef, snapshot_id: str) -> None:
         """Every file of one snapshot, in an order that never leaves a whole-looking backup."""
