@@ -136,3 +136,23 @@ async def test_continue_as_new_carries_the_record(env: WorkflowEnvironment, mock
     record = await handle.query(VmSnapshotWorkflow.get_record)
     assert record == carried and record.reverts == 1 and record.taken == first.taken
     assert len(mocks.named(TAKE_VM_SNAPSHOT)) == 1  # the new run took nothing
+
+
+async def test_a_failed_delete_leaves_error_not_ready(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    """Some disks' layers may be released before the failure: the snapshot is no longer
+    whole, so it must not be revertable; only the delete can be sent again."""
+    req = vm_request()
+    await starter.create_vm_snapshot(env.client, req)
+    mocks.vm_errors[DELETE_VM_SNAPSHOT] = ApplicationError(
+        "VM 'vm1' has no disk 'vdb'", type="DiskNotFound", non_retryable=True
+    )
+    with pytest.raises(SnapferryClientError, match="has no disk"):
+        await operate(env, req.snapshot_id, DELETE_VM_SNAPSHOT_UPDATE)
+    record = await starter.get_record(env.client, req.snapshot_id, starter.VM)
+    assert record.state == VmSnapshotState.ERROR and "delete failed" in (record.error or "")
+    with pytest.raises(SnapferryClientError, match="cannot revert"):
+        await operate(env, req.snapshot_id, REVERT_VM_SNAPSHOT_UPDATE)
+    del mocks.vm_errors[DELETE_VM_SNAPSHOT]
+    assert (await operate(env, req.snapshot_id, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
