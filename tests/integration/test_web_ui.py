@@ -74,21 +74,13 @@ def visible_text(driver) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(parts)
 
 
-def page_text(  # type: ignore[no-untyped-def]
-    driver, url: str | None, *, expect: list[str], timeout: float = 30, tab: str | None = None
-) -> str:
-    """Open ``url`` (None: stay), click ``tab`` if given, and wait until every string in
-    ``expect`` is on the page (the UI is a single-page app that fills itself in after load,
-    and shows payloads in code editors, hence ``textContent``); return the page's text."""
-    if url is not None:
-        driver.get(url)
+def page_text(driver, url: str, *, expect: list[str], timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
+    """Open ``url`` and wait until every string in ``expect`` is on the page (the UI is a
+    single-page app that fills itself in after load, and shows payloads in code editors,
+    hence ``textContent``); return the page's text."""
+    driver.get(url)
     deadline = time.monotonic() + timeout
     while True:
-        if tab is not None:  # again each time: the app may re-render to its default tab
-            for element in driver.find_elements("xpath", f"//*[normalize-space()='{tab}']"):
-                if element.is_displayed():
-                    element.click()
-                    break
         text = visible_text(driver)
         if all(e in text for e in expect):
             return text
@@ -129,7 +121,7 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
         for p in (port, ui, codec_port):
             wait_for_port("127.0.0.1", p)
         local = dataclasses.replace(
-            settings, temporal_address=f"127.0.0.1:{port}", backup_rate_limit_bps=6e6
+            settings, temporal_address=f"127.0.0.1:{port}", backup_rate_limit_bps=3e6
         )
         client = await connect(local)
         vm = make_vm(size=512 * MIB, data_bytes=384 * MIB)
@@ -156,12 +148,13 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
             assert "running" in listed.lower()
             # The backup's page: its summary and, while it runs, the progress bar in its
             # current details (both are payloads: shown decoded by the codec server).
+            run_id = (await client.get_workflow_handle(backup_id).describe()).run_id
             detail = await asyncio.to_thread(
                 page_text,
                 browser,
-                f"{base}/{backup_id}",
+                f"{base}/{backup_id}/{run_id}/user-metadata",  # the "User Metadata" tab
                 expect=[f"Backup of {vm.name}/vda snapshot {answer.id}", "MiB", "attempt 1"],
-                tab="User Metadata",
+                timeout=90,
             )
             OUTPUT.mkdir(exist_ok=True)
             browser.save_screenshot(str(OUTPUT / "web-ui-backup.png"))  # type: ignore[attr-defined]
@@ -173,7 +166,7 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
                 browser,
                 f"{base}/volume-snapshot-{answer.id}",
                 expect=[vm.name, KeyRing.from_file(keys).host_alias(host_name)],
-                timeout=45,
+                timeout=90,
             )
             assert "snapshot_id" in decoded or answer.id in decoded
             # Done looking: delete it, which cancels the (throttled) backup at once.
