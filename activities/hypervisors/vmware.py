@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ssl
 import threading
 import time
 import urllib.parse
@@ -59,6 +58,7 @@ from ..errors import (
 from ..settings import Settings, VcenterConfig
 from ..storage.reader import DataExtent
 from .base import HypervisorDriver
+from .endpoint import Endpoint
 
 CLONE_TAG = "-snapferry-"
 VOLUME_SNAPSHOT_PREFIX = "snapferry-"
@@ -105,10 +105,7 @@ class VsphereSession:
 
     def __init__(self, config: VcenterConfig) -> None:
         self.config = config
-        parts = urllib.parse.urlsplit(config.url)
-        self.scheme = parts.scheme or "https"
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if self.scheme == "https" else 80)
+        self.endpoint = Endpoint.from_url(config.url, verify_tls=config.verify_tls)
         self._si: Any = None
         self._lock = threading.Lock()
 
@@ -117,9 +114,9 @@ class VsphereSession:
             if self._si is None or fresh:
                 try:
                     self._si = SmartConnect(
-                        protocol=self.scheme,
-                        host=self.host,
-                        port=self.port,
+                        protocol=self.endpoint.scheme,
+                        host=self.endpoint.host,
+                        port=self.endpoint.port,
                         user=self.config.user,
                         pwd=self.config.password(),
                         disableSslCertValidation=not self.config.verify_tls,
@@ -153,12 +150,7 @@ class VsphereSession:
         return str(self.service()._stub.cookie)
 
     def connection(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            ctx = ssl.create_default_context()
-            if not self.config.verify_tls:
-                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            return http.client.HTTPSConnection(self.host, self.port, timeout=60, context=ctx)
-        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+        return self.endpoint.connection()
 
     def file_url(self, ds: str, path: str) -> str:
         query = urllib.parse.urlencode({"dcPath": self.config.datacenter, "dsName": ds})

@@ -67,6 +67,7 @@ from ..settings import Settings, XenConfig
 from ..storage.reader import DataExtent
 from ..storage.secondary import Manifest
 from .base import HypervisorDriver
+from .endpoint import Endpoint
 
 VOLUME_PREFIX = "snapferry-"
 VM_PREFIX = "snapferry-vm-"
@@ -101,9 +102,7 @@ class XapiSession:
 
     def __init__(self, config: XenConfig) -> None:
         self.config = config
-        parts = urllib.parse.urlsplit(config.url)
-        self.scheme, self.host = parts.scheme or "https", parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if self.scheme == "https" else 80)
+        self.endpoint = Endpoint.from_url(config.url, verify_tls=config.verify_tls)
         self._session: Any = None
         self._lock = threading.RLock()
 
@@ -141,14 +140,7 @@ class XapiSession:
             return str(self._session._session)
 
     def connection(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            import ssl
-
-            ctx = ssl.create_default_context()
-            if not self.config.verify_tls:
-                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            return http.client.HTTPSConnection(self.host, self.port, timeout=60, context=ctx)
-        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+        return self.endpoint.connection()
 
     def url(self, endpoint: str, **params: str) -> str:
         query = urllib.parse.urlencode({"session_id": self.session_ref(), **params})

@@ -6,31 +6,22 @@ a free port). The password comes from a file so it never shows up in ``ps``.
 
 from __future__ import annotations
 
-import argparse
-import signal
-import sys
-from pathlib import Path
+from tests.simulator import serve_main
 
 from .inventory import Inventory
 from .server import SimServer
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.vsphere_sim")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--root", type=Path, required=True, help="holds the ds1 datastore directory")
-    ap.add_argument("--user", default="administrator@vsphere.local")
-    ap.add_argument("--password-file", type=Path)
-    args = ap.parse_args(argv)
-    password = args.password_file.read_text().rstrip("\r\n") if args.password_file else ""
-    server = SimServer(args.port, Inventory(args.root, args.user), args.user, password)
-    # SIGTERM -> SystemExit so serve_forever unwinds and the socket is closed cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"ready {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    serve_main(
+        "python -m tests.vsphere_sim",
+        default_user="administrator@vsphere.local",
+        root_help="holds the ds1 datastore directory",
+        make_server=lambda port, root, user, password: SimServer(
+            port, Inventory(root, user), user, password
+        ),
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -6,20 +6,12 @@ to it exactly as it would to vCenter: over TCP, with its own pyvmomi stubs.
 
 from __future__ import annotations
 
-import json
-import os
-import select
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .inventory import DS, disk_base
+from tests import simulator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .inventory import DS, disk_base
 
 
 def disk_path(root: str | Path, vm: str, disk_index: int) -> Path:
@@ -27,83 +19,12 @@ def disk_path(root: str | Path, vm: str, disk_index: int) -> Path:
     return Path(root) / DS / vm / f"{disk_base(vm, disk_index)}-flat.vmdk"
 
 
-class SimulatorProcess:
-    """One simulator child process; ``stop()`` only ever signals its own PID."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.root: Path | None = None
-        self._password_file: str | None = None
-
-    def start(
-        self,
-        root: str | Path,
-        port: int = 0,
-        user: str = "administrator@vsphere.local",
-        password: str = "sim-password",
-        timeout: float = 20.0,
-    ) -> int:
-        """Spawn the simulator, wait for ``ready <port>`` and return the port."""
-        self.root = Path(root)
-        fd, self._password_file = tempfile.mkstemp(prefix="vsphere-sim-pw-")  # mode 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(password)
-        cmd = [sys.executable, "-m", "tests.vsphere_sim", "--port", str(port)]
-        cmd += ["--root", str(self.root), "--user", user, "--password-file", self._password_file]
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith("ready "):
-                    self.port = int(line.split()[1])
-                    return self.port
-                if not line:
-                    break
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError("vSphere simulator did not become ready")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        """Terminate our own child by PID and wait; remove the password file."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            if self.proc.stdout:
-                self.proc.stdout.close()
-            self.proc = None
-        if self._password_file:
-            Path(self._password_file).unlink(missing_ok=True)
-            self._password_file = None
-
-    def __enter__(self) -> SimulatorProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+class SimulatorProcess(simulator.SimulatorProcess):
+    module = "tests.vsphere_sim"
+    default_user = "administrator@vsphere.local"
 
 
-def _call(port: int, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+_call = simulator.control_call
 
 
 def create_vm(port: int, name: str, disks: list[int], power: str = "poweredOn") -> str:
