@@ -85,41 +85,65 @@ def _routed(vm: VmRef) -> VmRef:
     return vm.model_copy(update={"host": routed_host(vm.host)})
 
 
+async def _create(
+    client: Client,
+    kind: Kind,
+    run: Any,
+    req: Any,
+    *,
+    update: str,
+    search: Any,
+    summary: str,
+    details: str,
+    what: str,
+) -> Any:
+    """Update-with-start, the one way an entity is created: the answer comes from
+    ``update`` (when the take is done), the same ID always maps to the same workflow
+    (USE_EXISTING), and a closed entity's ID is never reused (REJECT_DUPLICATE): a repeated
+    create must not take a second snapshot under the same ID."""
+    start = WithStartWorkflowOperation(
+        run,
+        req,
+        id=kind.workflow_id(req.snapshot_id),
+        task_queue=CONTROL_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=search,
+        static_summary=summary,
+        static_details=details,
+    )
+    try:
+        return await client.execute_update_with_start_workflow(
+            update, start_workflow_operation=start, result_type=kind.record_type
+        )
+    except WorkflowUpdateFailedError as err:
+        raise SnapferryClientError(f"{what} failed: {cause_message(err.cause)}") from err
+    except WorkflowAlreadyStartedError:
+        # The snapshot exists and its workflow is closed: answer with its record.
+        return await get_record(client, req.snapshot_id, kind)
+
+
 async def create_snapshot(client: Client, req: SnapshotRequest) -> SnapshotRecord:
     """Start (or join) the snapshot's workflow and return once the take is done."""
     req = req.model_copy(
         update={"volume": req.volume.model_copy(update={"vm": _routed(req.volume.vm)})}
     )
-    vm = req.volume.vm
-    start = WithStartWorkflowOperation(
+    vm, disk = req.volume.vm, req.volume.disk
+    record: SnapshotRecord = await _create(
+        client,
+        VOLUME,
         VolumeSnapshotWorkflow.run,
         req,
-        id=snapshot_workflow_id(req.snapshot_id),
-        task_queue=CONTROL_QUEUE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        # A closed snapshot's ID is never reused: a repeated create must not take a second
-        # snapshot under the same ID (and find the first one's backup).
-        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        search_attributes=search_attributes(req, SnapshotState.ALLOCATED),
-        static_summary=f"Volume snapshot of {vm.name}/{req.volume.disk} on {vm.host}",
-        static_details=(
-            f"snapshot {req.snapshot_id}\nvm {vm.name} disk {req.volume.disk}\n"
+        update=WAIT_TAKEN_UPDATE,
+        search=search_attributes(req, SnapshotState.ALLOCATED),
+        summary=f"Volume snapshot of {vm.name}/{disk} on {vm.host}",
+        details=(
+            f"snapshot {req.snapshot_id}\nvm {vm.name} disk {disk}\n"
             f"host {vm.host} ({vm.hypervisor.value})"
         ),
+        what=f"snapshot of {vm.name}/{disk}",
     )
-    try:
-        return await client.execute_update_with_start_workflow(
-            WAIT_TAKEN_UPDATE,
-            start_workflow_operation=start,
-            result_type=SnapshotRecord,
-        )
-    except WorkflowUpdateFailedError as err:
-        raise SnapferryClientError(
-            f"snapshot of {vm.name}/{req.volume.disk} failed: {cause_message(err.cause)}"
-        ) from err
-    except WorkflowAlreadyStartedError:
-        # The snapshot exists and its workflow is closed: answer with its record.
-        return await get_record(client, req.snapshot_id)
+    return record
 
 
 def _check_id(snapshot_id: str) -> str:
@@ -275,28 +299,19 @@ async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
 async def create_vm_snapshot(client: Client, req: VmSnapshotRequest) -> VmSnapshotRecord:
     """Start (or join) the VM snapshot's workflow and return once it is Ready."""
     req = req.model_copy(update={"vm": _routed(req.vm)})
-    start = WithStartWorkflowOperation(
+    vm = req.vm
+    record: VmSnapshotRecord = await _create(
+        client,
+        VM,
         VmSnapshotWorkflow.run,
         req,
-        id=vm_snapshot_workflow_id(req.snapshot_id),
-        task_queue=CONTROL_QUEUE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        search_attributes=vm_search_attributes(req, VmSnapshotState.ALLOCATED),
-        static_summary=f"{req.type.value} VM snapshot of {req.vm.name} on {req.vm.host}",
-        static_details=(
-            f"VM snapshot {req.snapshot_id} ({req.type.value})\nvm {req.vm.name}\n"
-            f"host {req.vm.host} ({req.vm.hypervisor.value})"
+        update=WAIT_CREATED_UPDATE,
+        search=vm_search_attributes(req, VmSnapshotState.ALLOCATED),
+        summary=f"{req.type.value} VM snapshot of {vm.name} on {vm.host}",
+        details=(
+            f"VM snapshot {req.snapshot_id} ({req.type.value})\nvm {vm.name}\n"
+            f"host {vm.host} ({vm.hypervisor.value})"
         ),
+        what=f"VM snapshot of {vm.name}",
     )
-    try:
-        return await client.execute_update_with_start_workflow(
-            WAIT_CREATED_UPDATE, start_workflow_operation=start, result_type=VmSnapshotRecord
-        )
-    except WorkflowUpdateFailedError as err:
-        raise SnapferryClientError(
-            f"VM snapshot of {req.vm.name} failed: {cause_message(err.cause)}"
-        ) from err
-    except WorkflowAlreadyStartedError:
-        record: VmSnapshotRecord = await get_record(client, req.snapshot_id, VM)
-        return record
+    return record
