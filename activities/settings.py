@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from .contracts import BackupOptions
 
@@ -19,66 +20,78 @@ def _env(name: str, default: str) -> str:
     return value if value else default
 
 
-@dataclass(frozen=True)
-class VcenterConfig:
-    """Where a VMware worker finds vCenter. The password is *not* here: only where to read
-    it (``SNAPFERRY_VCENTER_PASSWORD_FILE``, else ``SNAPFERRY_VCENTER_PASSWORD``), read at
-    login, so that no settings dump, payload or log can carry it."""
+def _manager_env(
+    *, url: str, user: str, default_user: str, password_file: str, verify_tls: str
+) -> dict[str, Any] | None:
+    """The connection fields every hypervisor manager shares, from the named variables;
+    None when its URL is not set (that hypervisor is not used by this worker)."""
+    value = os.environ.get(url)
+    if not value:
+        return None
+    return {
+        "url": value.rstrip("/"),
+        "user": _env(user, default_user),
+        "password_file": os.environ.get(password_file) or None,
+        "verify_tls": _env(verify_tls, "1") != "0",
+    }
 
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Where a worker finds a hypervisor manager (vCenter, a XenServer pool master). The
+    password is *not* here: only where to read it (a file, else one environment variable),
+    read at login, so that no settings dump, payload or log can carry it."""
+
+    password_var: ClassVar[str]
     url: str
     user: str
-    datacenter: str
     password_file: str | None
     verify_tls: bool
 
     def password(self) -> str:
         if self.password_file:
             return Path(self.password_file).read_text().strip()
-        return os.environ.get("SNAPFERRY_VCENTER_PASSWORD", "")
+        return os.environ.get(self.password_var, "")
+
+
+@dataclass(frozen=True)
+class VcenterConfig(ManagerConfig):
+    password_var = "SNAPFERRY_VCENTER_PASSWORD"
+    datacenter: str = "dc1"
 
     @classmethod
     def from_env(cls) -> VcenterConfig | None:
-        url = os.environ.get("SNAPFERRY_VCENTER_URL")
-        if not url:
-            return None
-        return cls(
-            url=url.rstrip("/"),
-            user=_env("SNAPFERRY_VCENTER_USER", "administrator@vsphere.local"),
-            datacenter=_env("SNAPFERRY_VCENTER_DATACENTER", "dc1"),
-            password_file=os.environ.get("SNAPFERRY_VCENTER_PASSWORD_FILE") or None,
-            verify_tls=_env("SNAPFERRY_VCENTER_VERIFY_TLS", "1") != "0",
+        common = _manager_env(
+            url="SNAPFERRY_VCENTER_URL",
+            user="SNAPFERRY_VCENTER_USER",
+            default_user="administrator@vsphere.local",
+            password_file="SNAPFERRY_VCENTER_PASSWORD_FILE",
+            verify_tls="SNAPFERRY_VCENTER_VERIFY_TLS",
         )
+        if common is None:
+            return None
+        return cls(**common, datacenter=_env("SNAPFERRY_VCENTER_DATACENTER", "dc1"))
 
 
 @dataclass(frozen=True)
-class XenConfig:
-    """Where a XenServer worker finds its pool master; the password, as for vCenter, is
-    only referenced (``SNAPFERRY_XEN_PASSWORD_FILE``, else ``SNAPFERRY_XEN_PASSWORD``).
-    ``delta_max`` is CloudStack's ``snapshot.delta.max``: deltas before a new full."""
+class XenConfig(ManagerConfig):
+    """``delta_max`` is CloudStack's ``snapshot.delta.max``: deltas before a new full."""
 
-    url: str
-    user: str
-    password_file: str | None
-    verify_tls: bool
-    delta_max: int
-
-    def password(self) -> str:
-        if self.password_file:
-            return Path(self.password_file).read_text().strip()
-        return os.environ.get("SNAPFERRY_XEN_PASSWORD", "")
+    password_var = "SNAPFERRY_XEN_PASSWORD"
+    delta_max: int = 16
 
     @classmethod
     def from_env(cls) -> XenConfig | None:
-        url = os.environ.get("SNAPFERRY_XEN_URL")
-        if not url:
-            return None
-        return cls(
-            url=url.rstrip("/"),
-            user=_env("SNAPFERRY_XEN_USER", "root"),
-            password_file=os.environ.get("SNAPFERRY_XEN_PASSWORD_FILE") or None,
-            verify_tls=_env("SNAPFERRY_XEN_VERIFY_TLS", "1") != "0",
-            delta_max=int(_env("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16")),
+        common = _manager_env(
+            url="SNAPFERRY_XEN_URL",
+            user="SNAPFERRY_XEN_USER",
+            default_user="root",
+            password_file="SNAPFERRY_XEN_PASSWORD_FILE",
+            verify_tls="SNAPFERRY_XEN_VERIFY_TLS",
         )
+        if common is None:
+            return None
+        return cls(**common, delta_max=int(_env("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16")))
 
 
 @dataclass(frozen=True)
