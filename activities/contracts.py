@@ -317,11 +317,16 @@ class DiscardRequest(_Model):
 
 
 class ReleaseRequest(_Model):
-    """Free the primary copy of a snapshot whose backup was verified."""
+    """Free the primary copy of a snapshot: after its verified backup, or on its delete."""
 
     snapshot_id: SnapshotId
     volume: VolumeRef
     source: PrimarySnapshot
+    backed_up: bool = Field(
+        True,
+        description="False when a snapshot is deleted without a backup (XenServer then"
+        " drops its VDI instead of keeping it as the next delta base)",
+    )
 
 
 class AlertSeverity(StrEnum):

@@ -52,7 +52,12 @@ class HostActivities:
     @activity.defn(name=RELEASE_PRIMARY)
     @converts_errors
     def release_primary(self, req: ReleaseRequest) -> None:
-        self.driver(req).release(volume=req.volume, snapshot_id=req.snapshot_id, source=req.source)
+        self.driver(req).release(
+            volume=req.volume,
+            snapshot_id=req.snapshot_id,
+            source=req.source,
+            backed_up=req.backed_up,
+        )
 
     @activity.defn(name=DISCARD_SNAPSHOT)
     @converts_errors

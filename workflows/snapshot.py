@@ -262,7 +262,12 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         try:
             await workflow.execute_activity(
                 RELEASE_PRIMARY,
-                ReleaseRequest(snapshot_id=req.snapshot_id, volume=req.volume, source=primary),
+                ReleaseRequest(
+                    snapshot_id=req.snapshot_id,
+                    volume=req.volume,
+                    source=primary,
+                    backed_up=self.record.backup is not None,
+                ),
                 task_queue=host_queue(req.volume.vm.host),
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=HOST_RETRY,

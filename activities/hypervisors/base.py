@@ -44,8 +44,16 @@ class HypervisorDriver(ABC):
         plan, its data extents are the ranges that changed since ``plan.base_image``."""
 
     @abstractmethod
-    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
-        """Give primary storage back once the backup is safe (merge, delete a clone...)."""
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
+        """Give primary storage back once the backup is safe (merge, delete a clone...),
+        or on the delete of a snapshot that has no backup (``backed_up=False``)."""
 
     @abstractmethod
     def discard(self, req: DiscardRequest) -> None:

@@ -189,7 +189,14 @@ class KvmDriver(HypervisorDriver):
         return QemuImageReader(source.image)
 
     # -- release ---------------------------------------------------------------------------
-    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
         if source.overlay is None:
             return
         vm, disk = volume.vm.name, volume.disk

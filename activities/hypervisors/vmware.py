@@ -195,6 +195,13 @@ class DatastoreReader:
             if resp.status != 206:
                 resp.read()
                 raise HypervisorUnavailable(f"datastore GET answered {resp.status} {resp.reason}")
+            served = resp.getheader("Content-Range", "")
+            if not served.startswith(f"bytes {guest_offset}-{end}/"):
+                resp.read()
+                raise HypervisorUnavailable(
+                    f"datastore GET of {self.path} served {served!r},"
+                    f" not bytes {guest_offset}-{end}"
+                )
             got = resp.readinto(view)
             if got != len(view):
                 raise HypervisorUnavailable(f"datastore GET returned {got} of {len(view)} bytes")
@@ -330,7 +337,14 @@ class VmwareDriver(HypervisorDriver):
         return DatastoreReader(self.session, ds.lstrip("["), path, source.virtual_size)
 
     # -- release / discard -------------------------------------------------------------------
-    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
         """Destroy the clone (idempotent: a clone already gone is fine)."""
         with _vm_locks[volume.vm.name]:
             clone = self._find_vm(clone_name(volume.vm.name, snapshot_id))

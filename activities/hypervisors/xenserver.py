@@ -365,14 +365,26 @@ class XenServerDriver(HypervisorDriver):
         return VhdExportReader(self.session, source.image, plan.base_image)
 
     # -- release / discard -----------------------------------------------------------------
-    def release(self, *, volume: VolumeRef, snapshot_id: str, source: PrimarySnapshot) -> None:
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
         """Keep this (the newest backed-up) snapshot as the next delta base; destroy every
-        other snapshot of the volume that was released before."""
+        other snapshot of the volume that was released before. A snapshot deleted without
+        a backup can be no one's base: only its own VDI goes, and the base stays."""
         vm_name = volume.vm.name
         with _vm_locks[vm_name]:
             vdi = self._vdi(self._vm(vm_name), vm_name, volume.disk)
             ours = self._snapshot_vdis(vdi)
             label = VOLUME_PREFIX + snapshot_id
+            if not backed_up:
+                if label in ours:
+                    self._api("VDI.destroy", ours[label])
+                return
             if label in ours:
                 self._api("VDI.set_name_description", ours[label], RELEASED)
             for other, ref in ours.items():

@@ -385,3 +385,30 @@ async def test_a_base_gone_from_primary_means_a_new_full_through_the_cli(
     manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
     assert manifest.parent is None and manifest.depth == 0 and manifest.extents is None
     assert Path(manifest.path).read_bytes() == at_second
+
+
+async def test_deleting_an_unbacked_snapshot_keeps_the_delta_base(
+    client: Client, xapi: Xapi, host_name: str
+) -> None:
+    """A snapshot whose backup failed, then deleted, can be no one's base: its own VDI
+    goes, the retained base stays, and the next backup is still a delta on it."""
+    from tests.xapi_sim.control import clear_faults, inject_fault
+    from workflows.snapshot import DELETE_UPDATE
+
+    create_vm(xapi.port, "xen07", [16 * MIB])
+    rng = fill(xapi, "xen07", 16 * MIB, seed=13)
+    async with running_workers(client, xapi.settings, hosts=[host_name], backup=True):
+        base = await backed_up_snapshot(client, xapi, "xen07", host_name)
+        inject_fault(xapi.port, "export_raw_vdi", "INTERNAL_ERROR", [], 20)
+        failed = await backed_up_snapshot(client, xapi, "xen07", host_name)
+        assert (await starter.get_record(client, failed.id)).backup_error
+        clear_faults(xapi.port)
+        await starter.snapshot_operation(client, failed.id, DELETE_UPDATE)
+        names = {v["name"] for v in xapi.snapshot_vdis()}
+        assert f"snapferry-{failed.id}" not in names and f"snapferry-{base.id}" in names
+        guest_write(xapi.port, "xen07", 0, rng.randbytes(MIB))
+        after = await backed_up_snapshot(client, xapi, "xen07", host_name)
+        record = await starter.get_record(client, after.id)
+    assert record.backup
+    manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
+    assert manifest.parent == base.id and manifest.depth == 1
