@@ -132,3 +132,23 @@ def serve_main(
         server.serve_forever()
     finally:
         server.server_close()
+
+
+def guest_write(
+    port: int,
+    vm: str,
+    offset: int,
+    data: bytes | None = None,
+    *,
+    disk: int = 0,
+    pattern: int | None = None,
+    length: int = 0,
+) -> None:
+    """Write into a running VM's current disk, as its guest OS would (both simulators)."""
+    body: dict[str, Any] = {"vm": vm, "disk": disk, "offset": offset}
+    body |= {"data_hex": data.hex()} if data is not None else {"pattern": pattern, "length": length}
+    control_call(port, "POST", "/sim/guest-write", body)
+
+
+def list_vms(port: int) -> list[dict[str, Any]]:
+    return control_call(port, "GET", "/sim/vms")["vms"]  # type: ignore[no-any-return]

@@ -21,7 +21,6 @@ file or the environment and never leaves this process.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import threading
 import time
@@ -440,48 +439,22 @@ class VmwareDriver(HypervisorDriver):
             self._upload(ds, path, Path(tmp.name))
 
     def _upload(self, ds: str, path: str, source: Path) -> str:
-        size = source.stat().st_size
-        digest = hashlib.sha256()
-        conn = self.session.connection()
-        try:
-            conn.putrequest("PUT", self.session.file_url(ds, path))
-            conn.putheader("Cookie", self.session.cookie())
-            conn.putheader("Content-Length", str(size))
-            conn.putheader("Content-Type", "application/octet-stream")
-            conn.endheaders()
-            with open(source, "rb") as f:
-                while block := f.read(UPLOAD_CHUNK):
-                    digest.update(block)
-                    conn.send(block)
-            resp = conn.getresponse()
-            body = resp.read()
-            if resp.status not in (200, 201, 204):
-                raise HypervisorUnavailable(
-                    f"datastore PUT of [{ds}] {path} answered {resp.status}: {body[:200]!r}"
-                )
-        except (OSError, http.client.HTTPException) as exc:
-            raise HypervisorUnavailable(f"datastore PUT of [{ds}] {path} failed: {exc}") from exc
-        finally:
-            conn.close()
-        return digest.hexdigest()
+        status, body, sent = self.session.endpoint.put_file(
+            self.session.file_url(ds, path), source, {"Cookie": self.session.cookie()}
+        )
+        if status not in (200, 201, 204):
+            raise HypervisorUnavailable(
+                f"datastore PUT of [{ds}] {path} answered {status}: {body!r}"
+            )
+        return sent
 
     def _download_digest(self, ds: str, path: str) -> str:
-        digest = hashlib.sha256()
-        conn = self.session.connection()
-        try:
-            conn.request(
-                "GET", self.session.file_url(ds, path), None, {"Cookie": self.session.cookie()}
-            )
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise SourceGone(f"[{ds}] {path}: datastore GET answered {resp.status}")
-            while block := resp.read(UPLOAD_CHUNK):
-                digest.update(block)
-        except (OSError, http.client.HTTPException) as exc:
-            raise HypervisorUnavailable(f"reading back [{ds}] {path} failed: {exc}") from exc
-        finally:
-            conn.close()
-        return digest.hexdigest()
+        status, digest = self.session.endpoint.get_sha256(
+            self.session.file_url(ds, path), {"Cookie": self.session.cookie()}
+        )
+        if status != 200:
+            raise SourceGone(f"[{ds}] {path}: datastore GET answered {status}")
+        return digest
 
     # -- VM snapshots ------------------------------------------------------------------------
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:

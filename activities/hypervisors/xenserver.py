@@ -26,7 +26,6 @@ VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import os
 import re
@@ -407,35 +406,19 @@ class XenServerDriver(HypervisorDriver):
     def _import(self, vdi: str, raw: Path) -> None:
         """``PUT /import_raw_vdi`` of a raw image, then read back and compare (SHA-256)."""
         uuid = str(self._api("VDI.get_uuid", vdi))
-        digest = hashlib.sha256()
-        conn = self.session.connection()
-        try:
-            conn.putrequest("PUT", self.session.url("import_raw_vdi", vdi=uuid, format="raw"))
-            conn.putheader("Content-Length", str(raw.stat().st_size))
-            conn.endheaders()
-            with open(raw, "rb") as f:
-                while block := f.read(IO_CHUNK):
-                    digest.update(block)
-                    conn.send(block)
-            resp = conn.getresponse()
-            body = resp.read()
-            if resp.status == 409:
-                raise ChainBusy(f"VDI {uuid} is in use: {body[:200]!r}")
-            if resp.status not in (200, 201, 204):
-                raise HypervisorUnavailable(f"import into VDI {uuid}: HTTP {resp.status}")
-            conn.close()
-            conn = self.session.connection()
-            conn.request("GET", self.session.url("export_raw_vdi", vdi=uuid, format="raw"))
-            resp = conn.getresponse()
-            back = hashlib.sha256()
-            while block := resp.read(IO_CHUNK):
-                back.update(block)
-        except (OSError, http.client.HTTPException) as exc:
-            raise HypervisorUnavailable(f"import into VDI {uuid} failed: {exc}") from exc
-        finally:
-            conn.close()
-        if back.hexdigest() != digest.hexdigest():
-            raise ChainBusy(f"VDI {uuid} did not read back as written")
+        endpoint = self.session.endpoint
+        status, body, sent = endpoint.put_file(
+            self.session.url("import_raw_vdi", vdi=uuid, format="raw"), raw, {}
+        )
+        if status == 409:
+            raise ChainBusy(f"VDI {uuid} is in use: {body!r}")
+        if status not in (200, 201, 204):
+            raise HypervisorUnavailable(f"import into VDI {uuid}: HTTP {status}")
+        status, back = endpoint.get_sha256(
+            self.session.url("export_raw_vdi", vdi=uuid, format="raw"), {}
+        )
+        if status != 200 or back != sent:
+            raise ChainBusy(f"VDI {uuid} did not read back as written (HTTP {status})")
 
     def revert(self, req: RevertRequest) -> None:
         """Rebuild full + deltas and import them into the halted VM's VDI."""

@@ -7,7 +7,6 @@ to it exactly as it would to vCenter: over TCP, with its own pyvmomi stubs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from tests import simulator
 
@@ -25,31 +24,13 @@ class SimulatorProcess(simulator.SimulatorProcess):
 
 
 _call = simulator.control_call
+guest_write = simulator.guest_write
+list_vms = simulator.list_vms
 
 
 def create_vm(port: int, name: str, disks: list[int], power: str = "poweredOn") -> str:
     """Create a VM with zero-filled disks of the given byte sizes; returns its moid."""
     return _call(port, "POST", "/sim/vms", {"name": name, "disks": disks, "power": power})["moid"]
-
-
-def guest_write(
-    port: int,
-    vm: str,
-    offset: int,
-    data: bytes | None = None,
-    *,
-    disk: int = 0,
-    pattern: int | None = None,
-    length: int = 0,
-) -> None:
-    """Write into a powered-on VM's current disk, as its guest OS would."""
-    body: dict[str, Any] = {"vm": vm, "disk": disk, "offset": offset}
-    body |= {"data_hex": data.hex()} if data is not None else {"pattern": pattern, "length": length}
-    _call(port, "POST", "/sim/guest-write", body)
-
-
-def list_vms(port: int) -> list[dict[str, Any]]:
-    return _call(port, "GET", "/sim/vms")["vms"]
 
 
 def set_datastore_gone(port: int, gone: bool) -> None:

@@ -18,31 +18,13 @@ class SimulatorProcess(simulator.SimulatorProcess):
 
 
 _call = simulator.control_call
+guest_write = simulator.guest_write
+list_vms = simulator.list_vms
 
 
 def create_vm(port: int, name: str, disks: list[int], power: str = "Running") -> dict[str, Any]:
     """Create a VM with zero-filled disks (xvda, xvdb, ...); returns ref, uuid and disks."""
     return _call(port, "POST", "/sim/vms", {"name": name, "disks": disks, "power": power})
-
-
-def guest_write(
-    port: int,
-    vm: str,
-    offset: int,
-    data: bytes | None = None,
-    *,
-    disk: int = 0,
-    pattern: int | None = None,
-    length: int = 0,
-) -> None:
-    """Write into a Running VM's current disk (by name, ref or uuid), as its guest would."""
-    body: dict[str, Any] = {"vm": vm, "disk": disk, "offset": offset}
-    body |= {"data_hex": data.hex()} if data is not None else {"pattern": pattern, "length": length}
-    _call(port, "POST", "/sim/guest-write", body)
-
-
-def list_vms(port: int) -> list[dict[str, Any]]:
-    return _call(port, "GET", "/sim/vms")["vms"]
 
 
 def list_vdis(port: int) -> list[dict[str, Any]]:
