@@ -171,6 +171,8 @@ class BackupActivities:
         stall_limit = (info.heartbeat_timeout or timedelta(seconds=60)).total_seconds() * 0.8
         last_signal = 0.0
         started = time.monotonic()
+        # The backup's age across attempts (wall clock: the first attempt ran elsewhere).
+        born = req.backup_started.timestamp() if req.backup_started else time.time()
         first_done = latest[-1][1] if latest else 0
         try:
             while True:
@@ -185,8 +187,10 @@ class BackupActivities:
                     activity.heartbeat(latest[-1][0].model_dump())
                 else:
                     activity.heartbeat()
-                # Progress signals thin out as a backup ages, to bound the history size.
-                interval = max(req.progress_interval_s, (now - started) / 1000)
+                # Progress signals thin out as the backup ages (over all its attempts, so
+                # that a backup retried many times does not send many times more), to bound
+                # the history: about 1000 per tenfold of age past 1000 intervals.
+                interval = max(req.progress_interval_s, (time.time() - born) / 1000)
                 if fut in done or now - last_signal >= interval:
                     bytes_done = (
                         req.source.virtual_size if fut in done else (latest[-1][1] if latest else 0)

@@ -176,6 +176,11 @@ class SnapshotRecord(_Model):
         None, description="The current BackupSnapshot child; query it for progress"
     )
     error: str | None = None
+    delete_error: str | None = Field(
+        None,
+        description="Why the last delete failed (the snapshot is then Error; only a delete"
+        " can be sent again)",
+    )
     restored: list[str] = Field(
         default_factory=list, description="Volumes and templates created from this snapshot"
     )
@@ -302,6 +307,11 @@ class CopyRequest(_Model):
     volume: VolumeRef
     source: PrimarySnapshot
     progress_interval_s: float = 2.0
+    backup_started: datetime | None = Field(
+        None,
+        description="When the backup (its first attempt) began: progress signals thin out"
+        " with the backup's age, not the attempt's, so retries cannot multiply them",
+    )
 
 
 class TakeRequest(_Model):

@@ -26,6 +26,7 @@ from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_err
 from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
 from .settings import Settings
+from .storage.files import FILE_MODE, atomic_write, fsync_replace, make_dirs
 from .storage.secondary import Manifest, SecondaryStore
 
 
@@ -82,7 +83,7 @@ class RestoreActivities:
         """A file-backed qcow2 volume or template, compared before its final name."""
         partial = target.with_name(target.name + ".partial")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             partial.unlink(missing_ok=True)
             qemu_img_checked(
                 "convert",
@@ -106,12 +107,12 @@ class RestoreActivities:
                 str(partial),
                 what=f"checking the restore of {req.snapshot_id}",
             )
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, target)
+            os.chmod(partial, FILE_MODE)
+            # qemu-img does not fsync: the bytes reach the medium before the final name.
+            fsync_replace(partial, target)
             if req.kind == RestoreKind.TEMPLATE:
-                meta = target.with_suffix(".template.json")
-                meta.write_text(
+                atomic_write(
+                    target.with_suffix(".template.json"),
                     json.dumps(
                         {
                             "name": req.name,
@@ -122,7 +123,7 @@ class RestoreActivities:
                             "snapshot_checksum": manifest.checksum,
                         },
                         indent=2,
-                    )
+                    ),
                 )
         except OSError as exc:
             partial.unlink(missing_ok=True)

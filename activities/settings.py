@@ -110,6 +110,9 @@ class Settings:
     backup_defaults: BackupOptions = field(default_factory=BackupOptions)
     vcenter: VcenterConfig | None = None
     xen: XenConfig | None = None
+    # Host-wide, not per SNAPFERRY_HOME: every worker process on a host must see one lock.
+    lock_dir: Path = Path("/run/lock/snapferry")
+    domain_lock_timeout_s: float = 60.0
 
     @property
     def temporal_port(self) -> int:
@@ -149,4 +152,6 @@ class Settings:
             backup_defaults=backup_defaults,
             vcenter=VcenterConfig.from_env(),
             xen=XenConfig.from_env(),
+            lock_dir=Path(_env("SNAPFERRY_LOCK_DIR", "/run/lock/snapferry")).absolute(),
+            domain_lock_timeout_s=float(_env("SNAPFERRY_DOMAIN_LOCK_TIMEOUT", "60")),
         )

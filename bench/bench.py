@@ -98,12 +98,16 @@ async def bench_size(settings: Settings, client, conn, work: Path, size: int) ->
     cp_sync_s = timed(
         ["sh", "-c", f"cp --sparse=always '{src}' '{work}/cp.out' && sync '{work}/cp.out'"]
     )
-    conv_s = timed(["qemu-img", "convert", "-U", "-O", "raw", str(src), str(work / "conv.raw")])
+    conv_s = timed(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(src), str(work / "conv.raw")]
+    )
     conv_fast_s = timed(
         [
             "qemu-img",
             "convert",
             "-U",
+            "-f",
+            "qcow2",
             "-W",
             "-m",
             "16",

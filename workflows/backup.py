@@ -69,6 +69,7 @@ class BackupSnapshotWorkflow:
                     volume=vol,
                     source=req.source,
                     progress_interval_s=opts.progress_interval_s,
+                    backup_started=workflow.info().start_time,
                 ),
                 result_type=BackupResult,
                 # A cancel waits for the activity's cleanup (no .partial left behind).

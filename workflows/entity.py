@@ -21,7 +21,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import Alert, DiscardRequest, VmRef
+    from activities.contracts import Alert, DiscardRequest, VmRef, validate_name
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
     from activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
 
@@ -31,14 +31,39 @@ ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minute
 
 
 async def raise_alert(alert: Alert) -> None:
-    """The alert activity, on its own queue so that it never waits for a backup slot."""
-    await workflow.execute_activity(
-        RAISE_ALERT,
-        alert,
-        task_queue=ALERT_QUEUE,
-        start_to_close_timeout=timedelta(seconds=30),
-        retry_policy=ALERT_RETRY,
-    )
+    """The alert activity, on its own queue so that it never waits for a backup slot.
+
+    Never raises: an alert that cannot be delivered (a webhook down for longer than its
+    retries) must not fail the snapshot it is about; the line is in the worker's log and
+    the workflow's history either way."""
+    try:
+        await workflow.execute_activity(
+            RAISE_ALERT,
+            alert,
+            task_queue=ALERT_QUEUE,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ALERT_RETRY,
+        )
+    except ActivityError as err:
+        workflow.logger.error(
+            "alert %s for %s could not be delivered: %s",
+            alert.event,
+            alert.snapshot_id,
+            cause_message(err),
+        )
+
+
+def refuse_carried_from_a_caller(carried: bool) -> None:
+    """``carried`` is how a run hands its record to the next (continue-as-new); from a
+    caller it would skip the take and name any file as the snapshot's primary image, which
+    a revert then copies into the VM. So it is accepted on a continued run only."""
+    if carried and workflow.info().continued_run_id is None:
+        raise ApplicationError(
+            "'carried' is set only by snapferry itself when a snapshot continues as new;"
+            " a caller must not send it (leave it out, or null)",
+            type="InvalidInput",
+            non_retryable=True,
+        )
 
 
 def cause_message(err: BaseException) -> str:
@@ -102,6 +127,12 @@ class EntityWorkflow:
                 yield
             finally:
                 self.busy = False
+
+    def _validate_host(self, host: str) -> None:
+        try:
+            validate_name(host)
+        except ValueError as err:
+            self._refuse(f"cannot move it to host {host!r}: {err}")
 
     def _refuse(self, message: str) -> NoReturn:
         """A clear, non-retryable "no" for the caller; nothing was changed."""

@@ -50,7 +50,13 @@ with workflow.unsafe.imports_passed_through():
     )
 
 from .backup import BackupSnapshotWorkflow
-from .entity import EntityWorkflow, cause_message, discard_failed_take, raise_alert
+from .entity import (
+    EntityWorkflow,
+    cause_message,
+    discard_failed_take,
+    raise_alert,
+    refuse_carried_from_a_caller,
+)
 from .routing import (
     BACKUP_QUEUE,
     HYPERVISOR,
@@ -74,6 +80,7 @@ HOST_RETRY = RetryPolicy(
 )
 
 ENTITY_PATCH = "snapshot-stays-open-as-entity"
+DELETE_RETRY_PATCH = "failed-delete-can-be-sent-again"
 DISCARD_PATCH = "discard-what-a-failed-take-left"
 HIDDEN_PATCH = "hidden-chain-members"
 PURGED_SIGNAL = "purged"
@@ -87,6 +94,7 @@ VERIFY_BACKUP_UPDATE = "verify_backup"
 CREATE_VOLUME_UPDATE = "create_volume"
 CREATE_TEMPLATE_UPDATE = "create_template"
 REVERT_UPDATE = "revert_volume"
+MOVE_HOST_UPDATE = "move_host"
 
 OPERATION_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -157,6 +165,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
 
     @workflow.run
     async def run(self, req: SnapshotRequest) -> SnapshotRecord:
+        refuse_carried_from_a_caller(req.carried is not None)
         if req.carried is not None:
             # Continued as new: the record is carried over, the take and backup are done.
             self.record = req.carried
@@ -174,7 +183,8 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 return self.record  # histories from before snapshots stayed open
         # The snapshot now lives on as an entity: it answers queries and serves operations
         # (delete, revert, restore, verify) until it is destroyed.
-        await self._live_on(lambda: req.model_copy(update={"carried": self.record}))
+        # self.req, not req: a move_host update may have changed where the VM runs.
+        await self._live_on(lambda: self.req.model_copy(update={"carried": self.record}))
         return self.record
 
     async def _take(self, req: SnapshotRequest) -> bool:
@@ -312,7 +322,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
     # -- operations on an existing snapshot ------------------------------------------------
     def _require_backup(self, what: str) -> str:
         hidden = self.record.state == SnapshotState.HIDDEN  # deleted (even across runs)
-        if self.deleting or hidden or self.record.backup is None:
+        if self.deleting or hidden or self.record.delete_error or self.record.backup is None:
             self._refuse(f"cannot {what}: it is {self.record.state.value}, not BackedUp")
         assert self.record.backup is not None
         return self.record.backup.manifest_path
@@ -330,34 +340,60 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             self.backup_child.cancel()
         await workflow.wait_condition(lambda: not self.backup_running)
         async with self._operation():
-            self._set_state(SnapshotState.DESTROYING)
-            if self.record.primary is not None:
-                # Whatever a backup left (finished, or cancelled mid-way), by the store's
-                # own layout: a backup that finished just as it was cancelled is included.
-                outcome: DeleteBackupOutcome | None = await workflow.execute_activity(
-                    DELETE_BACKUP,
-                    DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
-                    result_type=DeleteBackupOutcome | None,  # type: ignore[arg-type]
-                    task_queue=BACKUP_QUEUE,
-                    start_to_close_timeout=timedelta(minutes=10),
-                    retry_policy=HOST_RETRY,
+            try:
+                return await self._delete_everywhere()
+            except ActivityError as err:
+                if not workflow.patched(DELETE_RETRY_PATCH):
+                    raise  # histories from before a failed delete could be sent again
+                # The store may have lost some files already (manifest first, so nothing
+                # looks whole that is not): the snapshot is Error, the delete can be sent
+                # again, and nothing else is allowed until it succeeds.
+                self.deleting = False
+                self.record.delete_error = cause_message(err)
+                self._set_state(SnapshotState.ERROR)
+                await self._alert(
+                    "SNAPSHOT.DELETE.FAILED",
+                    f"deleting snapshot {self.req.snapshot_id} failed:"
+                    f" {self.record.delete_error}; send the delete again",
+                    AlertSeverity.ERROR,
                 )
-            else:
-                outcome = None
-            if self.record.primary is not None and not self.record.primary_released:
-                await self._release(self.req)
-            if outcome is not None and workflow.patched(HIDDEN_PATCH):
-                for parent in outcome.purged:  # hidden ancestors nothing needs any more
-                    await workflow.get_external_workflow_handle(
-                        snapshot_workflow_id(parent)
-                    ).signal(PURGED_SIGNAL)
-                if outcome.hidden and not self.purge_seen:
-                    # Later deltas need this backup: Hidden, as in CloudStack, until the
-                    # delete of its last dependant purges it.
-                    self._set_state(SnapshotState.HIDDEN)
-                    return self.record
-            self._set_state(SnapshotState.DESTROYED)
-            self.destroyed = True
+                raise ApplicationError(
+                    f"snapshot {self.req.snapshot_id}: delete failed:"
+                    f" {self.record.delete_error}; it is Error now, send the delete again",
+                    type="DeleteFailed",
+                    non_retryable=True,
+                ) from err
+
+    async def _delete_everywhere(self) -> SnapshotRecord:
+        """The delete proper: secondary first (chain-aware), then primary."""
+        self._set_state(SnapshotState.DESTROYING)
+        if self.record.primary is not None:
+            # Whatever a backup left (finished, or cancelled mid-way), by the store's
+            # own layout: a backup that finished just as it was cancelled is included.
+            outcome: DeleteBackupOutcome | None = await workflow.execute_activity(
+                DELETE_BACKUP,
+                DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
+                result_type=DeleteBackupOutcome | None,  # type: ignore[arg-type]
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=HOST_RETRY,
+            )
+        else:
+            outcome = None
+        if self.record.primary is not None and not self.record.primary_released:
+            await self._release(self.req)
+        if outcome is not None and workflow.patched(HIDDEN_PATCH):
+            for parent in outcome.purged:  # hidden ancestors nothing needs any more
+                await workflow.get_external_workflow_handle(snapshot_workflow_id(parent)).signal(
+                    PURGED_SIGNAL
+                )
+            if outcome.hidden and not self.purge_seen:
+                # Later deltas need this backup: Hidden, as in CloudStack, until the
+                # delete of its last dependant purges it.
+                self._set_state(SnapshotState.HIDDEN)
+                return self.record
+        self._set_state(SnapshotState.DESTROYED)
+        self.destroyed = True
         return self.record
 
     @workflow.signal(name=PURGED_SIGNAL)
@@ -371,6 +407,8 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
 
     @delete_snapshot.validator
     def _validate_delete(self) -> None:
+        if self.record.state == SnapshotState.ERROR and self.record.delete_error:
+            return  # a failed delete is sent again
         if self.record.state == SnapshotState.HIDDEN:
             self._refuse(
                 "it is Hidden: deleted, but its backup is kept until the later deltas that"
@@ -481,8 +519,22 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         usable = self.record.backup is not None or (
             self.record.primary is not None and not self.record.primary_released
         )
-        if self.deleting or not usable or self.record.state == SnapshotState.HIDDEN:
+        gone = self.record.state in (SnapshotState.HIDDEN, SnapshotState.ERROR)
+        if self.deleting or not usable or gone:
             self._refuse(f"cannot revert to it while it is {self.record.state.value}")
+
+    @workflow.update(name=MOVE_HOST_UPDATE)
+    def move_host(self, host: str) -> SnapshotRecord:
+        """The VM now runs on ``host`` (after a live migration, say): every later host
+        operation of this snapshot (release, revert) goes to that host's queue. Sent by
+        management code, or ``snapferry vm moved``, since the one who migrates knows."""
+        self.req.volume.vm.host = host
+        self.record.host = host
+        return self.record
+
+    @move_host.validator
+    def _validate_move_host(self, host: str) -> None:
+        self._validate_host(host)
 
     @workflow.query(name=RECORD_QUERY)
     def get_record(self) -> SnapshotRecord:

@@ -31,7 +31,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.names import DELETE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, TAKE_VM_SNAPSHOT
 
-from .entity import EntityWorkflow, cause_message, discard_failed_take, raise_alert
+from .entity import (
+    EntityWorkflow,
+    cause_message,
+    discard_failed_take,
+    raise_alert,
+    refuse_carried_from_a_caller,
+)
 from .routing import (
     HYPERVISOR,
     SNAPSHOT_ID,
@@ -40,7 +46,7 @@ from .routing import (
     VM_SNAPSHOT_WORKFLOW,
     host_queue,
 )
-from .snapshot import HOST_RETRY, OPERATION_RETRY
+from .snapshot import HOST_RETRY, MOVE_HOST_UPDATE, OPERATION_RETRY
 
 WAIT_CREATED_UPDATE = "wait_created"
 REVERT_VM_SNAPSHOT_UPDATE = "revert_vm_snapshot"
@@ -97,6 +103,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
 
     @workflow.run
     async def run(self, req: VmSnapshotRequest) -> VmSnapshotRecord:
+        refuse_carried_from_a_caller(req.carried is not None)
         if req.carried is not None:
             self.record, self.answered = req.carried, True
         else:
@@ -130,7 +137,8 @@ class VmSnapshotWorkflow(EntityWorkflow):
                         f" {self.record.error}",
                     )
                 )
-        await self._live_on(lambda: req.model_copy(update={"carried": self.record}))
+        # self.req, not req: a move_host update may have changed where the VM runs.
+        await self._live_on(lambda: self.req.model_copy(update={"carried": self.record}))
         return self.record
 
     @workflow.update(name=WAIT_CREATED_UPDATE)
@@ -202,6 +210,17 @@ class VmSnapshotWorkflow(EntityWorkflow):
     def _validate_delete(self) -> None:
         if self.record.state not in (VmSnapshotState.READY, VmSnapshotState.ERROR):
             self._refuse(f"cannot delete it while it is {self.record.state.value}")
+
+    @workflow.update(name=MOVE_HOST_UPDATE)
+    def move_host(self, host: str) -> VmSnapshotRecord:
+        """The VM now runs on ``host`` (see VolumeSnapshot.move_host)."""
+        self.req.vm.host = host
+        self.record.host = host
+        return self.record
+
+    @move_host.validator
+    def _validate_move_host(self, host: str) -> None:
+        self._validate_host(host)
 
     @workflow.query(name=VM_RECORD_QUERY)
     def get_record(self) -> VmSnapshotRecord:

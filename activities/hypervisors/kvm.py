@@ -13,8 +13,12 @@ deepest image that no unreleased snapshot still needs. On a running domain that 
 block commit with pivot; on a stopped one, ``qemu-img commit`` and a redefinition. When every
 snapshot is released the domain is back on its original disk file.
 
-Operations on one domain are serialised by a per-domain lock in this worker: every take and
-release of a host's VMs runs on that host's single worker.
+Operations on one domain are serialised by a per-domain ``flock`` on the host
+(:mod:`.domain_lock`), so two worker processes for the same host (say ``snapferry up`` beside
+the systemd unit) can never rewrite one disk chain at once.
+
+Formats are never probed: the active image's format is libvirt's ``<driver type>``, and every
+layer below it is opened with the format its child records (:func:`image_chain`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections import defaultdict
 from pathlib import Path
 
 import libvirt
@@ -41,10 +44,13 @@ from ..contracts import (
 )
 from ..errors import ChainBusy, DiskNotFound, HypervisorUnavailable, InvalidInput, VmNotFound
 from ..settings import Settings
-from ..storage.reader import QemuImageReader, image_info, run_qemu_img
+from ..storage.files import fsync_replace
+from ..storage.reader import ImageLayer, QemuImageReader, image_chain, image_info, run_qemu_img
 from .base import HypervisorDriver
+from .domain_lock import domain_lock
 
 OVERLAY_TAG = ".snapferry-"
+IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the umask
 RELEASED_SUFFIX = ".released"
 
 _SNAPSHOT_FLAGS = (
@@ -52,8 +58,6 @@ _SNAPSHOT_FLAGS = (
     | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
     | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
 )
-
-_domain_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 def overlay_path(active: str, snapshot_id: str) -> str:
@@ -74,12 +78,8 @@ def snapshot_of_overlay(path: str) -> str | None:
     return name.split(OVERLAY_TAG, 1)[1][: -len(".qcow2")]
 
 
-def backing_chain(active: str) -> list[str]:
-    """File names from the active layer down to the root image."""
-    import json
-
-    chain = json.loads(run_qemu_img("info", "-U", "--backing-chain", "--output=json", active))
-    return [entry["filename"] for entry in chain]
+def chain_paths(layers: list[ImageLayer]) -> list[str]:
+    return [layer.path for layer in layers]
 
 
 def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
@@ -94,6 +94,8 @@ def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
 class KvmDriver(HypervisorDriver):
     def __init__(self, settings: Settings) -> None:
         self.uri = settings.libvirt_uri
+        self.lock_dir = settings.lock_dir
+        self.lock_timeout_s = settings.domain_lock_timeout_s
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
 
@@ -138,6 +140,13 @@ class KvmDriver(HypervisorDriver):
         fmt = driver.get("type", "raw") if driver is not None else "raw"
         return source.get("file", ""), fmt
 
+    def _chain(self, dom: libvirt.virDomain, vm: str, disk: str) -> list[ImageLayer]:
+        """The disk's chain, active layer first, every format known (none probed)."""
+        return image_chain(*self._active_source(dom, vm, disk))
+
+    def _lock(self, vm: str):  # type: ignore[no-untyped-def]
+        return domain_lock(self.lock_dir, vm, timeout_s=self.lock_timeout_s)
+
     # -- take ------------------------------------------------------------------------------
     def _create_external(
         self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
@@ -166,27 +175,27 @@ class KvmDriver(HypervisorDriver):
 
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         vm, disk = volume.vm.name, volume.disk
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             running = bool(dom.isActive())
             active, _fmt = self._active_source(dom, vm, disk)
             overlay = overlay_path(active, snapshot_id)
             # A retried activity finds the overlay its first attempt made in the chain.
-            if overlay not in backing_chain(active):
+            if overlay not in chain_paths(self._chain(dom, vm, disk)):
                 self._create_external(dom, vm, {disk: overlay}, None)
-            frozen = backing_chain(overlay)[1]
-            info = image_info(frozen)
+            layers = self._chain(dom, vm, disk)
+            frozen = layers[chain_paths(layers).index(overlay) + 1]
             return PrimarySnapshot(
-                image=frozen,
-                image_format=info["format"],
+                image=frozen.path,
+                image_format=frozen.format,
                 overlay=overlay,
-                virtual_size=int(info["virtual-size"]),
+                virtual_size=frozen.virtual_size,
                 vm_was_running=running,
             )
 
     # -- backup source ---------------------------------------------------------------------
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
-        return QemuImageReader(source.image)
+        return QemuImageReader(source.image, source.image_format)
 
     # -- release ---------------------------------------------------------------------------
     def release(
@@ -200,7 +209,7 @@ class KvmDriver(HypervisorDriver):
         if source.overlay is None:
             return
         vm, disk = volume.vm.name, volume.disk
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             self._release_overlay(dom, vm, disk, source.overlay)
 
@@ -210,8 +219,8 @@ class KvmDriver(HypervisorDriver):
         Volume snapshots call this after a verified backup; VM snapshots when deleted. A
         layer that an unreleased snapshot still needs (a VM snapshot, a volume snapshot
         whose backup is in flight) stops the merge, so it is never rewritten."""
-        active, _ = self._active_source(dom, vm, disk)
-        chain = backing_chain(active)
+        layers = self._chain(dom, vm, disk)
+        chain = chain_paths(layers)
         if overlay in chain:
             # Only a layer still in the chain is marked: a retry after a finished merge
             # must not leave a marker that a later take with this name would inherit.
@@ -223,7 +232,7 @@ class KvmDriver(HypervisorDriver):
         base = chain[depth]
         if dom.isActive():
             self._commit_live(dom, vm, disk, base)
-        elif not self._commit_offline(dom, vm, disk, top=active, base=base):
+        elif not self._commit_offline(dom, vm, disk, top=layers[0], base=layers[depth]):
             return  # started meanwhile: its layers stay, the next release merges them live
         for layer in chain[:depth]:
             Path(layer).unlink(missing_ok=True)
@@ -260,10 +269,31 @@ class KvmDriver(HypervisorDriver):
             n += 1
         return n
 
+    def _running_job_target(self, dom: libvirt.virDomain, disk: str) -> tuple[str, str] | None:
+        """The running block job's kind and destination, from the live XML's ``<mirror>``
+        (libvirt's formatdomain docs: an active commit shows ``job='active-commit'`` and the
+        base as its source), or None when no job runs."""
+        mirror = self._disks(dom).get(disk, ET.Element("disk")).find("mirror")
+        if mirror is None:
+            return None
+        src = mirror.find("source")
+        target = mirror.get("file") or (src.get("file") if src is not None else None)
+        return mirror.get("job") or "", target or ""
+
     def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
         try:
-            # A retry after a failure mid-job finds its commit still running: finish it.
-            if not dom.blockJobInfo(disk, 0):
+            # A retry after a failure mid-job finds its commit still running: finish it, but
+            # only if it is *our* job, an active commit onto this very base. Pivoting any
+            # other job (a copy, a commit onto another layer) would switch the VM's disk to
+            # an image that is not the chain this release planned.
+            if dom.blockJobInfo(disk, 0):
+                job = self._running_job_target(dom, disk)
+                if job != ("active-commit", base):
+                    raise ChainBusy(
+                        f"VM {vm!r} disk {disk!r}: another block job runs ({job}); not"
+                        f" pivoting it, since this release commits onto {base}"
+                    )
+            else:
                 dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
             while True:
                 info = dom.blockJobInfo(disk, 0)
@@ -282,7 +312,7 @@ class KvmDriver(HypervisorDriver):
             raise ChainBusy(f"VM {vm!r} disk {disk!r}: pivot left the disk on {active}")
 
     def _commit_offline(
-        self, dom: libvirt.virDomain, vm: str, disk: str, *, top: str, base: str
+        self, dom: libvirt.virDomain, vm: str, disk: str, *, top: ImageLayer, base: ImageLayer
     ) -> bool:
         """Merge a stopped VM's released layers with ``qemu-img commit``; False if the VM
         was started meanwhile (by anyone: snapferry never blocks a start).
@@ -292,18 +322,21 @@ class KvmDriver(HypervisorDriver):
         after: if it runs on ``top``, the definition is pointed back at it and nothing is
         deleted; if it started later, it started on ``base``, and the old layers can go.
         """
-        run_qemu_img("commit", "-q", "-b", base, top)
-        self._redefine_disk(dom, vm, disk, source=base)
+        run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
+        self._redefine_disk(dom, vm, disk, source=base.path, fmt=base.format)
         if dom.isActive():
-            live, _ = self._active_source(dom, vm, disk)
-            if live != base:
-                self._redefine_disk(dom, vm, disk, source=live)
+            live, live_fmt = self._active_source(dom, vm, disk)
+            if live != base.path:
+                self._redefine_disk(dom, vm, disk, source=live, fmt=live_fmt)
                 return False
         return True
 
-    def _redefine_disk(self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str) -> None:
-        """Point a stopped domain's disk at ``source`` (its format probed, its chain left
-        for libvirt to re-detect at start)."""
+    def _redefine_disk(
+        self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str, fmt: str
+    ) -> None:
+        """Point a stopped domain's disk at ``source`` of format ``fmt`` (known from the
+        chain, never probed: a raw disk whose guest wrote a qcow2 header must stay raw),
+        its chain left for libvirt to re-detect at start from the recorded formats."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         root = ET.fromstring(dom.XMLDesc(flags))
         for el in root.findall("./devices/disk"):
@@ -317,7 +350,7 @@ class KvmDriver(HypervisorDriver):
                 el.remove(backing)
             drv = el.find("driver")
             if drv is not None:
-                drv.set("type", image_info(source)["format"])
+                drv.set("type", fmt)
         try:
             self._connection().defineXML(ET.tostring(root, encoding="unicode"))
         except libvirt.libvirtError as exc:
@@ -329,14 +362,14 @@ class KvmDriver(HypervisorDriver):
         is on primary, else from its verified backup. Reverting a running VM is refused: the
         guest would see its disk change under it."""
         vm, disk = req.volume.vm.name, req.volume.disk
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             if dom.isActive():
                 raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
-            if req.primary is not None and Path(req.primary.image).exists():
-                source, source_fmt = req.primary.image, req.primary.image_format
+            frozen = self._intact_frozen(dom, vm, disk, req.primary)
+            if frozen is not None:
                 self._revert_disk(
-                    dom, vm, disk, req.snapshot_id, source=source, source_fmt=source_fmt
+                    dom, vm, disk, req.snapshot_id, source=frozen.path, source_fmt=frozen.format
                 )
             elif req.manifest_path is not None:
                 from ..storage.secondary import SecondaryStore
@@ -347,7 +380,33 @@ class KvmDriver(HypervisorDriver):
                         dom, vm, disk, req.snapshot_id, source=str(raw), source_fmt="raw"
                     )
             else:
-                raise InvalidInput(f"snapshot {req.snapshot_id} has no copy left to revert to")
+                raise InvalidInput(
+                    f"snapshot {req.snapshot_id} has no copy left to revert to: its frozen"
+                    " image is no longer intact on primary and it has no backup"
+                )
+
+    def _intact_frozen(
+        self, dom: libvirt.virDomain, vm: str, disk: str, primary: PrimarySnapshot | None
+    ) -> ImageLayer | None:
+        """The snapshot's frozen image, only while it still holds the snapshot's bytes.
+
+        It is found through the overlay (the layer right below it), not by the recorded
+        path: a file can exist under that name and yet have been merged into. A frozen image
+        is written into only when its own snapshot's overlay is marked released (see
+        :meth:`_mergeable_depth`), and the marker is written *before* the merge; so an
+        overlay that is gone from the chain, or marked released, means the frozen image may
+        no longer be the snapshot, and the verified backup must be used instead."""
+        if primary is None or primary.overlay is None:
+            return None
+        layers = self._chain(dom, vm, disk)
+        paths = chain_paths(layers)
+        overlay = primary.overlay
+        if overlay not in paths[:-1] or Path(overlay + RELEASED_SUFFIX).exists():
+            return None
+        frozen = layers[paths.index(overlay) + 1]
+        if frozen.path != primary.image or frozen.format != primary.image_format:
+            return None
+        return frozen
 
     def _revert_disk(
         self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
@@ -362,27 +421,30 @@ class KvmDriver(HypervisorDriver):
         copy of the snapshot's content, which costs primary space until the chain is merged.
         """
         active, fmt = self._active_source(dom, vm, disk)
-        chain = backing_chain(active)
+        chain = self._chain(dom, vm, disk)
         partial = f"{active}.revert-{tag}.partial"
         Path(partial).unlink(missing_ok=True)
-        size = str(image_info(source)["virtual-size"])
+        size = str(image_info(source, source_fmt)["virtual-size"])
         create = ["create", "-q", "-f", "qcow2"]
         if len(chain) > 1:
-            create += ["-b", chain[1], "-F", image_info(chain[1])["format"]]
+            create += ["-b", chain[1].path, "-F", chain[1].format]
         try:
             run_qemu_img(*create, partial, size)
-            if len(chain) < 2 or source != chain[1]:
+            os.chmod(partial, IMAGE_MODE)
+            if len(chain) < 2 or source != chain[1].path:
                 run_qemu_img(
                     "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
                 )
                 run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
             if dom.isActive():  # started meanwhile: it runs on the old image; keep it
                 raise ChainBusy(f"VM {vm!r} was started during the revert; nothing changed")
-            os.replace(partial, active)
+            # qemu-img does not fsync: without this a crash after the rename could leave
+            # the VM's disk named as the new layer but holding none of its bytes.
+            fsync_replace(partial, active)
         finally:
             Path(partial).unlink(missing_ok=True)
         if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
-            self._redefine_disk(dom, vm, disk, source=active)
+            self._redefine_disk(dom, vm, disk, source=active, fmt="qcow2")
 
     # -- failed takes ----------------------------------------------------------------------
     def discard(self, req: DiscardRequest) -> None:
@@ -390,12 +452,12 @@ class KvmDriver(HypervisorDriver):
         every retry). The overlay's name follows from the snapshot ID, so it is found, released
         and merged like any other; a DiskAndMemory take's memory file is removed."""
         vm = req.vm.name
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             actives = self._file_disks(dom, vm)
             for disk, active in actives.items():
                 overlay = overlay_path(active, req.snapshot_id)
-                if overlay in backing_chain(active):
+                if overlay in chain_paths(self._chain(dom, vm, disk)):
                     self._release_overlay(dom, vm, disk, overlay)
             for active in actives.values():
                 Path(memory_path(active, req.snapshot_id)).unlink(missing_ok=True)
@@ -412,7 +474,7 @@ class KvmDriver(HypervisorDriver):
         like a volume snapshot whose backup has not finished, so every later volume-snapshot
         merge stops above its frozen images."""
         vm = op.vm.name
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             running = bool(dom.isActive())
             with_memory = op.type == VmSnapshotType.DISK_AND_MEMORY
@@ -420,7 +482,7 @@ class KvmDriver(HypervisorDriver):
             overlays = {d: overlay_path(a, op.snapshot_id) for d, a in actives.items()}
             first = next(iter(actives.values()))
             memory = memory_path(first, op.snapshot_id) if with_memory else None
-            present = [d for d, a in actives.items() if overlays[d] in backing_chain(a)]
+            present = [d for d in actives if overlays[d] in chain_paths(self._chain(dom, vm, d))]
             if not present:  # a retry finds what its first (atomic) attempt made
                 if with_memory and not running:
                     raise InvalidInput(
@@ -439,7 +501,7 @@ class KvmDriver(HypervisorDriver):
         reverted images (never on the frozen images the save file names)."""
         assert op.taken is not None
         vm = op.vm.name
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             if op.taken.memory and not Path(op.taken.memory).exists():
                 raise InvalidInput(f"VM snapshot {op.snapshot_id}: its memory file is gone")
@@ -452,8 +514,9 @@ class KvmDriver(HypervisorDriver):
                     )
                 dom.destroy()
             for disk, frozen in sources.items():
-                fmt = image_info(frozen)["format"]
-                self._revert_disk(dom, vm, disk, op.snapshot_id, source=frozen, source_fmt=fmt)
+                self._revert_disk(
+                    dom, vm, disk, op.snapshot_id, source=frozen.path, source_fmt=frozen.format
+                )
             if op.taken.memory is not None:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
                 try:
@@ -468,19 +531,20 @@ class KvmDriver(HypervisorDriver):
         vm = op.vm.name
         if op.taken is None:
             return
-        with _domain_locks[vm]:
+        with self._lock(vm):
             dom = self._domain(vm)
             for disk, overlay in op.taken.overlays.items():
                 self._release_overlay(dom, vm, disk, overlay)
             if op.taken.memory:
                 Path(op.taken.memory).unlink(missing_ok=True)
 
-    def _frozen_below(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> str:
+    def _frozen_below(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> ImageLayer:
         """The image a snapshot froze: whatever its overlay is backed by now."""
-        chain = backing_chain(self._active_source(dom, vm, disk)[0])
+        layers = self._chain(dom, vm, disk)
+        chain = chain_paths(layers)
         if overlay not in chain or overlay == chain[-1]:
             raise InvalidInput(
                 f"VM {vm!r} disk {disk!r}: the snapshot's layer {Path(overlay).name} is no"
                 " longer in the disk's chain"
             )
-        return chain[chain.index(overlay) + 1]
+        return layers[chain.index(overlay) + 1]

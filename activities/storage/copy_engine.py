@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from ..errors import BackupCancelled, BackupCorrupt
 from . import checksum
+from .files import FILE_MODE
 from .reader import DataExtent, SnapshotReader
 
 
@@ -111,7 +112,7 @@ class CopyEngine:
         resumed_from = start.chunks_done * csize
 
         target.data.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target.data, os.O_WRONLY | os.O_CREAT, 0o640)
+        fd = os.open(target.data, os.O_WRONLY | os.O_CREAT, FILE_MODE)
         try:
             digests = open(target.digests, "a+" if start.chunks_done else "w")  # noqa: SIM115
         except BaseException:

@@ -49,9 +49,48 @@ def run_qemu_img(*args: str) -> str:
     return proc.stdout
 
 
-def image_info(path: str) -> dict:
-    """``qemu-img info`` of one image, shared-lock safe for images a running VM holds."""
-    return json.loads(run_qemu_img("info", "-U", "--output=json", path))
+@dataclass(frozen=True)
+class ImageLayer:
+    """One file of a disk chain, with the format snapferry *knows* it has."""
+
+    path: str
+    format: str
+    virtual_size: int
+
+
+def image_info(path: str, fmt: str) -> dict:
+    """``qemu-img info`` of one image, read as ``fmt`` (never probed: a guest that writes a
+    qcow2 header into its raw disk must not make us read it as qcow2), shared-lock safe for
+    images a running VM holds. It opens only this file: qemu-img info uses
+    ``BDRV_O_NO_BACKING``."""
+    return json.loads(run_qemu_img("info", "-U", "-f", fmt, "--output=json", path))
+
+
+def image_chain(path: str, fmt: str) -> list[ImageLayer]:
+    """The chain from ``path`` (format ``fmt``, known from libvirt's ``<driver type>`` or
+    from the chain snapferry built) down to its root, one file at a time.
+
+    Each backing file is opened with the format its child *records*. A backing file with
+    no recorded format is refused before it is ever opened: letting qemu-img probe it is
+    the classic way for a guest to make the host read another tenant's file."""
+    layers: list[ImageLayer] = []
+    current, current_fmt = path, fmt
+    while True:
+        info = image_info(current, current_fmt)
+        layers.append(ImageLayer(current, current_fmt, int(info["virtual-size"])))
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if not backing:
+            return layers
+        backing_fmt = info.get("backing-filename-format")
+        if not backing_fmt:
+            raise UnsupportedImage(
+                f"{current}: its backing file {backing} has no recorded backing format;"
+                " refusing to let qemu-img guess it (record it with"
+                " `qemu-img rebase -u -b <file> -F <format>` if the chain is trusted)"
+            )
+        if len(layers) > 256:
+            raise UnsupportedImage(f"{path}: backing chain deeper than 256 (a loop?)")
+        current, current_fmt = backing, backing_fmt
 
 
 class QemuImageReader:
@@ -59,20 +98,24 @@ class QemuImageReader:
 
     ``qemu-img map --output=json`` reports, for every guest range, whether it holds data or
     zeros, at which depth of the backing chain, and at which host offset of that file. With
-    the chain's file names from ``qemu-img info --backing-chain`` that is enough to read the
-    guest view with plain ``pread``, with no qcow2 parser and no NBD server. Compressed or
-    encrypted clusters have no host offset; they are refused, not silently misread.
+    the chain's file names (from :func:`image_chain`, every format known, none probed) that
+    is enough to read the guest view with plain ``pread``, with no qcow2 parser and no NBD
+    server. Compressed or encrypted clusters have no host offset; they are refused, not
+    silently misread.
     """
 
-    def __init__(self, path: str) -> None:
-        chain = json.loads(run_qemu_img("info", "-U", "--backing-chain", "--output=json", path))
+    def __init__(self, path: str, fmt: str) -> None:
+        layers = image_chain(path, fmt)
         self.path = path
-        self.chain = [entry["filename"] for entry in chain]
-        self.virtual_size = int(chain[0]["virtual-size"])
+        self.format = fmt
+        self.chain = [layer.path for layer in layers]
+        self.virtual_size = layers[0].virtual_size
         self._files: dict[str, int] = {}
 
     def data_extents(self) -> list[DataExtent]:
-        mapping = json.loads(run_qemu_img("map", "-U", "--output=json", self.path))
+        mapping = json.loads(
+            run_qemu_img("map", "-U", "-f", self.format, "--output=json", self.path)
+        )
         extents: list[DataExtent] = []
         for e in mapping:
             if not e.get("data") or e.get("zero"):

@@ -28,6 +28,7 @@ from ..contracts import BackupPlan, DeleteBackupOutcome, VolumeRef
 from ..errors import BackupCorrupt, SecondaryStoreUnavailable, classify_os_error
 from . import checksum
 from .copy_engine import CopyOutcome, CopyTarget, verify_copy
+from .files import FILE_MODE, atomic_write, fsync_dir, make_dirs
 
 
 class Manifest(BaseModel):
@@ -57,14 +58,6 @@ class Manifest(BaseModel):
         return sum(length for _, length in self.extents)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SecondaryStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -82,7 +75,7 @@ class SecondaryStore:
         """Create the volume's directory and name the ``.partial`` files of one copy."""
         d = self.directory(volume)
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
             probe = d / f".{snapshot_id}.probe"
             probe.write_bytes(b"")
             probe.unlink()
@@ -132,17 +125,15 @@ class SecondaryStore:
             created=datetime.now(UTC),
         )
         mpath = self.manifest_path(volume, snapshot_id)
-        tmp = mpath.with_suffix(".json.partial")
         try:
+            for partial in (target.data, target.digests):
+                os.chmod(partial, FILE_MODE)  # also for partials an older version made
             os.replace(target.data, image)
             os.replace(target.digests, chunks)
-            with open(tmp, "w") as f:
-                f.write(manifest.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, mpath)
+            fsync_dir(mpath.parent)  # the renames are on the medium before the manifest
+            atomic_write(mpath, manifest.model_dump_json(indent=2))  # written last
             self.plan_path(volume, snapshot_id).unlink(missing_ok=True)
-            _fsync_dir(mpath.parent)
+            fsync_dir(mpath.parent)
         except OSError as exc:
             raise classify_os_error(exc, where=str(mpath.parent)) from exc
         return manifest
@@ -172,10 +163,8 @@ class SecondaryStore:
         return self.directory(volume) / f".{snapshot_id}.plan.json"
 
     def save_plan(self, volume: VolumeRef, snapshot_id: str, plan: BackupPlan) -> None:
-        path = self.plan_path(volume, snapshot_id)
-        path.write_text(plan.model_dump_json())
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
+        # Atomic: a crash mid-write must not leave a half plan that a resume misreads.
+        atomic_write(self.plan_path(volume, snapshot_id), plan.model_dump_json())
 
     def load_plan(self, volume: VolumeRef, snapshot_id: str) -> BackupPlan | None:
         path = self.plan_path(volume, snapshot_id)

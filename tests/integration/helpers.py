@@ -50,3 +50,10 @@ async def cli_create(vm: str, disk: str, host: str, hypervisor: str) -> Snapshot
     )
     assert made.returncode == 0, made.stderr
     return SnapshotRecord.model_validate_json(made.stdout)
+
+
+def chain_of(image: Path | str, fmt: str = "qcow2") -> list[str]:
+    """The files of a disk chain, active first (formats recorded, never probed)."""
+    from activities.storage.reader import image_chain
+
+    return [layer.path for layer in image_chain(str(image), fmt)]

@@ -28,8 +28,7 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.hypervisors.kvm import _domain_locks as domain_locks
-from activities.hypervisors.kvm import backing_chain
+from activities.hypervisors.domain_lock import domain_lock
 from activities.settings import Settings
 from workers import starter
 from workers.demo_vm import MIB
@@ -37,7 +36,7 @@ from workers.worker import running_workers
 from workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
 from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
-from .helpers import images_identical, request_for
+from .helpers import chain_of, images_identical, request_for
 
 pytestmark = pytest.mark.integration
 
@@ -100,12 +99,12 @@ async def test_random_sequences_keep_every_snapshot_exact(
         """The active image, its chain, and whether it reads as ``expected``, seen under the
         host driver's domain lock: a release merging in the background (after a backup
         finished) must not change the chain between the reads."""
-        with domain_locks[vm.name]:
+        with domain_lock(settings.lock_dir, vm.name, timeout_s=120):
             image = active()
             if expected is None:
-                return image, backing_chain(image), True
+                return image, chain_of(image), True
             reference = write_raw(tmp_path / "disk.raw", expected)
-            return image, backing_chain(image), images_identical(reference, image, fmt_b="qcow2")
+            return image, chain_of(image), images_identical(reference, image, fmt_b="qcow2")
 
     async def check_backups() -> None:
         for sid, content in model.snapshots.items():
@@ -124,8 +123,8 @@ async def test_random_sequences_keep_every_snapshot_exact(
         # On primary, every overlay (and release marker) belongs to the disk's current chain:
         # a deleted snapshot's overlay is merged away, or waits in the chain, released; and
         # every memory file belongs to a live DiskAndMemory VM snapshot.
-        with domain_locks[vm.name]:
-            chain = set(backing_chain(active()))
+        with domain_lock(settings.lock_dir, vm.name, timeout_s=120):
+            chain = set(chain_of(active()))
             files = list(Path(original).parent.glob(Path(original).name + ".snapferry-*"))
         for p in files:
             if p.suffix == ".mem":

@@ -165,7 +165,9 @@ def test_a_release_never_touches_another_disk_in_the_same_pool(
     released layer of VM A that its newer snapshot still needs must survive a release on
     VM B, whose clean-up of merged leftovers once looked at every disk in the directory."""
     from activities.contracts import VmRef, VolumeRef, new_snapshot_id
-    from activities.hypervisors.kvm import KvmDriver, backing_chain
+    from activities.hypervisors.kvm import KvmDriver
+
+    from .helpers import chain_of
 
     a, b = make_vm(size=8 * MIB, data_bytes=MIB), make_vm(size=8 * MIB, data_bytes=MIB)
     assert a.disk.parent == b.disk.parent
@@ -178,6 +180,6 @@ def test_a_release_never_touches_another_disk_in_the_same_pool(
     driver.release(volume=vol_a, snapshot_id=s1, source=first)  # held: s2 sits on top
     on_b = driver.take(volume=vol_b, snapshot_id=sb)
     driver.release(volume=vol_b, snapshot_id=sb, source=on_b)
-    chain_a = backing_chain(active_image(libvirt_conn.lookupByName(a.name)))
+    chain_a = chain_of(active_image(libvirt_conn.lookupByName(a.name)))
     assert len(chain_a) == 3 and all(Path(layer).exists() for layer in chain_a)
     assert images_identical(a.reference, chain_a[0], fmt_b="qcow2")

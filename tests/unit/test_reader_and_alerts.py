@@ -19,7 +19,9 @@ MIB = 1024 * 1024
 
 
 def qemu_io(image: Path, cmd: str) -> None:
-    subprocess.run(["qemu-io", "-c", cmd, str(image)], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", cmd, str(image)], check=True, capture_output=True
+    )
 
 
 def test_reader_follows_a_backing_chain_and_reports_only_data(tmp_path: Path) -> None:
@@ -33,7 +35,7 @@ def test_reader_follows_a_backing_chain_and_reports_only_data(tmp_path: Path) ->
     )
     qemu_io(top, "write -P 0x22 1M 1M")
     qemu_io(top, "write -z 8M 1M")  # zero clusters are not data
-    reader = QemuImageReader(str(top))
+    reader = QemuImageReader(str(top), "qcow2")
     extents = reader.data_extents()
     assert sum(e.length for e in extents) == 2 * MIB
     assert {e.path for e in extents} == {str(base), str(top)}
@@ -42,7 +44,9 @@ def test_reader_follows_a_backing_chain_and_reports_only_data(tmp_path: Path) ->
     CopyEngine(chunk_size=MIB).copy(reader, target)
     reader.close()
     expected = tmp_path / "expected.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(expected)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(top), str(expected)], check=True
+    )
     assert target.data.read_bytes() == expected.read_bytes()
 
 
@@ -50,14 +54,16 @@ def test_compressed_clusters_are_refused_not_misread(tmp_path: Path) -> None:
     raw = tmp_path / "a.raw"
     raw.write_bytes(b"abc" * 100000)
     comp = tmp_path / "c.qcow2"
-    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(comp)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-c", "-O", "qcow2", str(raw), str(comp)], check=True
+    )
     with pytest.raises(UnsupportedImage, match="compressed"):
-        QemuImageReader(str(comp)).data_extents()
+        QemuImageReader(str(comp), "qcow2").data_extents()
 
 
 def test_missing_image_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ImageUnreadable, match="qemu-img info"):
-        QemuImageReader(str(tmp_path / "nope.qcow2"))
+        QemuImageReader(str(tmp_path / "nope.qcow2"), "qcow2")
 
 
 def test_alert_is_one_line_in_management_server_log(tmp_path: Path) -> None:

@@ -108,7 +108,8 @@ class Mocks:
         self.calls: list[tuple[str, Any]] = []
         self.take_error: Exception | None = None
         self.backup_outcomes: list[Callable[[CopyRequest], BackupResult]] = []
-        self.vm_errors: dict[str, Exception] = {}  # activity name -> error it raises
+        # activity name -> the error it raises (VM-snapshot ops, release, delete, alert)
+        self.vm_errors: dict[str, Exception] = {}
 
     def activities_for(self, queue: str) -> list[Callable]:
         @activity.defn(name=TAKE_SNAPSHOT)
@@ -121,6 +122,7 @@ class Mocks:
         @activity.defn(name=RELEASE_PRIMARY)
         async def release(req: ReleaseRequest) -> None:
             self.calls.append((RELEASE_PRIMARY, req))
+            self._maybe_fail(RELEASE_PRIMARY)
 
         @activity.defn(name=DISCARD_SNAPSHOT)
         async def discard(req: DiscardRequest) -> None:
@@ -136,10 +138,12 @@ class Mocks:
         @activity.defn(name=RAISE_ALERT)
         async def alert(a: Alert) -> None:
             self.calls.append((RAISE_ALERT, a))
+            self._maybe_fail(RAISE_ALERT)
 
         @activity.defn(name=DELETE_BACKUP)
         async def delete(req: DeleteBackupRequest) -> None:
             self.calls.append((DELETE_BACKUP, req))
+            self._maybe_fail(DELETE_BACKUP)
 
         @activity.defn(name=REVERT_VOLUME)
         async def revert(req: RevertRequest) -> None:
@@ -170,6 +174,10 @@ class Mocks:
             ALERT_QUEUE: [alert],
             CONTROL_QUEUE: [],
         }[queue]
+
+    def _maybe_fail(self, name: str) -> None:
+        if name in self.vm_errors:
+            raise self.vm_errors[name]
 
     def named(self, name: str) -> list[Any]:
         return [arg for n, arg in self.calls if n == name]

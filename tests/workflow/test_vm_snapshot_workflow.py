@@ -27,7 +27,6 @@ from workflows.routing import SNAPSHOT_STATE, vm_snapshot_workflow_id
 from workflows.vm_snapshot import (
     DELETE_VM_SNAPSHOT_UPDATE,
     REVERT_VM_SNAPSHOT_UPDATE,
-    VmSnapshotWorkflow,
 )
 
 from .conftest import HOST, Mocks
@@ -118,24 +117,6 @@ async def test_a_refused_revert_leaves_the_snapshot_ready(
     assert record.state == VmSnapshotState.READY and record.reverts == 0
     del mocks.vm_errors[REVERT_VM_SNAPSHOT]
     assert (await operate(env, req.snapshot_id, REVERT_VM_SNAPSHOT_UPDATE)).reverts == 1
-
-
-async def test_continue_as_new_carries_the_record(env: WorkflowEnvironment, mocks: Mocks) -> None:
-    req = vm_request()
-    first = await starter.create_vm_snapshot(env.client, req)
-    await operate(env, req.snapshot_id, REVERT_VM_SNAPSHOT_UPDATE)
-    carried = await starter.get_record(env.client, req.snapshot_id, starter.VM)
-    # What continue-as-new starts: a new run whose input carries the record.
-    other = req.model_copy(update={"snapshot_id": new_snapshot_id(), "carried": carried})
-    handle = await env.client.start_workflow(
-        VmSnapshotWorkflow.run,
-        other,
-        id=vm_snapshot_workflow_id(other.snapshot_id),
-        task_queue="snapferry",
-    )
-    record = await handle.query(VmSnapshotWorkflow.get_record)
-    assert record == carried and record.reverts == 1 and record.taken == first.taken
-    assert len(mocks.named(TAKE_VM_SNAPSHOT)) == 1  # the new run took nothing
 
 
 async def test_a_failed_delete_leaves_error_not_ready(
