@@ -22,8 +22,10 @@ REVERT_VOLUME = "revert_volume"
 
 # Recurring policies (control queue): retention deletes the oldest snapshots beyond N.
 APPLY_RETENTION = "apply_retention"
-# The snapshot workflow's delete update, which retention sends.
+# The snapshot workflow's delete update, which retention sends, and its record query,
+# which retention reads for the snapshot's creation time.
 DELETE_SNAPSHOT_UPDATE = "delete_snapshot"
+SNAPSHOT_RECORD_QUERY = "record"
 
 # VM snapshots (host queue): every disk of a VM at once, optionally with its memory.
 TAKE_VM_SNAPSHOT = "take_vm_snapshot"

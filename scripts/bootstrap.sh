@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
               libvirt-dev pkg-config gcc make e2fsprogs
               openssl          # the TLS tests make their certificates with it
+              # tests/integration/test_real_guest.py boots a real Linux guest: this kernel
+              # directly, with an initramfs of busybox and the kernel's virtio modules
+              linux-image-cloud-amd64 busybox-static
               chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).

@@ -58,13 +58,20 @@ class DevServer:
     port: int
     log: Path
     pid: int | None = None
+    dynamic_config: dict[str, str] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = dev_server_command(db=self.db, host="127.0.0.1", port=self.port, ui_port=None)
+        cmd = dev_server_command(
+            db=self.db,
+            host="127.0.0.1",
+            port=self.port,
+            ui_port=None,
+            dynamic_config=self.dynamic_config,
+        )
         self.pid = spawn(cmd, self.log)
         wait_for_port("127.0.0.1", self.port)
 
@@ -80,8 +87,16 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def dev_server(tmp_path: Path) -> Iterator[DevServer]:
-    server = DevServer(db=tmp_path / "temporal.db", port=free_port(), log=tmp_path / "temporal.log")
+def dev_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevServer]:
+    """A dev server per test; ``@pytest.mark.dev_server_config(key=value)`` sets dynamic
+    config, e.g. a small history limit so that continue-as-new really happens."""
+    marker = request.node.get_closest_marker("dev_server_config")
+    server = DevServer(
+        db=tmp_path / "temporal.db",
+        port=free_port(),
+        log=tmp_path / "temporal.log",
+        dynamic_config=dict(marker.kwargs) if marker else None,
+    )
     server.start()
     try:
         yield server

@@ -171,6 +171,14 @@ async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int
     return 0
 
 
+async def cmd_vm_moved(args: argparse.Namespace, settings: Settings) -> int:
+    moved = await starter.move_vm(await cli_client(settings), vm=args.vm, host=args.host)
+    print(f"{len(moved)} live snapshot(s) of {args.vm} now follow it on host {args.host}")
+    for wf_id in moved:
+        print(f"  {wf_id}")
+    return 0
+
+
 async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
         req = VmSnapshotRequest.model_validate(
@@ -354,15 +362,27 @@ async def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_codec_server(args: argparse.Namespace, settings: Settings) -> int:
-    from .codec import KeyRing, codec_server
+    from .codec import CodecAuth, CodecAuthError, KeyRing, codec_server
 
     ring = KeyRing.from_env()
     if ring is None:
         raise starter.SnapferryClientError("set SNAPFERRY_CODEC_KEYS_FILE to the codec keys file")
-    server = codec_server(ring, host=args.host, port=args.port, ui_origin=args.ui_origin)
+    try:
+        auth = CodecAuth.from_env(
+            tls_cert=args.tls_cert_file,
+            tls_key=args.tls_key_file,
+            client_ca=args.tls_client_ca_file,
+            insecure_no_auth=args.insecure_no_auth,
+        )
+        server = codec_server(
+            ring, host=args.host, port=args.port, ui_origin=args.ui_origin, auth=auth
+        )
+    except CodecAuthError as err:
+        raise starter.SnapferryClientError(f"codec server not started: {err}") from err
     print(
-        f"codec server on http://{args.host}:{server.server_port} for {args.ui_origin}"
-        f" (keys {sorted(ring.keys)}, current {ring.current})",
+        f"codec server on {auth.scheme}://{args.host}:{server.server_port} for {args.ui_origin}"
+        f" (keys {sorted(ring.keys)}, current {ring.current});"
+        f" auth: {auth.describe(args.host, server.server_port)}",
         flush=True,
     )
     loop = asyncio.get_running_loop()
@@ -504,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("id")
         op.add_argument("--json", action="store_true")
 
+    vmc = sub.add_parser("vm", help="the VM itself").add_subparsers(dest="action", required=True)
+    mv = add(
+        vmc,
+        "moved",
+        cmd_vm_moved,
+        "after a live migration: send the VM's live snapshots' host operations to its new host",
+    )
+    mv.add_argument("--vm", required=True, help="the VM that moved")
+    mv.add_argument("--host", required=True, help="the host it runs on now")
+
     backup = sub.add_parser("backup", help="backups").add_subparsers(dest="action", required=True)
     r = add(backup, "retry", cmd_backup_retry, "start a failed backup again")
     r.add_argument("id")
@@ -547,9 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--export", help="also save the histories as JSON into this directory")
 
     cs = add(sub, "codec-server", cmd_codec_server, "decrypt payloads for the Web UI")
-    cs.add_argument("--host", default="127.0.0.1")
+    cs.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     cs.add_argument("--port", type=int, default=8081)
     cs.add_argument("--ui-origin", default="http://localhost:8233", help="CORS: the UI's origin")
+    cs.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (PEM)")
+    cs.add_argument("--tls-key-file", help="the certificate's private key (PEM)")
+    cs.add_argument(
+        "--tls-client-ca-file", help="mutual TLS: require client certificates from this CA"
+    )
+    cs.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve without SNAPFERRY_CODEC_TOKEN_FILE or mutual TLS (loopback addresses only)",
+    )
     add(sub, "codec-key", cmd_codec_key, "print a new AES-256 key for the codec keys file")
 
     sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")

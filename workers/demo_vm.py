@@ -18,7 +18,7 @@ import libvirt_qemu
 MIB = 1024 * 1024
 
 
-def domain_xml(name: str, disk: Path, *, target: str = "vda") -> str:
+def domain_xml(name: str, disk: Path, *, target: str = "vda", disk_format: str = "qcow2") -> str:
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
@@ -26,7 +26,7 @@ def domain_xml(name: str, disk: Path, *, target: str = "vda") -> str:
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{disk_format}'/>
       <source file='{disk}'/>
       <target dev='{target}' bus='virtio'/>
     </disk>

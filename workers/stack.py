@@ -38,6 +38,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _distinct_free_ports(n: int, taken: set[int | None]) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in taken and p not in ports:
+            ports.append(p)
+    return ports
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -53,7 +62,19 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
-def dev_server_command(*, db: Path, host: str, port: int, ui_port: int | None) -> list[str]:
+def dev_server_command(
+    *,
+    db: Path,
+    host: str,
+    port: int,
+    ui_port: int | None,
+    dynamic_config: dict[str, str] | None = None,
+) -> list[str]:
+    """``temporal server start-dev`` on SQLite. Its HTTP API and metrics ports are chosen
+    here too: left to the server, they are random and can land on the gRPC port just
+    chosen for it (seen: "failed listening for HTTP API ... address already in use")."""
+    taken = {port, ui_port}
+    http_port, metrics_port = _distinct_free_ports(2, taken)
     cmd = [
         temporal_binary(),
         "server",
@@ -66,7 +87,13 @@ def dev_server_command(*, db: Path, host: str, port: int, ui_port: int | None) -
         str(port),
         "--log-level",
         "error",
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        str(metrics_port),
     ]
+    for setting, value in (dynamic_config or {}).items():
+        cmd += ["--dynamic-config-value", f"{setting}={value}"]
     if ui_port:
         cmd += ["--ui-port", str(ui_port)]
     else:

@@ -49,6 +49,7 @@ from workflows.routing import (
     volume_id,
 )
 from workflows.snapshot import (
+    MOVE_HOST_UPDATE,
     RETRY_BACKUP_UPDATE,
     WAIT_TAKEN_UPDATE,
     VolumeSnapshotWorkflow,
@@ -201,7 +202,13 @@ async def list_snapshots(
             ) from None
         clauses.append(f'SnapshotState = "{value}"')
     rows = []
+    # A snapshot that continued as new has a closed run beside its running one: list each
+    # snapshot once, as its newest run says.
+    newest: dict[str, Any] = {}
     async for wf in client.list_workflows(" AND ".join(clauses), limit=limit):
+        if wf.id not in newest or wf.start_time > newest[wf.id].start_time:
+            newest[wf.id] = wf
+    for wf in sorted(newest.values(), key=lambda wf: wf.start_time):
         sa = wf.typed_search_attributes
         row = {
             "id": sa.get(SNAPSHOT_ID),
@@ -214,6 +221,29 @@ async def list_snapshots(
             row["disk"] = (sa.get(VOLUME_ID) or ":").split(":", 1)[1]
         rows.append(row)
     return rows
+
+
+async def move_vm(client: Client, *, vm: str, host: str) -> list[str]:
+    """Tell every live snapshot (volume and VM) of ``vm`` that it now runs on ``host``, as
+    management code must after a live migration: their releases and reverts then go to
+    that host's queue. Returns the workflow IDs told; refusals are collected, not fatal."""
+    query = f'VmId = "{vm}" AND ExecutionStatus = "Running"'
+    moved, refused = [], []
+    async for wf in client.list_workflows(query):
+        if wf.workflow_type not in (VOLUME.workflow_type, VM.workflow_type):
+            continue
+        try:
+            await client.get_workflow_handle(wf.id).execute_update(
+                MOVE_HOST_UPDATE, routed_host(host)
+            )
+            moved.append(wf.id)
+        except WorkflowUpdateFailedError as err:
+            refused.append(f"{wf.id}: {cause_message(err.cause)}")
+    if refused:
+        raise SnapferryClientError(
+            f"moved {len(moved)} snapshot(s) of {vm} to {host}; refused: " + "; ".join(refused)
+        )
+    return moved
 
 
 async def wait_for_state(

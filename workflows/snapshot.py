@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         RELEASE_PRIMARY,
         RESTORE_BACKUP,
         REVERT_VOLUME,
+        SNAPSHOT_RECORD_QUERY,
         TAKE_SNAPSHOT,
         VERIFY_BACKUP,
     )
@@ -87,7 +88,7 @@ PURGED_SIGNAL = "purged"
 
 WAIT_TAKEN_UPDATE = "wait_taken"
 RETRY_BACKUP_UPDATE = "retry_backup"
-RECORD_QUERY = "record"
+RECORD_QUERY = SNAPSHOT_RECORD_QUERY
 DELETE_UPDATE = DELETE_SNAPSHOT_UPDATE
 CANCEL_BACKUP_UPDATE = "cancel_backup"
 VERIFY_BACKUP_UPDATE = "verify_backup"

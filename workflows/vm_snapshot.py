@@ -29,7 +29,12 @@ with workflow.unsafe.imports_passed_through():
         VmSnapshotTaken,
         VmStateChange,
     )
-    from activities.names import DELETE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, TAKE_VM_SNAPSHOT
+    from activities.names import (
+        DELETE_VM_SNAPSHOT,
+        REVERT_VM_SNAPSHOT,
+        SNAPSHOT_RECORD_QUERY,
+        TAKE_VM_SNAPSHOT,
+    )
 
 from .entity import (
     EntityWorkflow,
@@ -51,7 +56,7 @@ from .snapshot import HOST_RETRY, MOVE_HOST_UPDATE, OPERATION_RETRY
 WAIT_CREATED_UPDATE = "wait_created"
 REVERT_VM_SNAPSHOT_UPDATE = "revert_vm_snapshot"
 DELETE_VM_SNAPSHOT_UPDATE = "delete_vm_snapshot"
-VM_RECORD_QUERY = "record"
+VM_RECORD_QUERY = SNAPSHOT_RECORD_QUERY
 
 
 def vm_search_attributes(req: VmSnapshotRequest, state: VmSnapshotState) -> TypedSearchAttributes:

@@ -21,6 +21,11 @@ verified) and written with ``PUT /import_raw_vdi``, then read back and compared.
 
 VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
 ``snapferry-vm-<id>``; ``VM.revert``; delete destroys the snapshot VM and its VDIs.
+
+A VM is named by its UUID or its label. ``VM.get_by_name_label`` answers every VM object
+with that label: templates, snapshots (labelled as their creator chose, possibly like the VM)
+and control domains are dropped, and a label that still names several VMs is refused with
+their UUIDs, so that no operation acts on a VM the operator did not mean.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ IO_CHUNK = 8 * 1024 * 1024
 NULL_REF = "OpaqueRef:NULL"
 
 _VOLUME_LABEL = re.compile(VOLUME_PREFIX + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+_UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)
 
 _vm_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
@@ -93,6 +99,17 @@ def _failure_error(exc: XenAPI.Failure, what: str) -> Exception:
     if code == "VM_BAD_POWER_STATE":
         return InvalidInput(message)
     return HypervisorUnavailable(message)
+
+
+def _not_a_vm(record: dict[str, Any]) -> str:
+    """What a VM record is when it is no VM to act on ('' when it is one)."""
+    if record.get("is_a_snapshot"):
+        return "a VM snapshot"
+    if record.get("is_a_template"):
+        return "a template"
+    if record.get("is_control_domain"):
+        return "a control domain"
+    return ""
 
 
 class XapiSession:
@@ -270,11 +287,48 @@ class XenServerDriver(HypervisorDriver):
 
     # -- lookups ---------------------------------------------------------------------------
     def _vm(self, name: str) -> str:
-        refs = self._api("VM.get_by_name_label", name)
-        vms = [r for r in refs if not self._api("VM.get_is_a_snapshot", r)]
+        """The one VM ``name`` means: a UUID is looked up as one, anything else as a label.
+        Templates, snapshots and control domains are not VMs to act on; a label that names
+        more than one VM is refused (listing their UUIDs) rather than guessed."""
+        where = f"on XenServer {self.config.url}"
+        if _UUID.fullmatch(name):
+            ref = self._vm_by_uuid(name.lower())
+            if ref is None:
+                raise VmNotFound(f"no VM has UUID {name} {where}")
+            kind = _not_a_vm(self._api("VM.get_record", ref))
+            if kind:
+                raise VmNotFound(f"UUID {name} {where} is {kind}, not a VM")
+            return ref
+        records = {
+            str(r): self._api("VM.get_record", r) for r in self._api("VM.get_by_name_label", name)
+        }
+        vms = {r: rec for r, rec in records.items() if not _not_a_vm(rec)}
         if not vms:
-            raise VmNotFound(f"VM {name!r} does not exist on XenServer {self.config.url}")
-        return str(vms[0])
+            others = ", ".join(sorted(_not_a_vm(rec) for rec in records.values()))
+            also = f" (the name belongs only to: {others})" if others else ""
+            raise VmNotFound(f"VM {name!r} does not exist {where}{also}")
+        if len(vms) > 1:
+            listing = ", ".join(
+                f"{rec['uuid']} ({rec['power_state']})"
+                for rec in sorted(vms.values(), key=lambda rec: str(rec["uuid"]))
+            )
+            raise InvalidInput(
+                f"{len(vms)} VMs are named {name!r} {where}: {listing}; name the VM by its"
+                " UUID instead"
+            )
+        return next(iter(vms))
+
+    def _vm_by_uuid(self, uuid: str) -> str | None:
+        def call(xenapi: Any) -> Any:
+            try:
+                return xenapi.VM.get_by_uuid(uuid)
+            except XenAPI.Failure as exc:
+                if exc.details and exc.details[0] == "UUID_INVALID":
+                    return None
+                raise
+
+        ref = self.session.call(call, "VM.get_by_uuid")
+        return None if ref is None else str(ref)
 
     def _vdis(self, vm: str) -> dict[str, str]:
         """The VM's disks by device name (``xvda``, ``xvdb``) -> VDI ref."""
@@ -322,8 +376,8 @@ class XenServerDriver(HypervisorDriver):
     # -- take --------------------------------------------------------------------------------
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         vm_name = volume.vm.name
-        with _vm_locks[vm_name]:
-            vm = self._vm(vm_name)
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
             vdi = self._vdi(vm, vm_name, volume.disk)
             label = VOLUME_PREFIX + snapshot_id
             snap = self._snapshot_vdis(vdi).get(label)  # a retry finds it
@@ -376,8 +430,9 @@ class XenServerDriver(HypervisorDriver):
         other snapshot of the volume that was released before. A snapshot deleted without
         a backup can be no one's base: only its own VDI goes, and the base stays."""
         vm_name = volume.vm.name
-        with _vm_locks[vm_name]:
-            vdi = self._vdi(self._vm(vm_name), vm_name, volume.disk)
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
+            vdi = self._vdi(vm, vm_name, volume.disk)
             ours = self._snapshot_vdis(vdi)
             label = VOLUME_PREFIX + snapshot_id
             if not backed_up:
@@ -393,14 +448,13 @@ class XenServerDriver(HypervisorDriver):
                     self._api("VDI.destroy", ref)
 
     def discard(self, req: DiscardRequest) -> None:
-        vm_name = req.vm.name
-        with _vm_locks[vm_name]:
-            vm = self._vm(vm_name)
+        vm = self._vm(req.vm.name)
+        with _vm_locks[vm]:
             for vdi in self._vdis(vm).values():
                 snap = self._snapshot_vdis(vdi).get(VOLUME_PREFIX + req.snapshot_id)
                 if snap is not None:
                     self._api("VDI.destroy", snap)
-            self._destroy_vm_snapshot(vm_name, req.snapshot_id)
+            self._destroy_vm_snapshot(vm, req.snapshot_id)
 
     # -- restore ---------------------------------------------------------------------------
     def _import(self, vdi: str, raw: Path) -> None:
@@ -431,8 +485,8 @@ class XenServerDriver(HypervisorDriver):
                 " reverted from its backup chain"
             )
         manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-        with _vm_locks[vm_name], SecondaryStore.materialized(manifest) as raw:
-            vm = self._vm(vm_name)
+        vm = self._vm(vm_name)
+        with _vm_locks[vm], SecondaryStore.materialized(manifest) as raw:
             if self._power(vm) != "Halted":
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
             self._import(self._vdi(vm, vm_name, disk), raw)
@@ -467,15 +521,23 @@ class XenServerDriver(HypervisorDriver):
         return RestoreResult(path=f"xapi:VDI/{uuid}", virtual_size=size, format="vdi")
 
     # -- VM snapshots --------------------------------------------------------------------------
-    def _vm_snapshot(self, vm_name: str, snapshot_id: str) -> str | None:
+    def _vm_snapshot(self, vm: str | None, snapshot_id: str) -> str | None:
+        """Our snapshot VM ``snapferry-vm-<id>`` (of ``vm`` when given): only a VM snapshot,
+        never a VM or template that happens to carry the label."""
         label = VM_PREFIX + snapshot_id
-        refs = self._api("VM.get_by_name_label", label)
-        return str(refs[0]) if refs else None
+        found = []
+        for ref in self._api("VM.get_by_name_label", label):
+            rec = self._api("VM.get_record", ref)
+            if rec.get("is_a_snapshot") and vm in (None, rec.get("snapshot_of")):
+                found.append(str(ref))
+        if len(found) > 1:
+            raise InvalidInput(f"{len(found)} VM snapshots are labelled {label!r}: {found}")
+        return found[0] if found else None
 
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
-        with _vm_locks[vm_name]:
-            vm = self._vm(vm_name)
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
             running = self._power(vm) == "Running"
             memory = op.type == VmSnapshotType.DISK_AND_MEMORY
             if memory and not running:
@@ -484,7 +546,7 @@ class XenServerDriver(HypervisorDriver):
                     " (take a Disk snapshot instead)"
                 )
             label = VM_PREFIX + op.snapshot_id
-            if self._vm_snapshot(vm_name, op.snapshot_id) is None:
+            if self._vm_snapshot(vm, op.snapshot_id) is None:
                 if memory:
                     self._api("VM.checkpoint", vm, label)
                 else:
@@ -493,9 +555,9 @@ class XenServerDriver(HypervisorDriver):
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
         vm_name = op.vm.name
-        with _vm_locks[vm_name]:
-            vm = self._vm(vm_name)
-            snap = self._vm_snapshot(vm_name, op.snapshot_id)
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
+            snap = self._vm_snapshot(vm, op.snapshot_id)
             if snap is None:
                 raise SourceGone(f"VM snapshot {op.snapshot_id} is gone from {vm_name!r}")
             if op.type == VmSnapshotType.DISK and self._power(vm) != "Halted":
@@ -513,12 +575,16 @@ class XenServerDriver(HypervisorDriver):
                 self._api("VM.start", vm, False, False)
 
     def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
-        with _vm_locks[op.vm.name]:
-            self._destroy_vm_snapshot(op.vm.name, op.snapshot_id)
+        """By the snapshot's own label: it is deleted even when its VM is gone or renamed."""
+        snap = self._vm_snapshot(None, op.snapshot_id)
+        if snap is None:
+            return
+        with _vm_locks[str(self._api("VM.get_snapshot_of", snap))]:
+            self._destroy_vm_snapshot(None, op.snapshot_id)
 
-    def _destroy_vm_snapshot(self, vm_name: str, snapshot_id: str) -> None:
+    def _destroy_vm_snapshot(self, vm: str | None, snapshot_id: str) -> None:
         """The snapshot VM and the snapshot VDIs its VBDs hold."""
-        snap = self._vm_snapshot(vm_name, snapshot_id)
+        snap = self._vm_snapshot(vm, snapshot_id)
         if snap is None:
             return
         vdis = list(self._vdis(snap).values())

@@ -1,16 +1,20 @@
 """The Temporal Web UI in a real browser (Debian's chromium, headless, driven by Selenium
 through chromedriver), on a dev server whose payloads are encrypted and whose UI decodes
-them through our codec server. One screenshot per run is kept in ``test-output/``."""
+them through our codec server, authenticated by its capability URL (the token in the
+endpoint's path). One screenshot per run is kept in ``test-output/``."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import secrets
 import shutil
 import sys
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +63,20 @@ def browser() -> Iterator[object]:
         driver.quit()  # chromedriver stops the browser it started
 
 
+def codec_status(url: str, *, origin: str) -> int:
+    """The status of a decode request, made as the browser would but without the token."""
+    req = urllib.request.Request(
+        url,
+        data=b'{"payloads": []}',
+        headers={"Content-Type": "application/json", "Origin": origin},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
 def visible_text(driver) -> str:  # type: ignore[no-untyped-def]
     """The page's text, including the sandboxed frames in which the UI renders markdown
     (a workflow's summary and details)."""
@@ -95,12 +113,20 @@ def page_text(driver, url: str, *, expect: list[str], timeout: float = 60) -> st
 async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
     settings: Settings, make_vm, host_name: str, tmp_path: Path, monkeypatch, browser
 ) -> None:
-    # Encryption on: the keys file for workers, the codec server for the browser.
+    # Encryption on: the keys file for workers, the codec server for the browser. The codec
+    # server takes a token (by reference), and the UI, which cannot send a static header,
+    # is given the capability URL <codec>/<token> as its codec endpoint.
     keys = tmp_path / "codec-keys.json"
     keys.write_text(json.dumps({"current": "k1", "keys": {"k1": new_key()}}))
     monkeypatch.setenv("SNAPFERRY_CODEC_KEYS_FILE", str(keys))
+    token = secrets.token_urlsafe(32)
+    token_file = tmp_path / "codec-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    monkeypatch.setenv("SNAPFERRY_CODEC_TOKEN_FILE", str(token_file))
     port, ui, codec_port = free_port(), free_port(), free_port()
     ui_origin = f"http://127.0.0.1:{ui}"
+    codec_url = f"http://127.0.0.1:{codec_port}"
     codec = spawn(
         [
             sys.executable,
@@ -115,11 +141,14 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
         tmp_path / "codec.log",
     )
     cmd = dev_server_command(db=tmp_path / "ui.db", host="127.0.0.1", port=port, ui_port=ui)
-    cmd += ["--ui-ip", "127.0.0.1", "--ui-codec-endpoint", f"http://127.0.0.1:{codec_port}"]
+    cmd += ["--ui-ip", "127.0.0.1", "--ui-codec-endpoint", f"{codec_url}/{token}"]
     server = spawn(cmd, tmp_path / "temporal-ui.log")
     try:
         for p in (port, ui, codec_port):
             wait_for_port("127.0.0.1", p)
+        # The endpoint the UI decodes through refuses whoever lacks the token.
+        assert codec_status(f"{codec_url}/decode", origin=ui_origin) == 401
+        assert codec_status(f"{codec_url}/{token[::-1]}/decode", origin=ui_origin) == 401
         local = dataclasses.replace(
             settings, temporal_address=f"127.0.0.1:{port}", backup_rate_limit_bps=3e6
         )
@@ -175,5 +204,6 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
     finally:
         terminate(server)
         terminate(codec)
+    assert token not in (tmp_path / "codec.log").read_text()  # the codec server logs no token
     print(f"\nscreenshot: {OUTPUT / 'web-ui-backup.png'}")
     assert (OUTPUT / "web-ui-backup.png").stat().st_size > 10_000

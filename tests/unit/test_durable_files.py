@@ -109,9 +109,11 @@ def test_the_domain_lock_serialises_processes_and_fails_busy_when_held(tmp_path:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        with pytest.raises(ChainBusy, match="another snapferry process"):
-            with domain_lock(tmp_path, "vm1", timeout_s=0.3):
-                pytest.fail("entered a lock another process holds")
+        with (
+            pytest.raises(ChainBusy, match="another snapferry process"),
+            domain_lock(tmp_path, "vm1", timeout_s=0.3),
+        ):
+            pytest.fail("entered a lock another process holds")
         assert time.monotonic() - started < 1.0
         # Another VM's lock is independent.
         with domain_lock(tmp_path, "vm2", timeout_s=0.1):

@@ -22,9 +22,24 @@ guest_write = simulator.guest_write
 list_vms = simulator.list_vms
 
 
-def create_vm(port: int, name: str, disks: list[int], power: str = "Running") -> dict[str, Any]:
-    """Create a VM with zero-filled disks (xvda, xvdb, ...); returns ref, uuid and disks."""
-    return _call(port, "POST", "/sim/vms", {"name": name, "disks": disks, "power": power})
+def create_vm(
+    port: int,
+    name: str,
+    disks: list[int],
+    power: str = "Running",
+    *,
+    allow_duplicate: bool = False,
+) -> dict[str, Any]:
+    """Create a VM with zero-filled disks (xvda, xvdb, ...); returns ref, uuid and disks.
+    A second live VM of one name is refused unless ``allow_duplicate`` (XAPI allows it)."""
+    body = {"name": name, "disks": disks, "power": power, "allow_duplicate": allow_duplicate}
+    return _call(port, "POST", "/sim/vms", body)
+
+
+def create_template(port: int, name: str, disks: list[int]) -> dict[str, Any]:
+    """A template (``is_a_template``, Halted, never started) with zero-filled disks; any
+    name, a live VM's included, as XAPI allows."""
+    return _call(port, "POST", "/sim/vms", {"name": name, "disks": disks, "template": True})
 
 
 def list_vdis(port: int) -> list[dict[str, Any]]:

@@ -36,9 +36,15 @@ class ControlHandler(ReplyHandler):
         store: Store = self.server.store
         with store.lock:
             if what == "vms":
+                template = bool(req.get("template", False))
                 try:
                     vm = ops.create_vm(
-                        store, req["name"], req["disks"], req.get("power", "Running")
+                        store,
+                        req["name"],
+                        req["disks"],
+                        req.get("power", "Halted" if template else "Running"),
+                        template=template,
+                        allow_duplicate=bool(req.get("allow_duplicate", False)),
                     )
                 except ValueError as exc:
                     return self._json(409, {"error": str(exc)})
@@ -61,9 +67,12 @@ class ControlHandler(ReplyHandler):
         self._json(404, {"error": f"unknown control endpoint {what}"})
 
     def _guest_write(self, store: Store, req: dict[str, Any]) -> None:
-        vm = _find_vm(store, str(req["vm"]))
-        if vm is None:
+        found = _find_vms(store, str(req["vm"]))
+        if not found:
             return self._json(404, {"error": "no such vm"})
+        if len(found) > 1:
+            return self._json(409, {"error": "several VMs have that name: pass a ref or uuid"})
+        vm = found[0]
         if vm.power_state != "Running":
             return self._json(409, {"error": f"vm is {vm.power_state}, not Running"})
         if "data_hex" in req:
@@ -89,12 +98,12 @@ class ControlHandler(ReplyHandler):
         self._json(200, {"method": req["method"], "code": req["code"], "count": count})
 
 
-def _find_vm(store: Store, key: str) -> VM | None:
-    """Live VM by name, ref or uuid (snapshots are never written by a guest)."""
-    for vm in store.vms.values():
-        if not vm.is_a_snapshot and key in (vm.name_label, vm.ref, vm.uuid):
-            return vm
-    return None
+def _find_vms(store: Store, key: str) -> list[VM]:
+    """Live VMs by ref or uuid, else by name (templates, snapshots and dom0 have no guest)."""
+    live = [vm for vm in store.vms.values() if store.live_vm(vm)]
+    return [vm for vm in live if key in (vm.ref, vm.uuid)] or [
+        vm for vm in live if vm.name_label == key
+    ]
 
 
 def _vm_info(store: Store, vm: VM) -> dict[str, Any]:
@@ -105,9 +114,17 @@ def _vm_info(store: Store, vm: VM) -> dict[str, Any]:
         "name": vm.name_label,
         "power": vm.power_state,
         "is_a_snapshot": vm.is_a_snapshot,
+        "is_a_template": vm.is_a_template,
+        "is_control_domain": vm.is_control_domain,
         "snapshot_of": vm.snapshot_of,
         "disks": [
-            {"device": b.device, "vbd": b.ref, "vdi": b.vdi, "path": str(store.vdis[b.vdi].path)}
+            {
+                "device": b.device,
+                "vbd": b.ref,
+                "vdi": b.vdi,
+                "vdi_uuid": store.vdis[b.vdi].uuid,
+                "path": str(store.vdis[b.vdi].path),
+            }
             for b in vbds
         ],
     }

@@ -19,6 +19,7 @@ NULL_REF = "OpaqueRef:NULL"
 EPOCH = "19700101T00:00:00Z"
 # XAPI class names exactly as they appear in method names and HANDLE_INVALID.
 CLASSES = ("VM", "VBD", "VDI", "SR", "task", "host", "pool")
+HOST_NAME = "xapi-sim"  # the one host's name_label (and its dom0's label, below)
 
 
 class XapiError(Exception):
@@ -85,7 +86,9 @@ class VM:
     name_label: str
     power_state: str
     vbds: list[str] = field(default_factory=list)
+    is_a_template: bool = False  # a snapshot is a template too (xapi_vm_clone.ml)
     is_a_snapshot: bool = False
+    is_control_domain: bool = False
     snapshot_of: str = NULL_REF
     snapshot_time: str = EPOCH
     snapshot_info: dict[str, str] = field(default_factory=dict)
@@ -142,6 +145,17 @@ class Store:
         self.sr = sr
         self.host_ref, self.pool_ref = new_ref(), new_ref()
         self.host_uuid, self.pool_uuid = new_uuid(), new_uuid()
+        # Every host has its dom0 in the VM table (create_misc.ml,
+        # create_domain_zero_record): "Control domain on host: <hostname>", Running,
+        # domid 0, is_control_domain = true, not a template. VM.get_all and
+        # VM.get_by_name_label return it like any VM.
+        dom0 = VM(new_ref(), new_uuid(), f"Control domain on host: {HOST_NAME}", "Running")
+        dom0.is_control_domain = True
+        self.vms[dom0.ref] = dom0
+
+    def live_vm(self, vm: VM) -> bool:
+        """A VM a guest runs in: not a template, a snapshot or a control domain."""
+        return not (vm.is_a_template or vm.is_a_snapshot or vm.is_control_domain)
 
     # ----- lookups ---------------------------------------------------------------
 

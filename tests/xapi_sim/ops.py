@@ -52,13 +52,28 @@ def add_vbd(store: Store, vm: VM, vdi: VDI, userdevice: int) -> VBD:
     return vbd
 
 
-def create_vm(store: Store, name: str, disks: list[int], power: str) -> VM:
+def create_vm(
+    store: Store,
+    name: str,
+    disks: list[int],
+    power: str,
+    *,
+    template: bool = False,
+    allow_duplicate: bool = False,
+) -> VM:
+    """A VM (or a template: Halted, ``is_a_template``) with zero-filled disks.
+
+    XAPI allows any number of VMs with one label; here a second live VM of a name is
+    refused unless ``allow_duplicate``, so that a test names its VMs on purpose."""
     if power not in ("Running", "Halted"):
         raise ValueError("power must be Running or Halted")
+    if template and power != "Halted":
+        raise ValueError("a template is Halted (XAPI never starts one)")
     with store.lock:
-        if any(v.name_label == name and not v.is_a_snapshot for v in store.vms.values()):
+        taken = any(v.name_label == name and store.live_vm(v) for v in store.vms.values())
+        if taken and not template and not allow_duplicate:
             raise ValueError(f"a VM named {name!r} already exists")
-        vm = VM(new_ref(), new_uuid(), name, power)
+        vm = VM(new_ref(), new_uuid(), name, power, is_a_template=template)
         store.vms[vm.ref] = vm
         for i, size in enumerate(disks):
             add_vbd(store, vm, new_vdi(store, f"{name} disk {i}", int(size)), i)
@@ -147,11 +162,24 @@ def vbd_destroy(store: Store, ref: str) -> None:
 # ----- VM --------------------------------------------------------------------------
 
 
-def _live_vm(store: Store, ref: str) -> VM:
-    vm = store.get("VM", ref)
-    if vm.is_a_snapshot:
-        raise XapiError("VM_IS_TEMPLATE", vm.ref)
-    return vm
+_SNAPSHOT_OPS = ("revert", "clone", "copy", "export", "destroy", "hard_shutdown")
+
+
+def _refuse_non_vm(vm: VM, op: str) -> None:
+    """What xapi_vm_lifecycle.ml (``check_operation_error``) answers after the power-state
+    check: a template (not a snapshot) allows no power or snapshot op (``check_template``:
+    ``VM_IS_TEMPLATE [vm, op]``), a snapshot allows only revert/clone/copy/export/destroy/
+    hard_shutdown (``check_snapshot``: ``VM_IS_SNAPSHOT [vm, op]``), and a control domain
+    refuses the rest with ``OPERATION_NOT_ALLOWED``. ``op`` is the name record_util.ml
+    gives the operation (``start``, ``snapshot``, ...)."""
+    if vm.is_a_template and not vm.is_a_snapshot:
+        raise XapiError("VM_IS_TEMPLATE", vm.ref, op)
+    if vm.is_a_snapshot and op not in _SNAPSHOT_OPS:
+        raise XapiError("VM_IS_SNAPSHOT", vm.ref, op)
+    if vm.is_control_domain:
+        raise XapiError(
+            "OPERATION_NOT_ALLOWED", "This operation is not allowed on a control domain"
+        )
 
 
 def vm_snapshot(
@@ -163,10 +191,15 @@ def vm_snapshot(
     memory: bool = False,
 ) -> str:
     with store.lock:
-        vm = _live_vm(store, ref)
+        vm = store.get("VM", ref)
         if memory and vm.power_state != "Running":
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, "running", vm.power_state.lower())
+        _refuse_non_vm(vm, "checkpoint" if memory else "snapshot")
+        # xapi_vm_clone.ml (copy_vm_record): the snapshot VM's name_label is exactly the
+        # new_name the caller passed (nothing added: "xe vm-snapshot new-name-label=web01"
+        # gives a second "web01"), is_a_template = is_a_snapshot = true, snapshot_of = vm.
         snap = VM(new_ref(), new_uuid(), str(new_name), "Halted", is_a_snapshot=True)
+        snap.is_a_template, snap.is_control_domain = True, vm.is_control_domain
         snap.snapshot_of, snap.snapshot_time = vm.ref, xapi_time()
         snap.snapshot_info = {"power-state-at-snapshot": vm.power_state}
         if memory:
@@ -191,7 +224,13 @@ def vm_revert(store: Store, ref: str) -> None:
     """
     with store.lock:
         snap = store.get("VM", ref)
-        if not snap.is_a_snapshot or snap.snapshot_of not in store.vms:
+        # xapi_vm_lifecycle.ml: a template that is no snapshot refuses revert
+        # (check_template), any other non-snapshot answers REVERT_ONLY_ALLOWED_ON_SNAPSHOT.
+        if snap.is_a_template and not snap.is_a_snapshot:
+            raise XapiError("VM_IS_TEMPLATE", snap.ref, "revert")
+        if not snap.is_a_snapshot:
+            raise XapiError("REVERT_ONLY_ALLOWED_ON_SNAPSHOT")
+        if snap.snapshot_of not in store.vms:  # XAPI re-creates the VM: not modelled
             raise XapiError("VM_REVERT_FAILED", snap.ref, snap.snapshot_of)
         vm = store.vms[snap.snapshot_of]
         mine = {store.vbds[r].userdevice: store.vbds[r] for r in vm.vbds}
@@ -236,9 +275,10 @@ def vm_destroy(store: Store, ref: str) -> None:
         del store.vms[vm.ref]
 
 
-def vm_set_power(store: Store, ref: str, expected: str, new: str) -> None:
+def vm_set_power(store: Store, ref: str, expected: str, new: str, op: str) -> None:
     with store.lock:
-        vm = _live_vm(store, ref)
-        if vm.power_state != expected:
+        vm = store.get("VM", ref)
+        if vm.power_state != expected:  # XAPI checks the power state first
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, expected.lower(), vm.power_state.lower())
+        _refuse_non_vm(vm, op)
         vm.power_state = new

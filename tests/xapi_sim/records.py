@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .disks import allocated_bytes
-from .model import NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
+from .model import HOST_NAME, NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
 
 
 def wire(value: Any) -> Any:
@@ -37,10 +37,12 @@ def _vm(store: Store, vm: VM) -> dict[str, Any]:
         "name_label": vm.name_label,
         "name_description": vm.name_description,
         "power_state": vm.power_state,
-        "is_a_template": vm.is_a_snapshot,  # XAPI snapshots are templates
+        # datamodel_vm.ml: is_a_template, is_a_snapshot, is_control_domain are Bools on
+        # every VM record; a snapshot has is_a_template = true as well (xapi_vm_clone.ml).
+        "is_a_template": vm.is_a_template,
         "is_default_template": False,
         "is_a_snapshot": vm.is_a_snapshot,
-        "is_control_domain": False,
+        "is_control_domain": vm.is_control_domain,
         "snapshot_of": vm.snapshot_of,
         "snapshots": snapshots,
         "snapshot_time": vm.snapshot_time,
@@ -51,12 +53,18 @@ def _vm(store: Store, vm: VM) -> dict[str, Any]:
         "VIFs": [],
         "suspend_VDI": NULL_REF,
         "resident_on": store.host_ref if vm.power_state == "Running" else NULL_REF,
-        "domid": 1 if vm.power_state == "Running" else -1,
+        "domid": _domid(vm),
         "other_config": vm.other_config,
         "tags": [],
         "allowed_operations": [],
         "current_operations": {},
     }
+
+
+def _domid(vm: VM) -> int:
+    if vm.is_control_domain:
+        return 0  # dom0 (create_misc.ml: ~domid:0L)
+    return 1 if vm.power_state == "Running" else -1
 
 
 def _vbd(store: Store, vbd: VBD) -> dict[str, Any]:
@@ -151,7 +159,7 @@ def _task(store: Store, task: Task) -> dict[str, Any]:
 def _host(store: Store) -> dict[str, Any]:
     return {
         "uuid": store.host_uuid,
-        "name_label": "xapi-sim",
+        "name_label": HOST_NAME,
         "name_description": "",
         "address": "127.0.0.1",
         "API_version_major": 2,
@@ -203,7 +211,20 @@ def record(store: Store, cls: str, ref: object) -> dict[str, Any]:
 
 
 def ref_by_uuid(store: Store, cls: str, value: object) -> str:
+    """``<class>.get_by_uuid``: the exact UUID or ``UUID_INVALID [class, uuid]``, for every
+    row of the class, templates, snapshots and dom0 included (db_cache_impl.ml
+    ``db_get_by_uuid`` raises ``Read_missing_uuid``, which exnHelper.ml maps to
+    ``UUID_INVALID [tbl; uuid]``)."""
     for ref in all_refs(store, cls):
         if record(store, cls, ref)["uuid"] == value:
             return ref
     raise XapiError("UUID_INVALID", cls, value)
+
+
+def refs_by_name_label(store: Store, cls: str, label: object) -> list[str]:
+    """``<class>.get_by_name_label``: every row whose name_label equals ``label`` exactly,
+    with no filter: templates, snapshots and dom0 are VMs like the others
+    (db_cache_impl.ml ``db_get_by_name_label`` is a scan on ``name__label``).
+    XAPI's order is that of its table fold, which is by OpaqueRef (arbitrary); here it is
+    creation order, so a test can put a decoy first on purpose."""
+    return [r for r in all_refs(store, cls) if record(store, cls, r).get("name_label") == label]

@@ -192,6 +192,7 @@ def run(proc: sim.SimulatorProcess, port: int, work: Path) -> None:
     check_faults(x, port, session, vdi, proc.url)
     check_vm_semantics(x, port, vm, vdi, vdi1)
     check_import(x, port, session, sr, vm, work, snap2_bytes)
+    check_lookup(x, port, vm)
     check_throttle(port, f"{proc.url}/export_raw_vdi?session_id={session.handle}", snap1)
     session.xenapi.session.logout()
     check(True, "logout")
@@ -218,7 +219,7 @@ def check_faults(x: Any, port: int, session: Any, vdi: str, url: str) -> None:
     check(sim.expire_sessions(port) >= 1, "sessions expired")
     raw: Any = xmlrpc.client.ServerProxy(url).VM.get_all(old)
     check(raw["ErrorDescription"] == ["SESSION_INVALID", old], "wire answer is SESSION_INVALID")
-    check(len(x.VM.get_all()) == 1, "XenAPI client re-logged in transparently")
+    check(len(x.VM.get_all()) == 2, "XenAPI client re-logged in transparently (web01, dom0)")
     check(session.handle != old, "new session ref after re-login")
 
 
@@ -293,6 +294,60 @@ def check_import(
     live = x.VBD.get_VDI(x.VM.get_VBDs(vm)[0])  # after the xapi-mode revert: a new VDI
     q = f"session_id={session.handle}&vdi={live}&format=raw"
     check(http_put(port, q, b"\0" * 512) == 409, "import into a Running VM's disk -> 409")
+
+
+def check_lookup(x: Any, port: int, vm: str) -> None:
+    """One label, many VM objects: XAPI's lookups filter nothing (db_cache_impl.ml)."""
+    (dom0,) = x.VM.get_by_name_label("Control domain on host: xapi-sim")
+    rec = x.VM.get_record(dom0)
+    check(rec["is_control_domain"] and rec["domid"] == "0", "dom0 is in the VM table")
+    check(not rec["is_a_template"] and rec["power_state"] == "Running", "dom0 runs")
+    err = failure(x.VM.snapshot, dom0, "d0")
+    check(err[:1] == ["OPERATION_NOT_ALLOWED"], "dom0 cannot be snapshotted")
+    uuid = x.VM.get_uuid(vm)
+    check(x.VM.get_by_uuid(uuid) == vm, "VM.get_by_uuid")
+    missing = "00000000-0000-4000-8000-000000000000"
+    err = failure(x.VM.get_by_uuid, missing)
+    check(err == ["UUID_INVALID", "VM", missing], "VM.get_by_uuid unknown -> UUID_INVALID")
+
+    template = sim.create_template(port, "web01", [MIB])["ref"]
+    trec = x.VM.get_record(template)
+    check(trec["is_a_template"] and not trec["is_a_snapshot"], "a template named like a VM")
+    err = failure(x.VM.start, template)
+    check(err == ["VM_IS_TEMPLATE", template, "start"], "a template is not started")
+    err = failure(x.VM.snapshot, template, "t")
+    check(err == ["VM_IS_TEMPLATE", template, "snapshot"], "a template is not snapshotted")
+    err = failure(x.VM.revert, template)
+    check(err == ["VM_IS_TEMPLATE", template, "revert"], "nor reverted to")
+    check(failure(x.VM.revert, vm) == ["REVERT_ONLY_ALLOWED_ON_SNAPSHOT"], "revert to a VM")
+
+    snap = x.VM.snapshot(vm, "web01")  # the new_name is the label, even the VM's own
+    srec = x.VM.get_record(snap)
+    check(srec["name_label"] == "web01" and srec["snapshot_of"] == vm, "snapshot named web01")
+    check(srec["is_a_snapshot"] and srec["is_a_template"], "a snapshot is a template too")
+    err = failure(x.VM.start, snap)
+    check(err == ["VM_IS_SNAPSHOT", snap, "start"], "a snapshot is not started")
+    labelled = x.VM.get_by_name_label("web01")
+    check(labelled == [vm, template, snap], "get_by_name_label: VM, template and snapshot")
+
+    try:
+        sim.create_vm(port, "web01", [MIB])
+        check(False, "a second live web01 refused unless asked for")
+    except HTTPError as exc:
+        check(exc.code == 409, "a second live web01 refused unless asked for")
+    twin = sim.create_vm(port, "web01", [MIB], "Halted", allow_duplicate=True)
+    check(len(x.VM.get_by_name_label("web01")) == 4, "two VMs named web01 on request")
+    try:
+        sim.guest_write(port, "web01", 0, b"x")
+        check(False, "a guest write by an ambiguous name refused")
+    except HTTPError as exc:
+        check(exc.code == 409, "a guest write by an ambiguous name -> 409")
+    x.VM.destroy(twin["ref"])
+    x.VM.destroy(template)
+    for vdi in [x.VBD.get_VDI(b) for b in x.VM.get_VBDs(snap)]:
+        x.VDI.destroy(vdi)
+    x.VM.destroy(snap)
+    check(x.VM.get_by_name_label("web01") == [vm], "decoys destroyed")
 
 
 def check_throttle(port: int, base_url: str, snap: str) -> None:

@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 
 from . import ops
 from .model import CLASSES, Store, Task, XapiError, new_ref, new_uuid, xapi_time
-from .records import all_refs, record, ref_by_uuid, wire
+from .records import all_refs, record, ref_by_uuid, refs_by_name_label, wire
 
 Method = Callable[..., Any]
 _NAMED = {"VM": "vms", "VDI": "vdis"}  # classes whose name/other_config can be set
@@ -36,13 +36,17 @@ class XapiService:
             "VM.revert": lambda snap: ops.vm_revert(s, snap),
             "VM.destroy": lambda vm: ops.vm_destroy(s, vm),
             "VM.start": lambda vm, paused=False, force=False: ops.vm_set_power(
-                s, vm, "Halted", "Running"
+                s, vm, "Halted", "Running", "start"
             ),
             "VM.resume": lambda vm, paused=False, force=False: ops.vm_set_power(
-                s, vm, "Suspended", "Running"
+                s, vm, "Suspended", "Running", "resume"
             ),
-            "VM.hard_shutdown": lambda vm: ops.vm_set_power(s, vm, "Running", "Halted"),
-            "VM.clean_shutdown": lambda vm: ops.vm_set_power(s, vm, "Running", "Halted"),
+            "VM.hard_shutdown": lambda vm: ops.vm_set_power(
+                s, vm, "Running", "Halted", "hard_shutdown"
+            ),
+            "VM.clean_shutdown": lambda vm: ops.vm_set_power(
+                s, vm, "Running", "Halted", "clean_shutdown"
+            ),
             "VDI.snapshot": lambda vdi, params=None: ops.vdi_snapshot(s, vdi, params),
             "VDI.clone": lambda vdi, params=None: ops.vdi_copy(s, vdi, s.sr.ref),
             "VDI.copy": lambda vdi, sr: ops.vdi_copy(s, vdi, sr),
@@ -131,9 +135,7 @@ class XapiService:
         if name == "get_by_uuid":
             return lambda value: ref_by_uuid(s, cls, value)
         if name == "get_by_name_label":
-            return lambda label: [
-                r for r in all_refs(s, cls) if record(s, cls, r).get("name_label") == label
-            ]
+            return lambda label: refs_by_name_label(s, cls, label)
         if name.startswith("get_"):
             return lambda ref: self._field(cls, ref, name[len("get_") :])
         if cls in _NAMED and name in ("set_name_label", "set_name_description"):
