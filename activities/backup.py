@@ -22,6 +22,7 @@ from .contracts import BackupPlan, BackupProgress, BackupResult, CopyRequest
 from .errors import BackupCorrupt, SourceGone, classify_os_error, converts_errors
 from .hypervisors import Drivers
 from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
+from .progress import signal_interval
 from .settings import Settings
 from .storage.copy_engine import Checkpoint, CopyEngine
 from .storage.secondary import SecondaryStore
@@ -171,8 +172,6 @@ class BackupActivities:
         stall_limit = (info.heartbeat_timeout or timedelta(seconds=60)).total_seconds() * 0.8
         last_signal = 0.0
         started = time.monotonic()
-        # The backup's age across attempts (wall clock: the first attempt ran elsewhere).
-        born = req.backup_started.timestamp() if req.backup_started else time.time()
         first_done = latest[-1][1] if latest else 0
         try:
             while True:
@@ -190,7 +189,11 @@ class BackupActivities:
                 # Progress signals thin out as the backup ages (over all its attempts, so
                 # that a backup retried many times does not send many times more), to bound
                 # the history: about 1000 per tenfold of age past 1000 intervals.
-                interval = max(req.progress_interval_s, (time.time() - born) / 1000)
+                interval = signal_interval(
+                    base_s=req.progress_interval_s,
+                    backup_started=req.backup_started,
+                    now=time.time(),
+                )
                 if fut in done or now - last_signal >= interval:
                     bytes_done = (
                         req.source.virtual_size if fut in done else (latest[-1][1] if latest else 0)

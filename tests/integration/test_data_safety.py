@@ -163,6 +163,50 @@ def test_a_foreign_block_job_is_never_pivoted(
             dom.blockJobAbort("vda", 0)
 
 
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_worker_process_for_the_host_waits_for_the_domain_lock(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    """Another snapferry process on the host holds the VM's lock (mid-merge, say): a take
+    fails with the retryable ChainBusy and changes nothing; once it lets go, the take runs."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from activities.hypervisors.domain_lock import lock_path
+
+    vm = make_vm(size=8 * MIB, data_bytes=MIB)
+    local = dataclasses.replace(settings, lock_dir=tmp_path / "locks", domain_lock_timeout_s=0.5)
+    (tmp_path / "locks").mkdir()
+    driver = KvmDriver(local)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock_path(local.lock_dir, vm.name))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ChainBusy, match="another snapferry process"):
+            driver.take(volume=volume, snapshot_id=new_snapshot_id())
+        assert chain_of(active_image(libvirt_conn.lookupByName(vm.name))) == [str(vm.disk)]
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    taken = driver.take(volume=volume, snapshot_id=new_snapshot_id())
+    assert taken.image == str(vm.disk)
+
+
 def test_a_revert_reaches_the_medium_before_its_rename(
     settings: Settings, make_vm, host_name: str, libvirt_conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,8 +243,27 @@ def test_a_revert_reaches_the_medium_before_its_rename(
 
 
 async def test_what_snapferry_writes_is_owner_only_whatever_the_umask(
-    client: Client, settings: Settings, workers: None, make_vm, host_name: str
+    client: Client,
+    settings: Settings,
+    workers: None,
+    make_vm,
+    host_name: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also: a restored volume or template reaches the medium before its final name."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:  # type: ignore[no-untyped-def]
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     old = os.umask(0o022)
     try:
         vm = make_vm(size=8 * MIB, data_bytes=MIB)
@@ -228,6 +291,10 @@ async def test_what_snapferry_writes_is_owner_only_whatever_the_umask(
     assert set(modes.values()) == {"0o600"}, modes
     dirs = [backup.parent, backup.parent.parent, settings.secondary / "templates"]
     assert {oct(d.stat().st_mode & 0o777) for d in dirs} == {"0o700"}
+    for restored in (Path(volume.path), Path(template.path)):
+        at = events.index(("replace", str(restored)))
+        assert events[at - 1] == ("fsync", f"{restored}.partial")
+        assert events[at + 1] == ("fsync", str(restored.parent))
 
 
 async def test_after_a_migration_the_release_runs_on_the_new_host(

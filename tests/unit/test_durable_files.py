@@ -128,3 +128,34 @@ def test_the_domain_lock_serialises_processes_and_fails_busy_when_held(tmp_path:
 
 def test_the_domain_lock_name_cannot_escape_its_directory(tmp_path: Path) -> None:
     assert lock_path(tmp_path, "../../etc/x").parent == tmp_path
+
+
+def test_progress_signals_stay_bounded_across_attempts() -> None:
+    """A retry starts its own clock again; the signal interval must follow the backup's
+    age, or a backup retried N times sends N times the early burst of signals."""
+    from datetime import UTC, datetime, timedelta
+
+    from activities.progress import signal_interval
+
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    started_a_day_ago = now - timedelta(days=1)
+    # A fresh attempt of a day-old backup signals every 86.4 s, not every 2 s.
+    assert signal_interval(
+        base_s=2.0, backup_started=started_a_day_ago, now=now.timestamp()
+    ) == pytest.approx(86.4)
+    assert signal_interval(base_s=2.0, backup_started=now, now=now.timestamp()) == 2.0
+
+    def signals_over(attempts: int, attempt_s: float) -> int:
+        """Signals of a backup made of ``attempts`` back-to-back attempts, each of which
+        computes its interval as the activity does (from the backup's start)."""
+        total = 0
+        for n in range(attempts):
+            t, end = n * attempt_s, (n + 1) * attempt_s
+            while t < end:
+                total += 1
+                t += signal_interval(base_s=2.0, backup_started=now, now=now.timestamp() + t)
+        return total
+
+    # 50 one-hour attempts: a per-attempt clock would send about 50 x 1600 = 80000.
+    assert signals_over(50, 3600) < 8000
+    assert signals_over(1, 7 * 24 * 3600) < 10000  # one attempt of a week
