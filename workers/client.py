@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.service import TLSConfig
 
 from activities.settings import Settings
 
 from .codec import EncryptionCodec, KeyRing
+from .converter import DATA_CONVERTER
 
 
 def _read(var: str) -> bytes | None:
@@ -69,8 +69,8 @@ def api_key() -> str | None:
 def data_converter() -> DataConverter:
     ring = KeyRing.from_env()
     if ring is None:
-        return pydantic_data_converter
-    return dataclasses.replace(pydantic_data_converter, payload_codec=EncryptionCodec(ring))
+        return DATA_CONVERTER
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=EncryptionCodec(ring))
 
 
 def client_options() -> dict[str, Any]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workers.converter import DATA_CONVERTER
 from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
 from workflows.vm_snapshot import VmSnapshotWorkflow
 
@@ -31,7 +31,7 @@ def test_histories_are_recorded() -> None:
 async def test_replay(path: Path) -> None:
     replayer = Replayer(
         workflows=[VolumeSnapshotWorkflow, BackupSnapshotWorkflow, VmSnapshotWorkflow],
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
     )
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)

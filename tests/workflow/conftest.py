@@ -6,6 +6,7 @@ instantly; the real dev server is exercised by tests/integration.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,6 @@ import pytest_asyncio
 from temporalio import activity
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -49,6 +49,7 @@ from activities.names import (
     TAKE_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
 )
+from workers.converter import DATA_CONVERTER
 from workflows.routing import (
     ALERT_QUEUE,
     BACKUP_QUEUE,
@@ -65,7 +66,7 @@ HOST = "hv1"
 @pytest_asyncio.fixture
 async def env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
     )
     await env.client.operator_service.add_search_attributes(
@@ -132,7 +133,10 @@ class Mocks:
         async def backup(req: CopyRequest) -> BackupResult:
             self.calls.append((BACKUP_SNAPSHOT, req))
             if self.backup_outcomes:
-                return self.backup_outcomes.pop(0)(req)
+                outcome = self.backup_outcomes.pop(0)(req)
+                if inspect.isawaitable(outcome):  # an outcome may take (real) time
+                    outcome = await outcome
+                return outcome
             return ok_result(req)
 
         @activity.defn(name=RAISE_ALERT)
