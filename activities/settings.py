@@ -95,6 +95,45 @@ class XenConfig(ManagerConfig):
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    """Where alerts are mailed, as CloudStack mails its alerts (``alert.smtp.*``). The
+    password, if any, is only referenced (``SNAPFERRY_ALERT_SMTP_PASSWORD_FILE``) and read
+    when a mail is sent."""
+
+    host: str
+    port: int
+    sender: str
+    recipients: tuple[str, ...]
+    user: str | None = None
+    password_file: str | None = None
+    starttls: bool = False
+    timeout_s: float = 10.0
+
+    def password(self) -> str | None:
+        return Path(self.password_file).read_text().strip() if self.password_file else None
+
+    @classmethod
+    def from_env(cls) -> SmtpConfig | None:
+        host = os.environ.get("SNAPFERRY_ALERT_SMTP_HOST")
+        if not host:
+            return None
+        recipients = tuple(
+            r.strip() for r in _env("SNAPFERRY_ALERT_SMTP_TO", "").split(",") if r.strip()
+        )
+        if not recipients:
+            raise ValueError("SNAPFERRY_ALERT_SMTP_HOST is set but SNAPFERRY_ALERT_SMTP_TO is not")
+        return cls(
+            host=host,
+            port=int(_env("SNAPFERRY_ALERT_SMTP_PORT", "25")),
+            sender=_env("SNAPFERRY_ALERT_SMTP_FROM", "snapferry@localhost"),
+            recipients=recipients,
+            user=os.environ.get("SNAPFERRY_ALERT_SMTP_USER") or None,
+            password_file=os.environ.get("SNAPFERRY_ALERT_SMTP_PASSWORD_FILE") or None,
+            starttls=_env("SNAPFERRY_ALERT_SMTP_STARTTLS", "0") != "0",
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     secondary: Path
@@ -110,6 +149,7 @@ class Settings:
     backup_defaults: BackupOptions = field(default_factory=BackupOptions)
     vcenter: VcenterConfig | None = None
     xen: XenConfig | None = None
+    alert_smtp: SmtpConfig | None = None
     # Host-wide, not per SNAPFERRY_HOME: every worker process on a host must see one lock.
     lock_dir: Path = Path("/run/lock/snapferry")
     domain_lock_timeout_s: float = 60.0
@@ -152,6 +192,7 @@ class Settings:
             backup_defaults=backup_defaults,
             vcenter=VcenterConfig.from_env(),
             xen=XenConfig.from_env(),
+            alert_smtp=SmtpConfig.from_env(),
             lock_dir=Path(_env("SNAPFERRY_LOCK_DIR", "/run/lock/snapferry")).absolute(),
             domain_lock_timeout_s=float(_env("SNAPFERRY_DOMAIN_LOCK_TIMEOUT", "60")),
         )
