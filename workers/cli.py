@@ -1,9 +1,9 @@
 """``snapferry``: the command line for operators, the demo, and the worker processes.
 
 Every command that prints a record takes ``--json``. Errors exit non-zero with a message
-that names what was wrong. The process ends with ``os._exit`` after flushing, because a
-Temporal client can abort the interpreter at shutdown (temporalio/sdk-python#300) and turn
-success into exit code 134.
+that names what was wrong (exit codes: 0 done, 1 refused or failed, 2 usage, 130 Ctrl-C).
+The process ends with ``os._exit`` after flushing, because a Temporal client can abort the
+interpreter at shutdown (temporalio/sdk-python#300) and turn success into exit code 134.
 """
 
 from __future__ import annotations
@@ -157,9 +157,17 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
     return 0
 
 
+def web_ui_link(settings: Settings, workflow_id: str) -> str:
+    """The snapshot's workflow in the Web UI (``SNAPFERRY_UI_URL`` for a cluster's UI)."""
+    base = os.environ.get("SNAPFERRY_UI_URL") or f"http://127.0.0.1:{settings.ui_port}"
+    return f"{base.rstrip('/')}/namespaces/{settings.namespace}/workflows/{workflow_id}"
+
+
 async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
     record = await starter.get_record(await cli_client(settings), args.id)
     print_record(record, args.json)
+    if not args.json:
+        print(f"  web UI:  {web_ui_link(settings, starter.VOLUME.workflow_id(record.id))}")
     return 0
 
 
@@ -199,6 +207,8 @@ async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -
 async def cmd_vm_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
     record = await starter.get_record(await cli_client(settings), args.id, starter.VM)
     print_vm_record(record, args.json)
+    if not args.json:
+        print(f"  web UI:  {web_ui_link(settings, starter.VM.workflow_id(record.id))}")
     return 0
 
 
@@ -432,6 +442,46 @@ def add_volume_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
 
 
+# Help for the options that recur across commands; the others carry their own.
+COMMON_HELP = {
+    "id": "the snapshot's ID (a UUID, as printed by create and list)",
+    "json": "print the result as JSON (the payload's schema; see 'snapferry schema')",
+    "vm": "the VM: libvirt domain, vSphere VM or XenServer VM (name or UUID)",
+    "disk": "the volume: the disk's target as the VM sees it (e.g. vda; VMware: disk name)",
+    "host": "the hypervisor host whose worker runs the operation (KVM: the host the VM is"
+    " on; VMware/XenServer: the worker that talks to vCenter / the pool master)",
+    "hypervisor": "which driver the host worker uses",
+    "state": "only snapshots in this state (CloudStack's state names)",
+}
+
+EPILOG = (
+    "exit codes: 0 done; 1 refused or failed (the reason is printed); 2 bad usage;"
+    " 130 interrupted. Configuration comes from SNAPFERRY_* environment variables (README)."
+)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Shows an option's default where it has one worth showing (not None, not False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+            text += " (default: %(default)s)"
+        return text
+
+
+def explain(parser: argparse.ArgumentParser) -> None:
+    """Give every option a help text and show its default, recursively: an operator's
+    ``--help`` must say what each option means and what happens if it is left out."""
+    parser.formatter_class = _DefaultsShown
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                explain(child)
+        elif action.help is None:
+            action.help = COMMON_HELP.get(action.dest)
+
+
 def volume_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The volume as a plain dict, validated with the rest of its request."""
     return {
@@ -441,18 +491,20 @@ def volume_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snapferry", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="snapferry", description=__doc__.split("\n")[0], epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(parent: Any, name: str, fn: Callable[..., Awaitable[int]], help_: str) -> Any:
-        sp = parent.add_parser(name, help=help_)
+        sp = parent.add_parser(name, help=help_, description=help_, epilog=EPILOG)
         sp.set_defaults(fn=fn)
         return sp
 
     up = add(sub, "up", cmd_up, "start the embedded stack (dev server + worker) in the background")
-    up.add_argument("--no-workers", action="store_true")
-    up.add_argument("--host", default=default_host())
-    up.add_argument("--concurrency", type=int, default=2)
+    up.add_argument(
+        "--no-workers", action="store_true", help="start only the dev server, no worker"
+    )
+    up.add_argument("--host", default=default_host(), help="the host queue its worker serves")
+    up.add_argument("--concurrency", type=int, default=2, help="parallel backups of its worker")
     add(sub, "down", cmd_down, "stop the embedded stack started by 'up'")
 
     w = add(sub, "worker", cmd_worker, "run workers in the foreground")
@@ -477,8 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     wt = add(snap, "wait", cmd_snapshot_wait, "wait until a snapshot reaches a state")
     wt.add_argument("id")
-    wt.add_argument("--state", required=True, choices=[s.value for s in SnapshotState])
-    wt.add_argument("--timeout", type=float, default=600.0)
+    wt.add_argument(
+        "--state", required=True, choices=[s.value for s in SnapshotState], help="the state"
+    )
+    wt.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     wt.add_argument("--json", action="store_true")
     wa = add(snap, "watch", cmd_snapshot_watch, "show the backup's progress bar")
     wa.add_argument("id")
@@ -494,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         op = add(snap, name, command, help_)
         op.add_argument("id")
         if takes_name:
-            op.add_argument("--name", required=True)
+            op.add_argument("--name", required=True, help="the new volume's or template's name")
         op.add_argument("--json", action="store_true")
 
     vms = sub.add_parser("vm-snapshot", help="VM snapshots (every disk, maybe memory)")
@@ -503,7 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--vm", required=True)
     vc.add_argument("--host", default=default_host())
     vc.add_argument("--hypervisor", default="kvm", choices=[h.value for h in HypervisorType])
-    vc.add_argument("--type", default="Disk", choices=[t.value for t in VmSnapshotType])
+    vc.add_argument(
+        "--type",
+        default="Disk",
+        choices=[t.value for t in VmSnapshotType],
+        help="Disk: every disk at one instant; DiskAndMemory: plus the RAM (running VM)",
+    )
     vc.add_argument("--name", help="display name")
     vc.add_argument("--id", help="VM snapshot ID (UUID); makes create idempotent")
     vc.add_argument("--json", action="store_true")
@@ -512,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("--json", action="store_true")
     vl = add(vsub, "list", cmd_vm_snapshot_list, "list VM snapshots")
     vl.add_argument("--vm")
-    vl.add_argument("--state", choices=[s.value for s in VmSnapshotState])
+    vl.add_argument(
+        "--state", choices=[s.value for s in VmSnapshotState], help="only VM snapshots in it"
+    )
     vl.add_argument("--json", action="store_true")
     vm_operations = [
         ("revert", REVERT_VM_SNAPSHOT_UPDATE, "revert the VM to it (Disk: VM stopped first)"),
@@ -557,11 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pc = add(pol, "create", cmd_policy_create, "create a recurring policy (a Temporal Schedule)")
     add_volume_args(pc)
-    pc.add_argument("--interval", required=True, choices=[i.value for i in PolicyInterval])
+    pc.add_argument(
+        "--interval",
+        required=True,
+        choices=[i.value for i in PolicyInterval],
+        help="how often (CloudStack's intervals)",
+    )
     pc.add_argument("--keep", type=int, default=8, help="snapshots kept (CloudStack: 8)")
-    pc.add_argument("--timezone", default="UTC")
-    pc.add_argument("--minute", type=int, default=0)
-    pc.add_argument("--hour", type=int, default=0)
+    pc.add_argument("--timezone", default="UTC", help="the schedule's timezone (IANA name)")
+    pc.add_argument("--minute", type=int, default=0, help="minute of the hour it runs at")
+    pc.add_argument("--hour", type=int, default=0, help="daily/weekly/monthly: hour it runs")
     pc.add_argument("--day-of-week", type=int, default=0, help="weekly; 0 = Sunday")
     pc.add_argument("--day-of-month", type=int, default=1, help="monthly; 1-28")
     pc.add_argument("--id", help="policy ID (default VM-DISK-INTERVAL)")
@@ -573,12 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("id")
 
     rp = add(sub, "replay", cmd_replay, "replay closed workflows' histories against this code")
-    rp.add_argument("--limit", type=int, default=100)
+    rp.add_argument("--limit", type=int, default=100, help="how many closed workflows")
     rp.add_argument("--export", help="also save the histories as JSON into this directory")
 
     cs = add(sub, "codec-server", cmd_codec_server, "decrypt payloads for the Web UI")
     cs.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    cs.add_argument("--port", type=int, default=8081)
+    cs.add_argument("--port", type=int, default=8081, help="port to serve on")
     cs.add_argument("--ui-origin", default="http://localhost:8233", help="CORS: the UI's origin")
     cs.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (PEM)")
     cs.add_argument("--tls-key-file", help="the certificate's private key (PEM)")
@@ -593,11 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "codec-key", cmd_codec_key, "print a new AES-256 key for the codec keys file")
 
     sc = add(sub, "schema", cmd_schema, "write the payload JSON Schemas")
-    sc.add_argument("--out", default="schemas")
+    sc.add_argument("--out", default="schemas", help="directory for the .json files")
 
     d = add(sub, "demo", cmd_demo, "the main job: demo VM, snapshot, backup, verify, serve")
-    d.add_argument("--host", default=default_host())
-    d.add_argument("--size-mib", type=int, default=1024)
+    d.add_argument("--host", default=default_host(), help="the demo worker's host queue")
+    d.add_argument("--size-mib", type=int, default=1024, help="the demo VM's disk size")
+    explain(p)
     return p
 
 

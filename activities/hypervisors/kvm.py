@@ -53,6 +53,15 @@ OVERLAY_TAG = ".snapferry-"
 IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the umask
 RELEASED_SUFFIX = ".released"
 
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default error handler prints every error to stderr ("libvirt: QEMU Driver
+    error : Domain not found ...") before the exception is raised; every libvirtError is
+    caught and turned into a typed error here, so nothing raw should reach an operator."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
 _SNAPSHOT_FLAGS = (
     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
     | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
