@@ -114,7 +114,10 @@ def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         return
     for r in rows:
         where = f"{r['vm']}/{r['disk']}" if "disk" in r else r["vm"]
-        print(f"{r['id']}  {r['state']:<16} {where}  {r['started']}")
+        when = r["started"] if "started" in r else f"for {r['for_s']} s"
+        print(f"{r['id']}  {r['state']:<16} {where}  {when}")
+        if r.get("backup_error"):
+            print(f"    last backup error: {r['backup_error']}")
 
 
 async def watch(client: Any, snapshot_id: str, *, out: Any = sys.stdout) -> SnapshotRecord:
@@ -172,6 +175,25 @@ async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
+    if args.stuck is not None:
+        if args.state or args.disk:
+            raise starter.SnapferryClientError("--stuck goes with --vm only")
+        stuck = await starter.stuck_snapshots(
+            await cli_client(settings), older_than_s=args.stuck, vm=args.vm
+        )
+        rows = [
+            {
+                "id": r.id,
+                "state": r.state.value,
+                "vm": r.vm,
+                "disk": r.disk,
+                "for_s": round(age),
+                "backup_error": r.backup_error,
+            }
+            for r, age in stuck
+        ]
+        print_rows(rows, args.json)
+        return 0
     rows = await starter.list_snapshots(
         await cli_client(settings), vm=args.vm, disk=args.disk, state=args.state
     )
@@ -235,9 +257,38 @@ async def cmd_snapshot_watch(args: argparse.Namespace, settings: Settings) -> in
 
 
 async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
-    record = await starter.retry_backup(await cli_client(settings), args.id)
-    print(f"backup of {record.id} restarted")
-    return 0
+    if bool(args.id) == bool(args.all_failed):
+        raise starter.SnapferryClientError("give either a snapshot ID or --all-failed")
+    if not args.all_failed and (args.vm or args.policy):
+        raise starter.SnapferryClientError("--vm and --policy go with --all-failed")
+    client = await cli_client(settings)
+    if args.id:
+        record = await starter.retry_backup(client, args.id)
+        print(f"backup of {record.id} restarted")
+        return 0
+
+    def report(record: SnapshotRecord, refused: str | None) -> None:
+        what = f"refused: {refused}" if refused else "restarted"
+        print(f"{record.id}  {record.vm}/{record.disk}  {what}  (was: {record.backup_error})")
+
+    retried, refused = await starter.retry_all_failed(
+        client, vm=args.vm, policy=args.policy, rate_per_s=args.rate, on_each=report
+    )
+    print(f"{len(retried)} backup(s) restarted, {len(refused)} refused")
+    return 1 if refused else 0
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``2d`` (or plain seconds) in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 90s, 30m, 1h, 2d)"
+        ) from None
 
 
 def _operation_command(
@@ -526,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--vm")
     ls.add_argument("--disk", help="with --vm: one volume's snapshots")
     ls.add_argument("--state", choices=[s.value for s in SnapshotState])
+    ls.add_argument(
+        "--stuck",
+        type=parse_duration,
+        metavar="DURATION",
+        help="only snapshots in Creating/CreatedOnPrimary/BackingUp for longer than this"
+        " (90s, 30m, 1h, 2d), the longest first",
+    )
     ls.add_argument("--json", action="store_true")
     wt = add(snap, "wait", cmd_snapshot_wait, "wait until a snapshot reaches a state")
     wt.add_argument("id")
@@ -596,8 +654,21 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--host", required=True, help="the host it runs on now")
 
     backup = sub.add_parser("backup", help="backups").add_subparsers(dest="action", required=True)
-    r = add(backup, "retry", cmd_backup_retry, "start a failed backup again")
-    r.add_argument("id")
+    r = add(backup, "retry", cmd_backup_retry, "start a failed backup again (or all of them)")
+    r.add_argument("id", nargs="?", help="the snapshot whose backup failed")
+    r.add_argument(
+        "--all-failed",
+        action="store_true",
+        help="every snapshot whose backup failed and waits for a retry (from visibility)",
+    )
+    r.add_argument("--vm", help="with --all-failed: only this VM's snapshots")
+    r.add_argument("--policy", help="with --all-failed: only this policy's snapshots")
+    r.add_argument(
+        "--rate",
+        type=float,
+        default=5.0,
+        help="with --all-failed: retries per second, so the backup pool is not flooded",
+    )
     cancel = add(
         backup,
         "cancel",

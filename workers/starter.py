@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +18,7 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -319,6 +321,84 @@ async def snapshot_operation(
         raise SnapferryClientError(
             f"{kind.noun} {snapshot_id} is {record.state.value}; its workflow is closed"
         ) from err
+
+
+TRANSITIONAL = (SnapshotState.CREATING, SnapshotState.CREATED_ON_PRIMARY, SnapshotState.BACKING_UP)
+
+
+async def _running_records(client: Client, clauses: list[str]) -> list[SnapshotRecord]:
+    """The records of running VolumeSnapshot workflows that visibility finds for the
+    clauses, each read by query (visibility alone says neither why nor since when)."""
+    query = " AND ".join(
+        ['WorkflowType = "VolumeSnapshot"', 'ExecutionStatus = "Running"', *clauses]
+    )
+    records = []
+    async for wf in client.list_workflows(query):
+        try:
+            record = await client.get_workflow_handle(wf.id).query(
+                "record", result_type=SnapshotRecord
+            )
+        except (RPCError, WorkflowQueryFailedError):
+            continue  # closed since it was listed
+        records.append(record)
+    return records
+
+
+async def failed_backups(
+    client: Client, *, vm: str | None = None, policy: str | None = None
+) -> list[SnapshotRecord]:
+    """Snapshots whose backup failed for good and wait for an operator's retry."""
+    clauses = [f'SnapshotState = "{SnapshotState.CREATED_ON_PRIMARY.value}"']
+    if vm:
+        clauses.append(f'VmId = "{vm}"')
+    if policy:
+        clauses.append(f'PolicyId = "{policy}"')
+    return [r for r in await _running_records(client, clauses) if r.backup_error]
+
+
+async def retry_all_failed(
+    client: Client,
+    *,
+    vm: str | None = None,
+    policy: str | None = None,
+    rate_per_s: float = 5.0,
+    on_each: Callable[[SnapshotRecord, str | None], None] = lambda _r, _e: None,
+) -> tuple[list[str], list[str]]:
+    """Retry every failed backup (of one VM, of one policy), at most ``rate_per_s`` a second
+    so a thousand retries after a store outage reach the backup pool as a trickle, not a
+    flood. Returns (retried, refused) snapshot IDs; ``on_each`` reports as it goes."""
+    if rate_per_s <= 0:
+        raise SnapferryClientError("--rate must be positive")
+    retried, refused = [], []
+    for record in await failed_backups(client, vm=vm, policy=policy):
+        try:
+            await retry_backup(client, record.id)
+            retried.append(record.id)
+            on_each(record, None)
+        except SnapferryClientError as err:  # its state changed meanwhile: say so, go on
+            refused.append(record.id)
+            on_each(record, str(err))
+        await asyncio.sleep(1 / rate_per_s)
+    return retried, refused
+
+
+async def stuck_snapshots(
+    client: Client, *, older_than_s: float, vm: str | None = None
+) -> list[tuple[SnapshotRecord, float]]:
+    """Snapshots in a transitional state (Creating, CreatedOnPrimary, BackingUp) for longer
+    than ``older_than_s``, with how long; the oldest first."""
+    clauses = ["(" + " OR ".join(f'SnapshotState = "{s.value}"' for s in TRANSITIONAL) + ")"]
+    if vm:
+        clauses.append(f'VmId = "{vm}"')
+    now = datetime.now(UTC)
+    stuck = []
+    for record in await _running_records(client, clauses):
+        since = record.transitions[-1].at if record.transitions else record.created
+        if record.state in TRANSITIONAL and since is not None:
+            age = (now - since).total_seconds()
+            if age > older_than_s:
+                stuck.append((record, age))
+    return sorted(stuck, key=lambda item: -item[1])
 
 
 async def retry_backup(client: Client, snapshot_id: str) -> SnapshotRecord:
