@@ -57,3 +57,16 @@ def chain_of(image: Path | str, fmt: str = "qcow2") -> list[str]:
     from activities.storage.reader import image_chain
 
     return [layer.path for layer in image_chain(str(image), fmt)]
+
+
+def disk_source(conn, name: str, *, inactive: bool = False) -> str:  # type: ignore[no-untyped-def]
+    """The file a domain's first disk points at (live, or the persistent definition)."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    dom = conn.lookupByName(name)
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+    src = ET.fromstring(xml).find("./devices/disk/source")
+    assert src is not None
+    return src.get("file", "")

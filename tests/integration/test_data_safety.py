@@ -30,8 +30,9 @@ from workers.worker import running_workers
 from workflows.snapshot import CREATE_TEMPLATE_UPDATE, CREATE_VOLUME_UPDATE, REVERT_UPDATE
 
 from ..inotify import watch_opens
+from ..spies import record_fsyncs_and_renames
 from ..unit.test_no_format_probe import forged_raw_disk
-from .helpers import chain_of, images_identical, request_for
+from .helpers import chain_of, disk_source, images_identical, request_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +52,7 @@ def disk_driver(conn: libvirt.virConnect, name: str) -> tuple[str, str]:
 
 
 def active_image(dom: libvirt.virDomain) -> str:
-    src = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk/source")
-    assert src is not None
-    return src.get("file", "")
+    return disk_source(dom.connect(), dom.name())
 
 
 @pytest.fixture
@@ -220,22 +219,10 @@ def test_a_revert_reaches_the_medium_before_its_rename(
     taken = driver.take(volume=volume, snapshot_id=sid)
     driver.take(volume=volume, snapshot_id=new_snapshot_id())  # revert copies, not O(1)
     active = active_image(libvirt_conn.lookupByName(vm.name))
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst) -> None:  # type: ignore[no-untyped-def]
-        events.append(("replace", f"{src} -> {dst}"))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     driver.revert(RevertRequest(snapshot_id=sid, volume=volume, primary=taken, manifest_path=None))
     partial = f"{active}.revert-{sid}.partial"
-    at = events.index(("replace", f"{partial} -> {active}"))
+    at = events.index(("replace", active))
     assert events[at - 1] == ("fsync", partial)
     assert events[at + 1] == ("fsync", str(Path(active).parent))
     assert Path(active).stat().st_mode & 0o777 == 0o600
@@ -251,19 +238,7 @@ async def test_what_snapferry_writes_is_owner_only_whatever_the_umask(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Also: a restored volume or template reaches the medium before its final name."""
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst) -> None:  # type: ignore[no-untyped-def]
-        events.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     old = os.umask(0o022)
     try:
         vm = make_vm(size=8 * MIB, data_bytes=MIB)

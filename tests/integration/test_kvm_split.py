@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import libvirt
 import pytest
 from temporalio.client import Client
 
@@ -17,17 +15,9 @@ from workers import starter
 from workers.demo_vm import MIB
 from workers.worker import running_workers
 
-from .helpers import images_identical, patch_reference, request_for
+from .helpers import disk_source, images_identical, patch_reference, request_for
 
 pytestmark = pytest.mark.integration
-
-
-def disk_source(conn: libvirt.virConnect, name: str, *, inactive: bool = False) -> str:
-    dom = conn.lookupByName(name)
-    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
-    src = ET.fromstring(xml).find("./devices/disk/source")
-    assert src is not None
-    return src.get("file", "")
 
 
 async def test_backup_equals_disk_at_snapshot_time_and_vm_keeps_later_writes(

@@ -12,7 +12,6 @@ import asyncio
 import shutil
 import subprocess
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from .guest import (
     fsck_after_replay,
     read_files,
 )
-from .helpers import request_for
+from .helpers import disk_source, request_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +50,6 @@ AFTER_MERGE = 20  # files written after the merge, onto the original disk file
 # covers the console's delay (microseconds, from the guest's tty to QEMU's log file).
 CONSOLE_SLACK = 2
 LONGEST_PAUSE = 5.0  # seconds without a new file: far more than a take or a merge takes
-
-
-def disk_source(conn: libvirt.virConnect, name: str, *, inactive: bool = False) -> str:
-    dom = conn.lookupByName(name)
-    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
-    src = ET.fromstring(xml).find("./devices/disk/source")
-    assert src is not None
-    return src.get("file", "")
 
 
 @pytest_asyncio.fixture

@@ -17,6 +17,7 @@ from activities.errors import ChainBusy
 from activities.hypervisors.domain_lock import domain_lock, lock_path
 from activities.storage import files
 from activities.storage.secondary import SecondaryStore
+from tests.spies import record_fsyncs_and_renames
 
 
 @pytest.fixture
@@ -31,19 +32,7 @@ def loose_umask():
 def test_fsync_replace_syncs_the_file_then_renames_then_syncs_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst) -> None:  # type: ignore[no-untyped-def]
-        events.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     src, dst = tmp_path / "a.partial", tmp_path / "a"
     src.write_bytes(b"x")
     files.fsync_replace(src, dst)
