@@ -93,8 +93,19 @@ class BackupOptions(_Model):
 
     retry_attempts: int = Field(3, ge=0, le=100, description="Retries after the first try")
     retry_interval_s: float = Field(300.0, gt=0, description="Wait before the first retry")
-    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    heartbeat_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds without a heartbeat before a crashed attempt is retried (after"
+        " a short backoff, not retry_interval_s); what a healthy store allows",
+    )
     max_duration_s: float = Field(7 * 24 * 3600.0, gt=0)
+    take_heartbeat_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="VMware: seconds without a heartbeat before a take attempt (it heartbeats"
+        " while it polls the full clone) is retried; the take has no other bound but a day",
+    )
     progress_interval_s: float = Field(
         2.0, gt=0, description="How often progress reaches the workflow (Web UI details)"
     )
@@ -133,6 +144,13 @@ class BackupResult(_Model):
     bytes_copied: int = Field(description="Bytes read and written by the final attempt")
     resumed_from: int = Field(description="Offset the final attempt resumed from")
     attempts: int
+    verify_bytes_read: int = Field(
+        0, description="Bytes the final attempt's verify read back from the medium"
+    )
+    verify_seconds: float = Field(0.0, description="How long that verify took")
+    bytes_stored: int = Field(
+        0, description="Bytes of data the backup holds on secondary (holes and zeros excluded)"
+    )
 
 
 class BackupProgress(_Model):
@@ -141,6 +159,7 @@ class BackupProgress(_Model):
     bytes_total: int = 0
     bytes_per_second: float = 0.0
     attempt: int = 1
+    phase: str = Field("copy", description="copy, or verify (bytes_done then counts verified)")
 
     @property
     def percent(self) -> float:
@@ -270,6 +289,11 @@ class RevertRequest(_Model):
     volume: VolumeRef
     primary: PrimarySnapshot | None
     manifest_path: str | None
+    operation_id: str | None = Field(
+        None,
+        description="The update that asked for it: a revert re-delivered with the same ID"
+        " (Temporal reapplies updates after a reset) is not done twice",
+    )
 
 
 class DeleteBackupRequest(_Model):
@@ -307,6 +331,12 @@ class CopyRequest(_Model):
     volume: VolumeRef
     source: PrimarySnapshot
     progress_interval_s: float = 2.0
+    retry_interval_s: float | None = Field(
+        None,
+        description="CloudStack's backup.retry.interval: a failed attempt asks Temporal for"
+        " this delay (doubled per attempt) while crashes retry after the policy's short"
+        " interval. None: the workflow's retry policy alone spaces the retries",
+    )
     backup_started: datetime | None = Field(
         None,
         description="When the backup (its first attempt) began: progress signals thin out"
@@ -429,3 +459,6 @@ class VmSnapshotOperation(_Model):
     vm: VmRef
     type: VmSnapshotType
     taken: VmSnapshotTaken | None = None
+    operation_id: str | None = Field(
+        None, description="The update that asked for it (see RevertRequest.operation_id)"
+    )

@@ -12,6 +12,7 @@ import errno
 import functools
 import inspect
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from temporalio.exceptions import ApplicationError
@@ -75,6 +76,11 @@ class BackupCancelled(SnapferryError):
     non_retryable = True
 
 
+class BackupStalled(SnapferryError):
+    """The copy made no progress for most of a heartbeat timeout (a hung store or source):
+    it stopped at its last checkpoint and is retried from there. Not a cancel."""
+
+
 class CredentialsRejected(SnapferryError):
     """The hypervisor manager refused our credentials: retrying cannot help."""
 
@@ -83,6 +89,12 @@ class CredentialsRejected(SnapferryError):
 
 class SourceGone(SnapferryError):
     """The snapshot's primary copy (or its datastore) is not there: an operator must act."""
+
+    non_retryable = True
+
+
+class SnapshotDeleted(SnapferryError):
+    """A take run again (by a reset) for a snapshot that was deleted: not taken again."""
 
     non_retryable = True
 
@@ -100,8 +112,10 @@ ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     ChainBusy,
     AlertSinkUnavailable,
     BackupCancelled,
+    BackupStalled,
     CredentialsRejected,
     SourceGone,
+    SnapshotDeleted,
 )
 
 NON_RETRYABLE_ERROR_TYPES: list[str] = [c.__name__ for c in ALL_ERRORS if c.non_retryable]
@@ -114,8 +128,18 @@ def classify_os_error(exc: OSError, *, where: str) -> SnapferryError:
     return SecondaryStoreUnavailable(f"secondary store not writable at {where}: {exc}")
 
 
-def as_application_error(exc: SnapferryError) -> ApplicationError:
-    return ApplicationError(str(exc), type=type(exc).__name__, non_retryable=exc.non_retryable)
+def as_application_error(
+    exc: SnapferryError, *, next_retry_delay: timedelta | None = None
+) -> ApplicationError:
+    """``next_retry_delay`` (retryable errors only) overrides the retry policy's interval:
+    a backup's real failures wait CloudStack's ``backup.retry.interval`` while its policy's
+    short interval serves crashes (heartbeat timeouts)."""
+    return ApplicationError(
+        str(exc),
+        type=type(exc).__name__,
+        non_retryable=exc.non_retryable,
+        next_retry_delay=None if exc.non_retryable else next_retry_delay,
+    )
 
 
 P = ParamSpec("P")

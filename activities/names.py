@@ -20,6 +20,9 @@ VERIFY_BACKUP = "verify_backup"
 # On the host: revert a stopped VM's disk.
 REVERT_VOLUME = "revert_volume"
 
+# A reset snapshot workflow waits for the backup child its earlier run started (control queue).
+AWAIT_BACKUP_WORKFLOW = "await_backup_workflow"
+
 # Recurring policies (control queue): retention deletes the oldest snapshots beyond N.
 APPLY_RETENTION = "apply_retention"
 # The snapshot workflow's delete update, which retention sends, and its record query,
@@ -29,5 +32,7 @@ SNAPSHOT_RECORD_QUERY = "record"
 
 # VM snapshots (host queue): every disk of a VM at once, optionally with its memory.
 TAKE_VM_SNAPSHOT = "take_vm_snapshot"
+# Whether this host deleted a VM snapshot already (a reset run asks before going Ready).
+VM_SNAPSHOT_DELETED = "vm_snapshot_deleted"
 REVERT_VM_SNAPSHOT = "revert_vm_snapshot"
 DELETE_VM_SNAPSHOT = "delete_vm_snapshot"

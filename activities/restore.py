@@ -8,12 +8,17 @@ is re-read against its manifest checksum, converted into ``<name>.partial``, com
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from temporalio import activity
+from temporalio.exceptions import CancelledError
 
 from .contracts import (
     DeleteBackupOutcome,
@@ -30,10 +35,60 @@ from .storage.files import FILE_MODE, atomic_write, fsync_replace, make_dirs
 from .storage.secondary import Manifest, SecondaryStore
 
 
+def heartbeat(*details: object) -> None:
+    """Heartbeat if running as an activity (the helpers also run outside one, in tests)."""
+    if activity.in_activity():
+        activity.heartbeat(*details)
+
+
 def qemu_img_checked(*args: str, what: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    """Run qemu-img, heartbeating while it runs (a convert of a large image takes a while);
+    a cancel delivered through the heartbeat stops it."""
+    proc = subprocess.Popen(
+        ["qemu-img", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while True:
+            try:
+                _, stderr = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                heartbeat(f"qemu-img {args[0]}")
+                if activity.in_activity() and activity.is_cancelled():
+                    raise CancelledError(f"qemu-img {args[0]} cancelled") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
-        raise BackupCorrupt(f"{what}: qemu-img {args[0]} failed: {proc.stderr.strip()}")
+        raise BackupCorrupt(f"{what}: qemu-img {args[0]} failed: {stderr.strip()}")
+
+
+def _progress(done: int, _other: int) -> None:
+    heartbeat(done)
+
+
+@contextlib.contextmanager
+def heartbeating(every_s: float = 1.0) -> Iterator[None]:
+    """Heartbeat from a helper thread while a step with no progress callback of its own
+    runs (a hypervisor's upload): a killed worker still stops the heartbeats at once."""
+    if not activity.in_activity():
+        yield
+        return
+    done = threading.Event()
+    ctx = contextvars.copy_context()  # the activity's context, for activity.heartbeat
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            activity.heartbeat("working")
+
+    thread = threading.Thread(target=ctx.run, args=(beat,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class RestoreActivities:
@@ -53,7 +108,14 @@ class RestoreActivities:
     def verify_backup(self, manifest_path: str) -> str:
         """Re-read a backup and check it against its manifest; returns the checksum."""
         manifest = self._manifest(manifest_path)
-        self.store.verify(manifest)
+        report = self.store.verify(manifest, on_progress=_progress)
+        activity.logger.info(
+            "verified %s: read %d of %d bytes in %.2f s",
+            manifest_path,
+            report.bytes_read,
+            manifest.virtual_size,
+            report.seconds,
+        )
         return manifest.checksum
 
     def target_path(self, req: RestoreRequest) -> Path:
@@ -68,11 +130,12 @@ class RestoreActivities:
         target = self.target_path(req)
         if target.exists():
             raise InvalidInput(f"{req.kind.value} {req.name!r} already exists at {target}")
-        with self.store.materialized(manifest) as raw:  # verified, chain applied
+        with self.store.materialized(manifest, on_progress=_progress) as raw:  # verified
             if req.kind == RestoreKind.VOLUME:
                 # A hypervisor with its own primary storage (a datastore, an SR) puts it there.
                 driver = self.drivers.get(req.volume.vm.hypervisor)
-                placed = driver.create_volume(req, str(raw))
+                with heartbeating():
+                    placed = driver.create_volume(req, str(raw))
                 if placed is not None:
                     return placed
             return self._restore_qcow2(req, target, raw, manifest)

@@ -174,6 +174,9 @@ class Settings:
             progress_interval_s=float(
                 _env("SNAPFERRY_PROGRESS_INTERVAL", str(defaults.progress_interval_s))
             ),
+            take_heartbeat_timeout_s=float(
+                _env("SNAPFERRY_TAKE_HEARTBEAT_TIMEOUT", str(defaults.take_heartbeat_timeout_s))
+            ),
         )
         return cls(
             home=home,

@@ -11,6 +11,9 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-uti
               # tests/integration/test_real_guest.py boots a real Linux guest: this kernel
               # directly, with an initramfs of busybox and the kernel's virtio modules
               linux-image-cloud-amd64 busybox-static
+              prometheus       # promtool checks deploy/prometheus (config, alert rules)
+              # tests/govmomi_sim: govmomi's vCenter simulator (Go library) behind our main
+              golang-go golang-github-vmware-govmomi-dev
               chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).
@@ -23,7 +26,15 @@ done
 if ((${#missing[@]})); then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   apt-get update -qq
+  # Packages with a daemon (prometheus) must not start it: only their tools are wanted.
+  # Without systemd, invoke-rc.d asks policy-rc.d; 101 means "do not start".
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
 fi
 
 if [ ! -x .venv/bin/python ]; then

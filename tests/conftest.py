@@ -170,6 +170,33 @@ def make_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
             vm.destroy()
 
 
+@pytest.fixture
+def make_thin_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
+    """Factory for TCG domains on a large thin qcow2 holding only the given writes
+    (offset, length, pattern); all destroyed, and their files removed, at teardown."""
+    from workers.demo_vm import DemoVm, create_thin_vm
+
+    made: list[DemoVm] = []
+
+    def factory(*, size: int, writes: list[tuple[int, int, int]], start: bool = True) -> DemoVm:
+        vm = create_thin_vm(
+            libvirt_conn,  # type: ignore[arg-type]
+            name=f"sf-test-{uuid.uuid4().hex[:8]}",
+            directory=tmp_path / "primary",
+            size=size,
+            writes=writes,
+            start=start,
+        )
+        made.append(vm)
+        return vm
+
+    try:
+        yield factory
+    finally:
+        for vm in made:
+            vm.destroy()
+
+
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return replace(settings, **changes)  # type: ignore[arg-type]
 

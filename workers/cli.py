@@ -386,7 +386,16 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.host and not args.backup:
         raise starter.SnapferryClientError("say what to serve: --host NAME and/or --backup")
-    client = await connect(settings)
+    address = args.metrics_address or os.environ.get("SNAPFERRY_METRICS_ADDRESS")
+    runtime = None
+    if address:
+        from .metrics import metrics_runtime
+
+        try:
+            runtime = metrics_runtime(address)
+        except ValueError as err:
+            raise starter.SnapferryClientError(str(err)) from None
+    client = await connect(settings, runtime=runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -396,7 +405,8 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     ):
         print(
             f"worker ready: hosts={args.host or []} backup={args.backup}"
-            f" concurrency={args.concurrency}",
+            f" concurrency={args.concurrency}"
+            + (f" metrics=http://{address}/metrics" if address else ""),
             flush=True,
         )
         await stop.wait()
@@ -562,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", action="append", help="serve this hypervisor host's queue")
     w.add_argument("--backup", action="store_true", help="serve the backup pool")
     w.add_argument("--concurrency", type=int, default=2, help="parallel backups")
+    w.add_argument(
+        "--metrics-address",
+        help="serve Prometheus metrics (Temporal SDK + snapferry) at this PORT or IP:PORT;"
+        " a bare port binds 127.0.0.1 (default: SNAPFERRY_METRICS_ADDRESS, else off)",
+    )
 
     snap = sub.add_parser("snapshot", help="volume snapshots").add_subparsers(
         dest="action", required=True

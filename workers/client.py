@@ -23,6 +23,7 @@ from typing import Any
 
 from temporalio.client import Client
 from temporalio.converter import DataConverter
+from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from activities.settings import Settings
@@ -77,7 +78,9 @@ def client_options() -> dict[str, Any]:
     return {"tls": tls_config(), "api_key": api_key(), "data_converter": data_converter()}
 
 
-async def connect(settings: Settings, *, wait_s: float = 15.0) -> Client:
+async def connect(
+    settings: Settings, *, wait_s: float = 15.0, runtime: Runtime | None = None
+) -> Client:
     """Connect, retrying for ``wait_s``: a server that has just opened its port answers
     "Frontend is not healthy yet" for a moment, and workers may start before it. A TLS
     handshake that fails for good (a wrong certificate) fails fast with the reason."""
@@ -86,7 +89,10 @@ async def connect(settings: Settings, *, wait_s: float = 15.0) -> Client:
     while True:
         try:
             return await Client.connect(
-                settings.temporal_address, namespace=settings.namespace, **options
+                settings.temporal_address,
+                namespace=settings.namespace,
+                runtime=runtime or Runtime.default(),
+                **options,
             )
         except RuntimeError as exc:
             if time.monotonic() > deadline or "certificate" in str(exc).lower():

@@ -51,6 +51,8 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
+from workflows.routing import host_alias
+
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
 NONCE_BYTES = 12
@@ -67,18 +69,8 @@ class KeyRing:
     routing_key: bytes | None = None
 
     def host_alias(self, host: str) -> str:
-        """The name a host is routed under while encryption is on, so that no history
-        (task queue names are not payloads) carries a host name. Keyed with the file's
-        ``routing_key``, which must never change while workflows run (unlike the
-        encryption keys, which rotate); without one, a plain SHA-256."""
-        import hashlib
-        import hmac
-
-        if self.routing_key:
-            digest = hmac.new(self.routing_key, host.encode(), hashlib.sha256).hexdigest()
-        else:
-            digest = hashlib.sha256(host.encode()).hexdigest()
-        return f"h{digest[:20]}"
+        """See :func:`workflows.routing.host_alias`."""
+        return host_alias(host, self.routing_key)
 
     @classmethod
     def from_file(cls, path: str | Path) -> KeyRing:
@@ -100,12 +92,6 @@ class KeyRing:
     def from_env(cls) -> KeyRing | None:
         path = os.environ.get("SNAPFERRY_CODEC_KEYS_FILE")
         return cls.from_file(path) if path else None
-
-
-def routed_host(host: str) -> str:
-    """``host`` as it is routed: its alias when encryption is on, else itself."""
-    ring = KeyRing.from_env()
-    return ring.host_alias(host) if ring else host
 
 
 def new_key() -> str:

@@ -120,3 +120,46 @@ def create_vm(
         dom.create()
     os.sync()
     return DemoVm(conn=conn, name=name, disk=disk, reference=reference)
+
+
+def write_thin_image(path: Path, *, size: int, writes: list[tuple[int, int, int]]) -> Path:
+    """A thin qcow2 image of ``size`` bytes holding only ``writes`` (offset, length,
+    pattern byte), written with ``qemu-io``: nothing else is ever allocated, so a 256 GiB
+    volume with 512 MiB of data takes 512 MiB. Formats are always given, never probed."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        check=True,
+        capture_output=True,
+    )
+    script = "".join(
+        f"write -P {pattern:#x} {offset} {length}\n" for offset, length, pattern in writes
+    )
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", str(path)], input=script, capture_output=True, text=True
+    )
+    if proc.returncode != 0 or "error" in proc.stdout.lower():
+        raise RuntimeError(f"qemu-io failed: {proc.stdout} {proc.stderr}")
+    return path
+
+
+def create_thin_vm(
+    conn: libvirt.virConnect,
+    *,
+    name: str,
+    directory: Path,
+    size: int,
+    writes: list[tuple[int, int, int]],
+    start: bool = True,
+) -> DemoVm:
+    """A domain whose disk is a large thin qcow2 (see :func:`write_thin_image`); it has no
+    raw reference file (compare with ``qemu-img compare -f raw -F qcow2`` instead)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    disk = directory / f"{name}-vda.qcow2"
+    for stale in directory.glob(disk.name + "*"):
+        stale.unlink()
+    write_thin_image(disk, size=size, writes=writes)
+    dom = conn.defineXML(domain_xml(name, disk))
+    if start:
+        dom.create()
+    os.sync()
+    return DemoVm(conn=conn, name=name, disk=disk, reference=None)

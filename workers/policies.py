@@ -27,7 +27,7 @@ from activities.contracts import PolicyInterval, SnapshotPolicy
 from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import CONTROL_QUEUE, policy_schedule_id
 
-from .codec import routed_host
+from .routing import routed_host
 from .starter import SnapferryClientError
 
 _ALL_HOURS = (ScheduleRange(0, 23),)

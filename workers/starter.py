@@ -36,7 +36,7 @@ from activities.contracts import (
     VmSnapshotState,
     validate_snapshot_id,
 )
-from workers.codec import routed_host
+from workers.routing import routed_host
 from workflows.entity import cause_message
 from workflows.routing import (
     CONTROL_QUEUE,

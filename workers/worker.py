@@ -20,13 +20,14 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.adopt import await_backup_workflow
 from activities.alerts import AlertActivities
 from activities.backup import BackupActivities
 from activities.host import HostActivities
 from activities.policy import PolicyActivities
 from activities.restore import RestoreActivities
 from activities.settings import Settings
-from workers.codec import routed_host
+from workers.routing import routed_host
 from workflows.backup import BackupSnapshotWorkflow
 from workflows.policy import SnapshotPolicyRunWorkflow
 from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
@@ -58,7 +59,7 @@ async def running_workers(
             client,
             task_queue=CONTROL_QUEUE,
             workflows=WORKFLOWS,
-            activities=[PolicyActivities().apply_retention],
+            activities=[PolicyActivities().apply_retention, await_backup_workflow],
         ),
     ]
     if hosts:

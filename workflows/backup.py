@@ -2,9 +2,11 @@
 
 It runs on the backup task queue as a child of VolumeSnapshot with ``ParentClosePolicy.ABANDON``
 so that nothing that happens to the parent stops a backup. Retries follow CloudStack's
-``backup.retry`` / ``backup.retry.interval`` (with backoff); each retry resumes from the last
-heartbeated checkpoint. When retries run out, an alert is raised and the workflow fails,
-leaving the snapshot on primary for an operator's ``backup retry``.
+``backup.retry`` / ``backup.retry.interval`` (with backoff) for failures, which ask for that
+interval themselves (``next_retry_delay``); a crashed or lost attempt (heartbeat timeout) is
+retried after seconds. Each retry resumes from the last heartbeated checkpoint. When retries
+run out, an alert is raised and the workflow fails, leaving the snapshot on primary for an
+operator's ``backup retry``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,21 @@ def text_bar(done: int, total: int, width: int = 30) -> str:
 def progress_details(p: BackupProgress, width: int = 30) -> str:
     """The Web UI's current details for a running backup."""
     mib = 1024 * 1024
+    if p.phase == "verify":
+        return (
+            f"{text_bar(p.bytes_done, p.bytes_total, width)}  verifying {p.bytes_done // mib}/"
+            f"{p.bytes_total // mib} MiB  attempt {p.attempt}"
+        )
     return (
         f"{text_bar(p.bytes_done, p.bytes_total, width)}  {p.bytes_done // mib}/"
         f"{p.bytes_total // mib} MiB  {p.bytes_per_second / 1e6:.0f} MB/s  attempt {p.attempt}"
     )
+
+
+# A crashed or lost attempt (heartbeat timeout) is retried after this, not after
+# backup.retry.interval: a dead worker is not a failed backup.
+CRASH_RETRY_INTERVAL_S = 2.0
+FAST_RESUME_PATCH = "backup-fast-resume-after-crash"
 
 
 @workflow.defn(name=BACKUP_SNAPSHOT_WORKFLOW)
@@ -61,6 +74,13 @@ class BackupSnapshotWorkflow:
         vol = req.volume
         workflow.set_current_details(f"backing up {vol.vm.name}/{vol.disk}: starting")
         opts = req.options
+        # Histories recorded before this behaviour keep their policy: every retry waited
+        # backup.retry.interval. Now a failure raised by the activity asks for that wait
+        # itself (next_retry_delay), so the policy's own interval serves only crashes.
+        fast = workflow.patched(FAST_RESUME_PATCH)
+        initial = (
+            min(opts.retry_interval_s, CRASH_RETRY_INTERVAL_S) if fast else opts.retry_interval_s
+        )
         try:
             result: BackupResult = await workflow.execute_activity(
                 BACKUP_SNAPSHOT,
@@ -70,6 +90,7 @@ class BackupSnapshotWorkflow:
                     source=req.source,
                     progress_interval_s=opts.progress_interval_s,
                     backup_started=workflow.info().start_time,
+                    retry_interval_s=opts.retry_interval_s if fast else None,
                 ),
                 result_type=BackupResult,
                 # A cancel waits for the activity's cleanup (no .partial left behind).
@@ -77,7 +98,7 @@ class BackupSnapshotWorkflow:
                 start_to_close_timeout=timedelta(seconds=opts.max_duration_s),
                 heartbeat_timeout=timedelta(seconds=opts.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=opts.retry_interval_s),
+                    initial_interval=timedelta(seconds=initial),
                     backoff_coefficient=2.0,
                     maximum_interval=timedelta(seconds=max(opts.retry_interval_s, 3600)),
                     maximum_attempts=opts.retry_attempts + 1,

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
     from activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
 
+from . import metrics
 from .routing import ALERT_QUEUE, host_queue
 
 ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
@@ -36,6 +37,7 @@ async def raise_alert(alert: Alert) -> None:
     Never raises: an alert that cannot be delivered (a webhook down for longer than its
     retries) must not fail the snapshot it is about; the line is in the worker's log and
     the workflow's history either way."""
+    metrics.count("alerts_raised", event=alert.event)
     try:
         await workflow.execute_activity(
             RAISE_ALERT,
@@ -64,6 +66,13 @@ def refuse_carried_from_a_caller(carried: bool) -> None:
             type="InvalidInput",
             non_retryable=True,
         )
+
+
+def update_id() -> str | None:
+    """The running update's ID: Temporal re-delivers updates after a reset with their IDs,
+    so host operations key their receipts by it (activities/receipts.py)."""
+    info = workflow.current_update_info()
+    return info.id if info is not None else None
 
 
 def cause_message(err: BaseException) -> str:

@@ -5,6 +5,9 @@ CloudStack's agent); backups share one queue whose workers bound their concurren
 the spec's "separate thread pool"; workflows run on the control queue.
 """
 
+import hashlib
+import hmac
+
 from temporalio.common import SearchAttributeKey
 
 CONTROL_QUEUE = "snapferry"
@@ -14,6 +17,18 @@ ALERT_QUEUE = "snapferry-alerts"
 
 def host_queue(host: str) -> str:
     return f"snapferry-host-{host}"
+
+
+def host_alias(host: str, routing_key: bytes | None) -> str:
+    """The name a host is routed under while payload encryption is on, so that no history
+    (task queue names are not payloads) carries a host name. Keyed with the codec keys
+    file's ``routing_key``, which must never change while workflows run (unlike the
+    encryption keys, which rotate); without one, a plain SHA-256."""
+    if routing_key:
+        digest = hmac.new(routing_key, host.encode(), hashlib.sha256).hexdigest()
+    else:
+        digest = hashlib.sha256(host.encode()).hexdigest()
+    return f"h{digest[:20]}"
 
 
 VOLUME_ID = SearchAttributeKey.for_keyword("VolumeId")

@@ -14,8 +14,18 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.workflow import ChildWorkflowHandle, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -23,8 +33,10 @@ with workflow.unsafe.imports_passed_through():
         Alert,
         AlertSeverity,
         BackupRequest,
+        BackupResult,
         DeleteBackupOutcome,
         DeleteBackupRequest,
+        HypervisorType,
         PrimarySnapshot,
         ReleaseRequest,
         RestoreKind,
@@ -40,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.errors import NON_RETRYABLE_ERROR_TYPES
     from activities.names import (
+        AWAIT_BACKUP_WORKFLOW,
         DELETE_BACKUP,
         DELETE_SNAPSHOT_UPDATE,
         RELEASE_PRIMARY,
@@ -50,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         VERIFY_BACKUP,
     )
 
+from . import metrics
 from .backup import BackupSnapshotWorkflow
 from .entity import (
     EntityWorkflow,
@@ -57,9 +71,11 @@ from .entity import (
     discard_failed_take,
     raise_alert,
     refuse_carried_from_a_caller,
+    update_id,
 )
 from .routing import (
     BACKUP_QUEUE,
+    CONTROL_QUEUE,
     HYPERVISOR,
     POLICY_ID,
     SNAPSHOT_ID,
@@ -82,8 +98,11 @@ HOST_RETRY = RetryPolicy(
 
 ENTITY_PATCH = "snapshot-stays-open-as-entity"
 DELETE_RETRY_PATCH = "failed-delete-can-be-sent-again"
+ONE_BACKUP_PER_ROUND_PATCH = "one-backup-child-per-round"
 DISCARD_PATCH = "discard-what-a-failed-take-left"
 HIDDEN_PATCH = "hidden-chain-members"
+TAKE_HEARTBEAT_PATCH = "vmware-take-bounded-by-heartbeats"
+TAKE_LAST_RESORT = timedelta(days=1)
 PURGED_SIGNAL = "purged"
 
 WAIT_TAKEN_UPDATE = "wait_taken"
@@ -103,6 +122,11 @@ OPERATION_RETRY = RetryPolicy(
     maximum_attempts=3,
     non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
 )
+
+# Verify and restore heartbeat as they go (activities/restore.py): a lost backup worker is
+# noticed after this, not at the 12 h start-to-close bound, which stays as a last resort.
+# Only a schedule attribute changes (no new command), so old histories replay unchanged.
+OPERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 
 
 def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearchAttributes:
@@ -129,6 +153,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.answer: SnapshotRecord | None = None
         self.answered = False
         self.backup_child: ChildWorkflowHandle | None = None
+        self.adopted_backup: str | None = None  # a reset run waits for its old run's child
         self.backup_running = False
         self.deleting = False
         self.cancel_requested = False
@@ -192,13 +217,24 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.record.created = workflow.now()
         self.record.transitions.append(StateChange(state=self.record.state, at=workflow.now()))
         self._set_state(SnapshotState.CREATING)
+        # A VMware take waits for a full clone, whose time grows with the VM: it heartbeats
+        # while it polls the clone task, so liveness bounds it, not a 5-minute wall clock
+        # (a day stays as a last resort). KVM and XenServer takes are short and do not
+        # heartbeat: they keep the old bound.
+        take_bound, take_heartbeat = timedelta(minutes=5), None
+        if req.volume.vm.hypervisor == HypervisorType.VMWARE and workflow.patched(
+            TAKE_HEARTBEAT_PATCH
+        ):
+            take_bound = TAKE_LAST_RESORT
+            take_heartbeat = timedelta(seconds=req.backup.take_heartbeat_timeout_s)
         try:
             primary: PrimarySnapshot = await workflow.execute_activity(
                 TAKE_SNAPSHOT,
                 TakeRequest(snapshot_id=req.snapshot_id, volume=req.volume),
                 result_type=PrimarySnapshot,
                 task_queue=host_queue(req.volume.vm.host),
-                start_to_close_timeout=timedelta(minutes=5),
+                start_to_close_timeout=take_bound,
+                heartbeat_timeout=take_heartbeat,
                 retry_policy=HOST_RETRY,
             )
         except ActivityError as err:
@@ -215,6 +251,12 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.record.primary = primary
         self._set_state(SnapshotState.CREATED_ON_PRIMARY)
         self.answer = self.record.model_copy(deep=True)
+        if self.record.created is not None:
+            metrics.observe(
+                "answer_latency_seconds",
+                (workflow.now() - self.record.created).total_seconds(),
+                hypervisor=req.volume.vm.hypervisor.value,
+            )
         return True
 
     async def _backup_phase(self, req: SnapshotRequest) -> None:
@@ -229,32 +271,42 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             self._set_state(SnapshotState.BACKING_UP)
             vm = req.volume.vm
             self.backup_running = True  # from here until the child is over (see delete)
-            self.backup_child = await workflow.start_child_workflow(
-                BackupSnapshotWorkflow.run,
-                BackupRequest(
-                    snapshot_id=req.snapshot_id,
-                    volume=req.volume,
-                    source=primary,
-                    options=req.backup,
-                    round=self.backup_round,
-                ),
-                id=self.record.backup_workflow_id,
-                task_queue=BACKUP_QUEUE,
-                parent_close_policy=ParentClosePolicy.ABANDON,
-                search_attributes=search_attributes(req, SnapshotState.BACKING_UP),
-                static_summary=(
-                    f"Backup of {vm.name}/{req.volume.disk} snapshot {req.snapshot_id}"
-                    f" ({primary.virtual_size // (1024 * 1024)} MiB, round"
-                    f" {self.backup_round})"
-                ),
-            )
             try:
-                self.record.backup = await self.backup_child
-                self.backup_child, self.backup_running = None, False
+                self.backup_child = await self._start_backup_child(req, primary)
+            except WorkflowAlreadyStartedError:
+                # A reset run: its earlier run started this round's child, which goes on
+                # by itself (ABANDON). Wait for that one instead of backing up twice.
+                self.adopted_backup = self.record.backup_workflow_id
+            hypervisor = vm.hypervisor.value
+            metrics.count("backups_started", hypervisor=hypervisor)
+            began = workflow.now()
+            try:
+                result = await self._backup_result()
+                if self.adopted_backup is not None and not await self._still_stored(result):
+                    # A reset of a deleted snapshot: its backup (and primary copy) are gone,
+                    # and nothing is taken or copied again. It stays what it was: Destroyed.
+                    self.backup_child, self.adopted_backup, self.backup_running = None, None, False
+                    self._set_state(SnapshotState.DESTROYED)
+                    self.destroyed = True
+                    return
+                self.record.backup = result
+                self.backup_child, self.adopted_backup, self.backup_running = None, None, False
                 self._set_state(SnapshotState.BACKED_UP)
+                metrics.count("backups_completed", hypervisor=hypervisor)
+                metrics.count("backup_bytes_copied", result.bytes_copied, hypervisor=hypervisor)
+                metrics.count("backup_bytes_stored", result.bytes_stored, hypervisor=hypervisor)
+                if result.resumed_from > 0 or result.attempts > 1:
+                    metrics.count("backup_resumes", hypervisor=hypervisor)
+                metrics.observe(
+                    "backup_duration_seconds",
+                    (workflow.now() - began).total_seconds(),
+                    hypervisor=hypervisor,
+                )
                 return
-            except ChildWorkflowError as err:
-                self.backup_child, self.backup_running = None, False
+            except (ChildWorkflowError, ActivityError) as err:
+                if not self.cancel_requested and not self.deleting:
+                    metrics.count("backups_failed", hypervisor=hypervisor)
+                self.backup_child, self.adopted_backup, self.backup_running = None, None, False
                 self.record.backup_error = (
                     "backup cancelled by an operator"
                     if self.cancel_requested
@@ -266,6 +318,74 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 self.retry_requested = False
                 if not self.deleting:
                     self.record.backup_error = None
+
+    async def _start_backup_child(
+        self, req: SnapshotRequest, primary: PrimarySnapshot
+    ) -> ChildWorkflowHandle:
+        """This round's backup child. Its ID is never reused (a reset run must not start a
+        second backup for a round its earlier run started): the start then fails with
+        WorkflowAlreadyStartedError. Histories from before that rule replay without it."""
+        vm = req.volume.vm
+        once = workflow.patched(ONE_BACKUP_PER_ROUND_PATCH)
+        assert self.record.backup_workflow_id is not None
+        return await workflow.start_child_workflow(
+            BackupSnapshotWorkflow.run,
+            BackupRequest(
+                snapshot_id=req.snapshot_id,
+                volume=req.volume,
+                source=primary,
+                options=req.backup,
+                round=self.backup_round,
+            ),
+            id=self.record.backup_workflow_id,
+            task_queue=BACKUP_QUEUE,
+            parent_close_policy=ParentClosePolicy.ABANDON,
+            id_reuse_policy=(
+                WorkflowIDReusePolicy.REJECT_DUPLICATE
+                if once
+                else WorkflowIDReusePolicy.ALLOW_DUPLICATE
+            ),
+            search_attributes=search_attributes(req, SnapshotState.BACKING_UP),
+            static_summary=(
+                f"Backup of {vm.name}/{req.volume.disk} snapshot {req.snapshot_id}"
+                f" ({primary.virtual_size // (1024 * 1024)} MiB, round"
+                f" {self.backup_round})"
+            ),
+        )
+
+    async def _still_stored(self, result: BackupResult) -> bool:
+        """Whether an adopted backup is still on secondary (re-read and checked)."""
+        try:
+            await workflow.execute_activity(
+                VERIFY_BACKUP,
+                result.manifest_path,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=OPERATION_RETRY,
+            )
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and "does not exist" in cause.message:
+                return False  # verify_backup's InvalidInput: "backup manifest ... does not exist"
+            raise
+        return True
+
+    async def _backup_result(self) -> BackupResult:
+        if self.backup_child is not None:
+            result: BackupResult = await self.backup_child
+            return result
+        assert self.adopted_backup is not None
+        adopted: BackupResult = await workflow.execute_activity(
+            AWAIT_BACKUP_WORKFLOW,
+            self.adopted_backup,
+            result_type=BackupResult,
+            task_queue=CONTROL_QUEUE,
+            start_to_close_timeout=timedelta(days=8),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES),
+        )
+        return adopted
 
     async def _release(self, req: SnapshotRequest) -> None:
         primary = self.record.primary
@@ -335,10 +455,16 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.deleting = True
         # A backup being started has no handle yet: wait for it, then cancel it.
         await workflow.wait_condition(
-            lambda: self.backup_child is not None or not self.backup_running
+            lambda: (
+                self.backup_child is not None
+                or self.adopted_backup is not None
+                or not self.backup_running
+            )
         )
         if self.backup_child is not None:
             self.backup_child.cancel()
+        elif self.adopted_backup is not None:
+            await workflow.get_external_workflow_handle(self.adopted_backup).cancel()
         await workflow.wait_condition(lambda: not self.backup_running)
         async with self._operation():
             try:
@@ -424,15 +550,18 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
 
     @workflow.update(name=CANCEL_BACKUP_UPDATE)
     async def cancel_backup(self) -> SnapshotRecord:
-        assert self.backup_child is not None
         self.cancel_requested = True
-        self.backup_child.cancel()
+        if self.backup_child is not None:
+            self.backup_child.cancel()
+        else:
+            assert self.adopted_backup is not None
+            await workflow.get_external_workflow_handle(self.adopted_backup).cancel()
         await workflow.wait_condition(lambda: not self.backup_running)
         return self.record
 
     @cancel_backup.validator
     def _validate_cancel(self) -> None:
-        if self.backup_child is None or self.deleting:
+        if (self.backup_child is None and self.adopted_backup is None) or self.deleting:
             self._refuse(f"no backup is running (it is {self.record.state.value})")
 
     @workflow.update(name=VERIFY_BACKUP_UPDATE)
@@ -445,6 +574,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 manifest,
                 task_queue=BACKUP_QUEUE,
                 start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=OPERATION_HEARTBEAT_TIMEOUT,
                 retry_policy=OPERATION_RETRY,
             )
         return checksum
@@ -467,6 +597,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 result_type=RestoreResult,
                 task_queue=BACKUP_QUEUE,
                 start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=OPERATION_HEARTBEAT_TIMEOUT,
                 retry_policy=OPERATION_RETRY,
             )
             self.record.restored.append(result.path)
@@ -507,6 +638,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                     volume=self.req.volume,
                     primary=None if self.record.primary_released else self.record.primary,
                     manifest_path=self.record.backup.manifest_path if self.record.backup else None,
+                    operation_id=update_id(),
                 ),
                 task_queue=host_queue(self.req.volume.vm.host),
                 start_to_close_timeout=timedelta(hours=12),

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         REVERT_VM_SNAPSHOT,
         SNAPSHOT_RECORD_QUERY,
         TAKE_VM_SNAPSHOT,
+        VM_SNAPSHOT_DELETED,
     )
 
 from .entity import (
@@ -42,6 +43,7 @@ from .entity import (
     discard_failed_take,
     raise_alert,
     refuse_carried_from_a_caller,
+    update_id,
 )
 from .routing import (
     HYPERVISOR,
@@ -57,6 +59,7 @@ WAIT_CREATED_UPDATE = "wait_created"
 REVERT_VM_SNAPSHOT_UPDATE = "revert_vm_snapshot"
 DELETE_VM_SNAPSHOT_UPDATE = "delete_vm_snapshot"
 VM_RECORD_QUERY = SNAPSHOT_RECORD_QUERY
+RESET_OF_REMOVED_PATCH = "reset-of-a-removed-vm-snapshot"
 
 
 def vm_search_attributes(req: VmSnapshotRequest, state: VmSnapshotState) -> TypedSearchAttributes:
@@ -127,8 +130,29 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=HOST_RETRY,
                 )
+                if workflow.patched(RESET_OF_REMOVED_PATCH) and await workflow.execute_activity(
+                    VM_SNAPSHOT_DELETED,
+                    self._operation_input(),
+                    result_type=bool,
+                    task_queue=host_queue(req.vm.host),
+                    start_to_close_timeout=timedelta(minutes=1),
+                    retry_policy=HOST_RETRY,
+                ):
+                    # A reset run of a VM snapshot deleted since: it stays Removed.
+                    self._set_state(VmSnapshotState.REMOVED)
+                    self.destroyed = True
+                    return self.record
                 self._set_state(VmSnapshotState.READY)
             except ActivityError as err:
+                if (
+                    isinstance(err.cause, ApplicationError)
+                    and err.cause.type == "SnapshotDeleted"
+                    and workflow.patched(RESET_OF_REMOVED_PATCH)
+                ):
+                    # A reset of a deleted VM snapshot: it stays what it was.
+                    self._set_state(VmSnapshotState.REMOVED)
+                    self.destroyed = True
+                    return self.record
                 self.record.error = cause_message(err)
                 self.record.error += await discard_failed_take(req.snapshot_id, req.vm)
                 self._set_state(VmSnapshotState.ERROR)
@@ -167,7 +191,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
             try:
                 await workflow.execute_activity(
                     REVERT_VM_SNAPSHOT,
-                    self._operation_input(),
+                    self._operation_input().model_copy(update={"operation_id": update_id()}),
                     task_queue=host_queue(self.req.vm.host),
                     start_to_close_timeout=timedelta(hours=12),
                     retry_policy=OPERATION_RETRY,

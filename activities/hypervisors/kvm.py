@@ -42,7 +42,14 @@ from ..contracts import (
     VmSnapshotType,
     VolumeRef,
 )
-from ..errors import ChainBusy, DiskNotFound, HypervisorUnavailable, InvalidInput, VmNotFound
+from ..errors import (
+    ChainBusy,
+    DiskNotFound,
+    HypervisorUnavailable,
+    InvalidInput,
+    SourceGone,
+    VmNotFound,
+)
 from ..settings import Settings
 from ..storage.files import fsync_replace
 from ..storage.reader import ImageLayer, QemuImageReader, image_chain, image_info, run_qemu_img
@@ -204,6 +211,17 @@ class KvmDriver(HypervisorDriver):
 
     # -- backup source ---------------------------------------------------------------------
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
+        """The frozen image, only while it still is the snapshot: its overlay must exist
+        and be unreleased (see :meth:`_intact_frozen`). A backup run again after the layer
+        was merged away (a reset of a deleted snapshot, say) would otherwise copy today's
+        bytes under the snapshot's name."""
+        if source.overlay is not None and (
+            not Path(source.overlay).exists() or Path(source.overlay + RELEASED_SUFFIX).exists()
+        ):
+            raise SourceGone(
+                f"the snapshot's layer {Path(source.overlay).name} was merged away or deleted:"
+                " its point in time is no longer on primary, so it cannot be backed up again"
+            )
         return QemuImageReader(source.image, source.image_format)
 
     # -- release ---------------------------------------------------------------------------

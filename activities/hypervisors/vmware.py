@@ -21,7 +21,10 @@ file or the environment and never leaves this process.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -32,6 +35,7 @@ from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
+from temporalio import activity
 
 from ..contracts import (
     BackupPlan,
@@ -52,6 +56,7 @@ from ..errors import (
     HypervisorUnavailable,
     InvalidInput,
     SourceGone,
+    UnsupportedImage,
     VmNotFound,
 )
 from ..settings import Settings, VcenterConfig
@@ -62,10 +67,39 @@ from .endpoint import Endpoint
 CLONE_TAG = "-snapferry-"
 VOLUME_SNAPSHOT_PREFIX = "snapferry-"
 VM_SNAPSHOT_PREFIX = "snapferry-vm-"
-TASK_POLL_S = 0.05
+TASK_POLL_S = 0.05  # the first poll of a task; then backing off by half each time
+TASK_POLL_MAX_S = 2.0  # and never slower than this (nor than a quarter heartbeat timeout)
 UPLOAD_CHUNK = 8 * 1024 * 1024
+DROP_REPORT_BYTES = 256 * 1024 * 1024  # log the skip of an unranged GET this often
+# DatastoreSummary.type values whose disks are flat files that /folder serves byte for byte.
+# vSAN ("vsan", "vsanD") and vVols ("VVOL") keep disks as objects: /folder has no
+# -flat.vmdk there and answers 404 (OpenNebula/one#7788, libguestfs/virt-v2v#29).
+FLAT_FILE_DATASTORES = {"VMFS", "NFS", "NFS41", "CIFS"}
+# A delta's descriptor: <base>-00000N.vmdk (the pattern virt-v2v strips, v2v/vCenter.ml).
+_DELTA_RE = re.compile(r"-\d{6}\.vmdk$")
+_MOREF_RE = re.compile(r"vm-\d+")
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
+log = logging.getLogger(__name__)
 _vm_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_vm_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _vm_lock(vm: str) -> Iterator[None]:
+    """This worker's lock on one VM's snapshot tree. It fails fast with the retryable
+    ChainBusy instead of queueing: a take waiting behind a long clone would hold one of the
+    worker's activity slots, and enough of them would stop the worker serving any VM."""
+    with _vm_locks_guard:
+        lock = _vm_locks[vm]
+    if not lock.acquire(blocking=False):
+        raise ChainBusy(
+            f"another snapshot operation on VM {vm!r} is running on this worker; retried"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def clone_name(vm: str, snapshot_id: str) -> str:
@@ -79,10 +113,37 @@ def flat_path(backing_file: str) -> tuple[str, str]:
     return ds.lstrip("["), path.removesuffix(".vmdk") + "-flat.vmdk"
 
 
+def _base_backing(backing: Any) -> Any:
+    """The base disk's backing under any snapshot deltas.
+
+    After a snapshot, vSphere shows a disk's backing as a delta (``web01-000001.vmdk``)
+    whose ``parent`` is the disk it was taken on, down to the base (vSphere API reference,
+    VirtualDiskFlatVer2BackingInfo.parent: "The parent of this virtual disk file, if this is
+    a delta disk backing. This will be unset if this is not a delta disk backing.")."""
+    seen = 0
+    while getattr(backing, "parent", None) is not None:
+        backing, seen = backing.parent, seen + 1
+        if seen > 512:
+            raise UnsupportedImage("disk backing chain deeper than 512 (a loop?)")
+    return backing
+
+
 def _disk_name(device: Any) -> str:
-    """A disk's snapferry name: its file's stem (``web01``, ``web01_1``), which is unique per
-    VM and a safe name, unlike its label ("Hard disk 1")."""
-    return Path(device.backing.fileName.partition("] ")[2]).name.removesuffix(".vmdk")
+    """A disk's snapferry name: its *base* file's stem (``web01``, ``web01_1``), which is
+    unique per VM, a safe name unlike its label ("Hard disk 1"), and stays the same while
+    VM snapshots put deltas on top. A delta name without a parent (an inventory that does
+    not fill ``parent``) loses its ``-00000N`` suffix, as virt-v2v does."""
+    base = _base_backing(device.backing)
+    stem = Path(base.fileName.partition("] ")[2]).name
+    return _DELTA_RE.sub(".vmdk", stem).removesuffix(".vmdk")
+
+
+def _capacity(device: Any) -> int:
+    """``capacityInBytes`` (vSphere 5.5 and later), else ``capacityInKB``: older inventories,
+    and govmomi's simulator, leave the former unset."""
+    if getattr(device, "capacityInBytes", None):
+        return int(device.capacityInBytes)
+    return int(device.capacityInKB) * 1024
 
 
 def _fault_error(fault: Any, what: str) -> Exception:
@@ -166,49 +227,143 @@ class DatastoreReader:
     """The copy engine's reader for one flat disk on a datastore: ranged HTTP GETs.
 
     The whole disk is one data extent (the datastore protocol says nothing about holes); the
-    engine still writes all-zero chunks as holes, so the backup stays sparse."""
+    engine still writes all-zero chunks as holes, so the backup stays sparse.
+
+    Ranges are not guaranteed: VMware documents ``/folder`` GET without them, and direct
+    ESXi has been seen answering a ranged GET with a plain 200 and the whole file
+    (PegaProx/project-pegaprox#438). Then the reader keeps that one response and reads it
+    forward, chunk after chunk; a resumed copy reads and drops the bytes before its
+    checkpoint (logged as it goes), as the XenServer export reader does. The network
+    repeats what the store already has; the store does not."""
 
     def __init__(self, session: VsphereSession, ds: str, path: str, size: int) -> None:
         self.session, self.ds, self.path = session, ds, path
         self.virtual_size = size
         self._conn: http.client.HTTPConnection | None = None
+        self._stream: http.client.HTTPResponse | None = None  # a whole-file 200
+        self._stream_pos = 0
+        self.ranges = True  # until the server shows it ignores them
+        self.dropped = 0  # bytes read and thrown away to reach a resume point
 
     def data_extents(self) -> list[DataExtent]:
         return [DataExtent(start=0, length=self.virtual_size, path=self.path, host_offset=0)]
 
+    def _get(self, headers: dict[str, str]) -> http.client.HTTPResponse:
+        if self._conn is None:
+            self._conn = self.session.connection()
+        headers = {"Cookie": self.session.cookie(), **headers}
+        self._conn.request("GET", self.session.file_url(self.ds, self.path), None, headers)
+        resp = self._conn.getresponse()
+        if resp.status == 404:
+            resp.read()
+            raise SourceGone(f"[{self.ds}] {self.path} is gone from the datastore")
+        if resp.status == 401:
+            resp.read()
+            self.session.service(fresh=True)
+            raise HypervisorUnavailable("datastore session expired; logging in again")
+        return resp
+
     def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
         end = guest_offset + len(view) - 1
-        headers = {"Cookie": self.session.cookie(), "Range": f"bytes={guest_offset}-{end}"}
         try:
-            if self._conn is None:
-                self._conn = self.session.connection()
-            self._conn.request("GET", self.session.file_url(self.ds, self.path), None, headers)
-            resp = self._conn.getresponse()
-            if resp.status == 404:
-                resp.read()
-                raise SourceGone(f"[{self.ds}] {self.path} is gone from the datastore")
-            if resp.status == 401:
-                resp.read()
-                self.session.service(fresh=True)
-                raise HypervisorUnavailable("datastore session expired; logging in again")
-            if resp.status != 206:
-                resp.read()
-                raise HypervisorUnavailable(f"datastore GET answered {resp.status} {resp.reason}")
-            served = resp.getheader("Content-Range", "")
-            if not served.startswith(f"bytes {guest_offset}-{end}/"):
-                resp.read()
-                raise HypervisorUnavailable(
-                    f"datastore GET of {self.path} served {served!r},"
-                    f" not bytes {guest_offset}-{end}"
+            if self._stream is not None and guest_offset < self._stream_pos:
+                self.close()  # behind the stream (a resumed copy): start it again
+            if self._stream is None and self.ranges:
+                resp = self._get({"Range": f"bytes={guest_offset}-{end}"})
+                if resp.status == 206:
+                    served = resp.getheader("Content-Range", "")
+                    if not served.startswith(f"bytes {guest_offset}-{end}/"):
+                        resp.read()
+                        raise HypervisorUnavailable(
+                            f"datastore GET of {self.path} served {served!r},"
+                            f" not bytes {guest_offset}-{end}"
+                        )
+                    got = resp.readinto(view)
+                    if got != len(view):
+                        raise HypervisorUnavailable(
+                            f"datastore GET returned {got} of {len(view)} bytes"
+                        )
+                    return
+                if resp.status != 200:
+                    resp.read()
+                    raise HypervisorUnavailable(
+                        f"datastore GET answered {resp.status} {resp.reason}"
+                    )
+                log.warning(
+                    "datastore GET of [%s] %s ignored Range (200, no Content-Range): reading"
+                    " the whole file forward instead",
+                    self.ds,
+                    self.path,
                 )
-            got = resp.readinto(view)
-            if got != len(view):
-                raise HypervisorUnavailable(f"datastore GET returned {got} of {len(view)} bytes")
+                self.ranges = False
+                self._open_stream(resp)
+            elif self._stream is None:
+                resp = self._get({})
+                if resp.status != 200:
+                    resp.read()
+                    raise HypervisorUnavailable(
+                        f"datastore GET answered {resp.status} {resp.reason}"
+                    )
+                self._open_stream(resp)
+            self._read_stream(guest_offset, view)
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise HypervisorUnavailable(f"datastore read of {self.path} failed: {exc}") from exc
 
+    def _open_stream(self, resp: http.client.HTTPResponse) -> None:
+        length = resp.getheader("Content-Length")
+        if length is not None and int(length) != self.virtual_size:
+            resp.close()
+            raise HypervisorUnavailable(
+                f"datastore GET of {self.path} sent {length} bytes; the disk has"
+                f" {self.virtual_size}"
+            )
+        self._stream, self._stream_pos = resp, 0
+
+    def _read_stream(self, guest_offset: int, view: memoryview) -> None:
+        assert self._stream is not None
+        if self._stream_pos < guest_offset:
+            log.warning(
+                "[%s] %s: no ranges; reading and dropping %d bytes to resume at %d",
+                self.ds,
+                self.path,
+                guest_offset - self._stream_pos,
+                guest_offset,
+            )
+        scratch = bytearray(min(UPLOAD_CHUNK, max(guest_offset - self._stream_pos, 1)))
+        next_report = self._stream_pos + DROP_REPORT_BYTES
+        while self._stream_pos < guest_offset:
+            want = min(len(scratch), guest_offset - self._stream_pos)
+            got = self._stream.readinto(memoryview(scratch)[:want])
+            if not got:
+                raise HypervisorUnavailable(
+                    f"datastore GET of {self.path} ended at {self._stream_pos}"
+                )
+            self._stream_pos += got
+            self.dropped += got
+            if self._stream_pos >= next_report or self._stream_pos == guest_offset:
+                log.warning(
+                    "[%s] %s: dropped %d of %d bytes before the resume point",
+                    self.ds,
+                    self.path,
+                    self.dropped,
+                    guest_offset,
+                )
+                next_report = self._stream_pos + DROP_REPORT_BYTES
+        done = 0
+        while done < len(view):
+            got = self._stream.readinto(view[done:])
+            if not got:
+                raise HypervisorUnavailable(
+                    f"datastore GET of {self.path} ended at {self._stream_pos + done}"
+                )
+            done += got
+        self._stream_pos += done
+
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -223,10 +378,72 @@ class VmwareDriver(HypervisorDriver):
 
     # -- lookups ---------------------------------------------------------------------------
     def _find_vm(self, name: str) -> Any:
-        path = f"{self.config.datacenter}/vm/{name}"
+        """A VM by name, managed object id (``vm-42``) or UUID, in the datacenter.
+
+        ``<dc>/vm/<name>`` first (one call); then a moref id, then an instance UUID (or BIOS
+        UUID, ``SearchIndex.FindByUuid``); then the VM folder tree, for VMs in sub-folders.
+        A name that several VMs share (vSphere names are unique per folder only) is refused
+        with their ids. VMs inside vApps are not searched."""
+        dc = self.config.datacenter
+
+        def find(si: Any) -> Any:
+            index = si.RetrieveContent().searchIndex
+            vm = index.FindByInventoryPath(f"{dc}/vm/{name}")
+            if vm is not None:
+                return vm
+            if _MOREF_RE.fullmatch(name):
+                candidate = vim.VirtualMachine(name, si._stub)
+                try:
+                    candidate.name  # noqa: B018 -- does it exist?
+                except vmodl.fault.ManagedObjectNotFound:
+                    return None
+                return candidate
+            if _UUID_RE.fullmatch(name):
+                return index.FindByUuid(None, name, True, True) or index.FindByUuid(
+                    None, name, True, False
+                )
+            root = index.FindByInventoryPath(f"{dc}/vm")
+            found = self._search_folders(si, root, name) if root is not None else []
+            if len(found) > 1:
+                raise InvalidInput(
+                    f"{len(found)} VMs are named {name!r} in datacenter {dc!r}"
+                    f" ({', '.join(sorted(v._moId for v in found))}): name it by its managed"
+                    " object id or instance UUID"
+                )
+            return found[0] if found else None
+
+        return self.session.call(find, f"finding VM {name!r}")
+
+    @staticmethod
+    def _search_folders(si: Any, root: Any, name: str) -> list[Any]:
+        """VMs named ``name`` anywhere under the VM folder ``root``: one property read per
+        folder for its children, and one for all their names."""
+        pc = vmodl.query.PropertyCollector
+        found, folders, seen = [], [root], 0
+        while folders:
+            folder = folders.pop()
+            seen += 1
+            if seen > 10000:
+                raise HypervisorUnavailable("more than 10000 VM folders: giving up the search")
+            children = list(folder.childEntity or [])
+            folders += [c for c in children if isinstance(c, vim.Folder)]
+            vms = [c for c in children if isinstance(c, vim.VirtualMachine)]
+            if not vms:
+                continue
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=v, skip=False) for v in vms],
+                propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"])],
+            )
+            for content in si.RetrieveContent().propertyCollector.RetrieveContents([spec]):
+                if any(p.name == "name" and p.val == name for p in content.propSet):
+                    found.append(content.obj)
+        return found
+
+    def _find_clone(self, source: Any, name: str) -> Any:
+        """The snapshot's clone, which the take puts in its VM's own folder."""
         return self.session.call(
-            lambda si: si.RetrieveContent().searchIndex.FindByInventoryPath(path),
-            f"finding VM {name!r}",
+            lambda si: si.RetrieveContent().searchIndex.FindChild(source.parent, name),
+            f"finding clone {name!r}",
         )
 
     def _vm(self, name: str) -> Any:
@@ -237,9 +454,43 @@ class VmwareDriver(HypervisorDriver):
             )
         return vm
 
+    def _refuse_standalone_host(self) -> None:
+        """A take clones the VM, and a standalone ESXi host has no CloneVM_Task (it answers
+        NotSupported): say so before anything is made."""
+        about = self.session.call(lambda si: si.RetrieveContent().about, "reading vCenter")
+        if about.apiType != "VirtualCenter":
+            raise InvalidInput(
+                f"{self.config.url} is {about.fullName} (apiType {about.apiType}), not vCenter:"
+                " a VMware volume snapshot is a full clone, and only vCenter clones VMs;"
+                " point SNAPFERRY_VCENTER_URL at the vCenter that manages this host"
+            )
+
     def _disks(self, vm: Any) -> dict[str, Any]:
+        """The VM's disks by base name (``web01``), also while snapshots stand on them."""
         devices = self.session.call(lambda _si: vm.config.hardware.device, "reading disks")
         return {_disk_name(d): d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)}
+
+    def _check_flat_datastore(self, vm: Any, device: Any, what: str) -> None:
+        """Refuse before answering when the disk's datastore holds no ``-flat.vmdk``: the
+        backup reads that file over ``/folder``, which answers 404 on vSAN and vVols."""
+        backing = _base_backing(device.backing)
+        ds_name = backing.fileName.partition("] ")[0].lstrip("[")
+
+        def summary(_si: Any) -> Any:
+            ds = backing.datastore
+            if ds is None:
+                ds = next((d for d in vm.datastore if d.name == ds_name), None)
+            return ds.summary if ds is not None else None
+
+        info = self.session.call(summary, f"reading datastore {ds_name!r}")
+        kind = getattr(info, "type", None)
+        if kind not in FLAT_FILE_DATASTORES:
+            raise UnsupportedImage(
+                f"{what} is on datastore {ds_name!r} of type {kind!r}: snapferry backs up a"
+                " VMware disk by reading its -flat.vmdk over the datastore file protocol,"
+                " which vSAN and vVols datastores do not have (supported:"
+                f" {', '.join(sorted(FLAT_FILE_DATASTORES))}); nothing was taken"
+            )
 
     def _disk(self, vm: Any, vm_name: str, disk: str) -> Any:
         disks = self._disks(vm)
@@ -248,14 +499,41 @@ class VmwareDriver(HypervisorDriver):
         return disks[disk]
 
     def _wait(self, task: Any, what: str) -> Any:
-        """Poll the task's info (pyVim's WaitForTask needs property-collector filters)."""
+        """Poll the task's info (pyVim's WaitForTask needs property-collector filters),
+        backing off from 50 ms to 2 s. Inside an activity each poll heartbeats with the
+        task's progress, so that a long clone is bounded by liveness, not by wall time, and
+        a cancelled attempt (its heartbeat timed out) stops waiting at its next poll."""
+        pause, cap = TASK_POLL_S, TASK_POLL_MAX_S
+        if activity.in_activity():
+            timeout = activity.info().heartbeat_timeout
+            if timeout:
+                cap = min(cap, timeout.total_seconds() / 4)
         while True:
             info = self.session.call(lambda _si: task.info, what)
             if info.state == vim.TaskInfo.State.success:
                 return info.result
             if info.state == vim.TaskInfo.State.error:
                 raise _fault_error(info.error, what)
-            time.sleep(TASK_POLL_S)
+            if activity.in_activity():
+                activity.heartbeat({"task": what, "state": info.state, "progress": info.progress})
+            time.sleep(pause)
+            pause = min(pause * 1.5, cap)
+
+    def _task_info(self, task: Any) -> Any:
+        return self.session.call(lambda _si: task.info, "reading a task")
+
+    def _wait_for_clones(self, vm: Any, vm_name: str) -> None:
+        """Wait out any clone of ``vm`` still running: a retried take can find its clone
+        listed before the copy is complete (the first attempt's task goes on in vCenter
+        after that attempt was given up), and must not take it for finished."""
+        tasks = self.session.call(lambda _si: list(vm.recentTask or []), "reading tasks")
+        for task in tasks:
+            info = self._task_info(task)
+            running = info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running)
+            if info.descriptionId == "VirtualMachine.clone" and running:
+                log.info("waiting for a clone of %s that is still running (%s)", vm_name, info.key)
+                with contextlib.suppress(SourceGone, HypervisorUnavailable, InvalidInput):
+                    self._wait(task, f"a running clone of {vm_name!r}")
 
     def _run(self, start: Callable[[], Any], what: str) -> Any:
         return self._wait(self.session.call(lambda _si: start(), what), what)
@@ -287,13 +565,18 @@ class VmwareDriver(HypervisorDriver):
     # -- take --------------------------------------------------------------------------------
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         vm_name, disk = volume.vm.name, volume.disk
-        with _vm_locks[vm_name]:
+        with _vm_lock(vm_name):
+            self._refuse_standalone_host()
             vm = self._vm(vm_name)
             source_disk = self._disk(vm, vm_name, disk)
+            self._check_flat_datastore(vm, source_disk, f"disk {disk!r} of VM {vm_name!r}")
             running = self._powered_on(vm)
             name = clone_name(vm_name, snapshot_id)
             snap_name = VOLUME_SNAPSHOT_PREFIX + snapshot_id
-            clone = self._find_vm(name)  # a retried take finds its clone
+            clone = self._find_clone(vm, name)  # a retried take finds its clone
+            if clone is not None:  # perhaps still being copied by the first attempt's task
+                self._wait_for_clones(vm, vm_name)
+                clone = self._find_clone(vm, name)  # gone again if that clone failed
             if clone is None:
                 snap = self._snapshot_named(vm, snap_name) or self._run(
                     lambda: vm.CreateSnapshot_Task(
@@ -321,12 +604,24 @@ class VmwareDriver(HypervisorDriver):
             if leftover is not None:  # the clone holds the bytes now; the VM goes free
                 self._remove_snapshot(leftover, f"removing temporary snapshot of {vm_name!r}")
             cloned = {d.key: d for d in self._disks(clone).values()}
-            ds, path = flat_path(cloned[source_disk.key].backing.fileName)
+            target = cloned.get(source_disk.key)
+            if target is None or _capacity(target) != _capacity(source_disk):
+                raise HypervisorUnavailable(
+                    f"clone {name!r} has no disk like {disk!r} (key {source_disk.key})"
+                )
+            if getattr(target.backing, "parent", None) is not None:
+                # A full clone (moveAllDiskBackingsAndDisallowSharing) has flat disks; a
+                # delta's -flat.vmdk would not hold the guest's bytes.
+                raise UnsupportedImage(
+                    f"clone {name!r}: disk {target.backing.fileName} is a delta of"
+                    f" {target.backing.parent.fileName}, not a flat copy"
+                )
+            ds, path = flat_path(target.backing.fileName)
             return PrimarySnapshot(
                 image=f"[{ds}] {path}",
                 image_format="raw",
                 overlay=name,
-                virtual_size=int(source_disk.capacityInBytes),
+                virtual_size=_capacity(source_disk),
                 vm_was_running=running,
             )
 
@@ -344,22 +639,30 @@ class VmwareDriver(HypervisorDriver):
         source: PrimarySnapshot,
         backed_up: bool = True,
     ) -> None:
-        """Destroy the clone (idempotent: a clone already gone is fine)."""
-        with _vm_locks[volume.vm.name]:
-            clone = self._find_vm(clone_name(volume.vm.name, snapshot_id))
-            if clone is not None:
-                self._destroy(clone, f"clone of snapshot {snapshot_id}")
+        """Destroy the clone (idempotent: a clone already gone is fine). It touches only the
+        clone, a VM of its own, so it takes no lock on the source VM and never waits for
+        (or fails on) a take of that VM that is still cloning."""
+        clone = self._clone_of(volume.vm.name, snapshot_id)
+        if clone is not None:
+            self._destroy(clone, f"clone of snapshot {snapshot_id}")
+
+    def _clone_of(self, vm_name: str, snapshot_id: str, source: Any = None) -> Any:
+        """A snapshot's clone: in its source VM's folder, or anywhere if that VM is gone."""
+        source = source or self._find_vm(vm_name)
+        name = clone_name(vm_name, snapshot_id)
+        return self._find_clone(source, name) if source is not None else self._find_vm(name)
 
     def discard(self, req: DiscardRequest) -> None:
         """A failed take may have left its temporary vSphere snapshot and a clone."""
-        with _vm_locks[req.vm.name]:
+        with _vm_lock(req.vm.name):
             vm = self._find_vm(req.vm.name)
             if vm is not None:
+                self._wait_for_clones(vm, req.vm.name)  # a clone still copying holds both
                 for prefix in (VOLUME_SNAPSHOT_PREFIX, VM_SNAPSHOT_PREFIX):
                     snap = self._snapshot_named(vm, prefix + req.snapshot_id)
                     if snap is not None:
                         self._remove_snapshot(snap, f"removing what take {req.snapshot_id} left")
-            clone = self._find_vm(clone_name(req.vm.name, req.snapshot_id))
+            clone = self._clone_of(req.vm.name, req.snapshot_id, vm)
             if clone is not None:
                 self._destroy(clone, f"clone of failed snapshot {req.snapshot_id}")
 
@@ -378,7 +681,7 @@ class VmwareDriver(HypervisorDriver):
                 " reverted from its backup"
             )
         manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-        with _vm_locks[vm_name], SecondaryStore.materialized(manifest) as raw:
+        with _vm_lock(vm_name), SecondaryStore.materialized(manifest) as raw:
             vm = self._vm(vm_name)
             if self._powered_on(vm):
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
@@ -459,7 +762,7 @@ class VmwareDriver(HypervisorDriver):
     # -- VM snapshots ------------------------------------------------------------------------
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
-        with _vm_locks[vm_name]:
+        with _vm_lock(vm_name):
             vm = self._vm(vm_name)
             running = self._powered_on(vm)
             memory = op.type == VmSnapshotType.DISK_AND_MEMORY
@@ -488,7 +791,7 @@ class VmwareDriver(HypervisorDriver):
         """vSphere's own revert; a Disk snapshot needs the VM stopped, as on KVM (vSphere
         would power it off silently), and a DiskAndMemory one resumes it running."""
         vm_name = op.vm.name
-        with _vm_locks[vm_name]:
+        with _vm_lock(vm_name):
             vm = self._vm(vm_name)
             snap = self._vm_snapshot(vm, op)
             if snap is None:
@@ -503,7 +806,7 @@ class VmwareDriver(HypervisorDriver):
                 self._run(vm.PowerOnVM_Task, f"resuming {vm_name!r}")
 
     def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
-        with _vm_locks[op.vm.name]:
+        with _vm_lock(op.vm.name):
             vm = self._find_vm(op.vm.name)
             snap = self._vm_snapshot(vm, op) if vm is not None else None
             if snap is not None:

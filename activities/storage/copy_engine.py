@@ -11,17 +11,17 @@ checkpoint, including stale bytes over later holes, are never trusted.
 
 from __future__ import annotations
 
-import bisect
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..errors import BackupCancelled, BackupCorrupt
+from ..errors import BackupCancelled, BackupCorrupt, BackupStalled, SnapferryError
 from . import checksum
 from .files import FILE_MODE
 from .reader import DataExtent, SnapshotReader
@@ -54,6 +54,51 @@ class CopyTarget:
     digests: Path
 
 
+class StopFlag:
+    """Why a copy must stop: an operator's cancel (or a delete), or a stall the activity's
+    guard saw. Callable like the plain ``should_stop`` it replaces; the engine raises
+    :meth:`error`, so that a stall is retried and only a cancel is final."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._error: SnapferryError | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = BackupCancelled("backup cancelled")
+
+    def stall(self, seconds: float) -> None:
+        with self._lock:
+            if self._error is None:  # the first reason stays
+                self._error = BackupStalled(
+                    f"no progress for {seconds:.0f} s (a hung store or source?); the copy"
+                    " stopped at its last checkpoint and is retried from there"
+                )
+
+    def __call__(self) -> bool:
+        return self._error is not None
+
+    def is_set(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> SnapferryError:
+        return self._error or BackupCancelled("backup cancelled")
+
+    def raise_if_set(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _stop_error(should_stop: Callable[[], bool]) -> SnapferryError:
+    if isinstance(should_stop, StopFlag):
+        return should_stop.error()
+    owner = getattr(should_stop, "__self__", None)  # StopFlag.is_set passed as a bound method
+    if isinstance(owner, StopFlag):
+        return owner.error()
+    return BackupCancelled("backup cancelled")
+
+
 class CopyEngine:
     def __init__(
         self,
@@ -72,24 +117,34 @@ class CopyEngine:
         self.rate_limit_bps = rate_limit_bps
         self._sleep = sleep
 
-    def _resume_point(self, target: CopyTarget, resume: Checkpoint | None) -> Checkpoint:
-        """Trust a checkpoint only if its files still hold what it says; else start over."""
+    def _resume_point(
+        self, target: CopyTarget, resume: Checkpoint | None
+    ) -> tuple[Checkpoint, int]:
+        """Trust a checkpoint only if its files still hold what it says; else start over.
+        Returns it and the byte length of its digest lines (read one at a time: memory
+        stays flat however many chunks the volume has)."""
         fresh = Checkpoint(
             chunks_done=0, state=checksum.initial_state(), chunk_size=self.chunk_size
         )
         if resume is None or resume.chunk_size != self.chunk_size:
-            return fresh
+            return fresh, 0
         if not (target.data.exists() and target.digests.exists()):
-            return fresh
-        lines = target.digests.read_text().splitlines()
-        if len(lines) < resume.chunks_done:
-            return fresh
+            return fresh, 0
         state = checksum.initial_state()
-        for d in lines[: resume.chunks_done]:
-            state = checksum.advance(state, d)
+        kept = 0
+        with open(target.digests, "rb") as f:
+            for _ in range(resume.chunks_done):
+                line = f.readline()
+                if not line.endswith(b"\n"):
+                    return fresh, 0  # fewer digests than the checkpoint says
+                try:
+                    state = checksum.advance(state, line.strip().decode())
+                except ValueError:
+                    return fresh, 0
+                kept += len(line)
         if state != resume.state:
-            return fresh
-        return resume
+            return fresh, 0
+        return resume, kept
 
     def copy(
         self,
@@ -107,8 +162,7 @@ class CopyEngine:
         size = reader.virtual_size
         csize = self.chunk_size
         nchunks = (size + csize - 1) // csize
-        extents = reader.data_extents()
-        start = self._resume_point(target, resume)
+        start, kept_bytes = self._resume_point(target, resume)
         resumed_from = start.chunks_done * csize
 
         target.data.parent.mkdir(parents=True, exist_ok=True)
@@ -121,14 +175,13 @@ class CopyEngine:
         try:
             os.ftruncate(fd, min(resumed_from, size))
             if start.chunks_done:
-                digests.seek(0)
-                kept = digests.read().splitlines()[: start.chunks_done]
-                digests.seek(0)
-                digests.truncate()
-                digests.write("".join(d + "\n" for d in kept))
+                digests.truncate(kept_bytes)  # "a+": later writes go to the new end
             # Report the start point actually accepted, so that a rejected checkpoint is
             # never heartbeated again.
             on_checkpoint(start, min(resumed_from, size))
+            # Streamed (a reader may map its image window by window): memory stays flat
+            # in the virtual size. Extents wholly before the resume point are dropped.
+            extents = _extents_from(reader.data_extents(), resumed_from)
             outcome = self._loop(
                 reader, extents, fd, digests, start, nchunks, size, on_checkpoint, should_stop
             )
@@ -151,7 +204,7 @@ class CopyEngine:
     def _loop(
         self,
         reader: SnapshotReader,
-        extents: list[DataExtent],
+        extents: Iterator[DataExtent],
         fd: int,
         digests,  # type: ignore[no-untyped-def]
         start: Checkpoint,
@@ -160,94 +213,131 @@ class CopyEngine:
         on_checkpoint: Callable[[Checkpoint, int], None],
         should_stop: Callable[[], bool],
     ) -> tuple[str, int, int]:
-        """Read and hash here; write on a writer thread; fsync and report on a sync thread.
+        """Read here; hash on a hasher thread; write on a writer thread; fsync and report on
+        a sync thread.
 
-        The three stages overlap (hashlib and file I/O release the GIL). The writer's FIFO
-        order keeps the durability contract: a checkpoint is handed to the syncer only after
-        every write before it was issued, and the syncer reports it only after an fdatasync
-        that started later, while the writer goes on writing.
+        The four stages overlap (preadv, hashlib and pwrite release the GIL), so reading the
+        next chunks goes on while one is hashed and another written. Each stage is a single
+        thread fed in order, so FIFO order keeps the durability contract: a checkpoint is
+        built by the hasher after every chunk before it was hashed, handed to the writer
+        after their writes, to the syncer after those were issued, and reported only after
+        an fdatasync that started later, while the other stages go on.
         """
         csize = self.chunk_size
         buffers = [bytearray(csize) for _ in range(_BUFFERS)]
-        in_flight: list[Future[None] | None] = [None] * _BUFFERS
+        in_flight: list[Future[Future[None]] | None] = [None] * _BUFFERS
         zeros = memoryview(bytes(csize))
-        ends = [e.start + e.length for e in extents]
-        idx = bisect.bisect_right(ends, start.chunks_done * csize)
-        state = start.state
-        copied = written = 0
+        pending: DataExtent | None = next(extents, None)
+        chain = _Chain(start.state)
+        copied = 0
         since_checkpoint = 0
         last_checkpoint = t0 = time.monotonic()
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-sync")
         sink = _Writer(fd, digests, min(start.chunks_done * csize, size), on_checkpoint, syncer)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-writer")
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-hash")
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-writer") as pool:
-            try:
-                for k in range(start.chunks_done, nchunks):
-                    if should_stop():
-                        raise BackupCancelled("backup cancelled")
-                    sink.raise_if_failed()  # a write or sync error stops the copy at once
-                    slot = k % _BUFFERS
-                    if (prev := in_flight[slot]) is not None:
-                        prev.result()  # the buffer is free again; a write error surfaces here
-                    view = memoryview(buffers[slot])
-                    cstart = k * csize
-                    clen = min(csize, size - cstart)
-                    cend = cstart + clen
-                    parts: list[tuple[DataExtent, int, int]] = []
-                    while idx < len(extents) and extents[idx].start < cend:
-                        e = extents[idx]
-                        lo, hi = max(e.start, cstart), min(e.start + e.length, cend)
-                        if hi > lo:
-                            parts.append((e, lo, hi))
-                        if e.start + e.length <= cend:
-                            idx += 1
-                        else:
-                            break
-                    data: memoryview | None = None
-                    if not parts:
-                        digest = checksum.zero_digest(clen)
+        def hash_chunk(data: memoryview | None, cstart: int, clen: int) -> Future[None]:
+            if data is None:
+                digest = checksum.zero_digest(clen)
+            else:
+                digest = checksum.chunk_digest(data)
+                if digest == checksum.zero_digest(clen):
+                    data = None  # all zeros after all: it stays a hole
+                else:
+                    chain.written += clen
+            chain.state = checksum.advance(chain.state, digest)
+            return pool.submit(sink.write, data, cstart, digest)
+
+        def checkpoint(chunks_done: int, end: int, copied_total: int) -> None:
+            cp = Checkpoint(
+                chunks_done=chunks_done,
+                state=chain.state,
+                chunk_size=csize,
+                bytes_copied_total=copied_total,
+            )
+            pool.submit(sink.checkpoint, cp, end)
+
+        try:
+            for k in range(start.chunks_done, nchunks):
+                if should_stop():
+                    raise _stop_error(should_stop)
+                sink.raise_if_failed()  # a write or sync error stops the copy at once
+                slot = k % _BUFFERS
+                if (prev := in_flight[slot]) is not None:
+                    prev.result().result()  # the buffer is free again; errors surface here
+                    in_flight[slot] = None
+                view = memoryview(buffers[slot])
+                cstart = k * csize
+                clen = min(csize, size - cstart)
+                cend = cstart + clen
+                parts: list[tuple[DataExtent, int, int]] = []
+                while pending is not None and pending.start < cend:
+                    e = pending
+                    lo, hi = max(e.start, cstart), min(e.start + e.length, cend)
+                    if hi > lo:
+                        parts.append((e, lo, hi))
+                    if e.start + e.length <= cend:
+                        pending = next(extents, None)
                     else:
-                        if sum(hi - lo for _, lo, hi in parts) < clen:
-                            view[:clen] = zeros[:clen]
-                        for e, lo, hi in parts:
-                            reader.read_range(e, lo, view[lo - cstart : hi - cstart])
-                            copied += hi - lo
-                        digest = checksum.chunk_digest(view[:clen])
-                        if digest != checksum.zero_digest(clen):
-                            data = view[:clen]
-                            written += clen
-                    in_flight[slot] = pool.submit(sink.write, data, cstart, digest)
-                    state = checksum.advance(state, digest)
-                    since_checkpoint += clen
+                        break
+                data: memoryview | None = None
+                if parts:
+                    if sum(hi - lo for _, lo, hi in parts) < clen:
+                        view[:clen] = zeros[:clen]
+                    for e, lo, hi in parts:
+                        reader.read_range(e, lo, view[lo - cstart : hi - cstart])
+                        copied += hi - lo
+                    data = view[:clen]
+                in_flight[slot] = hasher.submit(hash_chunk, data, cstart, clen)
+                since_checkpoint += clen
 
-                    if self.rate_limit_bps:
-                        ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
-                        if ahead > 0:
-                            self._sleep(ahead)
+                if self.rate_limit_bps:
+                    ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
+                    if ahead > 0:
+                        self._sleep(ahead)
 
-                    now = time.monotonic()
-                    if (
-                        k == nchunks - 1
-                        or since_checkpoint >= self.checkpoint_bytes
-                        or now - last_checkpoint >= self.checkpoint_seconds
-                    ):
-                        cp = Checkpoint(
-                            chunks_done=k + 1,
-                            state=state,
-                            chunk_size=csize,
-                            bytes_copied_total=start.bytes_copied_total + copied,
-                        )
-                        pool.submit(sink.checkpoint, cp, cend)
-                        since_checkpoint = 0
-                        last_checkpoint = now
-            finally:
-                pool.shutdown(wait=True)
-                syncer.shutdown(wait=True)
-            sink.raise_if_failed()
-        return state, copied, written
+                now = time.monotonic()
+                if (
+                    k == nchunks - 1
+                    or since_checkpoint >= self.checkpoint_bytes
+                    or now - last_checkpoint >= self.checkpoint_seconds
+                ):
+                    hasher.submit(checkpoint, k + 1, cend, start.bytes_copied_total + copied)
+                    since_checkpoint = 0
+                    last_checkpoint = now
+        finally:
+            # In stage order, each draining into the next: nothing is left half-submitted.
+            hasher.shutdown(wait=True)
+            pool.shutdown(wait=True)
+            syncer.shutdown(wait=True)
+        for fut in in_flight:  # a hasher error not yet seen by the loop
+            if fut is not None:
+                fut.result().result()
+        sink.raise_if_failed()
+        return chain.state, copied, chain.written
 
 
-_BUFFERS = 3
+class _Chain:
+    """The hasher stage's running state: the chain so far and the bytes it found data in."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.written = 0
+
+
+_BUFFERS = 6
+
+
+def _extents_from(extents: Iterable[DataExtent], offset: int) -> Iterator[DataExtent]:
+    """The reader's extents from ``offset`` on, lazily, checked to be sorted."""
+    last = -1
+    for e in extents:
+        if e.start < last:
+            raise ValueError(f"data extents out of order at {e.start}")
+        last = e.start
+        if e.start + e.length > offset and e.length > 0:
+            yield e
 
 
 class _Writer:
@@ -273,7 +363,9 @@ class _Writer:
             return
         try:
             if data is not None:
-                os.pwrite(self.fd, data, offset)
+                done = 0
+                while done < len(data):  # a short write (NFS, a signal) goes on, not lost
+                    done += os.pwrite(self.fd, data[done:], offset + done)
                 self.file_end = max(self.file_end, offset + len(data))
             self.digests.write(digest + "\n")
         except BaseException as exc:
@@ -312,9 +404,18 @@ class _Writer:
             raise self.error
 
 
-def verify_copy(data: Path, expected: str) -> None:
-    """Re-read a written file and compare its chain checksum: the check before the rename."""
-    chunk_size, _ = checksum.parse_checksum(expected)
-    actual, _ = checksum.file_checksum(data, chunk_size)
-    if actual != expected:
-        raise BackupCorrupt(f"{data}: read back {actual}, expected {expected}")
+def verify_copy(
+    data: Path,
+    expected: str,
+    *,
+    digests: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> checksum.VerifyReport:
+    """Re-read a written file from the medium (its pages dropped first) and compare it with
+    its chunk digests and chain checksum: the check before the rename. Only chunks that
+    hold data (or whose digest says data) are read. ``on_progress(verified, read)`` keeps a
+    long verify heartbeating."""
+    try:
+        return checksum.verify_file(data, expected, digests_path=digests, on_progress=on_progress)
+    except (checksum.ChunkMismatch, EOFError) as exc:
+        raise BackupCorrupt(str(exc)) from exc

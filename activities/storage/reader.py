@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,8 +31,9 @@ class DataExtent:
 class SnapshotReader(Protocol):
     virtual_size: int
 
-    def data_extents(self) -> list[DataExtent]:
-        """Ranges that hold data, sorted by start; everything else reads as zeros."""
+    def data_extents(self) -> Iterable[DataExtent]:
+        """Ranges that hold data, sorted by start; everything else reads as zeros. May be
+        a lazy iterator (consumed once, in order), so that memory stays flat."""
         ...
 
     def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
@@ -112,12 +114,56 @@ class QemuImageReader:
         self.virtual_size = layers[0].virtual_size
         self._files: dict[str, int] = {}
 
-    def data_extents(self) -> list[DataExtent]:
+    def data_extents(self, start: int = 0) -> Iterator[DataExtent]:
+        """The data extents from ``start`` on, mapped window by window (``qemu-img map
+        --start-offset --max-length``), so that neither the map's output nor the extent
+        list of a large, fragmented image is ever held whole. The window adapts to the
+        image's fragmentation: it grows while windows come back with few ranges and
+        shrinks when one comes back with many. The first window is mapped at once, so an
+        image that cannot be mapped fails here, before any copying."""
+        first = self._map_window(start, self._window)
+        return self._extents_after(start, first)
+
+    _window = 1 << 30  # 1 GiB to begin with
+    _MAX_WINDOW = 1 << 40
+    _TARGET_RANGES = 4096
+
+    def _extents_after(
+        self, start: int, first: tuple[list[DataExtent], int, int]
+    ) -> Iterator[DataExtent]:
+        extents, end, ranges = first
+        window = self._window
+        while True:
+            yield from extents
+            if end >= self.virtual_size:
+                return
+            if ranges < self._TARGET_RANGES // 4:
+                window = min(window * 4, self._MAX_WINDOW)
+            elif ranges > self._TARGET_RANGES:
+                window = max(window // 4, 64 << 20)
+            extents, end, ranges = self._map_window(end, window)
+
+    def _map_window(self, offset: int, length: int) -> tuple[list[DataExtent], int, int]:
+        """One ``qemu-img map`` window: its data extents, where it ended, how many ranges."""
+        length = min(length, self.virtual_size - offset)
+        if length <= 0:
+            return [], self.virtual_size, 0
         mapping = json.loads(
-            run_qemu_img("map", "-U", "-f", self.format, "--output=json", self.path)
+            run_qemu_img(
+                "map",
+                "-U",
+                "-f",
+                self.format,
+                f"--start-offset={offset}",
+                f"--max-length={length}",
+                "--output=json",
+                self.path,
+            )
         )
         extents: list[DataExtent] = []
+        end = offset
         for e in mapping:
+            end = max(end, int(e["start"]) + int(e["length"]))
             if not e.get("data") or e.get("zero"):
                 continue
             if "offset" not in e:
@@ -133,7 +179,9 @@ class QemuImageReader:
                     host_offset=int(e["offset"]),
                 )
             )
-        return extents
+        if end <= offset:  # qemu-img said nothing about the window: never loop on it
+            raise ImageUnreadable(f"{self.path}: qemu-img map returned nothing at {offset}")
+        return extents, end, len(mapping)
 
     def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
         if extent.path not in self._files:

@@ -17,8 +17,8 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from pydantic import BaseModel
 
 from ..contracts import BackupPlan, DeleteBackupOutcome, VolumeRef
 from ..errors import BackupCorrupt, SecondaryStoreUnavailable, classify_os_error
-from . import checksum
+from . import checksum, liveness
+from .checksum import VerifyReport, data_segments
 from .copy_engine import CopyOutcome, CopyTarget, verify_copy
 from .files import FILE_MODE, atomic_write, fsync_dir, make_dirs
 
@@ -101,9 +102,14 @@ class SecondaryStore:
         parent: str | None = None,
         depth: int = 0,
         extents: list[tuple[int, int]] | None = None,
-    ) -> Manifest:
-        """Verify the partial copy, then rename it into place and write the manifest last."""
-        verify_copy(target.data, outcome.checksum)
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Manifest, VerifyReport]:
+        """Verify the partial copy (from the medium, data chunks only, against its chunk
+        digests and chain checksum), then rename it into place and write the manifest last.
+        ``on_progress(verified, read)`` keeps a long verify heartbeating."""
+        report = verify_copy(
+            target.data, outcome.checksum, digests=target.digests, on_progress=on_progress
+        )
         image = self.image_path(volume, snapshot_id)
         chunks = image.with_suffix(".chunks")
         manifest = Manifest(
@@ -136,21 +142,27 @@ class SecondaryStore:
             fsync_dir(mpath.parent)
         except OSError as exc:
             raise classify_os_error(exc, where=str(mpath.parent)) from exc
-        return manifest
+        return manifest, report
 
     @staticmethod
     def read_manifest(path: Path) -> Manifest:
         return Manifest.model_validate(json.loads(path.read_text()))
 
     @staticmethod
-    def verify(manifest: Manifest) -> None:
-        """Re-read a finished backup and check size and checksum against its manifest."""
+    def verify(
+        manifest: Manifest, on_progress: Callable[[int, int], None] | None = None
+    ) -> VerifyReport:
+        """Re-read a finished backup from the medium and check size, chunk digests and
+        chain checksum against its manifest; only the chunks holding data are read."""
         image = Path(manifest.path)
         if image.stat().st_size != manifest.virtual_size:
             raise BackupCorrupt(
                 f"{image}: size {image.stat().st_size} != manifest {manifest.virtual_size}"
             )
-        verify_copy(image, manifest.checksum)
+        chunks = Path(manifest.chunks_file)
+        if not chunks.exists():
+            raise BackupCorrupt(f"{image}: its chunk digests {chunks} are missing")
+        return verify_copy(image, manifest.checksum, digests=chunks, on_progress=on_progress)
 
     def discard_partial(self, target: CopyTarget) -> None:
         for p in (target.data, target.digests):
@@ -195,39 +207,77 @@ class SecondaryStore:
 
     @staticmethod
     @contextlib.contextmanager
-    def materialized(manifest: Manifest) -> Iterator[Path]:
+    def materialized(
+        manifest: Manifest, on_progress: Callable[[int, int], None] | None = None
+    ) -> Iterator[Path]:
         """The snapshot's full raw image for as long as the context lasts (a scratch file
-        beside the backup when it has to be rebuilt from a chain, removed afterwards)."""
+        beside the backup when it has to be rebuilt from a chain, removed afterwards).
+        ``on_progress(done, total)`` is called as it goes (verify and rebuild), so that a
+        long restore can heartbeat."""
         scratch = Path(manifest.path).with_name(f".{manifest.snapshot_id}.restore.raw")
         try:
-            yield SecondaryStore.materialize(manifest, scratch)
+            yield SecondaryStore.materialize(manifest, scratch, on_progress=on_progress)
         finally:
             scratch.unlink(missing_ok=True)
 
     @staticmethod
-    def materialize(manifest: Manifest, scratch: Path) -> Path:
+    def materialize(
+        manifest: Manifest,
+        scratch: Path,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
         """A raw image of the snapshot: the backup itself when it is full; else the full
         backup with each delta's extents applied over it, oldest first, into ``scratch``.
-        Every link of the chain is verified against its manifest first."""
+        Every link of the chain is verified against its manifest first. Only data moves:
+        the full backup's data segments (SEEK_DATA/SEEK_HOLE) and the deltas' extents, so
+        the cost follows the data, not the virtual size."""
+        report = on_progress or (lambda _d, _t: None)
         chain = SecondaryStore.chain(manifest)
         for link in chain:
-            SecondaryStore.verify(link)
+            SecondaryStore.verify(link, on_progress=lambda done, _read: report(done, 0))
         if len(chain) == 1:
             return Path(manifest.path)
-        subprocess.run(["cp", "--sparse=always", chain[-1].path, str(scratch)], check=True)
-        with open(scratch, "r+b") as out:
+        block = 8 * 1024 * 1024
+        buf = bytearray(block)
+        last = [time.monotonic()]
+
+        def copy_range(src: int, dst: int, start: int, length: int) -> None:
+            left, pos = length, start
+            while left:
+                n = os.preadv(src, [memoryview(buf)[: min(left, block)]], pos)
+                if n == 0:
+                    raise BackupCorrupt(f"backup ends before {pos} (expected {start + length})")
+                view = memoryview(buf)[:n]
+                while view:
+                    view = view[os.pwrite(dst, view, pos + n - len(view)) :]
+                pos += n
+                left -= n
+                if time.monotonic() - last[0] >= 0.5:
+                    report(pos, manifest.virtual_size)
+                    last[0] = time.monotonic()
+
+        out = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.ftruncate(out, manifest.virtual_size)  # all hole: zeros for free
+            full = os.open(chain[-1].path, os.O_RDONLY)
+            try:
+                for a, b in data_segments(full, 0, manifest.virtual_size):
+                    copy_range(full, out, a, b - a)
+            finally:
+                os.close(full)
             for link in reversed(chain[:-1]):
-                with open(link.path, "rb") as delta:
+                delta = os.open(link.path, os.O_RDONLY)
+                try:
+                    # A delta's extents are written whole: zeros inside them (holes in
+                    # the delta file, read for free) must overwrite the base's data.
                     for start, length in link.extents or []:
-                        delta.seek(start)
-                        out.seek(start)
-                        left = length
-                        while left:
-                            block = delta.read(min(left, 8 * 1024 * 1024))
-                            out.write(block)
-                            left -= len(block)
-            out.flush()
-            os.fsync(out.fileno())
+                        copy_range(delta, out, start, length)
+                finally:
+                    os.close(delta)
+            os.fsync(out)
+        finally:
+            os.close(out)
         return scratch
 
     def discard_backup(self, volume: VolumeRef, snapshot_id: str) -> None:
@@ -298,20 +348,37 @@ class SecondaryStore:
         self.hidden_marker(volume, snapshot_id).unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def exclusive(self, volume: VolumeRef, snapshot_id: str) -> Iterator[None]:
-        """Hold the per-snapshot lock (flock, which NFSv4 honours) while writing its files."""
+    def exclusive(
+        self, volume: VolumeRef, snapshot_id: str, *, wait_s: float = 0.0
+    ) -> Iterator[None]:
+        """Hold the per-snapshot lock (flock, which NFSv4 honours) while writing its files.
+
+        A retry that follows a stall or a heartbeat timeout often finds the previous
+        attempt still holding it, stuck in the store until the store answers. It waits up
+        to ``wait_s`` for it (reporting :func:`~.liveness.alive` meanwhile, so it heartbeats)
+        instead of failing at once and spending an attempt."""
         lock = self.directory(volume) / f".{snapshot_id}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise SecondaryStoreUnavailable(
-                    f"another attempt is still writing snapshot {snapshot_id}'s backup"
-                ) from None
-            if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
-                # We locked a lock file its previous holder had already removed.
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise SecondaryStoreUnavailable(
+                        f"another attempt is still writing snapshot {snapshot_id}'s backup"
+                    ) from None
+                liveness.alive()
+                time.sleep(0.2)
+                continue
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+            # We locked a lock file its previous holder had already removed.
+            os.close(fd)
+            if time.monotonic() >= deadline:
                 raise SecondaryStoreUnavailable(f"lost the race for {lock}; retrying")
+        try:
             try:
                 yield
             finally:

@@ -46,6 +46,13 @@ def fill(vsphere: Vsphere, vm: str, *, size: int, seed: int) -> None:
         guest_write(vsphere.port, vm, offset, rng.randbytes(MIB))
 
 
+def disk_chain(vsphere: Vsphere, vm: str, disk: int = 0) -> list[str]:
+    """The disk's backing chain as the simulator shows it over SOAP: current file first."""
+    from tests.vsphere_sim.control import list_vms
+
+    return next(v for v in list_vms(vsphere.port) if v["name"] == vm)["chains"][disk]
+
+
 def power(vsphere: Vsphere, vm: str, on: bool) -> None:
     si = vsphere.connect()
     target = si.RetrieveContent().searchIndex.FindByInventoryPath(f"dc1/vm/{vm}")
@@ -230,9 +237,12 @@ async def test_bad_credentials_and_unknown_vm_fail_clearly_and_once(
 async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
     client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
-    """Four levels of each kind, interleaved; reverts of both VM snapshot types; deletes of
-    both kinds in the middle; a volume revert refused (with why) while vSphere snapshots
-    stand on the disk, then done from secondary; a new volume from a backup."""
+    """Four levels of each kind, interleaved, each volume snapshot taken while the VM
+    snapshots make the disk a delta chain (issue 13: vSphere shows ``app02-00000N.vmdk``
+    with ``parent`` down to ``app02.vmdk``), each backup byte-identical; reverts of both VM
+    snapshot types; deletes of both kinds in the middle; a volume revert refused (with why)
+    while vSphere snapshots stand on the disk, then done from secondary; a new volume from a
+    backup."""
     from activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
     from workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
     from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
@@ -259,6 +269,11 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
             )
             assert taken.state == "Ready"
             vm_snaps[taken.id] = (disk.read_bytes(), kind)
+            # As on vSphere, the disk is now a delta on the base: the volume snapshot below
+            # is taken while VM snapshots stand on the disk, and still finds --disk app02.
+            chain = disk_chain(vsphere, "app02")
+            assert len(chain) == level + 2 and chain[0] == f"app02-{level + 1:06d}.vmdk"
+            assert chain[-1] == "app02.vmdk"
             guest_write(vsphere.port, "app02", level * MIB + 4096, bytes([0x20 + level]) * 4096)
             answer = await starter.create_snapshot(
                 client, vmware_request("app02", "app02", host_name, vsphere)
@@ -305,3 +320,4 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
         for sid in (v1, v3, v4):
             await starter.snapshot_operation(client, sid, DELETE_UPDATE)
     assert vsphere.vm_names() == {"app02"} and vsphere.snapshot_names("app02") == []
+    assert disk_chain(vsphere, "app02") == ["app02.vmdk"]  # consolidated

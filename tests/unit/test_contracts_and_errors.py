@@ -71,6 +71,7 @@ def test_unknown_fields_are_refused() -> None:
         (errors.BackupCorrupt, False),
         (errors.ChainBusy, False),
         (errors.AlertSinkUnavailable, False),
+        (errors.BackupStalled, False),
     ],
 )
 def test_error_table(cls: type[errors.SnapferryError], non_retryable: bool) -> None:

@@ -36,7 +36,7 @@ def test_reader_follows_a_backing_chain_and_reports_only_data(tmp_path: Path) ->
     qemu_io(top, "write -P 0x22 1M 1M")
     qemu_io(top, "write -z 8M 1M")  # zero clusters are not data
     reader = QemuImageReader(str(top), "qcow2")
-    extents = reader.data_extents()
+    extents = list(reader.data_extents())
     assert sum(e.length for e in extents) == 2 * MIB
     assert {e.path for e in extents} == {str(base), str(top)}
 
@@ -82,3 +82,29 @@ def test_alert_is_one_line_in_management_server_log(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert "ERROR [snapferry] SNAPSHOT.BACKUP.FAILED snapshot_id=" in lines[0]
     assert "vm=vm1 disk=vda store gone second line" in lines[0]
+
+
+def test_the_map_is_streamed_in_windows_with_the_same_extents(tmp_path: Path) -> None:
+    img = tmp_path / "thin.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    for i, off in enumerate((0, 3, 17, 18, 40, 63)):
+        qemu_io(img, f"write -P {i + 1} {off}M 512k")
+    whole = QemuImageReader(str(img), "qcow2")
+    whole._window = 1 << 40
+    expected = list(whole.data_extents())
+    windowed = QemuImageReader(str(img), "qcow2")
+    windowed._window = 1 << 20  # 1 MiB windows: 64 qemu-img map calls, one window each
+    calls: list[tuple[int, int]] = []
+    original = windowed._map_window
+
+    def spy(offset: int, length: int):  # type: ignore[no-untyped-def]
+        calls.append((offset, length))
+        return original(offset, length)
+
+    windowed._map_window = spy  # type: ignore[method-assign]
+    extents = windowed.data_extents()
+    assert len(calls) == 1  # lazily: only the first window is mapped before iterating
+    got = list(extents)
+    assert len(calls) > 1
+    assert [(e.start, e.length) for e in got] == [(e.start, e.length) for e in expected]
+    assert sum(e.length for e in got) == 6 * 512 * 1024

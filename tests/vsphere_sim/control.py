@@ -28,13 +28,41 @@ guest_write = simulator.guest_write
 list_vms = simulator.list_vms
 
 
-def create_vm(port: int, name: str, disks: list[int], power: str = "poweredOn") -> str:
-    """Create a VM with zero-filled disks of the given byte sizes; returns its moid."""
-    return _call(port, "POST", "/sim/vms", {"name": name, "disks": disks, "power": power})["moid"]
+def create_vm(
+    port: int, name: str, disks: list[int], power: str = "poweredOn", folder: str = ""
+) -> str:
+    """Create a VM with zero-filled disks of the given byte sizes, in VM folder ``folder``
+    (``a/b``, made if new; default the datacenter's ``vm`` folder); returns its moid."""
+    body = {"name": name, "disks": disks, "power": power, "folder": folder}
+    return _call(port, "POST", "/sim/vms", body)["moid"]
 
 
 def set_datastore_gone(port: int, gone: bool) -> None:
     _call(port, "POST", "/sim/datastore", {"gone": gone})
+
+
+def set_datastore_type(port: int, ds_type: str) -> None:
+    """DatastoreSummary.type of ds1 (``VMFS``; ``vsan``/``VVOL`` serve no -flat.vmdk)."""
+    _call(port, "POST", "/sim/datastore", {"type": ds_type})
+
+
+def set_ignore_range(port: int, ignore: bool) -> None:
+    """Make /folder GET answer a ranged request with a plain 200 and the whole file."""
+    _call(port, "POST", "/sim/range", {"ignore": ignore})
+
+
+def set_inventory(
+    port: int, *, api_type: str | None = None, capacity_in_bytes: bool | None = None
+) -> None:
+    """``api_type="HostAgent"``: a standalone ESXi host (no CloneVM_Task);
+    ``capacity_in_bytes=False``: disks set only capacityInKB, as older inventories do."""
+    body = {"api_type": api_type, "capacity_in_bytes": capacity_in_bytes}
+    _call(port, "POST", "/sim/inventory", {k: v for k, v in body.items() if v is not None})
+
+
+def list_tasks(port: int) -> list[dict]:
+    """Every task: key, descriptionId, state, and how often a client read its info."""
+    return _call(port, "GET", "/sim/tasks")["tasks"]
 
 
 def set_task_delay(port: int, seconds: float) -> None:

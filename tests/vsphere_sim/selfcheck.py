@@ -21,6 +21,8 @@ from .control import (
     disk_path,
     guest_write,
     set_datastore_gone,
+    set_datastore_type,
+    set_ignore_range,
     set_task_delay,
 )
 
@@ -99,10 +101,19 @@ def main() -> None:
         check(info.state == "success" and isinstance(snap, vim.vm.Snapshot), "CreateSnapshot_Task")
         tree = vm.snapshot.rootSnapshotList[0]
         check(vm.snapshot.currentSnapshot == snap and tree.name == "snap1", "snapshot tree")
+        disk0 = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        b = disk0[0].backing
+        check(
+            b.fileName == "[ds1] vm1/vm1-000001.vmdk"
+            and b.parent.fileName == "[ds1] vm1/vm1.vmdk"
+            and b.parent.parent is None
+            and disk0[1].backing.fileName == "[ds1] vm1/vm1_1-000001.vmdk",
+            "after a snapshot each disk is a delta whose parent is the base",
+        )
         check(tree.state == "poweredOff", "non-memory snapshot state is poweredOff")
         guest_write(port, "vm1", 0, b"B" * 4096)
 
-        set_task_delay(port, 0.5)
+        set_task_delay(port, 2.0)
         spec = vim.vm.CloneSpec(
             snapshot=snap,
             location=vim.vm.RelocateSpec(diskMoveType="moveAllDiskBackingsAndDisallowSharing"),
@@ -111,15 +122,32 @@ def main() -> None:
         )
         task = vm.CloneVM_Task(folder=vm.parent, name="vm1-snapferry-x", spec=spec)
         check(task.info.state == "running", "clone task observed running (task-delay)")
+        early = content.searchIndex.FindByInventoryPath("dc1/vm/vm1-snapferry-x")
+        check(early is not None, "a running clone is already listed")
+        check(
+            any(t.info.key == task.info.key for t in vm.recentTask),
+            "the running clone is in the source VM's recentTask",
+        )
+        time.sleep(0.5)
+        progress = task.info.progress
+        check(0 < (progress or 0) < 100, f"a running clone reports progress ({progress}%)")
         info = wait(task)
+        check(info.progress == 100, "a finished clone reports 100%")
         clone = info.result
         check(info.state == "success" and clone.name == "vm1-snapferry-x", "CloneVM_Task")
+        cb = [d.backing for d in clone.config.hardware.device if hasattr(d, "capacityInKB")]
+        check(
+            cb[0].fileName == "[ds1] vm1-snapferry-x/vm1-snapferry-x.vmdk" and cb[0].parent is None,
+            "a full clone of a VM with deltas has flat disks named after it",
+        )
         set_task_delay(port, 0)
         dup = wait(vm.CloneVM_Task(folder=vm.parent, name="vm1-snapferry-x", spec=spec))
         check(isinstance(dup.error, vim.fault.DuplicateName), "clone to existing name")
 
         info = wait(snap.RemoveSnapshot_Task(removeChildren=False))
         check(info.state == "success" and vm.snapshot is None, "RemoveSnapshot_Task")
+        b = [d.backing for d in vm.config.hardware.device if hasattr(d, "capacityInKB")][0]
+        check(b.fileName == "[ds1] vm1/vm1.vmdk" and b.parent is None, "removal consolidates")
 
         flat = "vm1-snapferry-x/vm1-snapferry-x-flat.vmdk"
         resp, _ = ds_request(port, cookie, "HEAD", flat)
@@ -138,6 +166,19 @@ def main() -> None:
         check(ds_request(port, None, "GET", flat)[0].status == 401, "GET without cookie -> 401")
         resp, data = ds_request(port, cookie, "GET", flat, Range="bytes=-16")
         check(resp.status == 206 and data == b"\0" * 16, "suffix range")
+        set_ignore_range(port, True)
+        resp, data = ds_request(port, cookie, "GET", flat, Range="bytes=0-15")
+        check(
+            resp.status == 200 and data == expected and "Content-Range" not in resp.headers,
+            "ignore-range mode: a ranged GET gets a plain 200 with the whole file",
+        )
+        set_ignore_range(port, False)
+        ds = vm.datastore[0]
+        check(ds.summary.type == "VMFS", "datastore summary.type VMFS")
+        set_datastore_type(port, "vsan")
+        check(ds.summary.type == "vsan", "datastore summary.type vsan")
+        check(ds_request(port, cookie, "HEAD", flat)[0].status == 404, "vsan: no -flat.vmdk")
+        set_datastore_type(port, "VMFS")
 
         info = wait(vm.PowerOffVM_Task())
         check(info.state == "success" and vm.runtime.powerState == "poweredOff", "PowerOff")
@@ -150,6 +191,26 @@ def main() -> None:
         check(resp.status == 400, "PUT of a wrong-sized disk is refused")
         info = wait(vm.PowerOnVM_Task())
         check(info.state == "success" and vm.runtime.powerState == "poweredOn", "PowerOn")
+
+        def chain() -> list[str]:
+            b = [d.backing for d in vm.config.hardware.device if hasattr(d, "capacityInKB")][0]
+            names = []
+            while b is not None:
+                names.append(b.fileName.rpartition("/")[2])
+                b = b.parent
+            return names
+
+        a = wait(vm.CreateSnapshot_Task("a", "", memory=False, quiesce=False)).result
+        wait(vm.CreateSnapshot_Task("b", "", memory=False, quiesce=False))
+        check(chain() == ["vm1-000002.vmdk", "vm1-000001.vmdk", "vm1.vmdk"], "two deltas")
+        wait(a.RevertToSnapshot_Task())
+        check(chain() == ["vm1-000002.vmdk", "vm1.vmdk"], "a revert starts a new delta")
+        wait(a.RemoveSnapshot_Task(removeChildren=False))
+        check(chain() == ["vm1-000002.vmdk", "vm1.vmdk"], "b still needs the base: no merge")
+        wait(vm.snapshot.rootSnapshotList[0].snapshot.RemoveSnapshot_Task(removeChildren=False))
+        check(chain() == ["vm1.vmdk"] and vm.snapshot is None, "all removed: the base again")
+        if vm.runtime.powerState != "poweredOn":
+            wait(vm.PowerOnVM_Task())
 
         snap2 = wait(vm.CreateSnapshot_Task("mem", "", memory=True, quiesce=False)).result
         before = disk_path(root, "vm1", 0).read_bytes()

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import soap
-from .inventory import DC, DS, Inventory
+from .inventory import DC, DS, NO_FLAT_FILES, Inventory
 from .vimapi import VimService
 
 COOKIE = "vmware_soap_session"
@@ -73,6 +73,18 @@ class Handler(BaseHTTPRequestHandler):
             self._datastore_get()
         elif path == "/sim/vms":
             self._sim_list()
+        elif path == "/sim/tasks":
+            with self.server.inv.lock:
+                tasks = [
+                    {
+                        "key": key,
+                        "descriptionId": info.descriptionId,
+                        "state": info.state,
+                        "reads": self.server.inv.task_reads.get(key, 0),
+                    }
+                    for key, info in self.server.inv.tasks.items()
+                ]
+            self._json(200, {"tasks": tasks})
         else:
             self._send(404, b"not found")
 
@@ -128,10 +140,19 @@ class Handler(BaseHTTPRequestHandler):
         path = self._datastore_file()
         if path is None or not path.is_file():
             return self._send(404, b"file not found")
+        if self.server.inv.ds_type in NO_FLAT_FILES and path.name.endswith("-flat.vmdk"):
+            # vSAN/vVols keep disks as objects, not flat extents: /folder has no such file
+            # (OpenNebula/one#7788, libguestfs/virt-v2v#29).
+            return self._send(404, b"file not found")
         size = path.stat().st_size
         start, end = 0, size - 1
         status, extra = 200, {}
         rng = self.headers.get("Range")
+        if rng and self.server.inv.ignore_range:
+            # VMware documents /folder GET without ranges, and direct ESXi has been seen
+            # answering a ranged GET with the whole file (PegaProx/project-pegaprox#438):
+            # a plain 200, no Content-Range, no Accept-Ranges.
+            rng = None
         if rng:
             m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
             if not m or not (m[1] or m[2]):
@@ -146,7 +167,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
+        if not self.server.inv.ignore_range:
+            self.send_header("Accept-Ranges", "bytes")
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
@@ -155,10 +177,13 @@ class Handler(BaseHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start + 1
-            while left > 0:
-                chunk = f.read(min(_CHUNK, left))
-                self.wfile.write(chunk)
-                left -= len(chunk)
+            try:
+                while left > 0:
+                    chunk = f.read(min(_CHUNK, left))
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client stopped reading (a dropped stream)
 
     def _datastore_put(self) -> None:
         """Write a whole file; zero chunks become holes so restored disks stay sparse."""
@@ -215,6 +240,10 @@ class Handler(BaseHTTPRequestHandler):
                     "power": vm.power,
                     "disks": [str(inv.disk_file(vm, i)) for i in range(len(vm.disks))],
                     "snapshots": [s.name for s in inv.snaps.values() if s.vm == vm.moid],
+                    "chains": [vm.chains.chain(i) for i in range(len(vm.disks))],
+                    "instance_uuid": vm.uuid,
+                    "bios_uuid": vm.bios_uuid,
+                    "complete": vm.complete,
                     "current_snapshot": vm.current and inv.snaps[vm.current].name,
                 }
                 for vm in inv.vms.values()
@@ -226,7 +255,12 @@ class Handler(BaseHTTPRequestHandler):
         with inv.lock:
             if what == "vms":
                 try:
-                    new = inv.create_vm(req["name"], req["disks"], req.get("power", "poweredOff"))
+                    new = inv.create_vm(
+                        req["name"],
+                        req["disks"],
+                        req.get("power", "poweredOff"),
+                        req.get("folder", ""),
+                    )
                 except ValueError as exc:
                     return self._json(409, {"error": str(exc)})
                 return self._json(201, {"moid": new.moid})
@@ -247,8 +281,18 @@ class Handler(BaseHTTPRequestHandler):
                     return self._json(400, {"error": str(exc)})
                 return self._json(200, {"written": len(data)})
             if what == "datastore":
-                inv.datastore_gone = bool(req["gone"])
-                return self._json(200, {"gone": inv.datastore_gone})
+                inv.datastore_gone = bool(req.get("gone", inv.datastore_gone))
+                inv.ds_type = str(req.get("type", inv.ds_type))
+                return self._json(200, {"gone": inv.datastore_gone, "type": inv.ds_type})
+            if what == "inventory":
+                inv.api_type = str(req.get("api_type", inv.api_type))
+                inv.capacity_in_bytes = bool(req.get("capacity_in_bytes", inv.capacity_in_bytes))
+                return self._json(
+                    200, {"api_type": inv.api_type, "capacity_in_bytes": inv.capacity_in_bytes}
+                )
+            if what == "range":
+                inv.ignore_range = bool(req["ignore"])
+                return self._json(200, {"ignore": inv.ignore_range})
             if what == "task-delay":
                 inv.clone_delay = float(req["seconds"])
                 return self._json(200, {"seconds": inv.clone_delay})

@@ -36,6 +36,13 @@ def _walk(value: Any, path: list[str]) -> Any:
     return value
 
 
+def _fails(fault: vmodl.MethodFault) -> Callable[[], Any]:
+    def raise_it() -> Any:
+        raise fault
+
+    return raise_it
+
+
 class VimService:
     """The vSphere API as far as snapferry uses it, on top of an ``Inventory``."""
 
@@ -94,6 +101,8 @@ class VimService:
         rtype = info.result if info else object
         if m == "Fetch":  # how pyvmomi reads ``vm.name`` etc. (StubAdapterAccessorImpl)
             props = inv.properties(this, api, session)
+            if isinstance(this, vim.Task) and a["prop"] == "info":
+                inv.task_reads[this._moId] = inv.task_reads.get(this._moId, 0) + 1
             try:
                 rtype = type(this)._GetPropertyInfo(a["prop"]).type
             except AttributeError as exc:
@@ -117,6 +126,12 @@ class VimService:
             return None, rtype
         if m == "FindByInventoryPath" and this._moId == SEARCH_INDEX._moId:
             return inv.find_by_inventory_path(a["inventoryPath"]), rtype
+        if m == "FindChild" and this._moId == SEARCH_INDEX._moId:
+            return inv.find_child(a["entity"], a["name"]), rtype
+        if m == "FindByUuid" and this._moId == SEARCH_INDEX._moId:
+            if a.get("datacenter") is not None or not a.get("vmSearch"):
+                raise vmodl.fault.NotSupported(msg="simulator: FindByUuid of VMs, all DCs")
+            return inv.find_by_uuid(a["uuid"], bool(a.get("instanceUuid"))), rtype
         return self._start_task(m, this, a), rtype
 
     def _start_task(self, m: str, this: Any, a: dict[str, Any]) -> vim.Task:
@@ -136,8 +151,17 @@ class VimService:
                 ),
             }
         elif isinstance(this, vim.VirtualMachine):
+            clone: Callable[[], Any] = _fails(vmodl.fault.NotSupported(msg="not a clone"))
             if m == "CloneVM_Task":
+                if inv.api_type == "HostAgent":  # nsidc/vagrant-vsphere#70
+                    raise vmodl.fault.NotSupported(
+                        msg="The operation is not supported on the object."
+                    )
                 inv.resolve(a["folder"], vim.Folder)  # a bad folder is a call-time fault
+                try:  # the clone is listed at once; its bytes come when the task ends
+                    clone = inv.begin_clone(rec, a["name"], a["spec"], a["folder"]._moId)
+                except vmodl.MethodFault as exc:
+                    clone = _fails(exc)  # reported in task.info.error, as vSphere does
             tasks = {
                 "CreateSnapshot_Task": (
                     "VirtualMachine.createSnapshot",
@@ -145,10 +169,7 @@ class VimService:
                         rec, a["name"], a.get("description"), a["memory"], a["quiesce"]
                     ),
                 ),
-                "CloneVM_Task": (
-                    "VirtualMachine.clone",
-                    lambda: inv.clone(rec, a["name"], a["spec"]),
-                ),
+                "CloneVM_Task": ("VirtualMachine.clone", clone),
                 "PowerOnVM_Task": (
                     "VirtualMachine.powerOn",
                     lambda: inv.set_power(rec, "poweredOn"),

@@ -48,6 +48,7 @@ from activities.names import (
     REVERT_VOLUME,
     TAKE_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
+    VM_SNAPSHOT_DELETED,
 )
 from workers.converter import DATA_CONVERTER
 from workflows.routing import (
@@ -159,6 +160,8 @@ class Mocks:
                 self.calls.append((name, op))
                 if name in self.vm_errors:
                     raise self.vm_errors[name]
+                if name == VM_SNAPSHOT_DELETED:
+                    return False  # type: ignore[return-value]
                 if name != TAKE_VM_SNAPSHOT:
                     return None
                 return VmSnapshotTaken(
@@ -170,7 +173,8 @@ class Mocks:
             return run
 
         vm_ops = [
-            vm_activity(n) for n in (TAKE_VM_SNAPSHOT, REVERT_VM_SNAPSHOT, DELETE_VM_SNAPSHOT)
+            vm_activity(n)
+            for n in (TAKE_VM_SNAPSHOT, VM_SNAPSHOT_DELETED, REVERT_VM_SNAPSHOT, DELETE_VM_SNAPSHOT)
         ]
         return {
             host_queue(HOST): [take, release, revert, discard, *vm_ops],

@@ -29,10 +29,19 @@ def create_vm(
     power: str = "Running",
     *,
     allow_duplicate: bool = False,
+    host: int = 1,
 ) -> dict[str, Any]:
-    """Create a VM with zero-filled disks (xvda, xvdb, ...); returns ref, uuid and disks.
-    A second live VM of one name is refused unless ``allow_duplicate`` (XAPI allows it)."""
-    body = {"name": name, "disks": disks, "power": power, "allow_duplicate": allow_duplicate}
+    """Create a VM with zero-filled disks (userdevice 0, 1, ...; device xvda, ... once it
+    runs, "" while it never ran); returns ref, uuid and disks. A second live VM of one name
+    is refused unless ``allow_duplicate`` (XAPI allows it). ``host=2`` puts its disks on the
+    pool member's local SR, so the master answers their exports with a 302."""
+    body = {
+        "name": name,
+        "disks": disks,
+        "power": power,
+        "allow_duplicate": allow_duplicate,
+        "host": host,
+    }
     return _call(port, "POST", "/sim/vms", body)
 
 
@@ -56,13 +65,25 @@ def vdi_path(port: int, vdi: str) -> Path:
 
 
 def inject_fault(
-    port: int, method: str, code: str, params: list[str] | None = None, count: int = 1
+    port: int,
+    method: str,
+    code: str,
+    params: list[str] | None = None,
+    count: int = 1,
+    *,
+    at_byte: int | None = None,
 ) -> None:
     """The next ``count`` calls of ``method`` (e.g. ``VDI.destroy``) fail with ``code``.
 
-    ``export_raw_vdi``/``import_raw_vdi`` as method make those HTTP requests answer 500.
+    ``export_raw_vdi`` fails as XAPI's export does after its 200: the body stops after
+    ``at_byte`` bytes (default 0), the connection closes, and the ``task_id`` task, if
+    any, fails with ``[code, *params]``. ``export_raw_vdi:401`` makes the export refuse
+    the session (401) however valid it is, as for a session that expired between the
+    caller's last XML-RPC call and its GET. ``import_raw_vdi`` answers 500.
     """
-    body = {"method": method, "code": code, "params": params or [], "count": count}
+    body: dict[str, Any] = {"method": method, "code": code, "params": params or [], "count": count}
+    if at_byte is not None:
+        body["at_byte"] = at_byte
     _call(port, "POST", "/sim/faults", body)
 
 
@@ -80,11 +101,17 @@ def set_export_delay(port: int, bytes_per_second: int) -> None:
     _call(port, "POST", "/sim/export-delay", {"bytes_per_second": bytes_per_second})
 
 
+def set_session_idle(port: int, seconds: float) -> None:
+    """Sessions unused for ``seconds`` expire (XAPI: 24 h, the default here too)."""
+    _call(port, "POST", "/sim/session-idle", {"seconds": seconds})
+
+
 def set_task_delay(port: int, seconds: float) -> None:
     """Async tasks stay ``pending`` for ``seconds`` before their operation runs."""
     _call(port, "POST", "/sim/task-delay", {"seconds": seconds})
 
 
 def set_revert_mode(port: int, mode: str) -> None:
-    """``in-place`` (default: VM keeps its VDI refs) or ``xapi`` (new VDIs, as XAPI does)."""
+    """``xapi`` (the default: new VDIs, as XAPI does) or ``in-place`` (the VM keeps its
+    VDI refs: the project's first model, kept for the self-check)."""
     _call(port, "POST", "/sim/revert-mode", {"mode": mode})

@@ -45,6 +45,7 @@ class ControlHandler(ReplyHandler):
                         req.get("power", "Halted" if template else "Running"),
                         template=template,
                         allow_duplicate=bool(req.get("allow_duplicate", False)),
+                        host=int(req.get("host", 1)),
                     )
                 except ValueError as exc:
                     return self._json(409, {"error": str(exc)})
@@ -56,6 +57,9 @@ class ControlHandler(ReplyHandler):
             if what == "export-delay":
                 store.export_bps = max(int(req.get("bytes_per_second") or 0), 0)
                 return self._json(200, {"bytes_per_second": store.export_bps})
+            if what == "session-idle":
+                store.session_idle_s = max(float(req.get("seconds") or 0), 0.0)
+                return self._json(200, {"seconds": store.session_idle_s})
             if what == "task-delay":
                 store.task_delay = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.task_delay})
@@ -94,6 +98,8 @@ class ControlHandler(ReplyHandler):
             store.sessions.clear()
             return self._json(200, {"expired": expired})
         count = int(req.get("count", 1))
+        if "at_byte" in req:
+            store.fault_at_byte[str(req["method"])] = int(req["at_byte"])
         store.add_fault(str(req["method"]), str(req["code"]), list(req.get("params", [])), count)
         self._json(200, {"method": req["method"], "code": req["code"], "count": count})
 
@@ -117,9 +123,11 @@ def _vm_info(store: Store, vm: VM) -> dict[str, Any]:
         "is_a_template": vm.is_a_template,
         "is_control_domain": vm.is_control_domain,
         "snapshot_of": vm.snapshot_of,
+        "suspend_vdi": vm.suspend_vdi,
         "disks": [
             {
                 "device": b.device,
+                "userdevice": b.userdevice,
                 "vbd": b.ref,
                 "vdi": b.vdi,
                 "vdi_uuid": store.vdis[b.vdi].uuid,
@@ -137,6 +145,9 @@ def _vdi_info(vdi: VDI) -> dict[str, Any]:
         "name": vdi.name_label,
         "is_a_snapshot": vdi.is_a_snapshot,
         "snapshot_of": vdi.snapshot_of,
+        "type": vdi.type,
         "size": vdi.size,
+        "vhd_uid": vdi.chain[0].uid.hex(),  # the footer uid of its leaf VHD (not in XAPI)
+        "allocated": sorted(vdi.allocated()),  # blocks its chain's BATs allocate
         "path": str(vdi.path),
     }

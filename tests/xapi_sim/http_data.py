@@ -1,8 +1,30 @@
 """XAPI's HTTP data endpoints: ``GET /export_raw_vdi`` and ``PUT /import_raw_vdi``.
 
-Metadata is resolved under the store lock, then bytes stream without it. Exports
-announce Content-Length (XAPI does; there is no Range support, as in XAPI).
-Imports are spooled to a temp file first so a broken upload never half-writes a VDI.
+Metadata is resolved under the store lock, then bytes stream without it. The export
+answers as ``ocaml/xapi/export_raw_vdi.ml`` does (xen-api e2ee48d688):
+
+- ``handler``: credentials first (``Xapi_http.assert_credentials_ok``: a bad session is
+  ``Http.Unauthorised`` -> 401); then ``Importexport.vdi_of_req`` (a ref, else
+  ``Db.VDI.get_by_uuid``): an unknown VDI raises before any header is sent -> 500.
+- ``export_raw``: a VDI on an SR this host cannot see (another host's local SR) is a 302
+  to that host, same path and query (``Importexport.return_302_redirect``; XAPI's scheme is
+  ``https``, the simulator's ``http``, as it has no TLS).
+- ``localhost_handler``: ``http_200_ok ~keep_alive:false`` with ``task-id``,
+  ``content-type`` and ``content-disposition`` and *no* Content-Length: the body ends
+  when the connection closes. Only after these headers does it read ``base``
+  (``base_vdi_of_req``), check ``VDI_TOO_LARGE``, attach the VDIs and run vhd-tool; any
+  failure there marks the request's task failed (``TaskHelper.failed``, the task named by
+  ``task_id=`` when given, ``Context.get_task_id``) and closes the connection: a short
+  body. vhd-tool exiting non-zero is ``VDI_IO_ERROR`` (``vhd_tool_wrapper.ml``). A
+  forwarded task is completed on success too (``xapi_http.ml`` ``with_context`` ->
+  ``server_helpers.ml`` ``exec_with_forwarded_task``, ``need_complete:true``). The 401 of
+  ``assert_credentials_ok`` comes before any task is touched.
+- No Range support. ``format=raw`` with ``base`` streams the included blocks and zeros
+  elsewhere (f.ml ``Vhd_input.raw_common``).
+
+Injected ``export_raw_vdi`` faults fail the export after the 200 (at ``at_byte`` of the
+body), as the real failures (attach, I/O) do. Imports are spooled to a temp file first so a
+broken upload never half-writes a VDI.
 """
 
 from __future__ import annotations
@@ -16,11 +38,11 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-from .disks import CHUNK, read_at, write_at
+from .disks import CHUNK, data_blocks, read_at, write_at
 from .httpbase import ReplyHandler
-from .model import VDI, Store, Task
+from .model import BLOCK, SR, VDI, Store, Task, XapiError
 from .ops import running_vm_of
-from .vhd import apply_vhd, iter_vhd, plan_vhd, stream_vhd
+from .vhd import _VHD_EPOCH, Parent, apply_vhd, iter_vhd, plan_vhd, stream_vhd
 from .xmlrpc_api import finish_task
 
 
@@ -46,7 +68,7 @@ class DataHandler(ReplyHandler):
         """Auth, injected faults, VDI and format; raises HttpError like XAPI would."""
         store = self.store
         task = store.tasks.get(q.get("task_id", ""))
-        if self._session(q) not in store.sessions:
+        if not store.session_valid(self._session(q)):
             raise HttpError(401, "SESSION_INVALID")
         if fault := store.take_fault(endpoint):
             raise HttpError(500, " ".join(fault.description))
@@ -71,57 +93,102 @@ class DataHandler(ReplyHandler):
     # ----- export ----------------------------------------------------------------
 
     def export_raw_vdi(self) -> None:
-        q, task = self.query(), None
+        q, store = self.query(), self.store
+        self.close_connection = True  # keep_alive:false, whatever happens
+        with store.lock:
+            task = store.tasks.get(q.get("task_id", ""))
+            if not store.session_valid(self._session(q)) or store.take_fault("export_raw_vdi:401"):
+                return self._reply(401, b"SESSION_INVALID")
+            vdi = store.vdi_by_ref_or_uuid(q.get("vdi", ""))
+            if vdi is None:  # Db.VDI.get_by_uuid raises before any header: a 500
+                return self._reply(500, f"UUID_INVALID VDI {q.get('vdi', '')}".encode())
+            sr = store.srs[vdi.sr]
+            if sr.host != self.server.host_ref:
+                return self._redirect(store.host_address[sr.host])
+            fmt = q.get("format", "raw")
+            if fmt not in ("raw", "vhd"):  # localhost_handler: `Unknown -> 404, task failed
+                if task is not None:
+                    finish_task(task, "failure", error=["INTERNAL_ERROR", f"Unknown format {fmt}"])
+                return self._reply(404, b"")
+        self.send_response(200)
+        if task is not None:
+            self.send_header("task-id", task.ref)
+        self.send_header("Content-Type", "application/octet-stream")
+        name = f"{vdi.uuid}.{fmt}"
+        self.send_header("Content-Disposition", f'attachment; filename="{name}"')
+        self.send_header("Connection", "close")
+        self.end_headers()
         files: list[BinaryIO] = []
         try:
-            with self.store.lock:
-                vdi, fmt, task = self._resolve(q, "export_raw_vdi")
-                base = None
-                if q.get("base"):
-                    base = self.store.vdi_by_ref_or_uuid(q["base"])
-                    if base is None:
-                        raise HttpError(404, f"HANDLE_INVALID VDI {q['base']}")
-                    if fmt != "vhd" or base.size != vdi.size:
-                        raise HttpError(400, "base needs format=vhd and an equal-size VDI")
-                files.append(open(vdi.path, "rb"))  # noqa: SIM115 - closed in finally
-                if base is not None:
-                    files.append(open(base.path, "rb"))  # noqa: SIM115
-            src, size = files[0], vdi.size
-            if fmt == "vhd":
-                plan = plan_vhd(src, size, files[1] if len(files) > 1 else None)
-                length, pieces = plan.length, stream_vhd(src, plan)
-            else:
-                length, pieces = size, _raw_pieces(src, size)
-        except HttpError as exc:
-            for f in files:
-                f.close()
-            return self._fail(exc, task)
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(length))
-            self.end_headers()
-            self._write_throttled(pieces)
+            with store.lock:
+                pieces, at_byte, fault = self._export_pieces(q, vdi, fmt, files)
+            self._write_throttled(pieces, at_byte)
+            if fault is not None:
+                raise fault
+        except XapiError as exc:  # after the 200: the task says why, the body is short
+            if task is not None:
+                finish_task(task, "failure", error=exc.description)
         except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
             if task is not None:
                 finish_task(task, "failure", error=["CLIENT_ERROR", "export aborted"])
         else:
             if task is not None:
-                finish_task(task, "success")
+                finish_task(task, "success", result="")
         finally:
             for f in files:
                 f.close()
 
-    def _write_throttled(self, pieces: Iterator[bytes]) -> None:
-        """Honour ``/sim/export-delay`` (re-read per chunk so tests can change it live)."""
+    def _redirect(self, address: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", f"http://{address}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _export_pieces(
+        self, q: dict[str, str], vdi: VDI, fmt: str, files: list[BinaryIO]
+    ) -> tuple[Iterator[bytes], int | None, XapiError | None]:
+        """What vhd-tool would stream, or the error after the 200 (and where it hits)."""
+        store = self.store
+        fault = store.take_fault("export_raw_vdi")
+        at_byte = store.fault_at_byte.get("export_raw_vdi", 0) if fault else None
+        base = None
+        if q.get("base"):
+            base = store.vdi_by_ref_or_uuid(q["base"])
+            if base is None:  # base_vdi_of_req runs after the headers
+                return iter(()), 0, XapiError("UUID_INVALID", "VDI", q["base"])
+            if base.size != vdi.size:  # vhd-tool fails: VDI_IO_ERROR
+                return iter(()), 0, XapiError("VDI_IO_ERROR", "Device I/O errors")
+        files.append(open(vdi.path, "rb"))  # noqa: SIM115 - closed by the caller
+        if base is None:
+            blocks, parent = vdi.allocated(), None
+        else:
+            blocks, parent = changed_blocks(vdi, base), _parent_of(store.srs[base.sr], base)
+        if fmt == "vhd":
+            pieces = stream_vhd(files[0], plan_vhd(vdi.size, blocks, parent))
+        elif base is None:
+            pieces = _raw_pieces(files[0], vdi.size)
+        else:
+            pieces = _raw_blocks(files[0], vdi.size, blocks)
+        return pieces, at_byte, fault
+
+    def _write_throttled(self, pieces: Iterator[bytes], stop_at: int | None = None) -> int:
+        """Honour ``/sim/export-delay`` (re-read per chunk so tests can change it live);
+        stop after ``stop_at`` bytes (a failure mid-stream). Returns the bytes sent."""
+        sent = 0
         for piece in pieces:
             step = 8192 if self.store.export_bps else 1 << 16
             for off in range(0, len(piece), step):
                 chunk = piece[off : off + step]
+                if stop_at is not None and sent + len(chunk) > stop_at:
+                    chunk = chunk[: stop_at - sent]
                 self.wfile.write(chunk)
+                sent += len(chunk)
+                if stop_at is not None and sent >= stop_at:
+                    return sent
                 if bps := self.store.export_bps:
                     time.sleep(len(chunk) / bps)
+        return sent
 
     # ----- import ----------------------------------------------------------------
 
@@ -130,6 +197,12 @@ class DataHandler(ReplyHandler):
         try:
             with self.store.lock:
                 vdi, fmt, task = self._resolve(q, "import_raw_vdi")
+                host = self.store.srs[vdi.sr].host
+                if host != self.server.host_ref:
+                    # import_raw_vdi.ml (import): an SR this host cannot see -> a 302 to
+                    # the host that can, before the body is read.
+                    self.close_connection = True
+                    return self._redirect(self.store.host_address[host])
                 self._check_not_in_use(vdi)
             tmp, received = self._spool(vdi.path.parent)
             with self.store.lock:
@@ -203,10 +276,40 @@ def _raw_pieces(f: BinaryIO, size: int) -> Iterator[bytes]:
         yield read_at(f, off, min(CHUNK, size - off))
 
 
+def _raw_blocks(f: BinaryIO, size: int, blocks: set[int]) -> Iterator[bytes]:
+    """A raw delta: the included blocks' bytes, zeros elsewhere (``raw_common``)."""
+    for i in range(-(-size // BLOCK)):
+        length = min(BLOCK, size - i * BLOCK)
+        yield read_at(f, i * BLOCK, length) if i in blocks else bytes(length)
+
+
+def changed_blocks(vdi: VDI, base: VDI) -> set[int]:
+    """vhd-tool's ``include_block`` with ``from``: the blocks allocated by any VHD that is
+    on exactly one of the two chains (f.ml l.2801-2823, keyed by footer uid + name)."""
+    mine, theirs = {id(x) for x in vdi.chain}, {id(x) for x in base.chain}
+    only = [x for x in vdi.chain if id(x) not in theirs]
+    only += [x for x in base.chain if id(x) not in mine]
+    return set().union(*(x.blocks for x in only))
+
+
+def _parent_of(sr: SR, base: VDI) -> Parent:
+    """The base's leaf VHD as vhd-tool sees it: its uid, file name and mtime (f.ml l.3004)."""
+    mtime = int(base.path.stat().st_mtime) if base.path.exists() else _VHD_EPOCH
+    return Parent(
+        uid=base.chain[0].uid,
+        filename=f"/var/run/sr-mount/{sr.uuid}/{base.uuid}.vhd",
+        time_stamp=max(mtime - _VHD_EPOCH, 0),
+    )
+
+
 def _apply_raw(tmp: Path, received: int, vdi: VDI) -> Path | None:
-    """A whole-disk body replaces the file (keeps holes); a shorter one overwrites a prefix."""
+    """A whole-disk body replaces the file (keeps holes); a shorter one overwrites a prefix.
+    Through tapdisk, every block written with data, or written over data, is allocated."""
     if received > vdi.size:
         raise HttpError(400, f"body of {received} bytes exceeds virtual_size {vdi.size}")
+    with open(tmp, "rb") as new, open(vdi.path, "rb") as old:
+        written = data_blocks(new, received, BLOCK) | data_blocks(old, received, BLOCK)
+    vdi.chain[0].blocks |= written
     if received == vdi.size:
         os.replace(tmp, vdi.path)
         return None
@@ -225,5 +328,8 @@ def _apply_vhd_checked(tmp: Path, vdi: VDI) -> None:
         if info.virtual_size > vdi.size:
             raise HttpError(400, f"VHD virtual size {info.virtual_size} exceeds the VDI")
         apply_vhd(tmp, vdi.path)
+        with open(tmp, "rb") as f:
+            _, present = iter_vhd(f)
+            vdi.chain[0].blocks |= {i * info.block_size // BLOCK for i, _, _ in present}
     except ValueError as exc:
         raise HttpError(400, f"bad VHD: {exc}") from None

@@ -19,7 +19,9 @@ NULL_REF = "OpaqueRef:NULL"
 EPOCH = "19700101T00:00:00Z"
 # XAPI class names exactly as they appear in method names and HANDLE_INVALID.
 CLASSES = ("VM", "VBD", "VDI", "SR", "task", "host", "pool")
-HOST_NAME = "xapi-sim"  # the one host's name_label (and its dom0's label, below)
+HOST_NAME = "xapi-sim"  # the master's name_label (and its dom0's label, below)
+HOST2_NAME = "xapi-sim-2"  # a pool member: only its local SR, no VMs run there
+BLOCK = 2 << 20  # a VHD block (vhd-tool's default_block_size_sectors_shift = 12)
 
 
 class XapiError(Exception):
@@ -49,6 +51,19 @@ class SR:
     uuid: str
     name_label: str
     path: Path
+    host: str = ""  # the host whose local SR it is (a VDI here is exported by that host)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One VHD file of a VDI's tapdisk chain on a VHD-based SR (ext, NFS, LVHD): its footer
+    uid and the 2 MiB blocks its BAT allocates. ``VDI.snapshot``/``clone`` freeze the leaf
+    as a shared parent and give each side a new empty leaf (SM's "double" snapshot), and a
+    guest write allocates blocks in the leaf, so delta exports can be computed from
+    allocation exactly as vhd-tool does (see ``vhd.py``). Bytes stay in the raw file."""
+
+    uid: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+    blocks: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -64,6 +79,12 @@ class VDI:
     snapshot_time: str = EPOCH
     name_description: str = ""
     other_config: dict[str, str] = field(default_factory=dict)
+    chain: list[Layer] = field(default_factory=lambda: [Layer()])  # leaf first
+    type: str = "user"  # or "suspend" (a memory image)
+
+    def allocated(self) -> set[int]:
+        """Blocks allocated anywhere on the chain (vhd-tool's ``in_any_bat``)."""
+        return set().union(*(layer.blocks for layer in self.chain))
 
 
 @dataclass
@@ -73,10 +94,14 @@ class VBD:
     vm: str
     vdi: str
     userdevice: int
+    # xapi_vbd.ml (create, l.145-150): a VBD made while its VM is not Suspended gets
+    # device "" and currently_attached false; the device name ("xvda", or "hda" for HVM)
+    # is filled in only when the VM starts (xenopsd reports it). It then stays.
+    device: str = ""
 
-    @property
-    def device(self) -> str:
-        return "xvd" + chr(ord("a") + self.userdevice)
+    def boot(self) -> None:
+        if not self.device:
+            self.device = "xvd" + chr(ord("a") + self.userdevice)
 
 
 @dataclass
@@ -95,6 +120,8 @@ class VM:
     parent: str = NULL_REF
     name_description: str = ""
     other_config: dict[str, str] = field(default_factory=dict)
+    suspend_vdi: str = NULL_REF  # a checkpoint's memory image (xapi_vm_snapshot.ml)
+    memory: int = 256 << 20  # memory_static_max: the size of a suspend image
 
 
 @dataclass
@@ -129,22 +156,39 @@ class Store:
         self.root = root
         self.user, self.password = user, password
         self.sessions: dict[str, dict[str, str]] = {}
+        # xapi_globs.ml: a session unused for 24 h is destroyed (inactive_session_timeout)
+        self.session_idle_s = 24 * 3600.0
+        self.session_used: dict[str, float] = {}
         self.vms: dict[str, VM] = {}
         self.vbds: dict[str, VBD] = {}
         self.vdis: dict[str, VDI] = {}
         self.srs: dict[str, SR] = {}
         self.tasks: dict[str, Task] = {}
         self.faults: dict[str, list[Fault]] = {}
+        self.fault_at_byte: dict[str, int] = {}  # where an injected export fault cuts the body
         self.export_bps = 0  # 0 = unthrottled
         self.task_delay = 0.0  # seconds an Async task stays pending before it runs
-        self.revert_mode = "in-place"  # or "xapi" (new VDIs, like the real pool)
+        self.revert_mode = "xapi"  # XAPI's (xapi_vm_snapshot.ml), or "in-place" (old model)
         sr_uuid = new_uuid()
-        sr = SR(new_ref(), sr_uuid, "Local storage", root / sr_uuid)
+        self.host_ref, self.pool_ref = new_ref(), new_ref()
+        self.host_uuid, self.pool_uuid = new_uuid(), new_uuid()
+        # A second host (a pool member) with its own local SR: XAPI serves a VDI's data
+        # only on a host that sees its SR, and the master answers a 302 to that host
+        # (export_raw_vdi.ml, export_raw; importexport.ml, return_302_redirect).
+        self.host2_ref, self.host2_uuid = new_ref(), new_uuid()
+        self.host_address = {self.host_ref: "", self.host2_ref: ""}  # set by the server
+        sr = SR(new_ref(), sr_uuid, "Local storage", root / sr_uuid, self.host_ref)
         sr.path.mkdir(parents=True, exist_ok=True)
         self.srs[sr.ref] = sr
         self.sr = sr
-        self.host_ref, self.pool_ref = new_ref(), new_ref()
-        self.host_uuid, self.pool_uuid = new_uuid(), new_uuid()
+        sr2_uuid = new_uuid()
+        # Named apart from the master's (XAPI calls both "Local storage") so that a lookup
+        # by that label stays unambiguous in tests.
+        sr2 = SR(new_ref(), sr2_uuid, f"Local storage on {HOST2_NAME}", root / sr2_uuid)
+        sr2.host = self.host2_ref
+        sr2.path.mkdir(parents=True, exist_ok=True)
+        self.srs[sr2.ref] = sr2
+        self.sr2 = sr2
         # Every host has its dom0 in the VM table (create_misc.ml,
         # create_domain_zero_record): "Control domain on host: <hostname>", Running,
         # domid 0, is_control_domain = true, not a template. VM.get_all and
@@ -194,11 +238,25 @@ class Store:
             raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
         ref = new_ref()
         self.sessions[ref] = {"uuid": new_uuid(), "user": str(user), "originator": originator}
+        self.session_used[ref] = time.monotonic()
         return ref
 
     def check_session(self, ref: object) -> None:
-        if not isinstance(ref, str) or ref not in self.sessions:
+        if not self.session_valid(ref):
             raise XapiError("SESSION_INVALID", ref if isinstance(ref, str) else "")
+
+    def session_valid(self, ref: object) -> bool:
+        """A live session (its idle time is reset); one idle too long is destroyed."""
+        with self.lock:
+            if not isinstance(ref, str) or ref not in self.sessions:
+                return False
+            now = time.monotonic()
+            if now - self.session_used.get(ref, now) > self.session_idle_s:
+                del self.sessions[ref]
+                self.session_used.pop(ref, None)
+                return False
+            self.session_used[ref] = now
+            return True
 
     # ----- fault injection -------------------------------------------------------
 

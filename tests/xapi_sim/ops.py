@@ -9,7 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from .disks import copy_sparse_to, create_sparse, write_at
-from .model import NULL_REF, VBD, VDI, VM, Store, XapiError, new_ref, new_uuid, xapi_time
+from .model import (
+    BLOCK,
+    NULL_REF,
+    SR,
+    VBD,
+    VDI,
+    VM,
+    Layer,
+    Store,
+    XapiError,
+    new_ref,
+    new_uuid,
+    xapi_time,
+)
 
 
 def _int(value: object, what: str) -> int:
@@ -20,20 +33,49 @@ def _int(value: object, what: str) -> int:
 
 
 def new_vdi(
-    store: Store, name: str, size: int, *, copy_of: VDI | None = None, snapshot_of: str = ""
+    store: Store,
+    name: str,
+    size: int,
+    *,
+    copy_of: VDI | None = None,
+    snapshot_of: str = "",
+    sr: SR | None = None,
+    share_chain: bool = False,
 ) -> VDI:
-    """A VDI backed by ``<root>/<sr-uuid>/<vdi-uuid>.raw``; zeros or a copy of ``copy_of``."""
+    """A VDI backed by ``<root>/<sr-uuid>/<vdi-uuid>.raw``; zeros or a copy of ``copy_of``.
+
+    ``share_chain`` (VDI.snapshot/clone on a VHD SR): ``copy_of``'s leaf becomes a shared
+    read-only parent and both VDIs get a new empty leaf. Otherwise a copy is one flat VHD
+    allocating what the source's chain allocates (VDI.copy)."""
     size = -(-size // 512) * 512  # VHD-based SRs only hold whole sectors
+    sr = sr or (store.srs[copy_of.sr] if copy_of is not None else store.sr)
     vdi_uuid = new_uuid()
-    vdi = VDI(new_ref(), vdi_uuid, name, size, store.sr.ref, store.sr.path / f"{vdi_uuid}.raw")
+    vdi = VDI(new_ref(), vdi_uuid, name, size, sr.ref, sr.path / f"{vdi_uuid}.raw")
     if copy_of is not None:
         copy_sparse_to(copy_of.path, vdi.path, size)
+        if share_chain:
+            # VDI.snapshot/clone (xapi_vdi.ml snapshot_and_clone, l.836-851): the new VDI
+            # gets the source's name_label (the caller passes it), name_description, type
+            # and other_config.
+            vdi.name_description, vdi.type = copy_of.name_description, copy_of.type
+            vdi.other_config = dict(copy_of.other_config)
+            frozen = list(copy_of.chain)
+            copy_of.chain = [Layer(), *frozen]
+            vdi.chain = [Layer(), *frozen]
+        else:
+            vdi.chain = [Layer(blocks=copy_of.allocated())]
     else:
         create_sparse(vdi.path, size)
     if snapshot_of:
         vdi.is_a_snapshot, vdi.snapshot_of, vdi.snapshot_time = True, snapshot_of, xapi_time()
     store.vdis[vdi.ref] = vdi
     return vdi
+
+
+def allocate(vdi: VDI, offset: int, length: int) -> None:
+    """A write through tapdisk allocates every block it touches in the leaf VHD."""
+    if length > 0:
+        vdi.chain[0].blocks.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
 
 
 def running_vm_of(store: Store, vdi: VDI) -> VM | None:
@@ -45,8 +87,12 @@ def running_vm_of(store: Store, vdi: VDI) -> VM | None:
     return None
 
 
-def add_vbd(store: Store, vm: VM, vdi: VDI, userdevice: int) -> VBD:
-    vbd = VBD(new_ref(), new_uuid(), vm.ref, vdi.ref, userdevice)
+def add_vbd(store: Store, vm: VM, vdi: VDI, userdevice: int, device: str = "") -> VBD:
+    """A VBD; its ``device`` is "" unless the VM runs (then it is plugged and named) or a
+    snapshot/revert copies a VBD record with its device (xapi_vm_clone.ml copies it)."""
+    vbd = VBD(new_ref(), new_uuid(), vm.ref, vdi.ref, userdevice, device)
+    if vm.power_state == "Running":  # attached to a running VM: the device is known
+        vbd.boot()
     store.vbds[vbd.ref] = vbd
     vm.vbds.append(vbd.ref)
     return vbd
@@ -60,6 +106,8 @@ def create_vm(
     *,
     template: bool = False,
     allow_duplicate: bool = False,
+    host: int = 1,
+    memory: int = 256 << 20,
 ) -> VM:
     """A VM (or a template: Halted, ``is_a_template``) with zero-filled disks.
 
@@ -73,10 +121,11 @@ def create_vm(
         taken = any(v.name_label == name and store.live_vm(v) for v in store.vms.values())
         if taken and not template and not allow_duplicate:
             raise ValueError(f"a VM named {name!r} already exists")
-        vm = VM(new_ref(), new_uuid(), name, power, is_a_template=template)
+        vm = VM(new_ref(), new_uuid(), name, power, is_a_template=template, memory=memory)
         store.vms[vm.ref] = vm
+        sr = store.sr2 if host == 2 else store.sr
         for i, size in enumerate(disks):
-            add_vbd(store, vm, new_vdi(store, f"{name} disk {i}", int(size)), i)
+            add_vbd(store, vm, new_vdi(store, f"{name} disk {i}", int(size), sr=sr), i)
         return vm
 
 
@@ -87,6 +136,7 @@ def guest_write(store: Store, vm: VM, disk: int, offset: int, data: bytes) -> No
         if offset < 0 or offset + len(data) > vdi.size:
             raise ValueError("write beyond the end of the disk")
         write_at(vdi.path, offset, data)
+        allocate(vdi, offset, len(data))
 
 
 # ----- VDI -------------------------------------------------------------------------
@@ -95,14 +145,23 @@ def guest_write(store: Store, vm: VM, disk: int, offset: int, data: bytes) -> No
 def vdi_snapshot(store: Store, ref: str, driver_params: object = None) -> str:
     with store.lock:
         src = store.get("VDI", ref)
-        return new_vdi(store, src.name_label, src.size, copy_of=src, snapshot_of=src.ref).ref
+        snap = new_vdi(
+            store, src.name_label, src.size, copy_of=src, snapshot_of=src.ref, share_chain=True
+        )
+        return snap.ref
+
+
+def vdi_clone(store: Store, ref: str) -> str:
+    with store.lock:
+        src = store.get("VDI", ref)
+        return new_vdi(store, src.name_label, src.size, copy_of=src, share_chain=True).ref
 
 
 def vdi_copy(store: Store, ref: str, sr: str) -> str:
     with store.lock:
         src = store.get("VDI", ref)
-        store.get("SR", sr)
-        return new_vdi(store, src.name_label, src.size, copy_of=src).ref
+        target = store.get("SR", sr)
+        return new_vdi(store, src.name_label, src.size, copy_of=src, sr=target).ref
 
 
 def vdi_create(store: Store, record: dict[str, Any]) -> str:
@@ -116,7 +175,9 @@ def vdi_create(store: Store, record: dict[str, Any]) -> str:
         size = _int(record["virtual_size"], "virtual_size")
         if size <= 0:
             raise XapiError("FIELD_TYPE_ERROR", "virtual_size")
-        vdi = new_vdi(store, str(record.get("name_label", "")), size)
+        vdi = new_vdi(
+            store, str(record.get("name_label", "")), size, sr=store.get("SR", record["SR"])
+        )
         vdi.name_description = str(record.get("name_description", ""))
         vdi.other_config = dict(record.get("other_config") or {})
         return vdi.ref
@@ -203,13 +264,22 @@ def vm_snapshot(
         snap.snapshot_of, snap.snapshot_time = vm.ref, xapi_time()
         snap.snapshot_info = {"power-state-at-snapshot": vm.power_state}
         if memory:
-            snap.power_state = "Suspended"  # a checkpoint carries the VM's memory image
+            # A checkpoint carries the VM's memory image in its suspend_VDI, a VDI of the
+            # VM's memory size on the SR (xapi_vm_snapshot.ml, checkpoint: the VM is
+            # suspended to a new VDI, which becomes the snapshot's suspend_VDI). VM.destroy
+            # of the snapshot leaves it, as every VDI (CloudStack's
+            # CitrixDeleteVMSnapshotCommandWrapper destroys it explicitly).
+            snap.power_state = "Suspended"
+            image = new_vdi(store, f"Suspend image of {vm.name_label}", vm.memory)
+            image.type = "suspend"
+            allocate(image, 0, image.size)
+            snap.suspend_vdi = image.ref
         store.vms[snap.ref] = snap
         for vbd in sorted((store.vbds[r] for r in vm.vbds), key=lambda b: b.userdevice):
             if vbd.vdi in (ignore_vdis or []):
                 continue
             copy = store.vdis[vdi_snapshot(store, vbd.vdi)]
-            add_vbd(store, snap, copy, vbd.userdevice)
+            add_vbd(store, snap, copy, vbd.userdevice, vbd.device)
         vm.parent = snap.ref
         return snap.ref
 
@@ -233,22 +303,40 @@ def vm_revert(store: Store, ref: str) -> None:
         if snap.snapshot_of not in store.vms:  # XAPI re-creates the VM: not modelled
             raise XapiError("VM_REVERT_FAILED", snap.ref, snap.snapshot_of)
         vm = store.vms[snap.snapshot_of]
+        if vm.power_state == "Running":
+            # xapi_vm_snapshot.ml (revert): update_vifs_vbds_vgpus_and_vusbs destroys the
+            # VM's VBDs, which VBD.destroy refuses while they are attached; the handler
+            # then force_state_reset's the VM to Halted and raises VM_REVERT_FAILED
+            # [snapshot, vm]. (The real VM's domain is left to xenopsd; here it stops.)
+            vm.power_state = "Halted"
+            raise XapiError("VM_REVERT_FAILED", snap.ref, vm.ref)
         mine = {store.vbds[r].userdevice: store.vbds[r] for r in vm.vbds}
         for snap_vbd in (store.vbds[r] for r in snap.vbds):
             src = store.vdis[snap_vbd.vdi]
             target = mine.get(snap_vbd.userdevice)
             if store.revert_mode == "xapi":
-                _revert_by_clone(store, vm, src, target, snap_vbd.userdevice)
+                _revert_by_clone(store, vm, src, target, snap_vbd)
             elif target is not None:
-                copy_sparse_to(src.path, store.vdis[target.vdi].path, src.size)
+                dst = store.vdis[target.vdi]
+                copy_sparse_to(src.path, dst.path, src.size)
+                dst.chain[0].blocks |= src.allocated() | dst.allocated()
         if snap.power_state == "Suspended":  # a checkpoint
-            vm.power_state = "Suspended" if store.revert_mode == "xapi" else "Running"
+            if store.revert_mode == "xapi":
+                # revert_vbds clones the snapshot's suspend_VDI into the VM's.
+                vm.power_state = "Suspended"
+                image = store.vdis.get(snap.suspend_vdi)
+                if image is not None:
+                    clone = new_vdi(store, image.name_label, image.size, copy_of=image)
+                    clone.type = "suspend"
+                    vm.suspend_vdi = clone.ref
+            else:
+                vm.power_state = "Running"
         else:
             vm.power_state = "Halted"
         vm.parent = snap.ref
 
 
-def _revert_by_clone(store: Store, vm: VM, src: VDI, target: VBD | None, dev: int) -> None:
+def _revert_by_clone(store: Store, vm: VM, src: VDI, target: VBD | None, snap_vbd: VBD) -> None:
     if target is not None:
         old = store.vdis[target.vdi]
         vm.vbds.remove(target.ref)
@@ -256,12 +344,12 @@ def _revert_by_clone(store: Store, vm: VM, src: VDI, target: VBD | None, dev: in
         if src.snapshot_of == old.ref:
             del store.vdis[old.ref]
             old.path.unlink(missing_ok=True)
-    clone = new_vdi(store, src.name_label, src.size, copy_of=src)
+    clone = new_vdi(store, src.name_label, src.size, copy_of=src, share_chain=True)
     tree = src.snapshot_of  # every snapshot of the old disk now hangs off the clone
     for other in store.vdis.values():
         if tree != NULL_REF and other.snapshot_of == tree:
             other.snapshot_of = clone.ref
-    add_vbd(store, vm, clone, dev)
+    add_vbd(store, vm, clone, snap_vbd.userdevice, snap_vbd.device)
 
 
 def vm_destroy(store: Store, ref: str) -> None:
@@ -282,3 +370,10 @@ def vm_set_power(store: Store, ref: str, expected: str, new: str, op: str) -> No
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, expected.lower(), vm.power_state.lower())
         _refuse_non_vm(vm, op)
         vm.power_state = new
+        if new == "Running":
+            for r in vm.vbds:  # plugged: xenopsd names the device
+                store.vbds[r].boot()
+        if op == "resume" and vm.suspend_vdi in store.vdis:
+            # xapi_xenops.ml resume: the suspend image is destroyed once the VM runs.
+            vdi_destroy(store, vm.suspend_vdi)
+            vm.suspend_vdi = NULL_REF

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .disks import allocated_bytes
-from .model import HOST_NAME, NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
+from .model import HOST2_NAME, HOST_NAME, NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
 
 
 def wire(value: Any) -> Any:
@@ -51,7 +51,8 @@ def _vm(store: Store, vm: VM) -> dict[str, Any]:
         "children": [],
         "VBDs": list(vm.vbds),
         "VIFs": [],
-        "suspend_VDI": NULL_REF,
+        "suspend_VDI": vm.suspend_vdi,
+        "memory_static_max": vm.memory,
         "resident_on": store.host_ref if vm.power_state == "Running" else NULL_REF,
         "domid": _domid(vm),
         "other_config": vm.other_config,
@@ -96,7 +97,7 @@ def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
         "VBDs": [b.ref for b in store.vbds.values() if b.vdi == vdi.ref],
         "virtual_size": vdi.size,
         "physical_utilisation": allocated_bytes(vdi.path),
-        "type": "user",
+        "type": vdi.type,
         "sharable": False,
         "read_only": False,
         "managed": True,
@@ -156,17 +157,20 @@ def _task(store: Store, task: Task) -> dict[str, Any]:
     }
 
 
-def _host(store: Store) -> dict[str, Any]:
+def _host(store: Store, ref: str) -> dict[str, Any]:
+    member = ref == store.host2_ref
     return {
-        "uuid": store.host_uuid,
-        "name_label": HOST_NAME,
+        "uuid": store.host2_uuid if member else store.host_uuid,
+        "name_label": HOST2_NAME if member else HOST_NAME,
         "name_description": "",
-        "address": "127.0.0.1",
+        "address": store.host_address.get(ref) or "127.0.0.1",
         "API_version_major": 2,
         "API_version_minor": 21,
         "API_version_vendor": "XenServer simulator",
         "enabled": True,
-        "resident_VMs": [v.ref for v in store.vms.values() if v.power_state == "Running"],
+        "resident_VMs": []
+        if member
+        else [v.ref for v in store.vms.values() if v.power_state == "Running"],
         "other_config": {},
         "tags": [],
     }
@@ -195,7 +199,7 @@ _BUILDERS: dict[str, Callable[[Store, Any], dict[str, Any]]] = {
 
 def all_refs(store: Store, cls: str) -> list[str]:
     if cls == "host":
-        return [store.host_ref]
+        return [store.host_ref, store.host2_ref]
     if cls == "pool":
         return [store.pool_ref]
     return list(store.table(cls))
@@ -204,9 +208,9 @@ def all_refs(store: Store, cls: str) -> list[str]:
 def record(store: Store, cls: str, ref: object) -> dict[str, Any]:
     """The record of ``ref``; HANDLE_INVALID when it is not an object of ``cls``."""
     if cls in ("host", "pool"):
-        if ref != (store.host_ref if cls == "host" else store.pool_ref):
+        if ref not in all_refs(store, cls):
             raise XapiError("HANDLE_INVALID", cls, ref)
-        return _host(store) if cls == "host" else _pool(store)
+        return _host(store, str(ref)) if cls == "host" else _pool(store)
     return _BUILDERS[cls](store, store.get(cls, ref))
 
 

@@ -7,6 +7,7 @@ export never blocks the XML-RPC calls a test makes while it runs.
 from __future__ import annotations
 
 import json
+import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,10 +25,26 @@ class SimServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, port: int, root: Path, user: str, password: str) -> None:
+    def __init__(
+        self, port: int, root: Path, user: str, password: str, *, member_of: SimServer | None = None
+    ) -> None:
         super().__init__(("127.0.0.1", port), Handler)
-        self.store = Store(root, user, password)
-        self.xapi = XapiService(self.store)
+        if member_of is None:  # the pool master; its member serves on a port of its own
+            self.store = Store(root, user, password)
+            self.host_ref = self.store.host_ref
+            self.member = SimServer(0, root, user, password, member_of=self)
+            threading.Thread(target=self.member.serve_forever, daemon=True).start()
+        else:  # a pool member: the same database, its own host and local SR
+            self.store = member_of.store
+            self.host_ref = self.store.host2_ref
+        self.store.host_address[self.host_ref] = f"127.0.0.1:{self.server_address[1]}"
+        self.xapi = XapiService(self.store, member=member_of is not None)
+
+    def server_close(self) -> None:
+        if getattr(self, "member", None) is not None:
+            self.member.shutdown()
+            self.member.server_close()
+        super().server_close()
 
 
 class Handler(DataHandler, ControlHandler):

@@ -1,12 +1,40 @@
-"""Dynamic VHD writer (what ``export_raw_vdi?format=vhd`` streams) and a small reader.
+"""The VHD that ``export_raw_vdi?format=vhd`` streams, written as vhd-tool writes it, and a
+small reader.
 
-Layout written (Microsoft VHD spec, all big-endian): footer copy at 0, dynamic disk
-header at 512, BAT at 1536 (padded to a sector), then each present 2 MiB block as a
-512-byte sector bitmap followed by its data, then the footer. Creator is ``tap`` so
-qemu sizes the disk from ``current_size`` rather than CHS geometry, as for XenServer.
+XAPI's handler (``ocaml/xapi/export_raw_vdi.ml``, ``localhost_handler``) runs
+``vhd-tool stream --source-format hybrid --destination-format vhd [--relative-to <base>]``
+(``ocaml/xapi/vhd_tool_wrapper.ml``, ``send``); vhd-tool builds the stream in
+``ocaml/libs/vhd/vhd_format/f.ml``, ``Vhd_input.vhd_common`` (l.2969-3194 at xen-api
+e2ee48d688), and ``ocaml/vhd-tool/src/impl.ml`` ``stream_raw`` writes it to the socket with
+every ``Empty`` run expanded to zeros (the socket is not "prezeroed"). Layout, citing f.ml:
 
-A delta (``base=``) is the same format with only the blocks that differ from the
-base; absent blocks mean "unchanged", so importing it applies just those blocks.
+- 0: footer copy; 512: dynamic header; 1536: one empty sector (the parent locator's place,
+  streamed as zeros); 2048: BAT, rounded up to a sector (l.2975-2984, l.3126-3139,
+  ``BAT.sizeof_bytes`` l.1204). No batmap (``emit_batmap`` is false, l.2969).
+- Footer (``Footer.create`` l.396 with vhd_common's arguments l.2994): creator ``caml``
+  version 1, host OS 0, time stamp 0, features 2 (the reserved bit, ``Feature.to_int32``
+  l.118), ``data_offset`` 512, ``original_size = current_size`` = the VDI's virtual size
+  (not rounded), CHS from ``Geometry.of_sectors`` (l.193), a fresh random uid per export.
+  Disk type 3 (dynamic) for a full export, 4 (differencing) with ``base`` (l.2987-2993).
+- Header (``Header.create`` l.830): 2 MiB blocks, ``max_table_entries`` = the size rounded
+  up to whole blocks. With ``base`` (l.3003-3017): ``parent_unique_id`` = the footer uid of
+  the base's leaf VHD, ``parent_time_stamp`` = its file's mtime (VHD epoch),
+  ``parent_unicode_name`` = its file name in UTF-16BE (``UTF16.marshal``), and locator 0 =
+  ``MacX``, ``file://<name>``, 1 sector of space at offset 1536 (``Parent_locator.
+  from_filename`` l.791; ``marshal`` l.755 stores the space in sectors). The locator's
+  data is never written: the stream carries an empty sector there (l.3135).
+- Blocks (l.2781-2823, ``include_block``): without ``base``, every block allocated in any
+  BAT of the VDI's chain (``in_any_bat``); with ``base``, every block allocated in a VHD that
+  is on one chain and not the other (``union (diff t from) (diff from t)``, VHDs keyed by
+  footer uid and file name). Chosen by allocation, not by comparing bytes: a block written
+  with the same bytes is still sent.
+- Each included block is complete: a sector bitmap with *every* bit set ("We'll always set
+  all bitmap bits", l.3026-3030), then all 4096 sectors copied from the raw device view
+  (``Hybrid_input`` passes ``raw``, l.3093-3102), so a block holds the VDI's bytes, not only
+  the sectors its own VHD wrote. Blocks follow in BAT order (l.3060-3067), then the footer.
+  A last block past the virtual size is zero-padded here (SM rounds VHD sizes up to 2 MiB,
+  so a real export never has one).
+
 The reader (``read_vhd_blocks``/``apply_vhd``) is shared with the project so it can
 rebuild a disk from a full export plus deltas.
 """
@@ -15,10 +43,9 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +56,8 @@ BLOCK_SIZE = 2 << 20
 UNUSED = 0xFFFFFFFF
 FOOTER_COOKIE, HEADER_COOKIE = b"conectix", b"cxsparse"
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
+HEADER_OFFSET, LOCATOR_OFFSET, TABLE_OFFSET = 512, 1536, 2048  # f.ml l.2975-2984
+PLATFORM_MACX = 0x4D616358  # f.ml Platform_code.macx
 _VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z
 
 
@@ -43,9 +72,10 @@ def _with_checksum(buf: bytearray, at: int) -> bytes:
 
 
 def chs_geometry(size: int) -> tuple[int, int, int]:
-    """Cylinders, heads, sectors/track per the VHD spec's appendix algorithm."""
+    """Cylinders, heads, sectors/track as f.ml's ``Geometry.of_sectors`` (the spec's
+    appendix; note its strict ``>`` for the 255-sector case)."""
     total = min(size // SECTOR, 65535 * 16 * 255)
-    if total >= 65535 * 16 * 63:
+    if total > 65535 * 16 * 63:
         spt, heads = 255, 16
         cth = total // spt
     else:
@@ -61,22 +91,23 @@ def chs_geometry(size: int) -> tuple[int, int, int]:
     return cth // heads, heads, spt
 
 
-def footer(size: int, unique_id: bytes, timestamp: int, disk_type: int = DISK_DYNAMIC) -> bytes:
+def footer(size: int, unique_id: bytes, disk_type: int = DISK_DYNAMIC) -> bytes:
+    """vhd-tool's footer (``Footer.create`` defaults: creator ``caml`` 0x1, OS 0, time 0)."""
     cyl, heads, spt = chs_geometry(size)
-    data_offset = SECTOR if disk_type != DISK_FIXED else 0xFFFFFFFFFFFFFFFF
+    data_offset = HEADER_OFFSET if disk_type != DISK_FIXED else 0xFFFFFFFFFFFFFFFF
     buf = bytearray(SECTOR)
     struct.pack_into(
         ">8sIIQI4sI4sQQHBBII16sB",
         buf,
         0,
         FOOTER_COOKIE,
-        2,  # features: reserved bit always set
+        2,  # features: reserved bit always set (Feature.to_int32)
         0x00010000,  # file format version
         data_offset,
-        timestamp,
-        b"tap\0",
-        0x00010003,  # creator version
-        b"Lnux",
+        0,  # time stamp: Footer.create's default, vhd_common passes none
+        b"caml",
+        0x00000001,  # creator version (default_creator_version)
+        b"\0\0\0\0",  # creator host OS: Other 0
         size,  # original size
         size,  # current size
         cyl,
@@ -90,12 +121,29 @@ def footer(size: int, unique_id: bytes, timestamp: int, disk_type: int = DISK_DY
     return _with_checksum(buf, 64)
 
 
-def dynamic_header(table_offset: int, entries: int, block_size: int = BLOCK_SIZE) -> bytes:
+@dataclass(frozen=True)
+class Parent:
+    """What a differencing export names as its parent: the base VDI's leaf VHD."""
+
+    uid: bytes
+    filename: str
+    time_stamp: int
+
+
+def dynamic_header(entries: int, parent: Parent | None = None) -> bytes:
     buf = bytearray(1024)
     struct.pack_into(
-        ">8sQQIII", buf, 0, HEADER_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset, 0x00010000,
-        entries, block_size,
+        ">8sQQIII", buf, 0, HEADER_COOKIE, 0xFFFFFFFFFFFFFFFF, TABLE_OFFSET, 0x00010000,
+        entries, BLOCK_SIZE,
     )  # fmt: skip
+    if parent is not None:
+        struct.pack_into(">16sI", buf, 40, parent.uid, parent.time_stamp & 0xFFFFFFFF)
+        name = parent.filename.encode("utf-16-be")[:512]
+        buf[64 : 64 + len(name)] = name
+        uri = b"file://" + parent.filename.encode()
+        # locator 0 (f.ml from_filename + marshal): code, space in sectors, length,
+        # reserved, offset; the other seven stay null.
+        struct.pack_into(">IIIIQ", buf, 576, PLATFORM_MACX, 1, len(uri), 0, LOCATOR_OFFSET)
     return _with_checksum(buf, 36)
 
 
@@ -103,25 +151,21 @@ def _bitmap_size(block_size: int) -> int:
     return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
 
 
-def _block_bitmap(index: int, size: int, block_size: int) -> bytes:
-    """All sectors of the block that lie inside the disk are marked present."""
-    sectors = min(block_size, size - index * block_size) // SECTOR
-    bits = bytearray(_bitmap_size(block_size))
-    full, rest = divmod(sectors, 8)
-    bits[:full] = b"\xff" * full
-    if rest:
-        bits[full] = (0xFF << (8 - rest)) & 0xFF
-    return bytes(bits)
+FULL_BITMAP = b"\xff" * _bitmap_size(BLOCK_SIZE)  # f.ml l.3026: always all bits set
 
 
 @dataclass
 class VhdPlan:
-    """Everything needed to stream a VHD and to announce its Content-Length up front."""
+    """Everything needed to stream one export: its blocks, uid and (for a delta) parent."""
 
     size: int
     blocks: list[int]
-    unique_id: bytes
-    timestamp: int
+    unique_id: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+    parent: Parent | None = None
+
+    @property
+    def disk_type(self) -> int:
+        return DISK_DIFFERENCING if self.parent is not None else DISK_DYNAMIC
 
     @property
     def entries(self) -> int:
@@ -133,7 +177,7 @@ class VhdPlan:
 
     @property
     def first_block_offset(self) -> int:
-        return 3 * SECTOR + self.bat_bytes
+        return TABLE_OFFSET + self.bat_bytes
 
     @property
     def length(self) -> int:
@@ -141,35 +185,21 @@ class VhdPlan:
         return self.first_block_offset + len(self.blocks) * per_block + SECTOR
 
 
-def present_blocks(f: BinaryIO, size: int, base: BinaryIO | None = None) -> list[int]:
-    """Blocks to emit: non-zero ones, or (with ``base``) those whose bytes differ."""
-    candidates = data_blocks(f, size, BLOCK_SIZE)
-    if base is not None:
-        candidates |= data_blocks(base, size, BLOCK_SIZE)
-    out = []
-    for i in sorted(candidates):
-        length = min(BLOCK_SIZE, size - i * BLOCK_SIZE)
-        data = read_at(f, i * BLOCK_SIZE, length)
-        if base is None:
-            if data.count(0) != len(data):
-                out.append(i)
-        elif data != read_at(base, i * BLOCK_SIZE, length):
-            out.append(i)
-    return out
-
-
-def plan_vhd(f: BinaryIO, size: int, base: BinaryIO | None = None) -> VhdPlan:
+def plan_vhd(size: int, blocks: Iterable[int], parent: Parent | None = None) -> VhdPlan:
+    """An export of ``blocks`` (indices beyond the disk are dropped, as
+    ``used_max_table_entries`` bounds vhd-tool's loop)."""
     if size % SECTOR:
         raise ValueError("VHD virtual size must be a multiple of 512")
-    stamp = int(time.time()) - _VHD_EPOCH
-    return VhdPlan(size, present_blocks(f, size, base), uuid.uuid4().bytes, stamp)
+    entries = -(-size // BLOCK_SIZE)
+    return VhdPlan(size, sorted(i for i in set(blocks) if 0 <= i < entries), parent=parent)
 
 
 def stream_vhd(f: BinaryIO, plan: VhdPlan) -> Iterator[bytes]:
     """Yield the VHD file in pieces; total length is exactly ``plan.length``."""
-    foot = footer(plan.size, plan.unique_id, plan.timestamp)
+    foot = footer(plan.size, plan.unique_id, plan.disk_type)
     yield foot
-    yield dynamic_header(3 * SECTOR, plan.entries)
+    yield dynamic_header(plan.entries, plan.parent)
+    yield bytes(SECTOR)  # the parent locator's sector, streamed empty (f.ml l.3135)
     bat = [UNUSED] * plan.entries
     per_block = _bitmap_size(BLOCK_SIZE) + BLOCK_SIZE
     for n, i in enumerate(plan.blocks):
@@ -177,22 +207,18 @@ def stream_vhd(f: BinaryIO, plan: VhdPlan) -> Iterator[bytes]:
     table = struct.pack(f">{plan.entries}I", *bat)
     yield table + b"\xff" * (plan.bat_bytes - len(table))
     for i in plan.blocks:
-        yield _block_bitmap(i, plan.size, BLOCK_SIZE)
+        yield FULL_BITMAP
         data = read_at(f, i * BLOCK_SIZE, min(BLOCK_SIZE, plan.size - i * BLOCK_SIZE))
         yield data + bytes(BLOCK_SIZE - len(data))  # a short last block is zero-padded
     yield foot
 
 
-def write_vhd(raw_path: Path, out_path: Path, base_path: Path | None = None) -> int:
-    """Convenience for tests: write a (delta) VHD of a raw file; returns block count."""
+def write_vhd(raw_path: Path, out_path: Path, blocks: Iterable[int] | None = None) -> int:
+    """Convenience for tests: a dynamic VHD of a raw file with ``blocks`` (default: the
+    blocks holding data); returns the block count."""
     size = raw_path.stat().st_size
     with open(raw_path, "rb") as f, open(out_path, "wb") as out:
-        base = open(base_path, "rb") if base_path else None  # noqa: SIM115
-        try:
-            plan = plan_vhd(f, size, base)
-        finally:
-            if base:
-                base.close()
+        plan = plan_vhd(size, data_blocks(f, size, BLOCK_SIZE) if blocks is None else blocks)
         for piece in stream_vhd(f, plan):
             out.write(piece)
     return len(plan.blocks)
@@ -206,6 +232,8 @@ class VhdInfo:
     virtual_size: int
     block_size: int
     disk_type: int
+    parent_uid: bytes = bytes(16)
+    table_offset: int = 0
 
 
 def _read_exact(f: BinaryIO, offset: int, length: int) -> bytes:
@@ -258,7 +286,7 @@ def iter_vhd(f: BinaryIO) -> tuple[VhdInfo, Iterator[tuple[int, bytes, bytes | N
         raise ValueError("VHD block table too small for the virtual size")
     bat = struct.unpack(f">{entries}I", _read_exact(f, table_offset, entries * 4))
     bitmap_len = _bitmap_size(block_size)
-    info = VhdInfo(size, block_size, disk_type)
+    info = VhdInfo(size, block_size, disk_type, hdr[40:56], table_offset)
 
     def dynamic() -> Iterator[tuple[int, bytes, bytes | None]]:
         for i, sector in sorted(enumerate(bat), key=lambda e: e[1]):

@@ -27,7 +27,8 @@ _NAMED = {"VM": "vms", "VDI": "vdis"}  # classes whose name/other_config can be 
 class XapiService:
     """Decodes one XML-RPC request body and encodes the XAPI reply."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, member: bool = False) -> None:
+        self.member = member  # the pool member's XML-RPC: it refuses logins
         self.store = s = store
         self.methods: dict[str, Method] = {
             "session.get_this_host": lambda _self: s.host_ref,
@@ -48,7 +49,7 @@ class XapiService:
                 s, vm, "Running", "Halted", "clean_shutdown"
             ),
             "VDI.snapshot": lambda vdi, params=None: ops.vdi_snapshot(s, vdi, params),
-            "VDI.clone": lambda vdi, params=None: ops.vdi_copy(s, vdi, s.sr.ref),
+            "VDI.clone": lambda vdi, params=None: ops.vdi_clone(s, vdi),
             "VDI.copy": lambda vdi, sr: ops.vdi_copy(s, vdi, sr),
             "VDI.create": lambda rec: ops.vdi_create(s, rec),
             "VDI.destroy": lambda vdi: ops.vdi_destroy(s, vdi),
@@ -86,6 +87,10 @@ class XapiService:
                 raise fault
             if not 2 <= len(params) <= 4:
                 raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
+            if self.member:
+                # xapi_session.ml (l.996-1001, a login): a pool member answers
+                # HOST_IS_SLAVE [master address]; so does an old master after a failover.
+                raise XapiError("HOST_IS_SLAVE", s.host_address[s.host_ref])
             with s.lock:
                 return s.login(params[0], params[1], str(params[3]) if len(params) > 3 else "")
         session, args = (params[0] if params else None), params[1:]

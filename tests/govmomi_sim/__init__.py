@@ -1,0 +1,1 @@
+"""govmomi's vCenter simulator behind a Go main of ours (main.go), for a second opinion."""

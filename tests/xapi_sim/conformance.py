@@ -1,0 +1,248 @@
+"""Conformance of the simulator's ``/export_raw_vdi`` with what XAPI sends, checked with a
+plain HTTP client and a VHD parser of its own (neither the driver nor ``vhd.py``).
+
+What is checked, and where XAPI does it (xapi-project/xen-api at e2ee48d688):
+
+- ``ocaml/xapi/export_raw_vdi.ml``: 200 with ``keep_alive:false`` and no Content-Length
+  (the body ends at the close); 401 for a bad session; 500 for an unknown VDI (the lookup
+  raises before any header); a 302 to the host that sees a VDI's local SR
+  (``importexport.ml`` ``return_302_redirect``: same path and query); an error after the
+  200 (an unknown ``base``, a failed attach, vhd-tool's ``VDI_IO_ERROR``) is a short body
+  and a failed ``task_id`` task.
+- ``ocaml/libs/vhd/vhd_format/f.ml`` ``Vhd_input.vhd_common``: footer at 0 and at the end,
+  header at 512, an empty sector at 1536, BAT at 2048; type 3 for a full export, 4 for a
+  delta, whose header names the base's leaf VHD (parent unique id, UTF-16BE name, a MacX
+  ``file://`` locator at 1536); ``current_size`` = the virtual size; creator ``caml``; the
+  blocks allocated in the chains (full: any BAT; delta: the VHDs on one chain only), each
+  complete, with every bitmap bit set.
+- ``qemu-img`` (always ``-f vpc``) reads a full export byte for byte. qemu sizes a VHD
+  whose creator is not one it knows (``caml`` is not) by its CHS geometry, which rounds
+  down, so it is told to use ``current_size`` (``force_size_calc``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import struct
+import subprocess
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BLOCK = 2 << 20
+Check = Callable[[object, str], None]
+
+
+@dataclass
+class Export:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def get(port: int, path: str) -> Export:
+    """One GET with http.client: no redirect following, the body read to the close."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return Export(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+    finally:
+        conn.close()
+
+
+def _ones_complement(buf: bytes, at: int) -> int:
+    return ~(sum(buf) - sum(buf[at : at + 4])) & 0xFFFFFFFF
+
+
+@dataclass
+class ParsedVhd:
+    disk_type: int
+    creator: bytes
+    current_size: int
+    original_size: int
+    uid: bytes
+    table_offset: int
+    block_size: int
+    parent_uid: bytes
+    parent_name: str
+    locator0: tuple[int, int, int, int]  # code, space (sectors), length, offset
+    locator_sector: bytes
+    blocks: dict[int, bytes]  # index -> data (full block)
+    bitmaps_full: bool
+    trailing_footer_equal: bool
+
+
+def parse_vhd(data: bytes) -> ParsedVhd:
+    """A strict reading of one streamed VHD, asserting its checksums as it goes."""
+    foot = data[:512]
+    if foot[:8] != b"conectix" or data[-512:] != foot:
+        raise ValueError("footer missing or the two copies differ")
+    if struct.unpack(">I", foot[64:68])[0] != _ones_complement(foot, 64):
+        raise ValueError("footer checksum")
+    (data_offset,) = struct.unpack(">Q", foot[16:24])
+    creator = foot[28:32]
+    original, current = struct.unpack(">QQ", foot[40:56])
+    (disk_type,) = struct.unpack(">I", foot[60:64])
+    hdr = data[data_offset : data_offset + 1024]
+    if hdr[:8] != b"cxsparse" or struct.unpack(">I", hdr[36:40])[0] != _ones_complement(hdr, 36):
+        raise ValueError("dynamic header cookie or checksum")
+    table_offset, _, entries, block_size = struct.unpack(">QIII", hdr[16:36])
+    parent_uid = hdr[40:56]
+    parent_name = hdr[64:576].decode("utf-16-be").split("\0", 1)[0]
+    code, space, length, _, offset = struct.unpack(">IIIIQ", hdr[576:600])
+    bat = struct.unpack(f">{entries}I", data[table_offset : table_offset + 4 * entries])
+    bitmap_len = -(-(block_size // 512 // 8) // 512) * 512
+    blocks, full = {}, True
+    for i, sector in enumerate(bat):
+        if sector == 0xFFFFFFFF:
+            continue
+        at = sector * 512
+        full = full and data[at : at + bitmap_len] == b"\xff" * bitmap_len
+        blocks[i] = data[at + bitmap_len : at + bitmap_len + block_size]
+        if len(blocks[i]) != block_size:
+            raise ValueError(f"block {i} is cut short")
+    return ParsedVhd(
+        disk_type=disk_type,
+        creator=creator,
+        current_size=current,
+        original_size=original,
+        uid=foot[68:84],
+        table_offset=table_offset,
+        block_size=block_size,
+        parent_uid=parent_uid,
+        parent_name=parent_name,
+        locator0=(code, space, length, offset),
+        locator_sector=data[1536:2048],
+        blocks=blocks,
+        bitmaps_full=full,
+        trailing_footer_equal=data[-512:] == foot,
+    )
+
+
+def qemu_reads(vhd: Path, out: Path) -> bytes:
+    """The raw bytes qemu-img makes of a VHD, format given (``-f vpc``), sized by the
+    footer's current_size rather than by CHS (qemu's rule for unknown creators)."""
+    spec = {"driver": "vpc", "force_size_calc": "current_size", "file": {"driver": "file"}}
+    spec["file"]["filename"] = str(vhd)  # type: ignore[index]
+    name = "json:" + json.dumps(spec)
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", name, str(out)], check=True)
+    return out.read_bytes()
+
+
+def qemu_chs_size(vhd: Path) -> int:
+    info = subprocess.run(
+        ["qemu-img", "info", "-f", "vpc", "--output=json", str(vhd)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(json.loads(info.stdout)["virtual-size"])
+
+
+def sim_vdi(port: int, ref: str) -> dict[str, Any]:
+    from . import control
+
+    return next(v for v in control.list_vdis(port) if ref in (v["ref"], v["uuid"]))
+
+
+def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> None:
+    """The export conformance checks on a fresh disk of VM ``vm`` (a running VM)."""
+    from . import control as sim
+
+    vdi = x.VBD.get_VDI(sorted(x.VM.get_VBDs(vm), key=x.VBD.get_userdevice)[0])
+    size = int(x.VDI.get_virtual_size(vdi))
+    q = f"/export_raw_vdi?session_id={session}"
+    for off in (0, 7 * BLOCK + 4096, 12 * BLOCK):
+        sim.guest_write(port, vm, off, b"\x5c" * 70_000)
+    base = x.VDI.snapshot(vdi, {})
+    base_bytes = sim.vdi_path(port, base).read_bytes()
+    sim.guest_write(port, vm, 3 * BLOCK + 1, b"\x17" * 100)  # a new block
+    sim.guest_write(port, vm, 12 * BLOCK, base_bytes[12 * BLOCK : 12 * BLOCK + 512])  # same bytes
+    snap = x.VDI.snapshot(vdi, {})
+    snap_bytes = sim.vdi_path(port, snap).read_bytes()
+
+    # --- a full export ------------------------------------------------------------------
+    full = get(port, f"{q}&vdi={base}&format=vhd")
+    check(full.status == 200, "conformance: full export -> 200")
+    check("content-length" not in full.headers, "conformance: no Content-Length")
+    check(full.headers.get("connection", "").lower() == "close", "conformance: Connection: close")
+    f = parse_vhd(full.body)
+    check(f.disk_type == 3 and f.creator == b"caml", "conformance: full = dynamic, creator caml")
+    check(f.current_size == f.original_size == size, "conformance: current_size = virtual size")
+    check(f.table_offset == 2048 and f.block_size == BLOCK, "conformance: BAT at 2048, 2 MiB")
+    check(f.locator_sector == bytes(512) and f.parent_uid == bytes(16), "conformance: no parent")
+    check(
+        set(f.blocks) == {0, 7, 12}, f"conformance: full has the written blocks {sorted(f.blocks)}"
+    )
+    check(f.bitmaps_full, "conformance: every bitmap bit set")
+    check(
+        all(f.blocks[i] == base_bytes[i * BLOCK : (i + 1) * BLOCK] for i in f.blocks),
+        "conformance: full blocks are complete",
+    )
+    (work / "conf-full.vhd").write_bytes(full.body)
+    raw = qemu_reads(work / "conf-full.vhd", work / "conf-full.raw")
+    check(raw == base_bytes, "conformance: qemu-img -f vpc reads the full export byte for byte")
+    chs = qemu_chs_size(work / "conf-full.vhd")
+    check(chs <= size, f"conformance: qemu's CHS size {chs} <= current_size {size}")
+
+    # --- a delta ------------------------------------------------------------------------
+    base_uuid = x.VDI.get_uuid(base)
+    delta = get(port, f"{q}&vdi={snap}&format=vhd&base={base_uuid}")
+    check(delta.status == 200 and "content-length" not in delta.headers, "conformance: delta 200")
+    d = parse_vhd(delta.body)
+    check(d.disk_type == 4, "conformance: a delta is a differencing VHD (type 4)")
+    check(d.current_size == size, "conformance: delta current_size = virtual size")
+    leaf = bytes.fromhex(sim_vdi(port, base)["vhd_uid"])
+    check(d.parent_uid == leaf, "conformance: parent uid = the base's leaf VHD footer uid")
+    check(base_uuid in d.parent_name, f"conformance: parent name {d.parent_name!r}")
+    uri = len("file://" + d.parent_name)
+    check(d.locator0 == (0x4D616358, 1, uri, 1536), "conformance: MacX locator at 1536")
+    check(d.locator_sector == bytes(512), "conformance: the locator sector is streamed empty")
+    check(d.table_offset == 2048 and d.bitmaps_full, "conformance: delta BAT 2048, full bitmaps")
+    # allocation, not bytes: block 12 was rewritten with its own bytes and is still sent
+    check(set(d.blocks) == {3, 12}, f"conformance: delta blocks {sorted(d.blocks)} = written")
+    check(
+        all(d.blocks[i] == snap_bytes[i * BLOCK : (i + 1) * BLOCK] for i in d.blocks),
+        "conformance: delta blocks are complete (whole 2 MiB of the VDI)",
+    )
+    back = get(port, f"{q}&vdi={base}&format=vhd&base={x.VDI.get_uuid(snap)}")
+    check(set(parse_vhd(back.body).blocks) == {3, 12}, "conformance: symmetric difference")
+
+    # --- status codes and errors after the 200 ------------------------------------------
+    check(get(port, f"/export_raw_vdi?session_id=OpaqueRef:x&vdi={base}").status == 401, "401")
+    check(get(port, f"{q}&vdi=00000000-0000-0000-0000-000000000000").status == 500, "500")
+    task = x.task.create("export", "")
+    gone = get(port, f"{q}&vdi={snap}&format=vhd&base=no-such-uuid&task_id={task}")
+    check(gone.status == 200 and gone.body == b"", "conformance: unknown base -> 200, no body")
+    check(x.task.get_status(task) == "failure", "conformance: ... and the task failed")
+    check(x.task.get_error_info(task)[0] == "UUID_INVALID", "conformance: ... UUID_INVALID")
+    x.task.destroy(task)
+    task = x.task.create("export", "")
+    sim.inject_fault(port, "export_raw_vdi", "VDI_IO_ERROR", ["Device I/O errors"], at_byte=3000)
+    cut = get(port, f"{q}&vdi={base}&format=vhd&task_id={task}")
+    check(cut.status == 200 and len(cut.body) == 3000, "conformance: a failure mid-stream")
+    check(x.task.get_error_info(task)[0] == "VDI_IO_ERROR", "conformance: ... VDI_IO_ERROR")
+    x.task.destroy(task)
+    task = x.task.create("export", "")
+    whole = get(port, f"{q}&vdi={base}&format=vhd&task_id={task}")
+    check(whole.headers.get("task-id") == task, "conformance: the task-id header")
+    check(len(whole.body) == len(full.body), "conformance: the export with a task is whole")
+    check(x.task.get_status(task) == "success", "conformance: ... and its task succeeded")
+    x.task.destroy(task)
+
+    far = sim.create_vm(port, "far01", [8 << 20], host=2)
+    sim.guest_write(port, "far01", 0, b"far")
+    far_vdi = far["disks"][0]["vdi"]
+    moved = get(port, f"{q}&vdi={far_vdi}&format=raw")
+    where = urllib.parse.urlsplit(moved.headers.get("location", ""))
+    check(moved.status == 302 and where.port not in (None, port), "conformance: 302 elsewhere")
+    check(f"session_id={session}" in where.query, "conformance: the query (session) is kept")
+    there = get(int(where.port or 0), f"{where.path}?{where.query}")
+    check(there.status == 200 and there.body[:3] == b"far", "conformance: the member serves it")
+    raw_full = get(port, f"{q}&vdi={snap}&format=raw")
+    check(raw_full.body == snap_bytes, "conformance: raw export = the VDI's bytes")
