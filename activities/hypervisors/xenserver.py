@@ -136,15 +136,22 @@ def _not_a_vm(record: dict[str, Any]) -> str:
 
 
 class XapiSession:
-    """One logged-in XenAPI session per process. XenAPI re-logs in by itself on
-    SESSION_INVALID; calls are serialised because its XML-RPC transport is not thread-safe."""
+    """One logged-in XenAPI session per process, used from many threads at once.
+
+    The XML-RPC transport of a ``XenAPI.Session`` (``xmlrpc.client.ServerProxy``) is not
+    thread-safe, so each thread gets its own proxy carrying the one shared session
+    reference: concurrent calls of one worker overlap instead of queueing behind a
+    process-wide lock (XAPI serves each connection on its own thread). Only login is
+    serialised. A proxy never logs in by itself: SESSION_INVALID comes back as XenAPI's
+    ``Fault(401)``, and the shared session is renewed once for everyone."""
 
     def __init__(self, config: XenConfig) -> None:
         self.config = config
         self.master_url = config.url  # the pool master; it moves on HOST_IS_SLAVE
         self.endpoint = Endpoint.from_url(config.url, verify_tls=config.verify_tls)
-        self._session: Any = None
-        self._lock = threading.RLock()
+        self._ref: str | None = None  # the shared session reference
+        self._lock = threading.Lock()  # guards login and the reference
+        self._local = threading.local()
 
     def _login(self) -> Any:
         for _ in range(3):
@@ -178,40 +185,57 @@ class XapiSession:
             address = f"{address}:{parts.port}"
         self.master_url = f"{parts.scheme or 'https'}://{address}"
         self.endpoint = Endpoint.from_url(self.master_url, verify_tls=self.config.verify_tls)
-        self._session = None
+        self._ref = None  # the proxies follow: _proxy() compares their URL
         return True
+
+    def _proxy(self) -> Any:
+        """This thread's proxy, logged in as the shared session."""
+        ref = self.session_ref()
+        proxy = getattr(self._local, "proxy", None)
+        if proxy is None or getattr(self._local, "url", None) != self.master_url:
+            proxy = XenAPI.Session(self.master_url, ignore_ssl=not self.config.verify_tls)
+            self._local.proxy, self._local.url = proxy, self.master_url
+        proxy._session = ref
+        return proxy
+
+    def _renew(self, stale: str | None) -> None:
+        """A new shared session, unless another thread renewed it already."""
+        with self._lock:
+            if self._ref == stale:
+                self._ref = str(self._login()._session)
 
     def call(self, fn: Callable[[Any], Any], what: str) -> Any:
         """``fn(session.xenapi)`` with XAPI failures mapped to our errors."""
-        with self._lock:
-            for attempt in range(2):
-                if self._session is None:
-                    self._session = self._login()
-                try:
-                    return fn(self._session.xenapi)
-                except XenAPI.Failure as exc:
-                    # XenAPI re-logs in on SESSION_INVALID, and meets HOST_IS_SLAVE there
-                    # when the master failed over: follow it, once.
-                    if attempt == 0 and self._follow_master(exc):
-                        continue
-                    raise _failure_error(exc, what) from exc
-                except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
-                    self._session = None
-                    raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}") from exc
-                except xmlrpc.client.Fault as exc:  # not XAPI's envelope: a proxy, a bad URL
-                    raise HypervisorUnavailable(f"{what}: XML-RPC fault {exc.faultString}") from exc
-            raise HypervisorUnavailable(f"{what}: the pool master moved twice")
+        for attempt in range(3):
+            proxy = self._proxy()
+            ref = proxy._session
+            try:
+                return fn(proxy.xenapi)
+            except XenAPI.Failure as exc:
+                # HOST_IS_SLAVE when the master failed over: follow it, once.
+                if attempt == 0 and self._follow_master(exc):
+                    continue
+                raise _failure_error(exc, what) from exc
+            except xmlrpc.client.Fault as exc:
+                if exc.faultCode == 401 and attempt < 2:  # SESSION_INVALID: XenAPI's 401
+                    self._renew(ref)
+                    continue
+                # not XAPI's envelope: a proxy in between, a bad URL
+                raise HypervisorUnavailable(f"{what}: XML-RPC fault {exc.faultString}") from exc
+            except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+                self._local.proxy = None  # a broken connection: a new proxy next time
+                raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}") from exc
+        raise HypervisorUnavailable(f"{what}: the session or the pool master kept changing")
 
     def relogin(self) -> None:
         """A fresh session (an HTTP 401: XenAPI re-logs in only for XML-RPC calls)."""
-        with self._lock:
-            self._session = self._login()
+        self._renew(self._ref)
 
     def session_ref(self) -> str:
         with self._lock:
-            if self._session is None:
-                self._session = self._login()
-            return str(self._session._session)
+            if self._ref is None:
+                self._ref = str(self._login()._session)
+            return self._ref
 
     def connection(self) -> http.client.HTTPConnection:
         return self.endpoint.connection()

@@ -302,3 +302,35 @@ def test_a_take_interrupted_before_its_label_is_found_by_the_retry(xapi: Xapi) -
     assert snaps[0]["name"] == f"snapferry-{sid}"
     source = xapi.vm("label01")["disks"][0]["vdi"]
     assert "snapferry-take" not in d._api("VDI.get_other_config", source)
+
+
+def test_concurrent_xapi_calls_of_one_worker_overlap(xapi: Xapi) -> None:
+    """Issue 12 item 8: no process-wide lock serialises a worker's XAPI calls. Each thread
+    has its own XML-RPC proxy on the one shared session, so two slow calls are served at
+    once (the simulator counts the calls in flight), and the session is logged in once."""
+    import threading
+
+    from activities.hypervisors.xenserver import XapiSession
+    from tests.xapi_sim.control import max_calls_in_flight, set_call_latency
+
+    assert xapi.settings.xen is not None
+    session = XapiSession(xapi.settings.xen)
+    refs = {session.session_ref()}
+    set_call_latency(xapi.port, 0.5)
+    try:
+        results: list[object] = []
+
+        def call() -> None:
+            results.append(session.call(lambda x: x.VM.get_all(), "listing VMs"))
+            refs.add(session.session_ref())
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(results) == 3 and all(results)
+        assert max_calls_in_flight(xapi.port) >= 2, "the calls were serialised"
+        assert len(refs) == 1  # one session for every thread
+    finally:
+        set_call_latency(xapi.port, 0)

@@ -106,6 +106,16 @@ def set_session_idle(port: int, seconds: float) -> None:
     _call(port, "POST", "/sim/session-idle", {"seconds": seconds})
 
 
+def set_call_latency(port: int, seconds: float) -> None:
+    """Every synchronous XML-RPC call takes ``seconds`` (and the in-flight peak resets)."""
+    _call(port, "POST", "/sim/call-latency", {"seconds": seconds})
+
+
+def max_calls_in_flight(port: int) -> int:
+    """The most synchronous calls the simulator served at once since the latency was set."""
+    return int(_call(port, "GET", "/sim/calls")["max_in_flight"])
+
+
 def set_task_delay(port: int, seconds: float) -> None:
     """Async tasks stay ``pending`` for ``seconds`` before their operation runs."""
     _call(port, "POST", "/sim/task-delay", {"seconds": seconds})

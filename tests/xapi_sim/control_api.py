@@ -23,6 +23,8 @@ class ControlHandler(ReplyHandler):
     def sim_get(self, what: str) -> None:
         store: Store = self.server.store
         with store.lock:
+            if what == "calls":
+                return self._json(200, {"max_in_flight": store.max_in_flight})
             if what == "vms":
                 return self._json(200, {"vms": [_vm_info(store, v) for v in store.vms.values()]})
             if what == "vdis":
@@ -60,6 +62,10 @@ class ControlHandler(ReplyHandler):
             if what == "session-idle":
                 store.session_idle_s = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.session_idle_s})
+            if what == "call-latency":
+                store.call_latency = max(float(req.get("seconds") or 0), 0.0)
+                store.max_in_flight = 0
+                return self._json(200, {"seconds": store.call_latency})
             if what == "task-delay":
                 store.task_delay = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.task_delay})

@@ -168,6 +168,13 @@ class Store:
         self.fault_at_byte: dict[str, int] = {}  # where an injected export fault cuts the body
         self.export_bps = 0  # 0 = unthrottled
         self.task_delay = 0.0  # seconds an Async task stays pending before it runs
+        # Latency of every synchronous call (a loaded pool master takes its time), and how
+        # many calls were in flight at once at most: the test of a client that does not
+        # serialise its calls. XAPI serves each connection on its own thread (xapi's
+        # server_io / Http_svr), so concurrent calls of one session overlap there too.
+        self.call_latency = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.revert_mode = "xapi"  # XAPI's (xapi_vm_snapshot.ml), or "in-place" (old model)
         sr_uuid = new_uuid()
         self.host_ref, self.pool_ref = new_ref(), new_ref()

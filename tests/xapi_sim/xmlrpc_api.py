@@ -108,7 +108,17 @@ class XapiService:
         if fault := self.store.take_fault(method):
             raise fault
         fn = self._resolve(method, args)
-        with self.store.lock:
+        s = self.store
+        if s.call_latency:
+            with s.lock:
+                s.in_flight += 1
+                s.max_in_flight = max(s.max_in_flight, s.in_flight)
+            try:
+                time.sleep(s.call_latency)  # outside the lock: calls overlap, as on XAPI
+            finally:
+                with s.lock:
+                    s.in_flight -= 1
+        with s.lock:
             return fn(*args)
 
     def _resolve(self, method: str, args: list[Any]) -> Method:
