@@ -27,13 +27,13 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from activities.contracts import SnapshotState  # noqa: E402
-from activities.settings import Settings  # noqa: E402
-from workers import starter  # noqa: E402
-from workers.client import connect  # noqa: E402
-from workers.demo_vm import MIB, create_thin_vm, create_vm  # noqa: E402
-from workers.stack import dev_server_command, free_port, terminate, wait_for_port  # noqa: E402
-from workers.worker import running_workers  # noqa: E402
+from snapferry.activities.contracts import SnapshotState  # noqa: E402
+from snapferry.activities.settings import Settings  # noqa: E402
+from snapferry.workers import starter  # noqa: E402
+from snapferry.workers.client import connect  # noqa: E402
+from snapferry.workers.demo_vm import MIB, create_thin_vm, create_vm  # noqa: E402
+from snapferry.workers.stack import dev_server_command, free_port, terminate, wait_for_port  # noqa: E402
+from snapferry.workers.worker import running_workers  # noqa: E402
 
 GIB = 1024 * MIB
 
@@ -53,7 +53,7 @@ def peak_rss_mib(pid: int) -> float:
 
 def start_backup_worker(settings: Settings, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "worker", "--backup", "--concurrency", "1"],
+        [sys.executable, "-m", "snapferry.workers.cli", "worker", "--backup", "--concurrency", "1"],
         env=dict(
             os.environ,
             SNAPFERRY_TEMPORAL_ADDRESS=settings.temporal_address,
@@ -68,7 +68,7 @@ def start_backup_worker(settings: Settings, **env: str) -> subprocess.Popen:
 
 
 def snapshot_request(settings: Settings, vm_name: str, host: str):  # type: ignore[no-untyped-def]
-    from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
+    from snapferry.activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
 
     return SnapshotRequest(
         snapshot_id=new_snapshot_id(),

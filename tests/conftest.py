@@ -20,9 +20,9 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from activities.settings import Settings
-from workers.client import connect
-from workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
+from snapferry.activities.settings import Settings
+from snapferry.workers.client import connect
+from snapferry.workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
@@ -145,7 +145,7 @@ def libvirt_conn() -> Iterator[object]:
 @pytest.fixture
 def make_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
     """Factory for TCG domains with random-data disks; all destroyed at teardown."""
-    from workers.demo_vm import DemoVm, create_vm
+    from snapferry.workers.demo_vm import DemoVm, create_vm
 
     made: list[DemoVm] = []
 
@@ -174,7 +174,7 @@ def make_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
 def make_thin_vm(libvirt_conn: object, tmp_path: Path) -> Iterator[object]:
     """Factory for TCG domains on a large thin qcow2 holding only the given writes
     (offset, length, pattern); all destroyed, and their files removed, at teardown."""
-    from workers.demo_vm import DemoVm, create_thin_vm
+    from snapferry.workers.demo_vm import DemoVm, create_thin_vm
 
     made: list[DemoVm] = []
 
@@ -204,7 +204,7 @@ def with_settings(settings: Settings, **changes: object) -> Settings:
 @pytest_asyncio.fixture
 async def workers(client: Client, settings: Settings, host_name: str) -> AsyncIterator[None]:
     """In-process workers: this test's host queue, and a backup pool of two."""
-    from workers.worker import running_workers
+    from snapferry.workers.worker import running_workers
 
     async with running_workers(client, settings, hosts=[host_name], backup=True, concurrency=2):
         yield
@@ -265,7 +265,7 @@ def vsphere(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Vsphere]:
     """The simulator as a separate process, and the environment a VMware worker reads."""
-    from activities.settings import VcenterConfig
+    from snapferry.activities.settings import VcenterConfig
     from tests.vsphere_sim.control import SimulatorProcess
 
     sim = SimulatorProcess()
@@ -316,7 +316,7 @@ XAPI_PASSWORD = "xen s3cret"  # a test secret: must never show up in a history
 def xapi(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xapi]:
     """The XAPI simulator as a separate process, in XAPI's own revert mode (a revert gives
     the VM new VDIs and leaves a checkpoint Suspended), and the environment a worker reads."""
-    from activities.settings import XenConfig
+    from snapferry.activities.settings import XenConfig
     from tests.xapi_sim.control import SimulatorProcess, set_revert_mode
 
     sim = SimulatorProcess()

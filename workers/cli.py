@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     HypervisorType,
     PolicyInterval,
     RestoreResult,
@@ -35,9 +35,9 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.settings import Settings
-from workflows.backup import text_bar  # noqa: E402
-from workflows.snapshot import (  # noqa: E402  (names of the snapshot operations)
+from snapferry.activities.settings import Settings
+from snapferry.workflows.backup import text_bar  # noqa: E402
+from snapferry.workflows.snapshot import (  # noqa: E402  (names of the snapshot operations)
     CANCEL_BACKUP_UPDATE,
     CREATE_TEMPLATE_UPDATE,
     CREATE_VOLUME_UPDATE,
@@ -45,7 +45,7 @@ from workflows.snapshot import (  # noqa: E402  (names of the snapshot operation
     REVERT_UPDATE,
     VERIFY_BACKUP_UPDATE,
 )
-from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
 from . import starter
 from .client import connect

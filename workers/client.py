@@ -26,7 +26,7 @@ from temporalio.converter import DataConverter
 from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
-from activities.settings import Settings
+from snapferry.activities.settings import Settings
 
 from .codec import EncryptionCodec, KeyRing
 from .converter import DATA_CONVERTER

@@ -51,7 +51,7 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
-from workflows.routing import host_alias
+from snapferry.workflows.routing import host_alias
 
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"

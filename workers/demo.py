@@ -14,9 +14,9 @@ from pathlib import Path
 
 import libvirt
 
-from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
-from activities.settings import Settings
-from activities.storage.secondary import SecondaryStore
+from snapferry.activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage.secondary import SecondaryStore
 
 from . import starter
 from .client import connect

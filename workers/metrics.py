@@ -13,7 +13,7 @@ import ipaddress
 
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
-from workflows.metrics import DURATION_BUCKETS_S, LATENCY_BUCKETS_S
+from snapferry.workflows.metrics import DURATION_BUCKETS_S, LATENCY_BUCKETS_S
 
 
 def parse_metrics_address(address: str) -> str:

@@ -23,9 +23,9 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.contracts import PolicyInterval, SnapshotPolicy
-from workflows.policy import SnapshotPolicyRunWorkflow
-from workflows.routing import CONTROL_QUEUE, policy_schedule_id
+from snapferry.activities.contracts import PolicyInterval, SnapshotPolicy
+from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.routing import CONTROL_QUEUE, policy_schedule_id
 
 from .routing import routed_host
 from .starter import SnapferryClientError

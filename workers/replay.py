@@ -12,7 +12,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Replayer
 
-from workflows.routing import (
+from snapferry.workflows.routing import (
     BACKUP_SNAPSHOT_WORKFLOW,
     SNAPSHOT_POLICY_RUN_WORKFLOW,
     VOLUME_SNAPSHOT_WORKFLOW,

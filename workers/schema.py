@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from activities import contracts
+from snapferry.activities import contracts
 
 EXPORTED: list[type[BaseModel]] = [
     contracts.SnapshotRequest,

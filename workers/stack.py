@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from activities.settings import Settings
-from workflows.routing import SEARCH_ATTRIBUTES
+from snapferry.activities.settings import Settings
+from snapferry.workflows.routing import SEARCH_ATTRIBUTES
 
 
 def temporal_binary() -> str:
@@ -126,7 +126,7 @@ class Managed:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        ours = b"start-dev" in cmdline or b"workers.cli" in cmdline
+        ours = b"start-dev" in cmdline or b"snapferry.workers.cli" in cmdline
         return pid if ours and alive(pid) else None
 
     def start(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
@@ -217,7 +217,7 @@ class Stack:
             )
             wait_for_port(self.host, s.temporal_port)
         if workers:
-            cmd = [sys.executable, "-m", "workers.cli", "worker", *(worker_args or [])]
+            cmd = [sys.executable, "-m", "snapferry.workers.cli", "worker", *(worker_args or [])]
             self.worker.start(cmd, env=dict(os.environ, SNAPFERRY_HOME=str(s.home)))
 
     def down(self) -> list[str]:

@@ -25,7 +25,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     BackupProgress,
     SnapshotRecord,
     SnapshotRequest,
@@ -36,9 +36,9 @@ from activities.contracts import (
     VmSnapshotState,
     validate_snapshot_id,
 )
-from workers.routing import routed_host
-from workflows.entity import cause_message
-from workflows.routing import (
+from snapferry.workers.routing import routed_host
+from snapferry.workflows.entity import cause_message
+from snapferry.workflows.routing import (
     CONTROL_QUEUE,
     SNAPSHOT_ID,
     SNAPSHOT_STATE,
@@ -50,14 +50,18 @@ from workflows.routing import (
     vm_snapshot_workflow_id,
     volume_id,
 )
-from workflows.snapshot import (
+from snapferry.workflows.snapshot import (
     MOVE_HOST_UPDATE,
     RETRY_BACKUP_UPDATE,
     WAIT_TAKEN_UPDATE,
     VolumeSnapshotWorkflow,
     search_attributes,
 )
-from workflows.vm_snapshot import WAIT_CREATED_UPDATE, VmSnapshotWorkflow, vm_search_attributes
+from snapferry.workflows.vm_snapshot import (
+    WAIT_CREATED_UPDATE,
+    VmSnapshotWorkflow,
+    vm_search_attributes,
+)
 
 
 class SnapferryClientError(Exception):

@@ -20,19 +20,19 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.adopt import await_backup_workflow
-from activities.alerts import AlertActivities
-from activities.backup import BackupActivities
-from activities.host import HostActivities
-from activities.policy import PolicyActivities
-from activities.restore import RestoreActivities
-from activities.settings import Settings
-from workers.routing import routed_host
-from workflows.backup import BackupSnapshotWorkflow
-from workflows.policy import SnapshotPolicyRunWorkflow
-from workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
-from workflows.snapshot import VolumeSnapshotWorkflow
-from workflows.vm_snapshot import VmSnapshotWorkflow
+from snapferry.activities.adopt import await_backup_workflow
+from snapferry.activities.alerts import AlertActivities
+from snapferry.activities.backup import BackupActivities
+from snapferry.activities.host import HostActivities
+from snapferry.activities.policy import PolicyActivities
+from snapferry.activities.restore import RestoreActivities
+from snapferry.activities.settings import Settings
+from snapferry.workers.routing import routed_host
+from snapferry.workflows.backup import BackupSnapshotWorkflow
+from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
 
 WORKFLOWS = [
     VolumeSnapshotWorkflow,

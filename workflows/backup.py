@@ -23,15 +23,15 @@ from temporalio.exceptions import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import (
+    from snapferry.activities.contracts import (
         Alert,
         BackupProgress,
         BackupRequest,
         BackupResult,
         CopyRequest,
     )
-    from activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
+    from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from snapferry.activities.names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 
 from .entity import cause_message, raise_alert
 from .routing import BACKUP_SNAPSHOT_WORKFLOW

@@ -21,9 +21,9 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import Alert, DiscardRequest, VmRef, validate_name
-    from activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
+    from snapferry.activities.contracts import Alert, DiscardRequest, VmRef, validate_name
+    from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from snapferry.activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
 
 from . import metrics
 from .routing import ALERT_QUEUE, host_queue

@@ -15,13 +15,13 @@ from temporalio.common import RetryPolicy
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import (
+    from snapferry.activities.contracts import (
         RetentionRequest,
         SnapshotPolicy,
         SnapshotRequest,
         SnapshotState,
     )
-    from activities.names import APPLY_RETENTION
+    from snapferry.activities.names import APPLY_RETENTION
 
 from .routing import CONTROL_QUEUE, SNAPSHOT_POLICY_RUN_WORKFLOW, snapshot_workflow_id
 from .snapshot import VolumeSnapshotWorkflow, search_attributes

@@ -29,7 +29,7 @@ from temporalio.exceptions import (
 from temporalio.workflow import ChildWorkflowHandle, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import (
+    from snapferry.activities.contracts import (
         Alert,
         AlertSeverity,
         BackupRequest,
@@ -50,8 +50,8 @@ with workflow.unsafe.imports_passed_through():
         TakeRequest,
         validate_name,
     )
-    from activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from activities.names import (
+    from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from snapferry.activities.names import (
         AWAIT_BACKUP_WORKFLOW,
         DELETE_BACKUP,
         DELETE_SNAPSHOT_UPDATE,

@@ -19,7 +19,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import (
+    from snapferry.activities.contracts import (
         Alert,
         AlertSeverity,
         VmSnapshotOperation,
@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         VmSnapshotTaken,
         VmStateChange,
     )
-    from activities.names import (
+    from snapferry.activities.names import (
         DELETE_VM_SNAPSHOT,
         REVERT_VM_SNAPSHOT,
         SNAPSHOT_RECORD_QUERY,

@@ -11,9 +11,9 @@ from ..settings import Settings
 from .base import HypervisorDriver
 
 _DRIVERS: dict[HypervisorType, str] = {
-    HypervisorType.KVM: "activities.hypervisors.kvm:KvmDriver",
-    HypervisorType.VMWARE: "activities.hypervisors.vmware:VmwareDriver",
-    HypervisorType.XENSERVER: "activities.hypervisors.xenserver:XenServerDriver",
+    HypervisorType.KVM: "snapferry.activities.hypervisors.kvm:KvmDriver",
+    HypervisorType.VMWARE: "snapferry.activities.hypervisors.vmware:VmwareDriver",
+    HypervisorType.XENSERVER: "snapferry.activities.hypervisors.xenserver:XenServerDriver",
 }
 
 

@@ -6,8 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from activities.contracts import SnapshotRecord, SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
-from activities.settings import Settings
+from snapferry.activities.contracts import (
+    SnapshotRecord,
+    SnapshotRequest,
+    VmRef,
+    VolumeRef,
+    new_snapshot_id,
+)
+from snapferry.activities.settings import Settings
 
 
 def request_for(vm_name: str, host: str, settings: Settings, disk: str = "vda") -> SnapshotRequest:
@@ -54,7 +60,7 @@ async def cli_create(vm: str, disk: str, host: str, hypervisor: str) -> Snapshot
 
 def chain_of(image: Path | str, fmt: str = "qcow2") -> list[str]:
     """The files of a disk chain, active first (formats recorded, never probed)."""
-    from activities.storage.reader import image_chain
+    from snapferry.activities.storage.reader import image_chain
 
     return [layer.path for layer in image_chain(str(image), fmt)]
 

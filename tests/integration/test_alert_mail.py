@@ -17,13 +17,13 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
-from activities.alerts import AlertActivities
-from activities.contracts import Alert, AlertSeverity, new_snapshot_id
-from activities.errors import AlertSinkUnavailable
-from activities.settings import Settings, SmtpConfig
-from workers import starter
-from workers.stack import free_port
-from workers.worker import running_workers
+from snapferry.activities.alerts import AlertActivities
+from snapferry.activities.contracts import Alert, AlertSeverity, new_snapshot_id
+from snapferry.activities.errors import AlertSinkUnavailable
+from snapferry.activities.settings import Settings, SmtpConfig
+from snapferry.workers import starter
+from snapferry.workers.stack import free_port
+from snapferry.workers.worker import running_workers
 
 from .helpers import request_for
 

@@ -9,11 +9,11 @@ import time
 
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 
 from ..conftest import snapferry_cli
 from .helpers import request_for

@@ -10,10 +10,16 @@ import time
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotRequest, SnapshotState, VmRef, VolumeRef, new_snapshot_id
-from workers import starter
-from workflows.routing import CONTROL_QUEUE, snapshot_workflow_id
-from workflows.snapshot import VolumeSnapshotWorkflow, search_attributes
+from snapferry.activities.contracts import (
+    SnapshotRequest,
+    SnapshotState,
+    VmRef,
+    VolumeRef,
+    new_snapshot_id,
+)
+from snapferry.workers import starter
+from snapferry.workflows.routing import CONTROL_QUEUE, snapshot_workflow_id
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow, search_attributes
 
 from ..conftest import snapferry_cli
 

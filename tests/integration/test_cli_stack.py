@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.demo_vm import MIB
-from workers.stack import free_port
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import free_port
 
 from ..conftest import snapferry_cli
 from .helpers import images_identical

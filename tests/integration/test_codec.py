@@ -27,14 +27,14 @@ from cryptography.exceptions import InvalidTag
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState, VmRef, VmSnapshotRequest, new_snapshot_id
-from activities.settings import Settings
-from workers import starter
-from workers.client import connect
-from workers.codec import ENCODING, CodecKeyError, EncryptionCodec, KeyRing, new_key
-from workers.demo_vm import MIB
-from workers.stack import free_port, port_open, terminate, wait_for_port
-from workers.worker import running_workers
+from snapferry.activities.contracts import SnapshotState, VmRef, VmSnapshotRequest, new_snapshot_id
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.client import connect
+from snapferry.workers.codec import ENCODING, CodecKeyError, EncryptionCodec, KeyRing, new_key
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import free_port, port_open, terminate, wait_for_port
+from snapferry.workers.worker import running_workers
 
 from .helpers import request_for
 from .test_tls import make_ca, make_cert
@@ -82,7 +82,7 @@ SECRET = b'"web01"'  # what the sealed payload decodes to
 
 
 def codec_command(port: int, *args: str) -> list[str]:
-    cmd = [sys.executable, "-m", "workers.cli", "codec-server", "--port", str(port)]
+    cmd = [sys.executable, "-m", "snapferry.workers.cli", "codec-server", "--port", str(port)]
     return cmd + ["--ui-origin", UI, *args]
 
 

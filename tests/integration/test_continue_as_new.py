@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     PolicyInterval,
     SnapshotPolicy,
     SnapshotState,
@@ -17,13 +17,13 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workflows.policy import SnapshotPolicyRunWorkflow
-from workflows.routing import CONTROL_QUEUE, snapshot_workflow_id, vm_snapshot_workflow_id
-from workflows.snapshot import VERIFY_BACKUP_UPDATE
-from workflows.vm_snapshot import REVERT_VM_SNAPSHOT_UPDATE
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.routing import CONTROL_QUEUE, snapshot_workflow_id, vm_snapshot_workflow_id
+from snapferry.workflows.snapshot import VERIFY_BACKUP_UPDATE
+from snapferry.workflows.vm_snapshot import REVERT_VM_SNAPSHOT_UPDATE
 
 from .helpers import request_for
 

@@ -14,20 +14,20 @@ import libvirt
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     RestoreResult,
     SnapshotState,
     VmRef,
     VolumeRef,
     new_snapshot_id,
 )
-from activities.errors import ChainBusy, InvalidInput
-from activities.hypervisors.kvm import KvmDriver
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB, DemoVm, domain_xml
-from workers.worker import running_workers
-from workflows.snapshot import CREATE_TEMPLATE_UPDATE, CREATE_VOLUME_UPDATE, REVERT_UPDATE
+from snapferry.activities.errors import ChainBusy, InvalidInput
+from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB, DemoVm, domain_xml
+from snapferry.workers.worker import running_workers
+from snapferry.workflows.snapshot import CREATE_TEMPLATE_UPDATE, CREATE_VOLUME_UPDATE, REVERT_UPDATE
 
 from ..inotify import watch_opens
 from ..spies import record_fsyncs_and_renames
@@ -180,7 +180,7 @@ def test_a_second_worker_process_for_the_host_waits_for_the_domain_lock(
     import subprocess
     import sys
 
-    from activities.hypervisors.domain_lock import lock_path
+    from snapferry.activities.hypervisors.domain_lock import lock_path
 
     vm = make_vm(size=8 * MIB, data_bytes=MIB)
     local = dataclasses.replace(settings, lock_dir=tmp_path / "locks", domain_lock_timeout_s=0.5)
@@ -210,7 +210,7 @@ def test_a_revert_reaches_the_medium_before_its_rename(
     settings: Settings, make_vm, host_name: str, libvirt_conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """qemu-img does not fsync: the new layer is fsynced, renamed, then its directory."""
-    from activities.contracts import RevertRequest
+    from snapferry.activities.contracts import RevertRequest
 
     vm = make_vm(size=8 * MIB, data_bytes=MIB, start=False)
     driver = KvmDriver(settings)

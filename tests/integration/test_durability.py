@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotRecord, SnapshotState
-from activities.settings import Settings
-from activities.storage import checksum
-from workers import starter
-from workers.demo_vm import MIB
-from workers.stack import terminate
-from workers.worker import running_workers
+from snapferry.activities.contracts import SnapshotRecord, SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage import checksum
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import terminate
+from snapferry.workers.worker import running_workers
 
 from ..conftest import DevServer
 from .helpers import images_identical, request_for
@@ -31,7 +31,15 @@ def start_backup_worker(log: Path, *, rate_mbps: int) -> subprocess.Popen:
     env = dict(os.environ, SNAPFERRY_BACKUP_RATE_LIMIT_MBPS=str(rate_mbps))
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "worker", "--backup", "--concurrency", "1"],
+            [
+                sys.executable,
+                "-m",
+                "snapferry.workers.cli",
+                "worker",
+                "--backup",
+                "--concurrency",
+                "1",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

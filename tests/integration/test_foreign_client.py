@@ -17,9 +17,9 @@ import jsonschema
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import new_snapshot_id
-from activities.settings import Settings
-from workers.demo_vm import MIB
+from snapferry.activities.contracts import new_snapshot_id
+from snapferry.activities.settings import Settings
+from snapferry.workers.demo_vm import MIB
 
 pytestmark = pytest.mark.integration
 

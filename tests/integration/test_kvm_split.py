@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from activities.storage import checksum
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage import checksum
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 
 from .helpers import disk_source, images_identical, patch_reference, request_for
 

@@ -21,15 +21,15 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from activities.backup import BackupActivities
-from activities.contracts import SnapshotRequest, SnapshotState
-from activities.settings import Settings
-from activities.storage import copy_engine
-from workers import starter
-from workers.demo_vm import MIB
-from workers.stack import terminate
-from workers.worker import running_workers
-from workflows.snapshot import VERIFY_BACKUP_UPDATE
+from snapferry.activities.backup import BackupActivities
+from snapferry.activities.contracts import SnapshotRequest, SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage import copy_engine
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import terminate
+from snapferry.workers.worker import running_workers
+from snapferry.workflows.snapshot import VERIFY_BACKUP_UPDATE
 
 from .helpers import images_identical, request_for
 from .test_durability import start_backup_worker, wait_for_progress

@@ -15,11 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.stack import free_port, spawn, terminate, wait_for_port
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import free_port, spawn, terminate, wait_for_port
 
 from .helpers import request_for
 

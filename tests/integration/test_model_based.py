@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     SnapshotState,
     VmRef,
     VmSnapshotRequest,
@@ -28,13 +28,13 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.hypervisors.domain_lock import domain_lock
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
-from workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
-from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+from snapferry.activities.hypervisors.domain_lock import domain_lock
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
+from snapferry.workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
+from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
 from .helpers import chain_of, images_identical, request_for
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 
 from ..conftest import snapferry_cli
 from .helpers import images_identical, request_for
@@ -117,7 +117,7 @@ async def test_cancel_a_running_backup_cleans_up_and_retry_completes(
 async def test_records_and_policies_survive_worker_and_server_restarts(
     client: Client, settings: Settings, dev_server, make_vm, host_name: str, libvirt_conn
 ) -> None:
-    from workers.policies import create_policy, list_policies
+    from snapferry.workers.policies import create_policy, list_policies
 
     from .test_policies import policy
 

@@ -16,13 +16,19 @@ from temporalio.client import (
     WorkflowExecutionStatus,
 )
 
-from activities.contracts import PolicyInterval, SnapshotPolicy, SnapshotState, VmRef, VolumeRef
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.policies import create_policy, delete_policy, list_policies
-from workers.starter import SnapferryClientError
-from workflows.routing import policy_schedule_id
+from snapferry.activities.contracts import (
+    PolicyInterval,
+    SnapshotPolicy,
+    SnapshotState,
+    VmRef,
+    VolumeRef,
+)
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.policies import create_policy, delete_policy, list_policies
+from snapferry.workers.starter import SnapferryClientError
+from snapferry.workflows.routing import policy_schedule_id
 
 from ..conftest import snapferry_cli
 

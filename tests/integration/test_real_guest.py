@@ -20,12 +20,12 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from activities.storage import checksum
-from activities.storage.secondary import SecondaryStore
-from workers import starter
-from workers.demo_vm import MIB
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage import checksum
+from snapferry.activities.storage.secondary import SecondaryStore
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
 
 from .guest import (
     RealGuest,

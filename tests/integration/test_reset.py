@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.hypervisors.kvm import KvmDriver
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workflows.snapshot import DELETE_UPDATE
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workflows.snapshot import DELETE_UPDATE
 
 from .helpers import disk_source, request_for
 
@@ -143,7 +143,7 @@ async def test_a_reset_does_not_revert_a_second_time(
 ) -> None:
     """Temporal reapplies the updates after the reset point. A revert done again would
     throw away what the guest wrote after the first one: it is done once."""
-    from workflows.snapshot import REVERT_UPDATE
+    from snapferry.workflows.snapshot import REVERT_UPDATE
 
     from .helpers import images_identical, patch_reference
 
@@ -198,8 +198,13 @@ async def test_a_reset_of_a_vm_snapshot_never_takes_it_twice(
     how: str,
     removed: bool,
 ) -> None:
-    from activities.contracts import VmRef, VmSnapshotRequest, VmSnapshotState, new_snapshot_id
-    from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE
+    from snapferry.activities.contracts import (
+        VmRef,
+        VmSnapshotRequest,
+        VmSnapshotState,
+        new_snapshot_id,
+    )
+    from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE
 
     takes: list[str] = []
     real_take = KvmDriver.take_vm_snapshot

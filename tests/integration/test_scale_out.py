@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import SnapshotState
-from activities.names import BACKUP_SNAPSHOT, TAKE_SNAPSHOT
-from activities.settings import Settings
-from workers import starter
-from workers.demo_vm import MIB
-from workers.stack import spawn, terminate
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.names import BACKUP_SNAPSHOT, TAKE_SNAPSHOT
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import spawn, terminate
 
 from .helpers import request_for
 
@@ -28,7 +28,7 @@ def worker(log: Path, *args: str, rate_mbps: int | None = None) -> int:
     env = dict(os.environ)
     if rate_mbps:
         env["SNAPFERRY_BACKUP_RATE_LIMIT_MBPS"] = str(rate_mbps)
-    return spawn([sys.executable, "-m", "workers.cli", "worker", *args], log, env=env)
+    return spawn([sys.executable, "-m", "snapferry.workers.cli", "worker", *args], log, env=env)
 
 
 async def started_by(client: Client, workflow_id: str, activity: str) -> set[str]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from activities.settings import Settings
-from workers.client import connect
-from workers.stack import free_port, spawn, terminate, wait_for_port
+from snapferry.activities.settings import Settings
+from snapferry.workers.client import connect
+from snapferry.workers.stack import free_port, spawn, terminate, wait_for_port
 
 from ..conftest import snapferry_cli
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.settings import Settings
-from workers.demo_vm import MIB
+from snapferry.activities.settings import Settings
+from snapferry.workers.demo_vm import MIB
 
 from ..conftest import snapferry_cli
 from .helpers import images_identical, patch_reference
@@ -128,7 +128,7 @@ def test_discard_removes_what_a_failed_take_left(
     """A take that made its overlay but then failed on every retry leaves it behind; the
     workflow's discard step (driven here directly) finds it by the snapshot ID and merges it,
     for both kinds, and is a no-op the second time or for a take that made nothing."""
-    from activities.contracts import (
+    from snapferry.activities.contracts import (
         DiscardRequest,
         VmRef,
         VmSnapshotOperation,
@@ -136,7 +136,7 @@ def test_discard_removes_what_a_failed_take_left(
         VolumeRef,
         new_snapshot_id,
     )
-    from activities.hypervisors.kvm import KvmDriver
+    from snapferry.activities.hypervisors.kvm import KvmDriver
 
     vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
     dom = libvirt_conn.lookupByName(vm.name)
@@ -164,8 +164,8 @@ def test_a_release_never_touches_another_disk_in_the_same_pool(
     """Regression (found by the scale-out test): two VMs' disks share a pool directory. A
     released layer of VM A that its newer snapshot still needs must survive a release on
     VM B, whose clean-up of merged leftovers once looked at every disk in the directory."""
-    from activities.contracts import VmRef, VolumeRef, new_snapshot_id
-    from activities.hypervisors.kvm import KvmDriver
+    from snapferry.activities.contracts import VmRef, VolumeRef, new_snapshot_id
+    from snapferry.activities.hypervisors.kvm import KvmDriver
 
     from .helpers import chain_of
 

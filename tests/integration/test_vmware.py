@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     HypervisorType,
     SnapshotRequest,
     SnapshotState,
@@ -20,10 +20,10 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 from tests.vsphere_sim.control import create_vm, guest_write
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
 
 from ..conftest import Vsphere
 from .helpers import cli_create
@@ -97,7 +97,7 @@ async def test_kill_9_during_export_resumes_and_leaves_no_clone(
     import os
     import signal
 
-    from workers.stack import terminate
+    from snapferry.workers.stack import terminate
 
     from .test_durability import start_backup_worker, wait_for_progress
 
@@ -166,7 +166,7 @@ async def test_datastore_gone_alerts_keeps_the_snapshot_and_retry_completes(
 async def test_delete_during_backup_cancels_and_destroys_the_clone(
     client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
-    from workflows.snapshot import DELETE_UPDATE
+    from snapferry.workflows.snapshot import DELETE_UPDATE
 
     create_vm(vsphere.port, "web02", [32 * MIB])
     fill(vsphere, "web02", size=32 * MIB, seed=4)
@@ -186,9 +186,9 @@ async def test_delete_during_backup_cancels_and_destroys_the_clone(
 async def test_bad_credentials_and_unknown_vm_fail_clearly_and_once(
     client: Client, vsphere: Vsphere, host_name: str, tmp_path: Path, monkeypatch
 ) -> None:
-    from activities.contracts import VmSnapshotRequest, VmSnapshotType
-    from activities.names import TAKE_SNAPSHOT
-    from activities.settings import VcenterConfig
+    from snapferry.activities.contracts import VmSnapshotRequest, VmSnapshotType
+    from snapferry.activities.names import TAKE_SNAPSHOT
+    from snapferry.activities.settings import VcenterConfig
 
     create_vm(vsphere.port, "web03", [8 * MIB])
     async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
@@ -243,9 +243,9 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
     snapshot types; deletes of both kinds in the middle; a volume revert refused (with why)
     while vSphere snapshots stand on the disk, then done from secondary; a new volume from a
     backup."""
-    from activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
-    from workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
-    from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+    from snapferry.activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
+    from snapferry.workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
+    from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
     size = 16 * MIB
     create_vm(vsphere.port, "app02", [size])

@@ -18,7 +18,7 @@ import pytest
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     BackupPlan,
     HypervisorType,
     VmRef,
@@ -27,9 +27,9 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from activities.errors import CredentialsRejected
-from activities.hypervisors.vmware import VmwareDriver
-from activities.settings import Settings, VcenterConfig
+from snapferry.activities.errors import CredentialsRejected
+from snapferry.activities.hypervisors.vmware import VmwareDriver
+from snapferry.activities.settings import Settings, VcenterConfig
 from tests.govmomi_sim.control import GovmomiSimulator, missing
 
 pytestmark = [

@@ -16,9 +16,12 @@ import pytest
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
-from activities.contracts import SnapshotRequest, SnapshotState
-from activities.names import TAKE_SNAPSHOT
-from activities.settings import Settings
+from snapferry.activities.contracts import SnapshotRequest, SnapshotState
+from snapferry.activities.names import TAKE_SNAPSHOT
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 from tests.vsphere_sim.control import (
     create_vm,
     list_tasks,
@@ -28,9 +31,6 @@ from tests.vsphere_sim.control import (
     set_inventory,
     set_task_delay,
 )
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
 
 from ..conftest import Vsphere
 from .test_vmware import fill, vmware_request
@@ -46,9 +46,9 @@ async def host_worker(client: Client, settings: Settings, host: str) -> AsyncIte
 
     from temporalio.worker import Worker
 
-    from activities.host import HostActivities
-    from workers.routing import routed_host
-    from workflows.routing import host_queue
+    from snapferry.activities.host import HostActivities
+    from snapferry.workers.routing import routed_host
+    from snapferry.workflows.routing import host_queue
 
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="host")
     worker = Worker(
@@ -119,7 +119,7 @@ async def test_kill_9_resumes_against_a_server_without_ranges(
     """/folder answers a ranged GET with a plain 200 (as direct ESXi may): the backup reads
     the one response forward, and the resumed attempt reads and drops up to its checkpoint
     (and says so), instead of failing every attempt on the 200."""
-    from workers.stack import terminate
+    from snapferry.workers.stack import terminate
 
     from .test_durability import start_backup_worker, wait_for_progress
 

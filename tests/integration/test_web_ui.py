@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from activities.contracts import SnapshotState
-from activities.settings import Settings
-from workers import starter
-from workers.client import connect
-from workers.codec import KeyRing, new_key
-from workers.demo_vm import MIB
-from workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
-from workers.worker import running_workers
-from workflows.snapshot import DELETE_UPDATE
+from snapferry.activities.contracts import SnapshotState
+from snapferry.activities.settings import Settings
+from snapferry.workers import starter
+from snapferry.workers.client import connect
+from snapferry.workers.codec import KeyRing, new_key
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
+from snapferry.workers.worker import running_workers
+from snapferry.workflows.snapshot import DELETE_UPDATE
 
 from .helpers import request_for
 
@@ -131,7 +131,7 @@ async def test_operators_find_filter_and_read_snapshots_in_the_web_ui(
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "snapferry.workers.cli",
             "codec-server",
             "--port",
             str(codec_port),

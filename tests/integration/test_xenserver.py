@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     HypervisorType,
     SnapshotRequest,
     SnapshotState,
@@ -21,11 +21,11 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from activities.storage.secondary import SecondaryStore
+from snapferry.activities.storage.secondary import SecondaryStore
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 from tests.xapi_sim.control import create_vm, guest_write
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
 
 from ..conftest import XAPI_PASSWORD, Xapi
 from .helpers import cli_create
@@ -127,8 +127,8 @@ async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
     import os
     import signal
 
+    from snapferry.workers.stack import terminate
     from tests.xapi_sim.control import set_export_delay
-    from workers.stack import terminate
 
     from .test_durability import start_backup_worker, wait_for_progress
 
@@ -207,7 +207,7 @@ async def test_xapi_faults_retry_or_alert_as_they_should(
 async def test_deleting_a_base_hides_it_until_its_deltas_are_gone(
     client: Client, xapi: Xapi, host_name: str
 ) -> None:
-    from workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
+    from snapferry.workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
 
     size = 16 * MIB
     create_vm(xapi.port, "xen04", [size])
@@ -280,9 +280,9 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
     new VDIs; a checkpoint comes back Suspended and is resumed): reverts of both VM snapshot
     types, deletes of both kinds in the middle, backups that stay deltas across reverts, a
     volume revert from a chain and a new volume from a backup."""
-    from activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
-    from workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
-    from workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
+    from snapferry.activities.contracts import RestoreResult, VmSnapshotRequest, VmSnapshotType
+    from snapferry.workflows.snapshot import CREATE_VOLUME_UPDATE, DELETE_UPDATE, REVERT_UPDATE
+    from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM_SNAPSHOT_UPDATE
 
     size = 16 * MIB
     create_vm(xapi.port, "xen05", [size])
@@ -392,8 +392,8 @@ async def test_deleting_an_unbacked_snapshot_keeps_the_delta_base(
 ) -> None:
     """A snapshot whose backup failed, then deleted, can be no one's base: its own VDI
     goes, the retained base stays, and the next backup is still a delta on it."""
+    from snapferry.workflows.snapshot import DELETE_UPDATE
     from tests.xapi_sim.control import clear_faults, inject_fault
-    from workflows.snapshot import DELETE_UPDATE
 
     create_vm(xapi.port, "xen07", [16 * MIB])
     rng = fill(xapi, "xen07", 16 * MIB, seed=13)

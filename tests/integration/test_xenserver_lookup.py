@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     HypervisorType,
     SnapshotRequest,
     SnapshotState,
@@ -22,14 +22,14 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from activities.names import TAKE_SNAPSHOT
-from activities.storage.secondary import SecondaryStore
+from snapferry.activities.names import TAKE_SNAPSHOT
+from snapferry.activities.storage.secondary import SecondaryStore
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
+from snapferry.workflows.snapshot import REVERT_UPDATE
+from snapferry.workflows.vm_snapshot import REVERT_VM_SNAPSHOT_UPDATE
 from tests.xapi_sim.control import create_template, create_vm, guest_write, list_vdis, list_vms
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
-from workflows.snapshot import REVERT_UPDATE
-from workflows.vm_snapshot import REVERT_VM_SNAPSHOT_UPDATE
 
 from ..conftest import Xapi
 from .test_xenserver import operator_session, sha256_of

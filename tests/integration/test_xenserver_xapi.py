@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     BackupPlan,
     PrimarySnapshot,
     SnapshotState,
@@ -24,9 +24,12 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from activities.errors import HypervisorUnavailable, SourceGone
-from activities.hypervisors.xenserver import VhdExportReader, XenServerDriver
-from activities.storage.secondary import SecondaryStore
+from snapferry.activities.errors import HypervisorUnavailable, SourceGone
+from snapferry.activities.hypervisors.xenserver import VhdExportReader, XenServerDriver
+from snapferry.activities.storage.secondary import SecondaryStore
+from snapferry.workers import starter
+from snapferry.workers.demo_vm import MIB
+from snapferry.workers.worker import running_workers
 from tests.xapi_sim.control import (
     create_vm,
     guest_write,
@@ -34,9 +37,6 @@ from tests.xapi_sim.control import (
     list_vdis,
     set_export_delay,
 )
-from workers import starter
-from workers.demo_vm import MIB
-from workers.worker import running_workers
 
 from ..conftest import Xapi
 from .test_xenserver import BLOCK, snapshot_power, xen_request
@@ -75,7 +75,7 @@ async def test_a_full_and_four_deltas_restore_byte_identical_at_every_point(
     the driver used to refuse. One full and four deltas, each rebuilt from its chain, equal
     the VDI at its snapshot time; the last is reverted into the VM and reads back equal. A
     block rewritten with its own bytes is still in the delta (XAPI picks by allocation)."""
-    from workflows.snapshot import REVERT_UPDATE
+    from snapferry.workflows.snapshot import REVERT_UPDATE
 
     size = 32 * MIB
     create_vm(xapi.port, "chain01", [size])
@@ -288,7 +288,7 @@ def test_a_take_interrupted_before_its_label_is_found_by_the_retry(xapi: Xapi) -
     between used to leave an unlabelled snapshot that the retry never found (a second
     snapshot, the first leaked). The source's other_config mark, which the snapshot
     inherits, finds it."""
-    from activities.errors import SnapferryError
+    from snapferry.activities.errors import SnapferryError
 
     d = driver(xapi)
     create_vm(xapi.port, "label01", [4 * MIB])
@@ -310,7 +310,7 @@ def test_concurrent_xapi_calls_of_one_worker_overlap(xapi: Xapi) -> None:
     once (the simulator counts the calls in flight), and the session is logged in once."""
     import threading
 
-    from activities.hypervisors.xenserver import XapiSession
+    from snapferry.activities.hypervisors.xenserver import XapiSession
     from tests.xapi_sim.control import max_calls_in_flight, set_call_latency
 
     assert xapi.settings.xen is not None

@@ -17,16 +17,16 @@ from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
 
-from activities.contracts import VmRef, VmSnapshotRequest, VmSnapshotType, new_snapshot_id
-from tests.workflow.conftest import HOST, Mocks, make_request
-from workflows.routing import (
+from snapferry.activities.contracts import VmRef, VmSnapshotRequest, VmSnapshotType, new_snapshot_id
+from snapferry.workflows.routing import (
     CONTROL_QUEUE,
     backup_workflow_id,
     snapshot_workflow_id,
     vm_snapshot_workflow_id,
 )
-from workflows.snapshot import VolumeSnapshotWorkflow
-from workflows.vm_snapshot import VmSnapshotWorkflow
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
+from tests.workflow.conftest import HOST, Mocks, make_request
 
 HISTORIES = Path(__file__).parent / "histories"
 

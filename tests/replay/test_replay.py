@@ -8,9 +8,9 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from workers.converter import DATA_CONVERTER
-from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
-from workflows.vm_snapshot import VmSnapshotWorkflow
+from snapferry.workers.converter import DATA_CONVERTER
+from snapferry.workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from activities.contracts import BackupPlan, VmRef, VolumeRef, new_snapshot_id
-from activities.storage.secondary import Manifest, SecondaryStore
+from snapferry.activities.contracts import BackupPlan, VmRef, VolumeRef, new_snapshot_id
+from snapferry.activities.storage.secondary import Manifest, SecondaryStore
 
 VOLUME = VolumeRef(vm=VmRef(name="xen01", host="h1", hypervisor="xenserver"), disk="xvda")
 

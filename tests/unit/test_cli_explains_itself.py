@@ -7,7 +7,7 @@ import argparse
 import subprocess
 import sys
 
-from workers.cli import build_parser, web_ui_link
+from snapferry.workers.cli import build_parser, web_ui_link
 
 
 def every_action(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
@@ -40,7 +40,7 @@ def test_help_shows_defaults_and_exit_codes() -> None:
 
 
 def test_the_web_ui_link_names_the_workflow(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from activities.settings import Settings
+    from snapferry.activities.settings import Settings
 
     settings = Settings.from_env()
     monkeypatch.delenv("SNAPFERRY_UI_URL", raising=False)

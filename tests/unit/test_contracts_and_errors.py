@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from activities import errors
-from activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
-from workers.schema import EXPORTED, write_schemas
+from snapferry.activities import errors
+from snapferry.activities.contracts import SnapshotRequest, VmRef, VolumeRef, new_snapshot_id
+from snapferry.workers.schema import EXPORTED, write_schemas
 
 
 def request(vm: str = "vm1", disk: str = "vda", snapshot_id: str | None = None) -> dict:

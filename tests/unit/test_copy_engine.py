@@ -11,16 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activities.errors import BackupCancelled, BackupCorrupt, BackupStalled
-from activities.storage import checksum
-from activities.storage.copy_engine import (
+from snapferry.activities.errors import BackupCancelled, BackupCorrupt, BackupStalled
+from snapferry.activities.storage import checksum
+from snapferry.activities.storage.copy_engine import (
     Checkpoint,
     CopyEngine,
     CopyTarget,
     StopFlag,
     verify_copy,
 )
-from activities.storage.reader import DataExtent
+from snapferry.activities.storage.reader import DataExtent
 
 CHUNK = 64 * 1024
 

@@ -33,8 +33,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from workers.cli import build_parser
-from workers.codec import TOKEN_FILE_ENV, CodecAuth, startup_problem
+from snapferry.workers.cli import build_parser
+from snapferry.workers.codec import TOKEN_FILE_ENV, CodecAuth, startup_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from activities.contracts import BackupPlan, VmRef, VolumeRef
-from activities.errors import ChainBusy
-from activities.hypervisors.domain_lock import domain_lock, lock_path
-from activities.storage import files
-from activities.storage.secondary import SecondaryStore
+from snapferry.activities.contracts import BackupPlan, VmRef, VolumeRef
+from snapferry.activities.errors import ChainBusy
+from snapferry.activities.hypervisors.domain_lock import domain_lock, lock_path
+from snapferry.activities.storage import files
+from snapferry.activities.storage.secondary import SecondaryStore
 from tests.spies import record_fsyncs_and_renames
 
 
@@ -124,7 +124,7 @@ def test_progress_signals_stay_bounded_across_attempts() -> None:
     age, or a backup retried N times sends N times the early burst of signals."""
     from datetime import UTC, datetime, timedelta
 
-    from activities.progress import signal_interval
+    from snapferry.activities.progress import signal_interval
 
     now = datetime(2026, 12, 1, 12, tzinfo=UTC)
     started_a_day_ago = now - timedelta(days=1)

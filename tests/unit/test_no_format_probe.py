@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from activities.errors import UnsupportedImage
-from activities.storage.copy_engine import CopyEngine, CopyTarget
-from activities.storage.reader import QemuImageReader, image_chain
+from snapferry.activities.errors import UnsupportedImage
+from snapferry.activities.storage.copy_engine import CopyEngine, CopyTarget
+from snapferry.activities.storage.reader import QemuImageReader, image_chain
 from tests.inotify import watch_opens
 
 MIB = 1024 * 1024

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from activities.alerts import alert_logger, format_alert
-from activities.contracts import Alert
-from activities.errors import ImageUnreadable, UnsupportedImage
-from activities.settings import Settings
-from activities.storage.copy_engine import CopyEngine, CopyTarget
-from activities.storage.reader import QemuImageReader
+from snapferry.activities.alerts import alert_logger, format_alert
+from snapferry.activities.contracts import Alert
+from snapferry.activities.errors import ImageUnreadable, UnsupportedImage
+from snapferry.activities.settings import Settings
+from snapferry.activities.storage.copy_engine import CopyEngine, CopyTarget
+from snapferry.activities.storage.reader import QemuImageReader
 
 MIB = 1024 * 1024
 

@@ -20,7 +20,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     Alert,
     BackupResult,
     CopyRequest,
@@ -37,7 +37,7 @@ from activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from activities.names import (
+from snapferry.activities.names import (
     BACKUP_SNAPSHOT,
     DELETE_BACKUP,
     DELETE_VM_SNAPSHOT,
@@ -50,16 +50,16 @@ from activities.names import (
     TAKE_VM_SNAPSHOT,
     VM_SNAPSHOT_DELETED,
 )
-from workers.converter import DATA_CONVERTER
-from workflows.routing import (
+from snapferry.workers.converter import DATA_CONVERTER
+from snapferry.workflows.routing import (
     ALERT_QUEUE,
     BACKUP_QUEUE,
     CONTROL_QUEUE,
     SEARCH_ATTRIBUTES,
     host_queue,
 )
-from workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
-from workflows.vm_snapshot import VmSnapshotWorkflow
+from snapferry.workflows.snapshot import BackupSnapshotWorkflow, VolumeSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
 
 HOST = "hv1"
 

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta
 from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
 
-from activities.backup import retry_delay
-from activities.contracts import BackupResult, CopyRequest, SnapshotState
-from activities.errors import SecondaryStoreUnavailable, as_application_error
-from workers import starter
-from workflows.snapshot import VolumeSnapshotWorkflow
+from snapferry.activities.backup import retry_delay
+from snapferry.activities.contracts import BackupResult, CopyRequest, SnapshotState
+from snapferry.activities.errors import SecondaryStoreUnavailable, as_application_error
+from snapferry.workers import starter
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
 
 from .conftest import Mocks, make_request, ok_result
 from .test_snapshot_workflow import start

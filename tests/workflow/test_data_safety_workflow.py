@@ -11,7 +11,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateStage
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     SnapshotRecord,
     SnapshotState,
     VmRef,
@@ -19,7 +19,7 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.names import (
+from snapferry.activities.names import (
     DELETE_BACKUP,
     RAISE_ALERT,
     RELEASE_PRIMARY,
@@ -27,16 +27,16 @@ from activities.names import (
     TAKE_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
 )
-from workers import starter
-from workers.starter import SnapferryClientError
-from workflows.routing import host_queue, snapshot_workflow_id, vm_snapshot_workflow_id
-from workflows.snapshot import (
+from snapferry.workers import starter
+from snapferry.workers.starter import SnapferryClientError
+from snapferry.workflows.routing import host_queue, snapshot_workflow_id, vm_snapshot_workflow_id
+from snapferry.workflows.snapshot import (
     DELETE_UPDATE,
     MOVE_HOST_UPDATE,
     REVERT_UPDATE,
     VolumeSnapshotWorkflow,
 )
-from workflows.vm_snapshot import VmSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
 
 from .conftest import HOST, PRIMARY, Mocks, make_request
 from .test_snapshot_workflow import until_settled

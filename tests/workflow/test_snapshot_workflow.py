@@ -7,8 +7,8 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.contracts import CopyRequest, SnapshotState
-from activities.names import (
+from snapferry.activities.contracts import CopyRequest, SnapshotState
+from snapferry.activities.names import (
     BACKUP_SNAPSHOT,
     DELETE_BACKUP,
     DISCARD_SNAPSHOT,
@@ -17,10 +17,10 @@ from activities.names import (
     REVERT_VOLUME,
     TAKE_SNAPSHOT,
 )
-from workers import starter
-from workers.starter import SnapferryClientError
-from workflows.routing import snapshot_workflow_id
-from workflows.snapshot import VolumeSnapshotWorkflow
+from snapferry.workers import starter
+from snapferry.workers.starter import SnapferryClientError
+from snapferry.workflows.routing import snapshot_workflow_id
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
 
 from .conftest import PRIMARY, Mocks, make_request
 

@@ -6,7 +6,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.contracts import (
+from snapferry.activities.contracts import (
     VmRef,
     VmSnapshotRecord,
     VmSnapshotRequest,
@@ -14,17 +14,17 @@ from activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from activities.names import (
+from snapferry.activities.names import (
     DELETE_VM_SNAPSHOT,
     DISCARD_SNAPSHOT,
     RAISE_ALERT,
     REVERT_VM_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
 )
-from workers import starter
-from workers.starter import SnapferryClientError
-from workflows.routing import SNAPSHOT_STATE, vm_snapshot_workflow_id
-from workflows.vm_snapshot import (
+from snapferry.workers import starter
+from snapferry.workers.starter import SnapferryClientError
+from snapferry.workflows.routing import SNAPSHOT_STATE, vm_snapshot_workflow_id
+from snapferry.workflows.vm_snapshot import (
     DELETE_VM_SNAPSHOT_UPDATE,
     REVERT_VM_SNAPSHOT_UPDATE,
 )
