@@ -24,3 +24,18 @@ def record_fsyncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     return events
+
+
+def record_snapshot_ids(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[str]:
+    """From now on, the snapshot ID of every call of ``cls.method`` (a real driver's take,
+    revert, ...), which still runs as before: to count what a host really did."""
+    calls: list[str] = []
+    real = getattr(cls, method)
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        first = args[0] if args else None
+        calls.append(kwargs.get("snapshot_id") or getattr(first, "snapshot_id", ""))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, spy)
+    return calls

@@ -20,6 +20,7 @@ from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
 from snapferry.workflows.snapshot import DELETE_UPDATE
 
+from ..spies import record_snapshot_ids
 from .helpers import disk_source, request_for
 
 pytestmark = pytest.mark.integration
@@ -68,14 +69,7 @@ async def test_a_reset_never_takes_or_backs_up_twice_and_keeps_the_record(
     how: str,
     deleted: bool,
 ) -> None:
-    takes: list[str] = []
-    real_take = KvmDriver.take
-
-    def counting_take(self, *, volume, snapshot_id):  # type: ignore[no-untyped-def]
-        takes.append(snapshot_id)
-        return real_take(self, volume=volume, snapshot_id=snapshot_id)
-
-    monkeypatch.setattr(KvmDriver, "take", counting_take)
+    takes = record_snapshot_ids(monkeypatch, KvmDriver, "take")
     vm = make_vm(size=8 * MIB, data_bytes=MIB)
     answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
     before = await starter.wait_settled(client, answer.id)
@@ -147,14 +141,7 @@ async def test_a_reset_does_not_revert_a_second_time(
 
     from .helpers import images_identical, patch_reference
 
-    reverts: list[str] = []
-    real_revert = KvmDriver.revert
-
-    def counting_revert(self, req):  # type: ignore[no-untyped-def]
-        reverts.append(req.snapshot_id)
-        return real_revert(self, req)
-
-    monkeypatch.setattr(KvmDriver, "revert", counting_revert)
+    reverts = record_snapshot_ids(monkeypatch, KvmDriver, "revert")
     vm = make_vm(size=8 * MIB, data_bytes=MIB)
     answer = await starter.create_snapshot(client, request_for(vm.name, host_name, settings))
     await starter.wait_settled(client, answer.id)
@@ -206,14 +193,7 @@ async def test_a_reset_of_a_vm_snapshot_never_takes_it_twice(
     )
     from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE
 
-    takes: list[str] = []
-    real_take = KvmDriver.take_vm_snapshot
-
-    def counting_take(self, op):  # type: ignore[no-untyped-def]
-        takes.append(op.snapshot_id)
-        return real_take(self, op)
-
-    monkeypatch.setattr(KvmDriver, "take_vm_snapshot", counting_take)
+    takes = record_snapshot_ids(monkeypatch, KvmDriver, "take_vm_snapshot")
     vm = make_vm(size=8 * MIB, data_bytes=MIB)
     req = VmSnapshotRequest(snapshot_id=new_snapshot_id(), vm=VmRef(name=vm.name, host=host_name))
     first = await starter.create_vm_snapshot(client, req)
