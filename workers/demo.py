@@ -54,7 +54,7 @@ async def run_demo(settings: Settings, *, host: str, size_mib: int) -> int:
         print(f"snapshot {record.id}: {record.state.value} after {answer * 1000:.0f} ms")
         vm.guest_write(pattern=0x5A, offset=0, length=MIB)
         print("the VM keeps running and writing; backup in the background:")
-        from .cli import watch
+        from .watch import watch
 
         record = await watch(client, record.id)
         total = time.perf_counter() - t0

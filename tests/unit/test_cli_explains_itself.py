@@ -69,3 +69,16 @@ def test_no_raw_libvirt_error_line_reaches_stderr() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "typed: VM 'sf-no-such-domain' does not exist" in proc.stdout
     assert "libvirt:" not in proc.stderr and proc.stderr.strip() == ""
+
+
+def test_the_demo_does_not_import_the_cli() -> None:
+    """The CLI is split by command group (workers/cli/), and the demo uses the progress bar
+    module, not the CLI: no import circle between them."""
+    code = (
+        "import sys, snapferry.workers.demo\n"
+        "print([m for m in sys.modules if m == 'snapferry.workers.cli'"
+        " or m.startswith('snapferry.workers.cli.')])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -423,7 +423,7 @@ def commands() -> list[tuple[str, list[str]]]:
 def test_command_parses_with_the_real_cli(where: str, argv: list[str]) -> None:
     assert Path(argv[0]).name == "snapferry", f"{where}: {argv}"
     args = [placeholders(a) for a in argv[1:]]
-    # codec-server is in workers/cli.py's parser (added with workers/codec.py); these
+    # codec-server is in workers/cli's parser (added with workers/codec.py); these
     # commands parse against it like every other one.
     try:
         parsed = build_parser().parse_args(args)

@@ -1,0 +1,1 @@
+"""Every side effect of snapferry: hypervisor drivers, the copy engine, alerts."""

@@ -1,0 +1,464 @@
+"""Payload contracts shared by workflows, activities and callers.
+
+They are pydantic v2 models sent with Temporal's pydantic data converter, and their JSON
+Schemas are exported by ``snapferry schema`` so that management code in any language can call
+the workflows by name. State names are CloudStack's own, so an integration maps one to one.
+
+Names that become file names on primary or secondary storage (VM, disk, snapshot ID) are
+validated here, at the edge, so that no path traversal can reach a driver or the store.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def validate_name(value: str) -> str:
+    """Reject anything that could escape a directory or confuse a shell or a URL."""
+    if not _NAME_RE.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-128 characters of letters, digits, '.', '_'"
+            " or '-', starting with a letter or digit, and no '..'"
+        )
+    return value
+
+
+def validate_snapshot_id(value: str) -> str:
+    if not _UUID_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a snapshot ID: expected a lowercase UUID")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(validate_name)]
+SnapshotId = Annotated[str, AfterValidator(validate_snapshot_id)]
+
+
+def new_snapshot_id() -> str:
+    """Snapshot IDs are UUIDs, as in CloudStack, so that they are unique across clouds."""
+    return str(uuid.uuid4())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SnapshotState(StrEnum):
+    """CloudStack's ``Snapshot.State`` names (the subset snapferry moves through)."""
+
+    ALLOCATED = "Allocated"
+    CREATING = "Creating"
+    CREATED_ON_PRIMARY = "CreatedOnPrimary"
+    BACKING_UP = "BackingUp"
+    BACKED_UP = "BackedUp"
+    HIDDEN = "Hidden"
+    DESTROYING = "Destroying"
+    DESTROYED = "Destroyed"
+    ERROR = "Error"
+
+
+class HypervisorType(StrEnum):
+    KVM = "kvm"
+    VMWARE = "vmware"
+    XENSERVER = "xenserver"
+
+
+class VmRef(_Model):
+    """A VM as the hypervisor knows it, and the host whose worker owns it."""
+
+    name: SafeName = Field(description="Domain / VM name on the hypervisor")
+    host: SafeName = Field(description="Hypervisor host; selects the host-pinned task queue")
+    hypervisor: HypervisorType = HypervisorType.KVM
+
+
+class VolumeRef(_Model):
+    vm: VmRef
+    disk: SafeName = Field(description="Disk target on the VM, for example 'vda'")
+
+
+class BackupOptions(_Model):
+    """CloudStack's ``backup.retry`` and ``backup.retry.interval``, plus liveness.
+
+    Liveness comes from the heartbeat timeout, not a wall-clock limit, so a large volume
+    never times out; ``max_duration_s`` is only a last-resort bound.
+    """
+
+    retry_attempts: int = Field(3, ge=0, le=100, description="Retries after the first try")
+    retry_interval_s: float = Field(300.0, gt=0, description="Wait before the first retry")
+    heartbeat_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds without a heartbeat before a crashed attempt is retried (after"
+        " a short backoff, not retry_interval_s); what a healthy store allows",
+    )
+    max_duration_s: float = Field(7 * 24 * 3600.0, gt=0)
+    take_heartbeat_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="VMware: seconds without a heartbeat before a take attempt (it heartbeats"
+        " while it polls the full clone) is retried; the take has no other bound but a day",
+    )
+    progress_interval_s: float = Field(
+        2.0, gt=0, description="How often progress reaches the workflow (Web UI details)"
+    )
+
+
+class PrimarySnapshot(_Model):
+    """Where the snapshot lives on primary storage, as the take left it.
+
+    ``image`` is the frozen image whose guest-visible content is the snapshot (it may have a
+    backing chain); ``overlay`` is the layer the VM writes to meanwhile, if the mechanism
+    needs one.
+    """
+
+    image: str
+    image_format: str
+    overlay: str | None = None
+    virtual_size: int = Field(ge=0)
+    vm_was_running: bool
+
+
+class BackupPlan(_Model):
+    """Full or incremental: chosen once per backup (kept beside its ``.partial`` files, so a
+    resumed attempt copies against the same base), by the driver. Only XenServer makes
+    deltas; the others always plan a full backup."""
+
+    parent: SnapshotId | None = Field(None, description="Snapshot whose backup this extends")
+    base_image: str | None = Field(None, description="The parent's primary image (delta base)")
+    depth: int = Field(0, ge=0, description="Deltas since the last full backup (0 = full)")
+
+
+class BackupResult(_Model):
+    path: str
+    manifest_path: str
+    checksum: str
+    virtual_size: int
+    bytes_copied: int = Field(description="Bytes read and written by the final attempt")
+    resumed_from: int = Field(description="Offset the final attempt resumed from")
+    attempts: int
+    verify_bytes_read: int = Field(
+        0, description="Bytes the final attempt's verify read back from the medium"
+    )
+    verify_seconds: float = Field(0.0, description="How long that verify took")
+    bytes_stored: int = Field(
+        0, description="Bytes of data the backup holds on secondary (holes and zeros excluded)"
+    )
+
+
+class BackupProgress(_Model):
+    snapshot_id: SnapshotId
+    bytes_done: int = 0
+    bytes_total: int = 0
+    bytes_per_second: float = 0.0
+    attempt: int = 1
+    phase: str = Field("copy", description="copy, or verify (bytes_done then counts verified)")
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+
+
+class StateChange(_Model):
+    state: SnapshotState
+    at: datetime
+
+
+class SnapshotRecord(_Model):
+    """What callers see of a volume snapshot: ``show --json`` prints exactly this."""
+
+    id: SnapshotId
+    state: SnapshotState
+    vm: str
+    disk: str
+    host: str
+    hypervisor: HypervisorType
+    created: datetime | None = None
+    primary: PrimarySnapshot | None = None
+    primary_released: bool = Field(
+        False, description="True once the primary copy was merged away after a verified backup"
+    )
+    backup: BackupResult | None = None
+    backup_error: str | None = None
+    backup_attempts: int = 0
+    transitions: list[StateChange] = Field(
+        default_factory=list, description="Every state the snapshot went through, in order"
+    )
+    backup_workflow_id: str | None = Field(
+        None, description="The current BackupSnapshot child; query it for progress"
+    )
+    error: str | None = None
+    delete_error: str | None = Field(
+        None,
+        description="Why the last delete failed (the snapshot is then Error; only a delete"
+        " can be sent again)",
+    )
+    restored: list[str] = Field(
+        default_factory=list, description="Volumes and templates created from this snapshot"
+    )
+    reverts: int = Field(0, description="How many times a volume was reverted to it")
+
+
+class SnapshotRequest(_Model):
+    """Input of the VolumeSnapshot workflow; also what ``snapshot create`` sends."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    backup: BackupOptions = Field(default_factory=BackupOptions)
+    carried: SnapshotRecord | None = Field(
+        None, description="Set only by continue-as-new: the record to carry over"
+    )
+    policy_id: SafeName | None = Field(None, description="The recurring policy that took it")
+
+
+class PolicyInterval(StrEnum):
+    """CloudStack's recurring snapshot intervals."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+
+def _timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{value!r} is not a known timezone (e.g. 'UTC', 'Europe/Berlin')"
+        ) from None
+    return value
+
+
+class SnapshotPolicy(_Model):
+    """A recurring snapshot policy: when (interval + time of day, in a timezone) and how
+    many snapshots it keeps (CloudStack's default maximum is 8 per interval)."""
+
+    policy_id: SafeName
+    volume: VolumeRef
+    interval: PolicyInterval
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    keep: int = Field(8, ge=1, le=1000)
+    minute: int = Field(0, ge=0, le=59)
+    hour: int = Field(0, ge=0, le=23, description="daily, weekly, monthly")
+    day_of_week: int = Field(0, ge=0, le=6, description="weekly: 0 = Sunday")
+    day_of_month: int = Field(1, ge=1, le=28, description="monthly")
+    backup: BackupOptions = Field(default_factory=BackupOptions)
+
+
+class RetentionRequest(_Model):
+    policy_id: SafeName
+    keep: int = Field(ge=1)
+
+
+class RestoreKind(StrEnum):
+    VOLUME = "volume"
+    TEMPLATE = "template"
+
+
+class RestoreRequest(_Model):
+    """Materialise a backup as a new qcow2 volume (on primary) or template (on secondary)."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    kind: RestoreKind
+    name: SafeName
+    manifest_path: str
+    primary_dir: str = Field(description="Where new volumes go: the snapshot's primary pool")
+
+
+class RestoreResult(_Model):
+    path: str
+    virtual_size: int
+    format: str = "qcow2"
+
+
+class RevertRequest(_Model):
+    """Revert a (stopped) VM's disk to a snapshot, from primary if it is still there."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    primary: PrimarySnapshot | None
+    manifest_path: str | None
+    operation_id: str | None = Field(
+        None,
+        description="The update that asked for it: a revert re-delivered with the same ID"
+        " (Temporal reapplies updates after a reset) is not done twice",
+    )
+
+
+class DeleteBackupRequest(_Model):
+    """Delete everything a snapshot's backups left on secondary storage."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+
+
+class DeleteBackupOutcome(_Model):
+    """What a delete did on secondary, chain-aware as in CloudStack.
+
+    ``hidden``: later deltas still need this backup, so it stays (marked hidden) until they
+    are gone. ``purged``: hidden ancestors this delete left without dependants; they were
+    deleted too, and their snapshots are now Destroyed."""
+
+    hidden: bool = False
+    purged: list[SnapshotId] = Field(default_factory=list)
+
+
+class BackupRequest(_Model):
+    """Input of the BackupSnapshot child workflow."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+    options: BackupOptions
+    round: int = Field(1, ge=1, description="1 for the first backup, +1 per operator retry")
+
+
+class CopyRequest(_Model):
+    """Input of the backup activity; the copy engine resumes from its heartbeat details."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+    progress_interval_s: float = 2.0
+    retry_interval_s: float | None = Field(
+        None,
+        description="CloudStack's backup.retry.interval: a failed attempt asks Temporal for"
+        " this delay (doubled per attempt) while crashes retry after the policy's short"
+        " interval. None: the workflow's retry policy alone spaces the retries",
+    )
+    backup_started: datetime | None = Field(
+        None,
+        description="When the backup (its first attempt) began: progress signals thin out"
+        " with the backup's age, not the attempt's, so retries cannot multiply them",
+    )
+
+
+class TakeRequest(_Model):
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+
+
+class DiscardRequest(_Model):
+    """Undo what a take that failed for good may have left on primary (of either kind)."""
+
+    snapshot_id: SnapshotId
+    vm: VmRef
+
+
+class ReleaseRequest(_Model):
+    """Free the primary copy of a snapshot: after its verified backup, or on its delete."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    source: PrimarySnapshot
+    backed_up: bool = Field(
+        True,
+        description="False when a snapshot is deleted without a backup (XenServer then"
+        " drops its VDI instead of keeping it as the next delta base)",
+    )
+
+
+class AlertSeverity(StrEnum):
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class Alert(_Model):
+    """One event for the operator: a line in management-server.log and a webhook POST."""
+
+    event: str = Field(description="Machine-readable kind, e.g. SNAPSHOT.BACKUP.FAILED")
+    severity: AlertSeverity = AlertSeverity.ERROR
+    snapshot_id: SnapshotId | None = None
+    vm: str | None = None
+    disk: str | None = None
+    message: str
+
+
+# -- VM snapshots ------------------------------------------------------------------------------
+class VmSnapshotType(StrEnum):
+    """CloudStack's VM snapshot types: disks only, or disks plus the guest's memory."""
+
+    DISK = "Disk"
+    DISK_AND_MEMORY = "DiskAndMemory"
+
+
+class VmSnapshotState(StrEnum):
+    """CloudStack's ``VMSnapshot.State`` names."""
+
+    ALLOCATED = "Allocated"
+    CREATING = "Creating"
+    READY = "Ready"
+    REVERTING = "Reverting"
+    EXPUNGING = "Expunging"
+    REMOVED = "Removed"
+    ERROR = "Error"
+
+
+class VmStateChange(_Model):
+    state: VmSnapshotState
+    at: datetime
+
+
+class VmSnapshotTaken(_Model):
+    """What a VM snapshot left on primary: one frozen point per disk, maybe a memory file.
+
+    ``overlays`` maps each disk to the overlay created above its frozen image; the frozen
+    image itself is found through the overlay's backing file when it is needed, so that the
+    record never holds a path that a chain consolidation could make stale.
+    """
+
+    overlays: dict[str, str]
+    memory: str | None = None
+    vm_was_running: bool
+
+
+class VmSnapshotRecord(_Model):
+    """What callers see of a VM snapshot: ``vm-snapshot show --json`` prints exactly this."""
+
+    id: SnapshotId
+    state: VmSnapshotState
+    vm: str
+    host: str
+    hypervisor: HypervisorType
+    type: VmSnapshotType
+    name: str | None = None
+    created: datetime | None = None
+    taken: VmSnapshotTaken | None = None
+    transitions: list[VmStateChange] = Field(default_factory=list)
+    error: str | None = None
+    reverts: int = 0
+
+
+class VmSnapshotRequest(_Model):
+    """Input of the VmSnapshot workflow; also what ``vm-snapshot create`` sends."""
+
+    snapshot_id: SnapshotId
+    vm: VmRef
+    type: VmSnapshotType = VmSnapshotType.DISK
+    name: SafeName | None = Field(None, description="A display name, as in CloudStack")
+    carried: VmSnapshotRecord | None = Field(
+        None, description="Set only by continue-as-new: the record to carry over"
+    )
+
+
+class VmSnapshotOperation(_Model):
+    """Input of the host activities that take, revert and delete a VM snapshot."""
+
+    snapshot_id: SnapshotId
+    vm: VmRef
+    type: VmSnapshotType
+    taken: VmSnapshotTaken | None = None
+    operation_id: str | None = Field(
+        None, description="The update that asked for it (see RevertRequest.operation_id)"
+    )

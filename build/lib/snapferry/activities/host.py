@@ -1,0 +1,141 @@
+"""Activities that run on a hypervisor host's own task queue: every hypervisor operation.
+
+Like CloudStack's agent, each host runs one worker polling ``snapferry-host-<name>``; the
+workflow routes every hypervisor operation for a VM to the queue of the host that owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from temporalio import activity
+
+from .contracts import (
+    DiscardRequest,
+    PrimarySnapshot,
+    ReleaseRequest,
+    RevertRequest,
+    TakeRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+)
+from .errors import SnapshotDeleted, converts_errors
+from .hypervisors import Drivers
+from .hypervisors.base import HypervisorDriver
+from .names import (
+    DELETE_VM_SNAPSHOT,
+    DISCARD_SNAPSHOT,
+    RELEASE_PRIMARY,
+    REVERT_VM_SNAPSHOT,
+    REVERT_VOLUME,
+    TAKE_SNAPSHOT,
+    TAKE_VM_SNAPSHOT,
+    VM_SNAPSHOT_DELETED,
+)
+from .receipts import Receipts
+from .settings import Settings
+
+
+class HostActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.drivers = Drivers(settings)
+        self.receipts = Receipts(settings.home / "receipts")
+
+    def driver(self, req: TakeRequest | ReleaseRequest) -> HypervisorDriver:
+        return self.drivers.get(req.volume.vm.hypervisor)
+
+    @activity.defn(name=TAKE_SNAPSHOT)
+    @converts_errors
+    def take_snapshot(self, req: TakeRequest) -> PrimarySnapshot:
+        """Take once per snapshot ID, ever: a take run again (by a reset) answers with what
+        the first take returned, and never snapshots the volume a second time."""
+        done = self.receipts.get("take", req.snapshot_id)
+        if done is not None:
+            activity.logger.info("snapshot %s was taken before: its receipt", req.snapshot_id)
+            return PrimarySnapshot.model_validate_json(done)
+        primary = self.driver(req).take(volume=req.volume, snapshot_id=req.snapshot_id)
+        self.receipts.put("take", req.snapshot_id, primary.model_dump_json())
+        return primary
+
+    @activity.defn(name=REVERT_VOLUME)
+    @converts_errors
+    def revert_volume(self, req: RevertRequest) -> None:
+        self._once(
+            "revert",
+            req.operation_id,
+            lambda: self.drivers.get(req.volume.vm.hypervisor).revert(req),
+        )
+
+    def _once(self, kind: str, operation_id: str | None, do: Callable[[], None]) -> None:
+        """Do it once per operation ID: an update re-delivered after a reset is not done
+        again (a second revert would discard what the guest wrote since the first)."""
+        if operation_id is not None and self.receipts.get(kind, operation_id) is not None:
+            activity.logger.info("%s %s was done before: not again", kind, operation_id)
+            return
+        do()
+        if operation_id is not None:
+            self.receipts.put(kind, operation_id, "{}")
+
+    @activity.defn(name=RELEASE_PRIMARY)
+    @converts_errors
+    def release_primary(self, req: ReleaseRequest) -> None:
+        self.driver(req).release(
+            volume=req.volume,
+            snapshot_id=req.snapshot_id,
+            source=req.source,
+            backed_up=req.backed_up,
+        )
+
+    @activity.defn(name=DISCARD_SNAPSHOT)
+    @converts_errors
+    def discard_snapshot(self, req: DiscardRequest) -> None:
+        self.drivers.get(req.vm.hypervisor).discard(req)
+
+    @activity.defn(name=TAKE_VM_SNAPSHOT)
+    @converts_errors
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        """Once per VM snapshot ID, as for volume snapshots."""
+        if self.receipts.get("vm-deleted", op.snapshot_id) is not None:
+            raise SnapshotDeleted(
+                f"VM snapshot {op.snapshot_id} was deleted; a reset does not take it again"
+            )
+        done = self.receipts.get("vm-take", op.snapshot_id)
+        if done is not None:
+            return VmSnapshotTaken.model_validate_json(done)
+        taken = self.drivers.get(op.vm.hypervisor).take_vm_snapshot(op)
+        self.receipts.put("vm-take", op.snapshot_id, taken.model_dump_json())
+        return taken
+
+    @activity.defn(name=VM_SNAPSHOT_DELETED)
+    @converts_errors
+    def vm_snapshot_deleted(self, op: VmSnapshotOperation) -> bool:
+        return self.receipts.get("vm-deleted", op.snapshot_id) is not None
+
+    @activity.defn(name=REVERT_VM_SNAPSHOT)
+    @converts_errors
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        self._once(
+            "vm-revert",
+            op.operation_id,
+            lambda: self.drivers.get(op.vm.hypervisor).revert_vm_snapshot(op),
+        )
+
+    @activity.defn(name=DELETE_VM_SNAPSHOT)
+    @converts_errors
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        self.drivers.get(op.vm.hypervisor).delete_vm_snapshot(op)
+        self.receipts.put("vm-deleted", op.snapshot_id, "{}")
+
+    @property
+    def all(self) -> list:  # type: ignore[type-arg]
+        """Every activity a host worker serves."""
+        return [
+            self.take_snapshot,
+            self.release_primary,
+            self.revert_volume,
+            self.discard_snapshot,
+            self.take_vm_snapshot,
+            self.vm_snapshot_deleted,
+            self.revert_vm_snapshot,
+            self.delete_vm_snapshot,
+        ]

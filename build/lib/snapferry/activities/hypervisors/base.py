@@ -1,0 +1,84 @@
+"""The driver interface every hypervisor implements (Cinder-style thin vendor layer).
+
+Workflows never see a driver: activities call these three primitives, and the copy engine
+does the rest. ``take`` runs on the hypervisor host's own worker; ``open_reader`` runs on a
+backup worker; ``release`` runs on the host again, only after the backup was verified.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..contracts import (
+    BackupPlan,
+    DiscardRequest,
+    PrimarySnapshot,
+    RestoreRequest,
+    RestoreResult,
+    RevertRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VolumeRef,
+)
+from ..storage.reader import SnapshotReader
+from ..storage.secondary import Manifest
+
+
+class HypervisorDriver(ABC):
+    @abstractmethod
+    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        """Create the snapshot on primary storage, fast, whatever the volume's size.
+
+        Must be idempotent for one ``snapshot_id``: a retried activity returns what the
+        first attempt made instead of making a second snapshot.
+        """
+
+    def plan_backup(self, source: PrimarySnapshot, backups: list[Manifest]) -> BackupPlan:
+        """Full or incremental, given the volume's finished backups (oldest first). The
+        default is a full backup; a driver with deltas (XenServer) picks a base."""
+        return BackupPlan()
+
+    @abstractmethod
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> SnapshotReader:
+        """A reader of the snapshot's guest-visible bytes, for the copy engine. For a delta
+        plan, its data extents are the ranges that changed since ``plan.base_image``."""
+
+    @abstractmethod
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
+        """Give primary storage back once the backup is safe (merge, delete a clone...),
+        or on the delete of a snapshot that has no backup (``backed_up=False``)."""
+
+    @abstractmethod
+    def discard(self, req: DiscardRequest) -> None:
+        """After a take failed for good, remove what its attempts may have made, found by
+        the snapshot's ID. Idempotent, and a no-op when nothing was made."""
+
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult | None:
+        """Put a new volume made from a verified raw backup on this hypervisor's primary
+        storage. ``None`` (the default) means a file-backed qcow2 in the snapshot's primary
+        pool, which the restore activity writes itself (KVM)."""
+        return None
+
+    @abstractmethod
+    def revert(self, req: RevertRequest) -> None:
+        """Make the (stopped) VM's disk read as the snapshot; verified before it is used."""
+
+    # -- VM snapshots: every disk at one point (and RAM for DiskAndMemory) -----------------
+    @abstractmethod
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        """Idempotent for one ``snapshot_id``, like :meth:`take`."""
+
+    @abstractmethod
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Every disk back to the snapshot; other snapshots (of either kind) survive."""
+
+    @abstractmethod
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Give the snapshot's primary space back without touching any other snapshot."""

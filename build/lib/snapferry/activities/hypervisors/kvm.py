@@ -1,0 +1,577 @@
+"""KVM through libvirt-python: external disk-only snapshots, merged back after the backup.
+
+Take (running or stopped VM alike): a libvirt external disk-only snapshot
+(``DISK_ONLY | NO_METADATA | ATOMIC``) of one disk, with the overlay named explicitly. The
+image the VM wrote to until then is frozen; its guest view *is* the snapshot, read by the
+copy engine. On a stopped domain libvirt creates the overlay with qemu-img and rewrites the
+persistent definition, so the same mechanism works whether the VM runs or not, and the VM can
+be started and stopped between take and release.
+
+Release: after a verified backup, the snapshot's overlay is marked released, then the disk
+chain is consolidated: every top layer whose snapshot is released is committed down into the
+deepest image that no unreleased snapshot still needs. On a running domain that is an active
+block commit with pivot; on a stopped one, ``qemu-img commit`` and a redefinition. When every
+snapshot is released the domain is back on its original disk file.
+
+Operations on one domain are serialised by a per-domain ``flock`` on the host
+(:mod:`.domain_lock`), so two worker processes for the same host (say ``snapferry up`` beside
+the systemd unit) can never rewrite one disk chain at once.
+
+Formats are never probed: the active image's format is libvirt's ``<driver type>``, and every
+layer below it is opened with the format its child records (:func:`image_chain`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from ..contracts import (
+    BackupPlan,
+    DiscardRequest,
+    PrimarySnapshot,
+    RevertRequest,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VmSnapshotType,
+    VolumeRef,
+)
+from ..errors import (
+    ChainBusy,
+    DiskNotFound,
+    HypervisorUnavailable,
+    InvalidInput,
+    SourceGone,
+    VmNotFound,
+)
+from ..settings import Settings
+from ..storage.files import fsync_replace
+from ..storage.reader import ImageLayer, QemuImageReader, image_chain, image_info, run_qemu_img
+from .base import HypervisorDriver
+from .domain_lock import domain_lock
+
+OVERLAY_TAG = ".snapferry-"
+IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the umask
+RELEASED_SUFFIX = ".released"
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default error handler prints every error to stderr ("libvirt: QEMU Driver
+    error : Domain not found ...") before the exception is raised; every libvirtError is
+    caught and turned into a typed error here, so nothing raw should reach an operator."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+_SNAPSHOT_FLAGS = (
+    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+)
+
+
+def overlay_path(active: str, snapshot_id: str) -> str:
+    """The overlay a take creates: next to the active image, named after the snapshot."""
+    root = active.split(OVERLAY_TAG, 1)[0]
+    return f"{root}{OVERLAY_TAG}{snapshot_id}.qcow2"
+
+
+def memory_path(active: str, snapshot_id: str) -> str:
+    """Where a DiskAndMemory VM snapshot saves the guest's RAM: beside the first disk."""
+    return overlay_path(active, snapshot_id).removesuffix(".qcow2") + ".mem"
+
+
+def snapshot_of_overlay(path: str) -> str | None:
+    name = Path(path).name
+    if OVERLAY_TAG not in name or not name.endswith(".qcow2"):
+        return None
+    return name.split(OVERLAY_TAG, 1)[1][: -len(".qcow2")]
+
+
+def chain_paths(layers: list[ImageLayer]) -> list[str]:
+    return [layer.path for layer in layers]
+
+
+def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
+    code = exc.get_error_code()
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return VmNotFound(f"VM {vm!r} does not exist on this host")
+    if code in (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE, libvirt.VIR_ERR_OPERATION_INVALID):
+        return ChainBusy(f"VM {vm!r}: {exc.get_error_message()}")
+    return HypervisorUnavailable(f"libvirt error on VM {vm!r}: {exc.get_error_message()}")
+
+
+class KvmDriver(HypervisorDriver):
+    def __init__(self, settings: Settings) -> None:
+        self.uri = settings.libvirt_uri
+        self.lock_dir = settings.lock_dir
+        self.lock_timeout_s = settings.domain_lock_timeout_s
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+
+    # -- connection ------------------------------------------------------------------------
+    def _connection(self) -> libvirt.virConnect:
+        with self._conn_lock:
+            if self._conn is None or not self._conn.isAlive():
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError as exc:
+                    raise HypervisorUnavailable(
+                        f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
+                    ) from exc
+            return self._conn
+
+    def _domain(self, vm: str) -> libvirt.virDomain:
+        try:
+            return self._connection().lookupByName(vm)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+
+    @staticmethod
+    def _disks(dom: libvirt.virDomain, *, inactive: bool = False) -> dict[str, ET.Element]:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        root = ET.fromstring(dom.XMLDesc(flags))
+        disks = {}
+        for disk in root.findall("./devices/disk"):
+            target = disk.find("target")
+            if target is not None and disk.get("device", "disk") == "disk":
+                disks[target.get("dev", "")] = disk
+        return disks
+
+    def _active_source(self, dom: libvirt.virDomain, vm: str, disk: str) -> tuple[str, str]:
+        disks = self._disks(dom)
+        if disk not in disks:
+            raise DiskNotFound(f"VM {vm!r} has no disk {disk!r} (it has {sorted(disks)})")
+        el = disks[disk]
+        source = el.find("source")
+        if el.get("type") != "file" or source is None or not source.get("file"):
+            raise InvalidInput(f"VM {vm!r} disk {disk!r} is not a file-backed disk")
+        driver = el.find("driver")
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        return source.get("file", ""), fmt
+
+    def _chain(self, dom: libvirt.virDomain, vm: str, disk: str) -> list[ImageLayer]:
+        """The disk's chain, active layer first, every format known (none probed)."""
+        return image_chain(*self._active_source(dom, vm, disk))
+
+    def _lock(self, vm: str):  # type: ignore[no-untyped-def]
+        return domain_lock(self.lock_dir, vm, timeout_s=self.lock_timeout_s)
+
+    # -- take ------------------------------------------------------------------------------
+    def _create_external(
+        self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
+    ) -> None:
+        """One atomic libvirt external snapshot: the named disks get the named overlays
+        (every other disk is left alone), and with ``memory`` the guest's RAM is saved there
+        in libvirt's save-image format, which ``restoreFlags`` can resume later."""
+        spec = ET.Element("domainsnapshot")
+        if memory is not None:
+            ET.SubElement(spec, "memory", snapshot="external", file=memory)
+        disks_el = ET.SubElement(spec, "disks")
+        for name in self._disks(dom):
+            if name in overlays:
+                d = ET.SubElement(disks_el, "disk", name=name, snapshot="external")
+                ET.SubElement(d, "driver", type="qcow2")
+                ET.SubElement(d, "source", file=overlays[name])
+            else:
+                ET.SubElement(disks_el, "disk", name=name, snapshot="no")
+        flags = _SNAPSHOT_FLAGS
+        if memory is not None:
+            flags &= ~libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        try:
+            dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+
+    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        vm, disk = volume.vm.name, volume.disk
+        with self._lock(vm):
+            dom = self._domain(vm)
+            running = bool(dom.isActive())
+            active, _fmt = self._active_source(dom, vm, disk)
+            overlay = overlay_path(active, snapshot_id)
+            # A retried activity finds the overlay its first attempt made in the chain.
+            if overlay not in chain_paths(self._chain(dom, vm, disk)):
+                self._create_external(dom, vm, {disk: overlay}, None)
+            layers = self._chain(dom, vm, disk)
+            frozen = layers[chain_paths(layers).index(overlay) + 1]
+            return PrimarySnapshot(
+                image=frozen.path,
+                image_format=frozen.format,
+                overlay=overlay,
+                virtual_size=frozen.virtual_size,
+                vm_was_running=running,
+            )
+
+    # -- backup source ---------------------------------------------------------------------
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
+        """The frozen image, only while it still is the snapshot: its overlay must exist
+        and be unreleased (see :meth:`_intact_frozen`). A backup run again after the layer
+        was merged away (a reset of a deleted snapshot, say) would otherwise copy today's
+        bytes under the snapshot's name."""
+        if source.overlay is not None and (
+            not Path(source.overlay).exists() or Path(source.overlay + RELEASED_SUFFIX).exists()
+        ):
+            raise SourceGone(
+                f"the snapshot's layer {Path(source.overlay).name} was merged away or deleted:"
+                " its point in time is no longer on primary, so it cannot be backed up again"
+            )
+        return QemuImageReader(source.image, source.image_format)
+
+    # -- release ---------------------------------------------------------------------------
+    def release(
+        self,
+        *,
+        volume: VolumeRef,
+        snapshot_id: str,
+        source: PrimarySnapshot,
+        backed_up: bool = True,
+    ) -> None:
+        if source.overlay is None:
+            return
+        vm, disk = volume.vm.name, volume.disk
+        with self._lock(vm):
+            dom = self._domain(vm)
+            self._release_overlay(dom, vm, disk, source.overlay)
+
+    def _release_overlay(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
+        """Mark one snapshot's overlay released, then consolidate what the marks allow.
+
+        Volume snapshots call this after a verified backup; VM snapshots when deleted. A
+        layer that an unreleased snapshot still needs (a VM snapshot, a volume snapshot
+        whose backup is in flight) stops the merge, so it is never rewritten."""
+        layers = self._chain(dom, vm, disk)
+        chain = chain_paths(layers)
+        if overlay in chain:
+            # Only a layer still in the chain is marked: a retry after a finished merge
+            # must not leave a marker that a later take with this name would inherit.
+            Path(overlay + RELEASED_SUFFIX).touch()
+        self._remove_merged_leftovers(chain)
+        depth = self._mergeable_depth(chain)
+        if depth == 0:
+            return
+        base = chain[depth]
+        if dom.isActive():
+            self._commit_live(dom, vm, disk, base)
+        elif not self._commit_offline(dom, vm, disk, top=layers[0], base=layers[depth]):
+            return  # started meanwhile: its layers stay, the next release merges them live
+        for layer in chain[:depth]:
+            Path(layer).unlink(missing_ok=True)
+            Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_merged_leftovers(chain: list[str]) -> None:
+        """Delete this disk's released overlays no longer in its chain: a crash after a
+        pivot but before the unlinks would otherwise leave them behind for good.
+
+        Only overlays named after *this* disk are looked at: a primary pool directory holds
+        many VMs' disks, and another disk's released layers are still in *its* chain."""
+        root = Path(chain[0].split(OVERLAY_TAG, 1)[0])
+        pattern = f"{glob.escape(root.name)}{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"
+        for marker in root.parent.glob(pattern):
+            layer = str(marker)[: -len(RELEASED_SUFFIX)]
+            if layer not in chain:
+                Path(layer).unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
+
+    @staticmethod
+    def _mergeable_depth(chain: list[str]) -> int:
+        """How many top layers can go: each must be our overlay, and its snapshot released.
+
+        Layer ``i`` (0 = active) is the overlay created by some snapshot S; the layer below
+        it is S's frozen image. Committing down to ``chain[n]`` rewrites ``chain[1..n]``, so
+        every snapshot owning one of those frozen images must be released.
+        """
+        n = 0
+        while n < len(chain) - 1:
+            layer = chain[n]
+            if snapshot_of_overlay(layer) is None or not Path(layer + RELEASED_SUFFIX).exists():
+                break
+            n += 1
+        return n
+
+    def _running_job_target(self, dom: libvirt.virDomain, disk: str) -> tuple[str, str] | None:
+        """The running block job's kind and destination, from the live XML's ``<mirror>``
+        (libvirt's formatdomain docs: an active commit shows ``job='active-commit'`` and the
+        base as its source), or None when no job runs."""
+        mirror = self._disks(dom).get(disk, ET.Element("disk")).find("mirror")
+        if mirror is None:
+            return None
+        src = mirror.find("source")
+        target = mirror.get("file") or (src.get("file") if src is not None else None)
+        return mirror.get("job") or "", target or ""
+
+    def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
+        try:
+            # A retry after a failure mid-job finds its commit still running: finish it, but
+            # only if it is *our* job, an active commit onto this very base. Pivoting any
+            # other job (a copy, a commit onto another layer) would switch the VM's disk to
+            # an image that is not the chain this release planned.
+            if dom.blockJobInfo(disk, 0):
+                job = self._running_job_target(dom, disk)
+                if job != ("active-commit", base):
+                    raise ChainBusy(
+                        f"VM {vm!r} disk {disk!r}: another block job runs ({job}); not"
+                        f" pivoting it, since this release commits onto {base}"
+                    )
+            else:
+                dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            while True:
+                info = dom.blockJobInfo(disk, 0)
+                if info and info["end"] > 0 and info["cur"] == info["end"]:
+                    break
+                if not info:
+                    raise ChainBusy(f"VM {vm!r} disk {disk!r}: block commit vanished")
+                time.sleep(0.02)
+            dom.blockJobAbort(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            while dom.blockJobInfo(disk, 0):
+                time.sleep(0.02)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+        active, _ = self._active_source(dom, vm, disk)
+        if active != base:
+            raise ChainBusy(f"VM {vm!r} disk {disk!r}: pivot left the disk on {active}")
+
+    def _commit_offline(
+        self, dom: libvirt.virDomain, vm: str, disk: str, *, top: ImageLayer, base: ImageLayer
+    ) -> bool:
+        """Merge a stopped VM's released layers with ``qemu-img commit``; False if the VM
+        was started meanwhile (by anyone: snapferry never blocks a start).
+
+        ``-b`` leaves ``top`` intact, so a VM that started on the old chain still reads the
+        right data. The definition is switched to ``base`` first and the VM's state checked
+        after: if it runs on ``top``, the definition is pointed back at it and nothing is
+        deleted; if it started later, it started on ``base``, and the old layers can go.
+        """
+        run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
+        self._redefine_disk(dom, vm, disk, source=base.path, fmt=base.format)
+        if dom.isActive():
+            live, live_fmt = self._active_source(dom, vm, disk)
+            if live != base.path:
+                self._redefine_disk(dom, vm, disk, source=live, fmt=live_fmt)
+                return False
+        return True
+
+    def _redefine_disk(
+        self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str, fmt: str
+    ) -> None:
+        """Point a stopped domain's disk at ``source`` of format ``fmt`` (known from the
+        chain, never probed: a raw disk whose guest wrote a qcow2 header must stay raw),
+        its chain left for libvirt to re-detect at start from the recorded formats."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        root = ET.fromstring(dom.XMLDesc(flags))
+        for el in root.findall("./devices/disk"):
+            target = el.find("target")
+            if target is None or target.get("dev") != disk:
+                continue
+            src = el.find("source")
+            if src is not None:
+                src.set("file", source)
+            for backing in el.findall("backingStore"):
+                el.remove(backing)
+            drv = el.find("driver")
+            if drv is not None:
+                drv.set("type", fmt)
+        try:
+            self._connection().defineXML(ET.tostring(root, encoding="unicode"))
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+
+    # -- revert ----------------------------------------------------------------------------
+    def revert(self, req: RevertRequest) -> None:
+        """Revert a stopped VM's volume to a volume snapshot: from its frozen image while it
+        is on primary, else from its verified backup. Reverting a running VM is refused: the
+        guest would see its disk change under it."""
+        vm, disk = req.volume.vm.name, req.volume.disk
+        with self._lock(vm):
+            dom = self._domain(vm)
+            if dom.isActive():
+                raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
+            frozen = self._intact_frozen(dom, vm, disk, req.primary)
+            if frozen is not None:
+                self._revert_disk(
+                    dom, vm, disk, req.snapshot_id, source=frozen.path, source_fmt=frozen.format
+                )
+            elif req.manifest_path is not None:
+                from ..storage.secondary import SecondaryStore
+
+                manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+                with SecondaryStore.materialized(manifest) as raw:
+                    self._revert_disk(
+                        dom, vm, disk, req.snapshot_id, source=str(raw), source_fmt="raw"
+                    )
+            else:
+                raise InvalidInput(
+                    f"snapshot {req.snapshot_id} has no copy left to revert to: its frozen"
+                    " image is no longer intact on primary and it has no backup"
+                )
+
+    def _intact_frozen(
+        self, dom: libvirt.virDomain, vm: str, disk: str, primary: PrimarySnapshot | None
+    ) -> ImageLayer | None:
+        """The snapshot's frozen image, only while it still holds the snapshot's bytes.
+
+        It is found through the overlay (the layer right below it), not by the recorded
+        path: a file can exist under that name and yet have been merged into. A frozen image
+        is written into only when its own snapshot's overlay is marked released (see
+        :meth:`_mergeable_depth`), and the marker is written *before* the merge; so an
+        overlay that is gone from the chain, or marked released, means the frozen image may
+        no longer be the snapshot, and the verified backup must be used instead."""
+        if primary is None or primary.overlay is None:
+            return None
+        layers = self._chain(dom, vm, disk)
+        paths = chain_paths(layers)
+        overlay = primary.overlay
+        if overlay not in paths[:-1] or Path(overlay + RELEASED_SUFFIX).exists():
+            return None
+        frozen = layers[paths.index(overlay) + 1]
+        if frozen.path != primary.image or frozen.format != primary.image_format:
+            return None
+        return frozen
+
+    def _revert_disk(
+        self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
+    ) -> None:
+        """Make a stopped VM's disk read as ``source``: a new top layer, built beside the
+        active image, verified, then swapped in under the active image's name.
+
+        The new layer keeps the active image's backing file, so the frozen images of every
+        other snapshot (volume or VM, older or newer) stay below it untouched, and a backup
+        reading one of them is not disturbed. When ``source`` *is* that backing file (the
+        newest snapshot), the new layer is an empty overlay: O(1). Otherwise it holds a full
+        copy of the snapshot's content, which costs primary space until the chain is merged.
+        """
+        active, fmt = self._active_source(dom, vm, disk)
+        chain = self._chain(dom, vm, disk)
+        partial = f"{active}.revert-{tag}.partial"
+        Path(partial).unlink(missing_ok=True)
+        size = str(image_info(source, source_fmt)["virtual-size"])
+        create = ["create", "-q", "-f", "qcow2"]
+        if len(chain) > 1:
+            create += ["-b", chain[1].path, "-F", chain[1].format]
+        try:
+            run_qemu_img(*create, partial, size)
+            os.chmod(partial, IMAGE_MODE)
+            if len(chain) < 2 or source != chain[1].path:
+                run_qemu_img(
+                    "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
+                )
+                run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
+            if dom.isActive():  # started meanwhile: it runs on the old image; keep it
+                raise ChainBusy(f"VM {vm!r} was started during the revert; nothing changed")
+            # qemu-img does not fsync: without this a crash after the rename could leave
+            # the VM's disk named as the new layer but holding none of its bytes.
+            fsync_replace(partial, active)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
+            self._redefine_disk(dom, vm, disk, source=active, fmt="qcow2")
+
+    # -- failed takes ----------------------------------------------------------------------
+    def discard(self, req: DiscardRequest) -> None:
+        """A take can fail after libvirt made the overlay (say, reading its chain failed on
+        every retry). The overlay's name follows from the snapshot ID, so it is found, released
+        and merged like any other; a DiskAndMemory take's memory file is removed."""
+        vm = req.vm.name
+        with self._lock(vm):
+            dom = self._domain(vm)
+            actives = self._file_disks(dom, vm)
+            for disk, active in actives.items():
+                overlay = overlay_path(active, req.snapshot_id)
+                if overlay in chain_paths(self._chain(dom, vm, disk)):
+                    self._release_overlay(dom, vm, disk, overlay)
+            for active in actives.values():
+                Path(memory_path(active, req.snapshot_id)).unlink(missing_ok=True)
+
+    # -- VM snapshots ----------------------------------------------------------------------
+    def _file_disks(self, dom: libvirt.virDomain, vm: str) -> dict[str, str]:
+        """Every file-backed disk of the VM, with its active image."""
+        return {d: self._active_source(dom, vm, d)[0] for d in self._disks(dom)}
+
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        """An external snapshot of every disk at once (plus RAM for DiskAndMemory).
+
+        The overlays are never merged while the VM snapshot exists: it holds them unreleased,
+        like a volume snapshot whose backup has not finished, so every later volume-snapshot
+        merge stops above its frozen images."""
+        vm = op.vm.name
+        with self._lock(vm):
+            dom = self._domain(vm)
+            running = bool(dom.isActive())
+            with_memory = op.type == VmSnapshotType.DISK_AND_MEMORY
+            actives = self._file_disks(dom, vm)
+            overlays = {d: overlay_path(a, op.snapshot_id) for d, a in actives.items()}
+            first = next(iter(actives.values()))
+            memory = memory_path(first, op.snapshot_id) if with_memory else None
+            present = [d for d in actives if overlays[d] in chain_paths(self._chain(dom, vm, d))]
+            if not present:  # a retry finds what its first (atomic) attempt made
+                if with_memory and not running:
+                    raise InvalidInput(
+                        f"VM {vm!r} is stopped: a DiskAndMemory snapshot needs a running VM"
+                        " (take a Disk snapshot instead)"
+                    )
+                self._create_external(dom, vm, overlays, memory)
+            return VmSnapshotTaken(overlays=overlays, memory=memory, vm_was_running=running)
+
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Every disk back to the VM snapshot; with memory, the VM resumes from it, running.
+
+        A Disk snapshot needs the VM stopped (the guest would see its disks change under
+        it). A DiskAndMemory revert replaces the running state by definition, so a running
+        VM is powered off first, then restored from the saved memory with its disks on the
+        reverted images (never on the frozen images the save file names)."""
+        assert op.taken is not None
+        vm = op.vm.name
+        with self._lock(vm):
+            dom = self._domain(vm)
+            if op.taken.memory and not Path(op.taken.memory).exists():
+                raise InvalidInput(f"VM snapshot {op.snapshot_id}: its memory file is gone")
+            sources = {d: self._frozen_below(dom, vm, d, o) for d, o in op.taken.overlays.items()}
+            if dom.isActive():
+                if op.taken.memory is None:
+                    raise InvalidInput(
+                        f"VM {vm!r} is running; stop it before reverting to Disk snapshot"
+                        f" {op.snapshot_id}"
+                    )
+                dom.destroy()
+            for disk, frozen in sources.items():
+                self._revert_disk(
+                    dom, vm, disk, op.snapshot_id, source=frozen.path, source_fmt=frozen.format
+                )
+            if op.taken.memory is not None:
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                try:
+                    self._connection().restoreFlags(
+                        op.taken.memory, xml, libvirt.VIR_DOMAIN_SAVE_RUNNING
+                    )
+                except libvirt.libvirtError as exc:
+                    raise _libvirt_error(exc, vm=vm) from exc
+
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """Release the VM snapshot's overlays (merging what that allows) and its memory."""
+        vm = op.vm.name
+        if op.taken is None:
+            return
+        with self._lock(vm):
+            dom = self._domain(vm)
+            for disk, overlay in op.taken.overlays.items():
+                self._release_overlay(dom, vm, disk, overlay)
+            if op.taken.memory:
+                Path(op.taken.memory).unlink(missing_ok=True)
+
+    def _frozen_below(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> ImageLayer:
+        """The image a snapshot froze: whatever its overlay is backed by now."""
+        layers = self._chain(dom, vm, disk)
+        chain = chain_paths(layers)
+        if overlay not in chain or overlay == chain[-1]:
+            raise InvalidInput(
+                f"VM {vm!r} disk {disk!r}: the snapshot's layer {Path(overlay).name} is no"
+                " longer in the disk's chain"
+            )
+        return layers[chain.index(overlay) + 1]

@@ -1,0 +1,38 @@
+"""Activity and signal names: the contract between workflows and workers.
+
+Workflows refer to activities by these names only, so workflow code never imports a driver
+(and never libvirt), and tests can register mocks under the real names.
+"""
+
+TAKE_SNAPSHOT = "take_snapshot"
+RELEASE_PRIMARY = "release_primary"
+# After a take failed for good: remove whatever its attempts left (an overlay, a memory file).
+DISCARD_SNAPSHOT = "discard_snapshot"
+BACKUP_SNAPSHOT = "backup_snapshot"
+RAISE_ALERT = "raise_alert"
+
+BACKUP_PROGRESS_SIGNAL = "backup_progress"
+
+# Operations on existing snapshots (backup pool: they read or change secondary storage).
+DELETE_BACKUP = "delete_backup"
+RESTORE_BACKUP = "restore_backup"
+VERIFY_BACKUP = "verify_backup"
+# On the host: revert a stopped VM's disk.
+REVERT_VOLUME = "revert_volume"
+
+# A reset snapshot workflow waits for the backup child its earlier run started (control queue).
+AWAIT_BACKUP_WORKFLOW = "await_backup_workflow"
+
+# Recurring policies (control queue): retention deletes the oldest snapshots beyond N.
+APPLY_RETENTION = "apply_retention"
+# The snapshot workflow's delete update, which retention sends, and its record query,
+# which retention reads for the snapshot's creation time.
+DELETE_SNAPSHOT_UPDATE = "delete_snapshot"
+SNAPSHOT_RECORD_QUERY = "record"
+
+# VM snapshots (host queue): every disk of a VM at once, optionally with its memory.
+TAKE_VM_SNAPSHOT = "take_vm_snapshot"
+# Whether this host deleted a VM snapshot already (a reset run asks before going Ready).
+VM_SNAPSHOT_DELETED = "vm_snapshot_deleted"
+REVERT_VM_SNAPSHOT = "revert_vm_snapshot"
+DELETE_VM_SNAPSHOT = "delete_vm_snapshot"

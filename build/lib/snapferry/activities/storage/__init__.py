@@ -1,0 +1,1 @@
+"""Secondary storage: the one chunked, resumable, checksummed copy engine and its store."""

@@ -1,0 +1,421 @@
+"""The copy loop, written once: chunking, sparse skipping, checksums, checkpoints, resume.
+
+Vendors supply only a :class:`~activities.storage.reader.SnapshotReader`; this module owns
+everything that must be right for every hypervisor (the Cinder ``ChunkedBackupDriver`` idea).
+
+Durability contract: a checkpoint is reported only after the data and the chunk-digest file
+up to its offset were fsynced, and the data file is cut to end exactly at that offset.
+Resuming from a checkpoint truncates both files back to it, so bytes written after the last
+checkpoint, including stale bytes over later holes, are never trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..errors import BackupCancelled, BackupCorrupt, BackupStalled, SnapferryError
+from . import checksum
+from .files import FILE_MODE
+from .reader import DataExtent, SnapshotReader
+
+
+class Checkpoint(BaseModel):
+    """What a backup heartbeats: enough to continue after any crash."""
+
+    chunks_done: int
+    state: str
+    chunk_size: int
+    bytes_copied_total: int = 0
+
+
+@dataclass(frozen=True)
+class CopyOutcome:
+    checksum: str
+    virtual_size: int
+    bytes_copied: int
+    bytes_written: int
+    resumed_from: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class CopyTarget:
+    """The ``.partial`` data file and its digest list, finalized by the store later."""
+
+    data: Path
+    digests: Path
+
+
+class StopFlag:
+    """Why a copy must stop: an operator's cancel (or a delete), or a stall the activity's
+    guard saw. Callable like the plain ``should_stop`` it replaces; the engine raises
+    :meth:`error`, so that a stall is retried and only a cancel is final."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._error: SnapferryError | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = BackupCancelled("backup cancelled")
+
+    def stall(self, seconds: float) -> None:
+        with self._lock:
+            if self._error is None:  # the first reason stays
+                self._error = BackupStalled(
+                    f"no progress for {seconds:.0f} s (a hung store or source?); the copy"
+                    " stopped at its last checkpoint and is retried from there"
+                )
+
+    def __call__(self) -> bool:
+        return self._error is not None
+
+    def is_set(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> SnapferryError:
+        return self._error or BackupCancelled("backup cancelled")
+
+    def raise_if_set(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _stop_error(should_stop: Callable[[], bool]) -> SnapferryError:
+    if isinstance(should_stop, StopFlag):
+        return should_stop.error()
+    owner = getattr(should_stop, "__self__", None)  # StopFlag.is_set passed as a bound method
+    if isinstance(owner, StopFlag):
+        return owner.error()
+    return BackupCancelled("backup cancelled")
+
+
+class CopyEngine:
+    def __init__(
+        self,
+        *,
+        chunk_size: int = 8 * 1024 * 1024,
+        checkpoint_bytes: int = 128 * 1024 * 1024,
+        checkpoint_seconds: float = 0.25,
+        rate_limit_bps: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if chunk_size <= 0 or chunk_size % 4096:
+            raise ValueError("chunk_size must be a positive multiple of 4096")
+        self.chunk_size = chunk_size
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_seconds = checkpoint_seconds
+        self.rate_limit_bps = rate_limit_bps
+        self._sleep = sleep
+
+    def _resume_point(
+        self, target: CopyTarget, resume: Checkpoint | None
+    ) -> tuple[Checkpoint, int]:
+        """Trust a checkpoint only if its files still hold what it says; else start over.
+        Returns it and the byte length of its digest lines (read one at a time: memory
+        stays flat however many chunks the volume has)."""
+        fresh = Checkpoint(
+            chunks_done=0, state=checksum.initial_state(), chunk_size=self.chunk_size
+        )
+        if resume is None or resume.chunk_size != self.chunk_size:
+            return fresh, 0
+        if not (target.data.exists() and target.digests.exists()):
+            return fresh, 0
+        state = checksum.initial_state()
+        kept = 0
+        with open(target.digests, "rb") as f:
+            for _ in range(resume.chunks_done):
+                line = f.readline()
+                if not line.endswith(b"\n"):
+                    return fresh, 0  # fewer digests than the checkpoint says
+                try:
+                    state = checksum.advance(state, line.strip().decode())
+                except ValueError:
+                    return fresh, 0
+                kept += len(line)
+        if state != resume.state:
+            return fresh, 0
+        return resume, kept
+
+    def copy(
+        self,
+        reader: SnapshotReader,
+        target: CopyTarget,
+        *,
+        resume: Checkpoint | None = None,
+        on_checkpoint: Callable[[Checkpoint, int], None] = lambda _c, _d: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> CopyOutcome:
+        """Copy ``reader`` into ``target``; ``on_checkpoint(cp, bytes_done)`` after each fsync.
+
+        ``should_stop`` is polled once per chunk, so a cancel takes effect within one chunk.
+        """
+        size = reader.virtual_size
+        csize = self.chunk_size
+        nchunks = (size + csize - 1) // csize
+        start, kept_bytes = self._resume_point(target, resume)
+        resumed_from = start.chunks_done * csize
+
+        target.data.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.data, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        try:
+            digests = open(target.digests, "a+" if start.chunks_done else "w")  # noqa: SIM115
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, min(resumed_from, size))
+            if start.chunks_done:
+                digests.truncate(kept_bytes)  # "a+": later writes go to the new end
+            # Report the start point actually accepted, so that a rejected checkpoint is
+            # never heartbeated again.
+            on_checkpoint(start, min(resumed_from, size))
+            # Streamed (a reader may map its image window by window): memory stays flat
+            # in the virtual size. Extents wholly before the resume point are dropped.
+            extents = _extents_from(reader.data_extents(), resumed_from)
+            outcome = self._loop(
+                reader, extents, fd, digests, start, nchunks, size, on_checkpoint, should_stop
+            )
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            digests.flush()
+            os.fsync(digests.fileno())
+        finally:
+            os.close(fd)
+            digests.close()
+        return CopyOutcome(
+            checksum=checksum.format_checksum(outcome[0], csize),
+            virtual_size=size,
+            bytes_copied=outcome[1],
+            bytes_written=outcome[2],
+            resumed_from=resumed_from,
+            chunks=nchunks,
+        )
+
+    def _loop(
+        self,
+        reader: SnapshotReader,
+        extents: Iterator[DataExtent],
+        fd: int,
+        digests,  # type: ignore[no-untyped-def]
+        start: Checkpoint,
+        nchunks: int,
+        size: int,
+        on_checkpoint: Callable[[Checkpoint, int], None],
+        should_stop: Callable[[], bool],
+    ) -> tuple[str, int, int]:
+        """Read here; hash on a hasher thread; write on a writer thread; fsync and report on
+        a sync thread.
+
+        The four stages overlap (preadv, hashlib and pwrite release the GIL), so reading the
+        next chunks goes on while one is hashed and another written. Each stage is a single
+        thread fed in order, so FIFO order keeps the durability contract: a checkpoint is
+        built by the hasher after every chunk before it was hashed, handed to the writer
+        after their writes, to the syncer after those were issued, and reported only after
+        an fdatasync that started later, while the other stages go on.
+        """
+        csize = self.chunk_size
+        buffers = [bytearray(csize) for _ in range(_BUFFERS)]
+        in_flight: list[Future[Future[None]] | None] = [None] * _BUFFERS
+        zeros = memoryview(bytes(csize))
+        pending: DataExtent | None = next(extents, None)
+        chain = _Chain(start.state)
+        copied = 0
+        since_checkpoint = 0
+        last_checkpoint = t0 = time.monotonic()
+        syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-sync")
+        sink = _Writer(fd, digests, min(start.chunks_done * csize, size), on_checkpoint, syncer)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-writer")
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-hash")
+
+        def hash_chunk(data: memoryview | None, cstart: int, clen: int) -> Future[None]:
+            if data is None:
+                digest = checksum.zero_digest(clen)
+            else:
+                digest = checksum.chunk_digest(data)
+                if digest == checksum.zero_digest(clen):
+                    data = None  # all zeros after all: it stays a hole
+                else:
+                    chain.written += clen
+            chain.state = checksum.advance(chain.state, digest)
+            return pool.submit(sink.write, data, cstart, digest)
+
+        def checkpoint(chunks_done: int, end: int, copied_total: int) -> None:
+            cp = Checkpoint(
+                chunks_done=chunks_done,
+                state=chain.state,
+                chunk_size=csize,
+                bytes_copied_total=copied_total,
+            )
+            pool.submit(sink.checkpoint, cp, end)
+
+        try:
+            for k in range(start.chunks_done, nchunks):
+                if should_stop():
+                    raise _stop_error(should_stop)
+                sink.raise_if_failed()  # a write or sync error stops the copy at once
+                slot = k % _BUFFERS
+                if (prev := in_flight[slot]) is not None:
+                    prev.result().result()  # the buffer is free again; errors surface here
+                    in_flight[slot] = None
+                view = memoryview(buffers[slot])
+                cstart = k * csize
+                clen = min(csize, size - cstart)
+                cend = cstart + clen
+                parts: list[tuple[DataExtent, int, int]] = []
+                while pending is not None and pending.start < cend:
+                    e = pending
+                    lo, hi = max(e.start, cstart), min(e.start + e.length, cend)
+                    if hi > lo:
+                        parts.append((e, lo, hi))
+                    if e.start + e.length <= cend:
+                        pending = next(extents, None)
+                    else:
+                        break
+                data: memoryview | None = None
+                if parts:
+                    if sum(hi - lo for _, lo, hi in parts) < clen:
+                        view[:clen] = zeros[:clen]
+                    for e, lo, hi in parts:
+                        reader.read_range(e, lo, view[lo - cstart : hi - cstart])
+                        copied += hi - lo
+                    data = view[:clen]
+                in_flight[slot] = hasher.submit(hash_chunk, data, cstart, clen)
+                since_checkpoint += clen
+
+                if self.rate_limit_bps:
+                    ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
+                    if ahead > 0:
+                        self._sleep(ahead)
+
+                now = time.monotonic()
+                if (
+                    k == nchunks - 1
+                    or since_checkpoint >= self.checkpoint_bytes
+                    or now - last_checkpoint >= self.checkpoint_seconds
+                ):
+                    hasher.submit(checkpoint, k + 1, cend, start.bytes_copied_total + copied)
+                    since_checkpoint = 0
+                    last_checkpoint = now
+        finally:
+            # In stage order, each draining into the next: nothing is left half-submitted.
+            hasher.shutdown(wait=True)
+            pool.shutdown(wait=True)
+            syncer.shutdown(wait=True)
+        for fut in in_flight:  # a hasher error not yet seen by the loop
+            if fut is not None:
+                fut.result().result()
+        sink.raise_if_failed()
+        return chain.state, copied, chain.written
+
+
+class _Chain:
+    """The hasher stage's running state: the chain so far and the bytes it found data in."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.written = 0
+
+
+_BUFFERS = 6
+
+
+def _extents_from(extents: Iterable[DataExtent], offset: int) -> Iterator[DataExtent]:
+    """The reader's extents from ``offset`` on, lazily, checked to be sorted."""
+    last = -1
+    for e in extents:
+        if e.start < last:
+            raise ValueError(f"data extents out of order at {e.start}")
+        last = e.start
+        if e.start + e.length > offset and e.length > 0:
+            yield e
+
+
+class _Writer:
+    """The writer and sync stages. After a failure they drop later work, as a crash would."""
+
+    def __init__(
+        self,
+        fd: int,
+        digests,  # type: ignore[no-untyped-def]
+        file_end: int,
+        on_checkpoint: Callable[[Checkpoint, int], None],
+        syncer: ThreadPoolExecutor,
+    ) -> None:
+        self.syncer = syncer
+        self.fd = fd
+        self.digests = digests
+        self.file_end = file_end
+        self.on_checkpoint = on_checkpoint
+        self.error: BaseException | None = None
+
+    def write(self, data: memoryview | None, offset: int, digest: str) -> None:
+        if self.error:
+            return
+        try:
+            if data is not None:
+                done = 0
+                while done < len(data):  # a short write (NFS, a signal) goes on, not lost
+                    done += os.pwrite(self.fd, data[done:], offset + done)
+                self.file_end = max(self.file_end, offset + len(data))
+            self.digests.write(digest + "\n")
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def checkpoint(self, cp: Checkpoint, end: int) -> None:
+        if self.error:
+            return
+        try:
+            # The file ends exactly at the checkpoint (holes included), so that on resume
+            # anything past it was written after the checkpoint and is cut off. Only extend:
+            # a no-op truncate still makes ext4 flush (auto_da_alloc).
+            if self.file_end < end:
+                os.ftruncate(self.fd, end)
+                self.file_end = end
+            self.digests.flush()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.syncer.submit(self._sync_and_report, cp, end)
+
+    def _sync_and_report(self, cp: Checkpoint, end: int) -> None:
+        if self.error:
+            return
+        try:
+            os.fdatasync(self.fd)
+            os.fsync(self.digests.fileno())
+            self.on_checkpoint(cp, end)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def raise_if_failed(self) -> None:
+        if self.error:
+            raise self.error
+
+
+def verify_copy(
+    data: Path,
+    expected: str,
+    *,
+    digests: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> checksum.VerifyReport:
+    """Re-read a written file from the medium (its pages dropped first) and compare it with
+    its chunk digests and chain checksum: the check before the rename. Only chunks that
+    hold data (or whose digest says data) are read. ``on_progress(verified, read)`` keeps a
+    long verify heartbeating."""
+    try:
+        return checksum.verify_file(data, expected, digests_path=digests, on_progress=on_progress)
+    except (checksum.ChunkMismatch, EOFError) as exc:
+        raise BackupCorrupt(str(exc)) from exc

@@ -1,0 +1,1 @@
+"""Processes: Temporal client factory, worker assembly, the embedded stack and the CLI."""

@@ -1,0 +1,121 @@
+"""Worker assembly: which workflows and activities a process serves, on which queues.
+
+* ``--host NAME``: take/release on ``snapferry-host-NAME`` (this process talks to libvirt).
+* ``--backup --concurrency N``: the bounded backup pool on ``snapferry-backup``; N is both
+  ``max_concurrent_activities`` and the copy thread pool, the spec's separate thread pool.
+  The same process serves alerts on ``snapferry-alerts``, so an alert never waits for a
+  backup slot.
+* Every process also serves the workflows on the control queue, so any worker keeps
+  orchestration alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from snapferry.activities.adopt import await_backup_workflow
+from snapferry.activities.alerts import AlertActivities
+from snapferry.activities.backup import BackupActivities
+from snapferry.activities.host import HostActivities
+from snapferry.activities.policy import PolicyActivities
+from snapferry.activities.restore import RestoreActivities
+from snapferry.activities.settings import Settings
+from snapferry.workers.routing import routed_host
+from snapferry.workflows.backup import BackupSnapshotWorkflow
+from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
+from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
+from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
+
+WORKFLOWS = [
+    VolumeSnapshotWorkflow,
+    VmSnapshotWorkflow,
+    BackupSnapshotWorkflow,
+    SnapshotPolicyRunWorkflow,
+]
+
+
+@contextlib.asynccontextmanager
+async def running_workers(
+    client: Client,
+    settings: Settings,
+    *,
+    hosts: list[str] | None = None,
+    backup: bool = False,
+    concurrency: int = 2,
+) -> AsyncIterator[list[Worker]]:
+    """Run the requested workers until the context exits (then shut them down cleanly)."""
+    hosts = hosts or []
+    executors: list[ThreadPoolExecutor] = []
+    workers: list[Worker] = [
+        Worker(
+            client,
+            task_queue=CONTROL_QUEUE,
+            workflows=WORKFLOWS,
+            activities=[PolicyActivities().apply_retention, await_backup_workflow],
+        ),
+    ]
+    if hosts:
+        host_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="host")
+        executors.append(host_pool)
+        host_acts = HostActivities(settings)
+        for host in hosts:
+            workers.append(
+                Worker(
+                    client,
+                    task_queue=host_queue(routed_host(host)),
+                    activities=host_acts.all,
+                    activity_executor=host_pool,
+                    max_concurrent_activities=4,
+                )
+            )
+    if backup:
+        copy_pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="copy")
+        alert_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="alert")
+        executors += [copy_pool, alert_pool]
+        backups = BackupActivities(settings, executor=copy_pool)
+        restores = RestoreActivities(settings)
+        alerts = AlertActivities(settings)
+        workers.append(
+            Worker(
+                client,
+                task_queue=ALERT_QUEUE,
+                activities=[alerts.raise_alert],
+                activity_executor=alert_pool,
+            )
+        )
+        workers.append(
+            Worker(
+                client,
+                task_queue=BACKUP_QUEUE,
+                workflows=WORKFLOWS,
+                activities=[
+                    backups.backup_snapshot,
+                    restores.restore_backup,
+                    restores.verify_backup,
+                    restores.delete_backup,
+                ],
+                # Sync restore/verify/delete run on the copy pool, within the same bound.
+                activity_executor=copy_pool,
+                max_concurrent_activities=concurrency,
+                # Heartbeats carry checkpoints: send them often so a crash loses little.
+                max_heartbeat_throttle_interval=timedelta(milliseconds=250),
+                default_heartbeat_throttle_interval=timedelta(milliseconds=250),
+                graceful_shutdown_timeout=timedelta(seconds=5),
+            )
+        )
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        yield workers
+    finally:
+        await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ex in executors:
+            ex.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,674 @@
+"""VolumeSnapshot: take -> answer the caller -> back up -> release primary.
+
+Callers start it with update-with-start on the ``wait_taken`` update, so they get their answer
+(the record in CreatedOnPrimary) as soon as the take is done, never by polling, and the same
+snapshot ID always maps to the same workflow (idempotent create). The backup then runs as a
+child on the backup queue; while it runs the snapshot is BackingUp, and the VM is free.
+
+If the backup fails for good, the snapshot goes back to CreatedOnPrimary with the failure in
+its record, nothing is deleted, and the workflow waits for the ``retry_backup`` update.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.workflow import ChildWorkflowHandle, ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from snapferry.activities.contracts import (
+        Alert,
+        AlertSeverity,
+        BackupRequest,
+        BackupResult,
+        DeleteBackupOutcome,
+        DeleteBackupRequest,
+        HypervisorType,
+        PrimarySnapshot,
+        ReleaseRequest,
+        RestoreKind,
+        RestoreRequest,
+        RestoreResult,
+        RevertRequest,
+        SnapshotRecord,
+        SnapshotRequest,
+        SnapshotState,
+        StateChange,
+        TakeRequest,
+        validate_name,
+    )
+    from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
+    from snapferry.activities.names import (
+        AWAIT_BACKUP_WORKFLOW,
+        DELETE_BACKUP,
+        DELETE_SNAPSHOT_UPDATE,
+        RELEASE_PRIMARY,
+        RESTORE_BACKUP,
+        REVERT_VOLUME,
+        SNAPSHOT_RECORD_QUERY,
+        TAKE_SNAPSHOT,
+        VERIFY_BACKUP,
+    )
+
+from . import metrics
+from .backup import BackupSnapshotWorkflow
+from .entity import (
+    EntityWorkflow,
+    cause_message,
+    discard_failed_take,
+    raise_alert,
+    refuse_carried_from_a_caller,
+    update_id,
+)
+from .routing import (
+    BACKUP_QUEUE,
+    CONTROL_QUEUE,
+    HYPERVISOR,
+    POLICY_ID,
+    SNAPSHOT_ID,
+    SNAPSHOT_STATE,
+    VM_ID,
+    VOLUME_ID,
+    VOLUME_SNAPSHOT_WORKFLOW,
+    backup_workflow_id,
+    host_queue,
+    snapshot_workflow_id,
+    volume_id,
+)
+
+HOST_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
+)
+
+ENTITY_PATCH = "snapshot-stays-open-as-entity"
+DELETE_RETRY_PATCH = "failed-delete-can-be-sent-again"
+ONE_BACKUP_PER_ROUND_PATCH = "one-backup-child-per-round"
+DISCARD_PATCH = "discard-what-a-failed-take-left"
+HIDDEN_PATCH = "hidden-chain-members"
+TAKE_HEARTBEAT_PATCH = "vmware-take-bounded-by-heartbeats"
+TAKE_LAST_RESORT = timedelta(days=1)
+PURGED_SIGNAL = "purged"
+
+WAIT_TAKEN_UPDATE = "wait_taken"
+RETRY_BACKUP_UPDATE = "retry_backup"
+RECORD_QUERY = SNAPSHOT_RECORD_QUERY
+DELETE_UPDATE = DELETE_SNAPSHOT_UPDATE
+CANCEL_BACKUP_UPDATE = "cancel_backup"
+VERIFY_BACKUP_UPDATE = "verify_backup"
+CREATE_VOLUME_UPDATE = "create_volume"
+CREATE_TEMPLATE_UPDATE = "create_template"
+REVERT_UPDATE = "revert_volume"
+MOVE_HOST_UPDATE = "move_host"
+
+OPERATION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=3,
+    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
+)
+
+# Verify and restore heartbeat as they go (activities/restore.py): a lost backup worker is
+# noticed after this, not at the 12 h start-to-close bound, which stays as a last resort.
+# Only a schedule attribute changes (no new command), so old histories replay unchanged.
+OPERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+
+
+def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearchAttributes:
+    vm = req.volume.vm
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(VOLUME_ID, volume_id(vm.name, req.volume.disk)),
+            SearchAttributePair(VM_ID, vm.name),
+            SearchAttributePair(SNAPSHOT_ID, req.snapshot_id),
+            SearchAttributePair(SNAPSHOT_STATE, state.value),
+            SearchAttributePair(HYPERVISOR, vm.hypervisor.value),
+        ]
+        + ([SearchAttributePair(POLICY_ID, req.policy_id)] if req.policy_id else [])
+    )
+
+
+@workflow.defn(name=VOLUME_SNAPSHOT_WORKFLOW)
+class VolumeSnapshotWorkflow(EntityWorkflow):
+    @workflow.init
+    def __init__(self, req: SnapshotRequest) -> None:
+        self.req = req
+        self.retry_requested = False
+        self.backup_round = 0
+        self.answer: SnapshotRecord | None = None
+        self.answered = False
+        self.backup_child: ChildWorkflowHandle | None = None
+        self.adopted_backup: str | None = None  # a reset run waits for its old run's child
+        self.backup_running = False
+        self.deleting = False
+        self.cancel_requested = False
+        self.purge_seen = False
+        self._init_entity(req.snapshot_id)
+        self.record = SnapshotRecord(
+            id=req.snapshot_id,
+            state=SnapshotState.ALLOCATED,
+            vm=req.volume.vm.name,
+            disk=req.volume.disk,
+            host=req.volume.vm.host,
+            hypervisor=req.volume.vm.hypervisor,
+        )
+
+    def _set_state(self, state: SnapshotState) -> None:
+        self.record.state = state
+        self.record.transitions.append(StateChange(state=state, at=workflow.now()))
+        workflow.upsert_search_attributes([SNAPSHOT_STATE.value_set(state.value)])
+        details = f"{self.record.vm}/{self.record.disk}: {state.value}"
+        if self.record.backup_error:
+            details += f"\nlast backup error: {self.record.backup_error}"
+        workflow.set_current_details(details)
+
+    async def _alert(self, event: str, message: str, severity: AlertSeverity) -> None:
+        await raise_alert(
+            Alert(
+                event=event,
+                severity=severity,
+                snapshot_id=self.req.snapshot_id,
+                vm=self.record.vm,
+                disk=self.record.disk,
+                message=message,
+            )
+        )
+
+    @workflow.run
+    async def run(self, req: SnapshotRequest) -> SnapshotRecord:
+        refuse_carried_from_a_caller(req.carried is not None)
+        if req.carried is not None:
+            # Continued as new: the record is carried over, the take and backup are done.
+            self.record = req.carried
+            self.answer = req.carried
+            self.answered = True
+            self.backup_round = req.carried.backup_attempts
+        else:
+            if not await self._take(req):
+                return self.record
+            await self._backup_phase(req)
+            if self.record.backup is not None and not self.deleting:
+                async with self.op_lock:
+                    await self._release(req)
+            if not workflow.patched(ENTITY_PATCH):
+                return self.record  # histories from before snapshots stayed open
+        # The snapshot now lives on as an entity: it answers queries and serves operations
+        # (delete, revert, restore, verify) until it is destroyed.
+        # self.req, not req: a move_host update may have changed where the VM runs.
+        await self._live_on(lambda: self.req.model_copy(update={"carried": self.record}))
+        return self.record
+
+    async def _take(self, req: SnapshotRequest) -> bool:
+        self.record.created = workflow.now()
+        self.record.transitions.append(StateChange(state=self.record.state, at=workflow.now()))
+        self._set_state(SnapshotState.CREATING)
+        # A VMware take waits for a full clone, whose time grows with the VM: it heartbeats
+        # while it polls the clone task, so liveness bounds it, not a 5-minute wall clock
+        # (a day stays as a last resort). KVM and XenServer takes are short and do not
+        # heartbeat: they keep the old bound.
+        take_bound, take_heartbeat = timedelta(minutes=5), None
+        if req.volume.vm.hypervisor == HypervisorType.VMWARE and workflow.patched(
+            TAKE_HEARTBEAT_PATCH
+        ):
+            take_bound = TAKE_LAST_RESORT
+            take_heartbeat = timedelta(seconds=req.backup.take_heartbeat_timeout_s)
+        try:
+            primary: PrimarySnapshot = await workflow.execute_activity(
+                TAKE_SNAPSHOT,
+                TakeRequest(snapshot_id=req.snapshot_id, volume=req.volume),
+                result_type=PrimarySnapshot,
+                task_queue=host_queue(req.volume.vm.host),
+                start_to_close_timeout=take_bound,
+                heartbeat_timeout=take_heartbeat,
+                retry_policy=HOST_RETRY,
+            )
+        except ActivityError as err:
+            self.record.error = cause_message(err)
+            self._set_state(SnapshotState.ERROR)
+            if workflow.patched(DISCARD_PATCH):
+                self.record.error += await discard_failed_take(req.snapshot_id, req.volume.vm)
+            await self._alert(
+                "SNAPSHOT.TAKE.FAILED",
+                f"taking snapshot {req.snapshot_id} failed: {self.record.error}",
+                AlertSeverity.ERROR,
+            )
+            return False
+        self.record.primary = primary
+        self._set_state(SnapshotState.CREATED_ON_PRIMARY)
+        self.answer = self.record.model_copy(deep=True)
+        if self.record.created is not None:
+            metrics.observe(
+                "answer_latency_seconds",
+                (workflow.now() - self.record.created).total_seconds(),
+                hypervisor=req.volume.vm.hypervisor.value,
+            )
+        return True
+
+    async def _backup_phase(self, req: SnapshotRequest) -> None:
+        """Back up until it succeeds; after a failure wait for an operator's retry (or a
+        delete). Nothing is deleted when a backup fails."""
+        primary = self.record.primary
+        assert primary is not None
+        while not self.deleting:
+            self.backup_round += 1
+            self.record.backup_attempts = self.backup_round
+            self.record.backup_workflow_id = backup_workflow_id(req.snapshot_id, self.backup_round)
+            self._set_state(SnapshotState.BACKING_UP)
+            vm = req.volume.vm
+            self.backup_running = True  # from here until the child is over (see delete)
+            try:
+                self.backup_child = await self._start_backup_child(req, primary)
+            except WorkflowAlreadyStartedError:
+                # A reset run: its earlier run started this round's child, which goes on
+                # by itself (ABANDON). Wait for that one instead of backing up twice.
+                self.adopted_backup = self.record.backup_workflow_id
+            hypervisor = vm.hypervisor.value
+            metrics.count("backups_started", hypervisor=hypervisor)
+            began = workflow.now()
+            try:
+                result = await self._backup_result()
+                if self.adopted_backup is not None and not await self._still_stored(result):
+                    # A reset of a deleted snapshot: its backup (and primary copy) are gone,
+                    # and nothing is taken or copied again. It stays what it was: Destroyed.
+                    self.backup_child, self.adopted_backup, self.backup_running = None, None, False
+                    self._set_state(SnapshotState.DESTROYED)
+                    self.destroyed = True
+                    return
+                self.record.backup = result
+                self.backup_child, self.adopted_backup, self.backup_running = None, None, False
+                self._set_state(SnapshotState.BACKED_UP)
+                metrics.count("backups_completed", hypervisor=hypervisor)
+                metrics.count("backup_bytes_copied", result.bytes_copied, hypervisor=hypervisor)
+                metrics.count("backup_bytes_stored", result.bytes_stored, hypervisor=hypervisor)
+                if result.resumed_from > 0 or result.attempts > 1:
+                    metrics.count("backup_resumes", hypervisor=hypervisor)
+                metrics.observe(
+                    "backup_duration_seconds",
+                    (workflow.now() - began).total_seconds(),
+                    hypervisor=hypervisor,
+                )
+                return
+            except (ChildWorkflowError, ActivityError) as err:
+                if not self.cancel_requested and not self.deleting:
+                    metrics.count("backups_failed", hypervisor=hypervisor)
+                self.backup_child, self.adopted_backup, self.backup_running = None, None, False
+                self.record.backup_error = (
+                    "backup cancelled by an operator"
+                    if self.cancel_requested
+                    else cause_message(err)
+                )
+                self.cancel_requested = False
+                self._set_state(SnapshotState.CREATED_ON_PRIMARY)
+                await workflow.wait_condition(lambda: self.retry_requested or self.deleting)
+                self.retry_requested = False
+                if not self.deleting:
+                    self.record.backup_error = None
+
+    async def _start_backup_child(
+        self, req: SnapshotRequest, primary: PrimarySnapshot
+    ) -> ChildWorkflowHandle:
+        """This round's backup child. Its ID is never reused (a reset run must not start a
+        second backup for a round its earlier run started): the start then fails with
+        WorkflowAlreadyStartedError. Histories from before that rule replay without it."""
+        vm = req.volume.vm
+        once = workflow.patched(ONE_BACKUP_PER_ROUND_PATCH)
+        assert self.record.backup_workflow_id is not None
+        return await workflow.start_child_workflow(
+            BackupSnapshotWorkflow.run,
+            BackupRequest(
+                snapshot_id=req.snapshot_id,
+                volume=req.volume,
+                source=primary,
+                options=req.backup,
+                round=self.backup_round,
+            ),
+            id=self.record.backup_workflow_id,
+            task_queue=BACKUP_QUEUE,
+            parent_close_policy=ParentClosePolicy.ABANDON,
+            id_reuse_policy=(
+                WorkflowIDReusePolicy.REJECT_DUPLICATE
+                if once
+                else WorkflowIDReusePolicy.ALLOW_DUPLICATE
+            ),
+            search_attributes=search_attributes(req, SnapshotState.BACKING_UP),
+            static_summary=(
+                f"Backup of {vm.name}/{req.volume.disk} snapshot {req.snapshot_id}"
+                f" ({primary.virtual_size // (1024 * 1024)} MiB, round"
+                f" {self.backup_round})"
+            ),
+        )
+
+    async def _still_stored(self, result: BackupResult) -> bool:
+        """Whether an adopted backup is still on secondary (re-read and checked)."""
+        try:
+            await workflow.execute_activity(
+                VERIFY_BACKUP,
+                result.manifest_path,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=OPERATION_RETRY,
+            )
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and "does not exist" in cause.message:
+                return False  # verify_backup's InvalidInput: "backup manifest ... does not exist"
+            raise
+        return True
+
+    async def _backup_result(self) -> BackupResult:
+        if self.backup_child is not None:
+            result: BackupResult = await self.backup_child
+            return result
+        assert self.adopted_backup is not None
+        adopted: BackupResult = await workflow.execute_activity(
+            AWAIT_BACKUP_WORKFLOW,
+            self.adopted_backup,
+            result_type=BackupResult,
+            task_queue=CONTROL_QUEUE,
+            start_to_close_timeout=timedelta(days=8),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES),
+        )
+        return adopted
+
+    async def _release(self, req: SnapshotRequest) -> None:
+        primary = self.record.primary
+        assert primary is not None
+        try:
+            await workflow.execute_activity(
+                RELEASE_PRIMARY,
+                ReleaseRequest(
+                    snapshot_id=req.snapshot_id,
+                    volume=req.volume,
+                    source=primary,
+                    backed_up=self.record.backup is not None,
+                ),
+                task_queue=host_queue(req.volume.vm.host),
+                start_to_close_timeout=timedelta(minutes=30),
+                retry_policy=HOST_RETRY,
+            )
+            self.record.primary_released = True
+        except ActivityError as err:
+            # The backup is safe; only primary space is held longer. Tell the operator.
+            await self._alert(
+                "SNAPSHOT.RELEASE.FAILED",
+                f"snapshot {req.snapshot_id} is backed up but its primary copy could not be"
+                f" merged yet: {cause_message(err)}",
+                AlertSeverity.WARNING,
+            )
+
+    @workflow.update(name=WAIT_TAKEN_UPDATE)
+    async def wait_taken(self) -> SnapshotRecord:
+        """The caller's answer: the record as it was when the take completed."""
+        await workflow.wait_condition(
+            lambda: self.answer is not None or self.record.state == SnapshotState.ERROR
+        )
+        if self.answer is None:
+            raise ApplicationError(self.record.error or "take failed", type="TakeFailed")
+        if self.answered:
+            return self.record  # a repeated create of this ID: the record as it is now
+        self.answered = True
+        return self.answer
+
+    @workflow.update(name=RETRY_BACKUP_UPDATE)
+    def retry_backup(self) -> SnapshotRecord:
+        self.retry_requested = True
+        return self.record
+
+    @retry_backup.validator
+    def _validate_retry(self) -> None:
+        if self.record.state != SnapshotState.CREATED_ON_PRIMARY or not self.record.backup_error:
+            raise ApplicationError(
+                f"snapshot {self.req.snapshot_id} is {self.record.state.value}; only a"
+                " snapshot whose backup failed (CreatedOnPrimary with an error) can be retried",
+                type="InvalidInput",
+            )
+
+    # -- operations on an existing snapshot ------------------------------------------------
+    def _require_backup(self, what: str) -> str:
+        hidden = self.record.state == SnapshotState.HIDDEN  # deleted (even across runs)
+        if self.deleting or hidden or self.record.delete_error or self.record.backup is None:
+            self._refuse(f"cannot {what}: it is {self.record.state.value}, not BackedUp")
+        assert self.record.backup is not None
+        return self.record.backup.manifest_path
+
+    @workflow.update(name=DELETE_UPDATE)
+    async def delete_snapshot(self) -> SnapshotRecord:
+        """Delete on secondary and primary. A running backup is cancelled first (its
+        ``.partial`` files are removed); a snapshot still on primary is merged away."""
+        self.deleting = True
+        # A backup being started has no handle yet: wait for it, then cancel it.
+        await workflow.wait_condition(
+            lambda: (
+                self.backup_child is not None
+                or self.adopted_backup is not None
+                or not self.backup_running
+            )
+        )
+        if self.backup_child is not None:
+            self.backup_child.cancel()
+        elif self.adopted_backup is not None:
+            await workflow.get_external_workflow_handle(self.adopted_backup).cancel()
+        await workflow.wait_condition(lambda: not self.backup_running)
+        async with self._operation():
+            try:
+                return await self._delete_everywhere()
+            except ActivityError as err:
+                if not workflow.patched(DELETE_RETRY_PATCH):
+                    raise  # histories from before a failed delete could be sent again
+                # The store may have lost some files already (manifest first, so nothing
+                # looks whole that is not): the snapshot is Error, the delete can be sent
+                # again, and nothing else is allowed until it succeeds.
+                self.deleting = False
+                self.record.delete_error = cause_message(err)
+                self._set_state(SnapshotState.ERROR)
+                await self._alert(
+                    "SNAPSHOT.DELETE.FAILED",
+                    f"deleting snapshot {self.req.snapshot_id} failed:"
+                    f" {self.record.delete_error}; send the delete again",
+                    AlertSeverity.ERROR,
+                )
+                raise ApplicationError(
+                    f"snapshot {self.req.snapshot_id}: delete failed:"
+                    f" {self.record.delete_error}; it is Error now, send the delete again",
+                    type="DeleteFailed",
+                    non_retryable=True,
+                ) from err
+
+    async def _delete_everywhere(self) -> SnapshotRecord:
+        """The delete proper: secondary first (chain-aware), then primary."""
+        self._set_state(SnapshotState.DESTROYING)
+        if self.record.primary is not None:
+            # Whatever a backup left (finished, or cancelled mid-way), by the store's
+            # own layout: a backup that finished just as it was cancelled is included.
+            outcome: DeleteBackupOutcome | None = await workflow.execute_activity(
+                DELETE_BACKUP,
+                DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
+                result_type=DeleteBackupOutcome | None,  # type: ignore[arg-type]
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=HOST_RETRY,
+            )
+        else:
+            outcome = None
+        if self.record.primary is not None and not self.record.primary_released:
+            await self._release(self.req)
+        if outcome is not None and workflow.patched(HIDDEN_PATCH):
+            for parent in outcome.purged:  # hidden ancestors nothing needs any more
+                await workflow.get_external_workflow_handle(snapshot_workflow_id(parent)).signal(
+                    PURGED_SIGNAL
+                )
+            if outcome.hidden and not self.purge_seen:
+                # Later deltas need this backup: Hidden, as in CloudStack, until the
+                # delete of its last dependant purges it.
+                self._set_state(SnapshotState.HIDDEN)
+                return self.record
+        self._set_state(SnapshotState.DESTROYED)
+        self.destroyed = True
+        return self.record
+
+    @workflow.signal(name=PURGED_SIGNAL)
+    def purged(self) -> None:
+        """Sent by the delete that removed this Hidden snapshot's backup with its own. It
+        may arrive while this snapshot's own delete is still finishing: remembered."""
+        self.purge_seen = True
+        if self.record.state == SnapshotState.HIDDEN:
+            self._set_state(SnapshotState.DESTROYED)
+            self.destroyed = True
+
+    @delete_snapshot.validator
+    def _validate_delete(self) -> None:
+        if self.record.state == SnapshotState.ERROR and self.record.delete_error:
+            return  # a failed delete is sent again
+        if self.record.state == SnapshotState.HIDDEN:
+            self._refuse(
+                "it is Hidden: deleted, but its backup is kept until the later deltas that"
+                " depend on it are deleted"
+            )
+        if self.deleting or self.record.state in (
+            SnapshotState.ALLOCATED,
+            SnapshotState.CREATING,
+            SnapshotState.ERROR,
+        ):
+            self._refuse(f"cannot delete it while it is {self.record.state.value}")
+
+    @workflow.update(name=CANCEL_BACKUP_UPDATE)
+    async def cancel_backup(self) -> SnapshotRecord:
+        self.cancel_requested = True
+        if self.backup_child is not None:
+            self.backup_child.cancel()
+        else:
+            assert self.adopted_backup is not None
+            await workflow.get_external_workflow_handle(self.adopted_backup).cancel()
+        await workflow.wait_condition(lambda: not self.backup_running)
+        return self.record
+
+    @cancel_backup.validator
+    def _validate_cancel(self) -> None:
+        if (self.backup_child is None and self.adopted_backup is None) or self.deleting:
+            self._refuse(f"no backup is running (it is {self.record.state.value})")
+
+    @workflow.update(name=VERIFY_BACKUP_UPDATE)
+    async def verify_backup(self) -> str:
+        """Re-read the backup and check it against its manifest checksum."""
+        manifest = self._require_backup("verify its backup")
+        async with self._operation():
+            checksum: str = await workflow.execute_activity(
+                VERIFY_BACKUP,
+                manifest,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=OPERATION_HEARTBEAT_TIMEOUT,
+                retry_policy=OPERATION_RETRY,
+            )
+        return checksum
+
+    async def _restore(self, kind: RestoreKind, name: str) -> RestoreResult:
+        manifest = self._require_backup(f"create a {kind.value} from it")
+        primary = self.record.primary
+        assert primary is not None
+        async with self._operation():
+            result: RestoreResult = await workflow.execute_activity(
+                RESTORE_BACKUP,
+                RestoreRequest(
+                    snapshot_id=self.req.snapshot_id,
+                    volume=self.req.volume,
+                    kind=kind,
+                    name=name,
+                    manifest_path=manifest,
+                    primary_dir=primary.image.rsplit("/", 1)[0],
+                ),
+                result_type=RestoreResult,
+                task_queue=BACKUP_QUEUE,
+                start_to_close_timeout=timedelta(hours=12),
+                heartbeat_timeout=OPERATION_HEARTBEAT_TIMEOUT,
+                retry_policy=OPERATION_RETRY,
+            )
+            self.record.restored.append(result.path)
+        return result
+
+    @workflow.update(name=CREATE_VOLUME_UPDATE)
+    async def create_volume(self, name: str) -> RestoreResult:
+        return await self._restore(RestoreKind.VOLUME, name)
+
+    @workflow.update(name=CREATE_TEMPLATE_UPDATE)
+    async def create_template(self, name: str) -> RestoreResult:
+        return await self._restore(RestoreKind.TEMPLATE, name)
+
+    @create_volume.validator
+    def _validate_create_volume(self, name: str) -> None:
+        self._validate_restore(name)
+
+    @create_template.validator
+    def _validate_create_template(self, name: str) -> None:
+        self._validate_restore(name)
+
+    def _validate_restore(self, name: str) -> None:
+        try:
+            validate_name(name)
+        except ValueError as err:
+            self._refuse(str(err))
+        self._require_backup("restore it")
+
+    @workflow.update(name=REVERT_UPDATE)
+    async def revert_volume(self) -> SnapshotRecord:
+        """Revert the (stopped) VM's disk to this snapshot: from primary while the frozen
+        image is there, else from the verified backup."""
+        async with self._operation():
+            await workflow.execute_activity(
+                REVERT_VOLUME,
+                RevertRequest(
+                    snapshot_id=self.req.snapshot_id,
+                    volume=self.req.volume,
+                    primary=None if self.record.primary_released else self.record.primary,
+                    manifest_path=self.record.backup.manifest_path if self.record.backup else None,
+                    operation_id=update_id(),
+                ),
+                task_queue=host_queue(self.req.volume.vm.host),
+                start_to_close_timeout=timedelta(hours=12),
+                retry_policy=OPERATION_RETRY,
+            )
+            self.record.reverts += 1
+        return self.record
+
+    @revert_volume.validator
+    def _validate_revert(self) -> None:
+        usable = self.record.backup is not None or (
+            self.record.primary is not None and not self.record.primary_released
+        )
+        gone = self.record.state in (SnapshotState.HIDDEN, SnapshotState.ERROR)
+        if self.deleting or not usable or gone:
+            self._refuse(f"cannot revert to it while it is {self.record.state.value}")
+
+    @workflow.update(name=MOVE_HOST_UPDATE)
+    def move_host(self, host: str) -> SnapshotRecord:
+        """The VM now runs on ``host`` (after a live migration, say): every later host
+        operation of this snapshot (release, revert) goes to that host's queue. Sent by
+        management code, or ``snapferry vm moved``, since the one who migrates knows."""
+        self.req.volume.vm.host = host
+        self.record.host = host
+        return self.record
+
+    @move_host.validator
+    def _validate_move_host(self, host: str) -> None:
+        self._validate_host(host)
+
+    @workflow.query(name=RECORD_QUERY)
+    def get_record(self) -> SnapshotRecord:
+        return self.record
