@@ -48,4 +48,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# govmomi's vCenter simulator behind tests/govmomi_sim/main.go, built offline once (~30 s).
+.venv/bin/python -c "from tests.govmomi_sim.control import build; build()"
+
 scripts/libvirtd.sh start
