@@ -12,7 +12,7 @@ lint: install
 	.venv/bin/mypy
 
 test: lint
-	.venv/bin/pytest -q -p no:cacheprovider tests
+	.venv/bin/pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: install
 	.venv/bin/python bench/bench.py --sizes-gib 1 4
