@@ -9,6 +9,7 @@ run: install
 
 lint: install
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
 test: lint

@@ -15,6 +15,10 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
+from snapferry.activities.hypervisors.kvm import quiet_libvirt
+
+quiet_libvirt()  # no raw "libvirt: ... error" line from a lookup of a VM not made yet
+
 MIB = 1024 * 1024
 
 

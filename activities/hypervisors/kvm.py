@@ -61,13 +61,19 @@ IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the uma
 RELEASED_SUFFIX = ".released"
 
 
+def quiet_libvirt() -> None:
+    """Replace libvirt's default error handler, process-wide (see :func:`_quiet`); every
+    process that talks to libvirt (host workers, the demo) calls it, by importing this."""
+    libvirt.registerErrorHandler(_quiet, None)
+
+
 def _quiet(_ctx: object, _err: object) -> None:
     """libvirt's default error handler prints every error to stderr ("libvirt: QEMU Driver
     error : Domain not found ...") before the exception is raised; every libvirtError is
     caught and turned into a typed error here, so nothing raw should reach an operator."""
 
 
-libvirt.registerErrorHandler(_quiet, None)
+quiet_libvirt()
 
 _SNAPSHOT_FLAGS = (
     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY

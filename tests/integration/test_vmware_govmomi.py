@@ -39,6 +39,7 @@ def test_the_govmomi_simulator_can_be_built_here() -> None:
     """Never skipped: scripts/bootstrap.sh installs its Debian packages and builds it."""
     assert missing() is None, missing()
 
+
 MIB = 1024 * 1024
 USER, PASSWORD = "administrator@vsphere.local", "govmomi s3cret"
 DS = "LocalDS_0"

@@ -82,3 +82,19 @@ def test_the_demo_does_not_import_the_cli() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_demo_prints_no_raw_libvirt_line_either() -> None:
+    """``make run`` once printed "libvirt: QEMU Driver error : Domain not found" when the
+    demo looked up its VM before creating it: the demo's libvirt calls are quiet too."""
+    code = (
+        "import libvirt, snapferry.workers.demo_vm\n"
+        "conn = libvirt.open('qemu:///system')\n"
+        "try:\n"
+        "    conn.lookupByName('sf-no-such-domain')\n"
+        "except libvirt.libvirtError:\n"
+        "    print('refused')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", proc.stderr
+    assert proc.stderr.strip() == ""
