@@ -13,15 +13,13 @@ the record's own creation time.
 from __future__ import annotations
 
 from temporalio import activity
-from temporalio.client import WorkflowQueryFailedError, WorkflowUpdateFailedError
-from temporalio.common import SearchAttributeKey
-from temporalio.service import RPCError
+from temporalio.client import WorkflowUpdateFailedError
 
-from .contracts import RetentionRequest, SnapshotRecord, SnapshotState
+from .catalog import running_snapshot_records
+from .contracts import RetentionRequest, SnapshotState
 from .errors import converts_errors
-from .names import APPLY_RETENTION, DELETE_SNAPSHOT_UPDATE, SNAPSHOT_RECORD_QUERY
+from .names import APPLY_RETENTION, DELETE_SNAPSHOT_UPDATE
 
-_STATE = SearchAttributeKey.for_keyword("SnapshotState")
 _GONE = {
     SnapshotState.HIDDEN.value,
     SnapshotState.DESTROYING.value,
@@ -35,24 +33,13 @@ class PolicyActivities:
     @converts_errors
     async def apply_retention(self, req: RetentionRequest) -> list[str]:
         client = activity.client()
-        ids: set[str] = set()
-        query = (
-            f'WorkflowType = "VolumeSnapshot" AND PolicyId = "{req.policy_id}"'
-            ' AND ExecutionStatus = "Running"'
-        )
-        async for wf in client.list_workflows(query):
-            if wf.typed_search_attributes.get(_STATE) not in _GONE:
-                ids.add(wf.id)
-        live: list[tuple[str, SnapshotRecord]] = []
-        for wf_id in sorted(ids):
-            try:
-                record = await client.get_workflow_handle(wf_id).query(
-                    SNAPSHOT_RECORD_QUERY, result_type=SnapshotRecord
-                )
-            except (RPCError, WorkflowQueryFailedError):
-                continue  # closed since it was listed: not live any more
-            if record.state.value not in _GONE:
-                live.append((wf_id, record))
+        live = [
+            (wf_id, record)
+            for wf_id, record in await running_snapshot_records(
+                client, [f'PolicyId = "{req.policy_id}"']
+            )
+            if record.state.value not in _GONE
+        ]
         live.sort(key=lambda item: (item[1].created is not None, item[1].created), reverse=True)
         deleted = []
         for wf_id, _record in live[req.keep :]:

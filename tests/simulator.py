@@ -22,6 +22,24 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_ready(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The port a simulator announces with its ``ready PORT`` line, or None if it exits or
+    stays silent for ``timeout`` seconds."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("ready "):
+                return int(line.split()[1])
+            if not line:
+                return None
+        if proc.poll() is not None:
+            return None
+    return None
+
+
 class SimulatorProcess:
     """One simulator child process; ``stop()`` only ever signals its own PID."""
 
@@ -53,19 +71,10 @@ class SimulatorProcess:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith("ready "):
-                    self.port = int(line.split()[1])
-                    return self.port
-                if not line:
-                    break
-            if self.proc.poll() is not None:
-                break
+        port = wait_ready(self.proc, timeout)
+        if port is not None:
+            self.port = port
+            return port
         self.stop()
         raise RuntimeError(f"{self.module} did not become ready")
 

@@ -18,13 +18,13 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
-    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from snapferry.activities.catalog import running_snapshot_records
 from snapferry.activities.contracts import (
     BackupProgress,
     SnapshotRecord,
@@ -330,24 +330,6 @@ async def snapshot_operation(
 TRANSITIONAL = (SnapshotState.CREATING, SnapshotState.CREATED_ON_PRIMARY, SnapshotState.BACKING_UP)
 
 
-async def _running_records(client: Client, clauses: list[str]) -> list[SnapshotRecord]:
-    """The records of running VolumeSnapshot workflows that visibility finds for the
-    clauses, each read by query (visibility alone says neither why nor since when)."""
-    query = " AND ".join(
-        ['WorkflowType = "VolumeSnapshot"', 'ExecutionStatus = "Running"', *clauses]
-    )
-    records = []
-    async for wf in client.list_workflows(query):
-        try:
-            record = await client.get_workflow_handle(wf.id).query(
-                "record", result_type=SnapshotRecord
-            )
-        except (RPCError, WorkflowQueryFailedError):
-            continue  # closed since it was listed
-        records.append(record)
-    return records
-
-
 async def failed_backups(
     client: Client, *, vm: str | None = None, policy: str | None = None
 ) -> list[SnapshotRecord]:
@@ -357,7 +339,7 @@ async def failed_backups(
         clauses.append(f'VmId = "{vm}"')
     if policy:
         clauses.append(f'PolicyId = "{policy}"')
-    return [r for r in await _running_records(client, clauses) if r.backup_error]
+    return [r for _id, r in await running_snapshot_records(client, clauses) if r.backup_error]
 
 
 async def retry_all_failed(
@@ -396,7 +378,7 @@ async def stuck_snapshots(
         clauses.append(f'VmId = "{vm}"')
     now = datetime.now(UTC)
     stuck = []
-    for record in await _running_records(client, clauses):
+    for _id, record in await running_snapshot_records(client, clauses):
         since = record.transitions[-1].at if record.transitions else record.created
         if record.state in TRANSITIONAL and since is not None:
             age = (now - since).total_seconds()

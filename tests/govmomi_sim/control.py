@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import select
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from tests.simulator import REPO_ROOT
+from tests.simulator import REPO_ROOT, wait_ready
 
 SOURCE = Path(__file__).with_name("main.go")
 GOCODE = Path("/usr/share/gocode")
@@ -78,19 +76,10 @@ class GovmomiSimulator:
             text=True,
             start_new_session=True,
         )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith("ready "):
-                    self.port = int(line.split()[1])
-                    return self.port
-                if not line:
-                    break
-            if self.proc.poll() is not None:
-                break
+        port = wait_ready(self.proc, timeout)
+        if port is not None:
+            self.port = port
+            return port
         self.stop()
         raise RuntimeError("govmomi simulator did not become ready")
 

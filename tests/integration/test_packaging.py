@@ -4,6 +4,8 @@ answers and a workflow runs end to end on the time-skipping server."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import site
 import subprocess
 import sys
@@ -90,9 +92,26 @@ WORKFLOW_RUN = textwrap.dedent(
 def test_the_wheel_installs_one_package_root_beside_a_package_named_workers(
     tmp_path: Path,
 ) -> None:
+    # Built from a copy of the source files (git's, plus new ones it does not ignore):
+    # setuptools leaves build/ and *.egg-info where it builds, and the source tree must
+    # stay as the test found it.
+    source = tmp_path / "source"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        src, dst = ROOT / name, source / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            dst.symlink_to(os.readlink(src))
+        elif src.is_file():
+            shutil.copy2(src, dst)
     dist = tmp_path / "dist"
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
         capture_output=True,
         text=True,
     )

@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from snapferry.activities.contracts import (
     HypervisorType,
+    SnapshotRecord,
     SnapshotRequest,
     SnapshotState,
     VmRef,
@@ -90,9 +91,19 @@ async def test_split_snapshot_full_clone_backup_equals_the_disk_at_take(
     assert vsphere.vm_names() == {"web01"}
 
 
-async def test_kill_9_during_export_resumes_and_leaves_no_clone(
-    client: Client, vsphere: Vsphere, host_name: str, tmp_path: Path
-) -> None:
+async def kill_9_mid_export_then_resume(
+    client: Client,
+    vsphere: Vsphere,
+    host_name: str,
+    tmp_path: Path,
+    *,
+    vm: str,
+    size: int,
+    seed: int,
+) -> tuple[SnapshotRecord, bytes]:
+    """A VM with ``size`` bytes of random data; its backup worker (a process, throttled) is
+    killed with SIGKILL mid-export and a second one finishes. Returns the settled record
+    and the disk's bytes at the take."""
     import asyncio
     import os
     import signal
@@ -101,17 +112,16 @@ async def test_kill_9_during_export_resumes_and_leaves_no_clone(
 
     from .test_durability import start_backup_worker, wait_for_progress
 
-    size = 96 * MIB
-    create_vm(vsphere.port, "db01", [size])
-    fill(vsphere, "db01", size=2 * size, seed=2)  # random data over the whole disk
+    create_vm(vsphere.port, vm, [size])
+    fill(vsphere, vm, size=2 * size, seed=seed)  # random data over the whole disk
     worker_a = start_backup_worker(tmp_path / "worker-a.log", rate_mbps=24)
     worker_b = None
     try:
         async with running_workers(client, vsphere.settings, hosts=[host_name]):
             answer = await starter.create_snapshot(
-                client, vmware_request("db01", "db01", host_name, vsphere)
+                client, vmware_request(vm, vm, host_name, vsphere)
             )
-            at_take = vsphere.disk("db01").read_bytes()
+            at_take = vsphere.disk(vm).read_bytes()
             await wait_for_progress(client, answer.id, 0.4)
             os.kill(worker_a.pid, signal.SIGKILL)
             worker_a.wait()
@@ -121,6 +131,16 @@ async def test_kill_9_during_export_resumes_and_leaves_no_clone(
         for w in (worker_a, worker_b):
             if w is not None and w.poll() is None:
                 terminate(w.pid)
+    return record, at_take
+
+
+async def test_kill_9_during_export_resumes_and_leaves_no_clone(
+    client: Client, vsphere: Vsphere, host_name: str, tmp_path: Path
+) -> None:
+    size = 96 * MIB
+    record, at_take = await kill_9_mid_export_then_resume(
+        client, vsphere, host_name, tmp_path, vm="db01", size=size, seed=2
+    )
     assert record.state == SnapshotState.BACKED_UP and record.backup
     assert record.backup.attempts >= 2 and record.backup.resumed_from > 0
     assert record.backup.bytes_copied == size - record.backup.resumed_from  # ranged resume

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from tests.vsphere_sim.control import (
 )
 
 from ..conftest import Vsphere
-from .test_vmware import fill, vmware_request
+from .test_vmware import fill, kill_9_mid_export_then_resume, vmware_request
 
 pytestmark = pytest.mark.integration
 
@@ -119,31 +117,11 @@ async def test_kill_9_resumes_against_a_server_without_ranges(
     """/folder answers a ranged GET with a plain 200 (as direct ESXi may): the backup reads
     the one response forward, and the resumed attempt reads and drops up to its checkpoint
     (and says so), instead of failing every attempt on the 200."""
-    from snapferry.workers.stack import terminate
-
-    from .test_durability import start_backup_worker, wait_for_progress
-
     size = 96 * MIB
-    create_vm(vsphere.port, "nr01", [size])
-    fill(vsphere, "nr01", size=2 * size, seed=21)  # random data over the whole disk
     set_ignore_range(vsphere.port, True)
-    worker_a = start_backup_worker(tmp_path / "worker-a.log", rate_mbps=24)
-    worker_b = None
-    try:
-        async with running_workers(client, vsphere.settings, hosts=[host_name]):
-            answer = await starter.create_snapshot(
-                client, vmware_request("nr01", "nr01", host_name, vsphere)
-            )
-            at_take = vsphere.disk("nr01").read_bytes()
-            await wait_for_progress(client, answer.id, 0.4)
-            os.kill(worker_a.pid, signal.SIGKILL)
-            worker_a.wait()
-            worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
-            record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
-    finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+    record, at_take = await kill_9_mid_export_then_resume(
+        client, vsphere, host_name, tmp_path, vm="nr01", size=size, seed=21
+    )
     assert record.state == SnapshotState.BACKED_UP and record.backup
     assert record.backup.attempts >= 2 and record.backup.resumed_from > 0
     assert record.backup.bytes_copied == size - record.backup.resumed_from

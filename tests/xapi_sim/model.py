@@ -170,8 +170,9 @@ class Store:
         self.task_delay = 0.0  # seconds an Async task stays pending before it runs
         # Latency of every synchronous call (a loaded pool master takes its time), and how
         # many calls were in flight at once at most: the test of a client that does not
-        # serialise its calls. XAPI serves each connection on its own thread (xapi's
-        # server_io / Http_svr), so concurrent calls of one session overlap there too.
+        # serialise its calls. XAPI serves each accepted connection on its own thread
+        # (ocaml/libs/http-lib/server_io.ml: handler_by_thread, Thread.create per accept),
+        # so concurrent calls of one session overlap there too.
         self.call_latency = 0.0
         self.in_flight = 0
         self.max_in_flight = 0

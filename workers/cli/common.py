@@ -113,7 +113,7 @@ def parse_duration(text: str) -> float:
         ) from None
 
 
-def _operation_command(
+def operation_command(
     update: str,
     *,
     takes_name: bool = False,
@@ -133,7 +133,7 @@ def _operation_command(
     return command
 
 
-def _validation_message(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])

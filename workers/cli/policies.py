@@ -17,9 +17,9 @@ from snapferry.activities.settings import Settings
 from .. import starter
 from .common import (
     Adder,
-    _validation_message,
     add_volume_args,
     cli_client,
+    validation_message,
     volume_from_args,
 )
 
@@ -43,7 +43,7 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
             }
         )
     except ValidationError as err:
-        raise starter.SnapferryClientError(_validation_message(err)) from err
+        raise starter.SnapferryClientError(validation_message(err)) from err
     schedule_id = await create_policy(await cli_client(settings), policy)
     print(f"policy {policy.policy_id} created (schedule {schedule_id})")
     return 0

@@ -28,13 +28,13 @@ from .. import starter
 from ..watch import watch
 from .common import (
     Adder,
-    _operation_command,
-    _validation_message,
     add_volume_args,
     cli_client,
+    operation_command,
     parse_duration,
     print_record,
     print_rows,
+    validation_message,
     volume_from_args,
     web_ui_link,
 )
@@ -50,7 +50,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
             }
         )
     except ValidationError as err:
-        raise starter.SnapferryClientError(_validation_message(err)) from err
+        raise starter.SnapferryClientError(validation_message(err)) from err
     client = await cli_client(settings)
     record = await starter.create_snapshot(client, req)
     print_record(record, args.json)
@@ -168,7 +168,7 @@ def register_snapshots(sub: Any, add: Adder) -> None:
         ("to-template", CREATE_TEMPLATE_UPDATE, "create a template from it", True, RestoreResult),
     ]
     for name, update, help_, takes_name, result_type in operations:
-        command = _operation_command(update, takes_name=takes_name, result_type=result_type)
+        command = operation_command(update, takes_name=takes_name, result_type=result_type)
         op = add(snap, name, command, help_)
         op.add_argument("id")
         if takes_name:
@@ -196,14 +196,14 @@ def register_backups(sub: Any, add: Adder) -> None:
     cancel = add(
         backup,
         "cancel",
-        _operation_command(CANCEL_BACKUP_UPDATE),
+        operation_command(CANCEL_BACKUP_UPDATE),
         "cancel a running backup (its .partial files are removed)",
     )
     cancel.add_argument("id")
     verify = add(
         backup,
         "verify",
-        _operation_command(VERIFY_BACKUP_UPDATE, result_type=str),
+        operation_command(VERIFY_BACKUP_UPDATE, result_type=str),
         "re-read a backup and check it against its manifest checksum",
     )
     verify.add_argument("id")

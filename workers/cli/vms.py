@@ -21,12 +21,12 @@ from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM
 from .. import starter
 from .common import (
     Adder,
-    _operation_command,
-    _validation_message,
     cli_client,
     default_host,
+    operation_command,
     print_rows,
     print_vm_record,
+    validation_message,
     web_ui_link,
 )
 
@@ -50,7 +50,7 @@ async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -
             }
         )
     except ValidationError as err:
-        raise starter.SnapferryClientError(_validation_message(err)) from err
+        raise starter.SnapferryClientError(validation_message(err)) from err
     record = await starter.create_vm_snapshot(await cli_client(settings), req)
     print_vm_record(record, args.json)
     return 0
@@ -102,7 +102,7 @@ def register(sub: Any, add: Adder) -> None:
         ("delete", DELETE_VM_SNAPSHOT_UPDATE, "delete it; other snapshots are untouched"),
     ]
     for name, update, help_ in vm_operations:
-        command = _operation_command(update, result_type=VmSnapshotRecord, kind=starter.VM)
+        command = operation_command(update, result_type=VmSnapshotRecord, kind=starter.VM)
         op = add(vsub, name, command, help_)
         op.add_argument("id")
         op.add_argument("--json", action="store_true")

@@ -1,1 +1,0 @@
-"""Every side effect of snapferry: hypervisor drivers, the copy engine, alerts."""

@@ -1,1 +1,0 @@
-"""Secondary storage: the one chunked, resumable, checksummed copy engine and its store."""

@@ -1,1 +1,0 @@
-"""Processes: Temporal client factory, worker assembly, the embedded stack and the CLI."""

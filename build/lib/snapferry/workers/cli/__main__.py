@@ -1,5 +1,0 @@
-"""``python -m snapferry.workers.cli``: the same as the ``snapferry`` command."""
-
-from . import main
-
-main()

@@ -1,1 +1,0 @@
-"""Deterministic orchestration only: no I/O, no clocks, no randomness."""
