@@ -93,21 +93,24 @@ def wait(task: Any) -> Any:
     return task.info.result
 
 
-def create_vm(si: Any, name: str, size: int) -> Any:
-    """A VM with one thin disk, made as a vSphere user would (CreateVM_Task)."""
+def create_vm(si: Any, name: str, *sizes: int) -> Any:
+    """A VM with thin disks of these sizes, made as a vSphere user would (CreateVM_Task)."""
     content = si.RetrieveContent()
     dc = content.searchIndex.FindByInventoryPath("DC0")
     pool = dc.hostFolder.childEntity[0].resourcePool
     ctrl = vim.vm.device.VirtualLsiLogicController(key=1000, busNumber=0, sharedBus="noSharing")
-    disk = vim.vm.device.VirtualDisk(
-        key=-1,
-        controllerKey=1000,
-        unitNumber=0,
-        capacityInKB=size // 1024,
-        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-            fileName=f"[{DS}]", diskMode="persistent", thinProvisioned=True
-        ),
-    )
+    disks = [
+        vim.vm.device.VirtualDisk(
+            key=-1 - i,
+            controllerKey=1000,
+            unitNumber=i,
+            capacityInKB=size // 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[{DS}]", diskMode="persistent", thinProvisioned=True
+            ),
+        )
+        for i, size in enumerate(sizes)
+    ]
     spec = vim.vm.ConfigSpec(
         name=name,
         guestId="otherLinux64Guest",
@@ -116,10 +119,17 @@ def create_vm(si: Any, name: str, size: int) -> Any:
         files=vim.vm.FileInfo(vmPathName=f"[{DS}]"),
         deviceChange=[
             vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl),
-            vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk),
+            *(
+                vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=d)
+                for d in disks
+            ),
         ],
     )
     return wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
+
+
+def disk_files_of(vm: Any) -> list[str]:
+    return disk_files(vm)
 
 
 def disk_files(vm: Any) -> list[str]:
@@ -133,7 +143,7 @@ def disk_files(vm: Any) -> list[str]:
 def test_the_drivers_calls_against_govmomis_simulator(govmomi: Govmomi) -> None:
     size = 16 * MIB
     si = govmomi.connect()
-    vm = create_vm(si, "web01", size)
+    vm = create_vm(si, "web01", size)  # one disk
     data = random.Random(31).randbytes(size)
     assert govmomi.folder("PUT", "web01/web01-flat.vmdk", data)[0] in (200, 201)  # the guest
     wait(vm.PowerOnVM_Task())
@@ -195,3 +205,52 @@ def test_the_drivers_calls_against_govmomis_simulator(govmomi: Govmomi) -> None:
     bad = replace(govmomi.settings.vcenter, password_file=str(wrong))
     with pytest.raises(CredentialsRejected):
         VmwareDriver(replace(govmomi.settings, vcenter=bad)).take(volume=volume, snapshot_id=sid)
+
+
+def clone_folder_files(si: Any, clone: str) -> list[str]:
+    """The files in the clone's datastore folder, as a vSphere user lists them
+    (HostDatastoreBrowser.SearchDatastore_Task)."""
+    dc = si.RetrieveContent().searchIndex.FindByInventoryPath("DC0")
+    ds = next(d for d in dc.datastore if d.name == DS)
+    spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
+    result = wait(ds.browser.SearchDatastore_Task(datastorePath=f"[{DS}] {clone}", searchSpec=spec))
+    return sorted(f.path for f in result.file)
+
+
+def test_a_take_of_one_disk_of_two_clones_that_disk_only(govmomi: Govmomi) -> None:
+    """Issue 13, item 5, against govmomi's simulator: the clone of a two-disk VM for a
+    snapshot of its second disk has that disk only, and its folder no file of the first."""
+    si = govmomi.connect()
+    vm = create_vm(si, "db01", 8 * MIB, 12 * MIB)
+    data = random.Random(32).randbytes(12 * MIB)
+    assert govmomi.folder("PUT", "db01/db01_1-flat.vmdk", data)[0] in (200, 201)
+    other = random.Random(33).randbytes(8 * MIB)
+    assert govmomi.folder("PUT", "db01/db01-flat.vmdk", other)[0] in (200, 201)
+    driver = VmwareDriver(govmomi.settings)
+    ref = VmRef(name="db01", host="vc1", hypervisor=HypervisorType.VMWARE)
+    volume, sid = VolumeRef(vm=ref, disk="db01_1"), new_snapshot_id()
+
+    primary = driver.take(volume=volume, snapshot_id=sid)
+    clone = si.RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/{primary.overlay}")
+    kept = [d for d in clone.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    source_key = [
+        d.key for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)
+    ]
+    assert [d.key for d in kept] == [source_key[1]] and primary.virtual_size == 12 * MIB
+    files = clone_folder_files(si, primary.overlay)
+    disk_files = [f for f in files if f.endswith(".vmdk")]
+    stem = Path(kept[0].backing.fileName.partition("] ")[2]).name.removesuffix(".vmdk")
+    assert disk_files == sorted([f"{stem}.vmdk", f"{stem}-flat.vmdk"]), files
+    assert disk_files_of(vm) == ["[LocalDS_0] db01/db01.vmdk", "[LocalDS_0] db01/db01_1.vmdk"]
+
+    reader = driver.open_reader(primary, BackupPlan())
+    (extent,) = reader.data_extents()
+    got = bytearray(12 * MIB)
+    for offset in range(0, 12 * MIB, 4 * MIB):
+        reader.read_range(extent, offset, memoryview(got)[offset : offset + 4 * MIB])
+    reader.close()
+    assert bytes(got) == data  # byte-identical
+    driver.release(volume=volume, snapshot_id=sid, source=primary)
+    assert si.RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/{primary.overlay}") is None
+    assert govmomi.folder("GET", "db01/db01-flat.vmdk") == (200, other)
+    Disconnect(si)

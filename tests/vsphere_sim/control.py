@@ -51,12 +51,33 @@ def set_ignore_range(port: int, ignore: bool) -> None:
     _call(port, "POST", "/sim/range", {"ignore": ignore})
 
 
+def cut_next_get(port: int, after: int) -> None:
+    """The next /folder GET sends ``after`` bytes of its body, then closes the connection
+    (a network fault injected by the test, not a vSphere behaviour)."""
+    _call(port, "POST", "/sim/range", {"cut_after": after})
+
+
+def folder_stats(port: int) -> dict[str, int]:
+    """/folder GETs since the last call, and over how many client connections."""
+    return _call(port, "POST", "/sim/folder-stats", {})
+
+
 def set_inventory(
-    port: int, *, api_type: str | None = None, capacity_in_bytes: bool | None = None
+    port: int,
+    *,
+    api_type: str | None = None,
+    capacity_in_bytes: bool | None = None,
+    clone_removes_disks: bool | None = None,
 ) -> None:
     """``api_type="HostAgent"``: a standalone ESXi host (no CloneVM_Task);
-    ``capacity_in_bytes=False``: disks set only capacityInKB, as older inventories do."""
-    body = {"api_type": api_type, "capacity_in_bytes": capacity_in_bytes}
+    ``capacity_in_bytes=False``: disks set only capacityInKB, as older inventories do;
+    ``clone_removes_disks=False``: a clone that leaves disks out answers NotSupported (a
+    test control for the driver's fallback, not a behaviour seen on vSphere)."""
+    body = {
+        "api_type": api_type,
+        "capacity_in_bytes": capacity_in_bytes,
+        "clone_removes_disks": clone_removes_disks,
+    }
     _call(port, "POST", "/sim/inventory", {k: v for k, v in body.items() if v is not None})
 
 

@@ -51,9 +51,10 @@ def disk_base(vm: str, index: int) -> str:
     return vm if index == 0 else f"{vm}_{index}"
 
 
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy only the allocated extents (SEEK_DATA/SEEK_HOLE) so big zero disks stay cheap."""
-    size = src.stat().st_size
+def sparse_copy(src: Path, dst: Path) -> int:
+    """Copy only the allocated extents (SEEK_DATA/SEEK_HOLE) so big zero disks stay cheap;
+    returns the bytes written (what a test counts as a clone's copy cost)."""
+    size, written = src.stat().st_size, 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fd, pos = fin.fileno(), 0
         while pos < size:
@@ -68,8 +69,10 @@ def sparse_copy(src: Path, dst: Path) -> None:
                 chunk = fin.read(min(1 << 20, end - start))
                 fout.write(chunk)
                 start += len(chunk)
+                written += len(chunk)
             pos = end
         fout.truncate(size)
+    return written
 
 
 # Datastore types whose VM disks are not files with a ``-flat.vmdk`` extent: ``/folder``
@@ -186,9 +189,14 @@ class Vm:
     chains: DiskChains = field(init=False)
     folder: str = "group-v3"  # the VM folder it sits in
     complete: bool = True  # False while a clone is still copying into it
+    # VirtualDevice.key per disk: 2000 + i for a new VM; a clone keeps the keys of the
+    # source disks it copied (the driver finds its disk in the clone by key).
+    keys: list[int] = field(default_factory=list)
+    copied: int = 0  # test control: disk bytes its clone task wrote (the clone's cost)
 
     def __post_init__(self) -> None:
         self.chains = DiskChains([disk_base(self.name, i) for i in range(len(self.disks))])
+        self.keys = self.keys or [2000 + i for i in range(len(self.disks))]
 
 
 class Inventory:
@@ -207,6 +215,8 @@ class Inventory:
         self.clone_delay = 0.0
         self.ds_type = "VMFS"
         self.ignore_range = False
+        self.cut_after: int | None = None  # test control: the next /folder GET stops early
+        self.folder_gets: list[int] = []  # test control: each /folder GET's client port
         # ServiceContent.about.apiType: "VirtualCenter", or "HostAgent" for a standalone
         # ESXi host, which has no CloneVM_Task (it answers NotSupported, "The operation is
         # not supported on the object": nsidc/vagrant-vsphere#70).
@@ -214,6 +224,10 @@ class Inventory:
         # VirtualDisk.capacityInBytes exists since vSphere API 5.5; older inventories (and
         # govmomi's simulator) set only capacityInKB.
         self.capacity_in_bytes = True
+        # Test control, not a behaviour seen on vSphere: False makes a clone whose
+        # config.deviceChange removes disks answer NotSupported, so that the driver's
+        # fallback to a clone of every disk (for a vCenter that would refuse) is exercised.
+        self.clone_removes_disks = True
         self.folders: dict[str, tuple[str, str]] = {}  # sub-folder moid -> (name, parent)
         self.task_reads: dict[str, int] = {}  # test control: how often each task was polled
         self._ids = itertools.count(100)
@@ -415,7 +429,7 @@ class Inventory:
             key=1000,
             busNumber=0,
             sharedBus="noSharing",
-            device=[2000 + i for i in range(len(vm.disks))],
+            device=list(vm.keys),
             deviceInfo=vim.Description(label="SCSI controller 0", summary="LSI Logic"),
         )
         devices: list[vim.vm.device.VirtualDevice] = [controller]
@@ -432,9 +446,9 @@ class Inventory:
                 )
             devices.append(
                 vim.vm.device.VirtualDisk(
-                    key=2000 + i,
+                    key=vm.keys[i],
                     controllerKey=1000,
-                    unitNumber=i,
+                    unitNumber=vm.keys[i] - 2000,  # a clone's disk keeps its unit
                     capacityInKB=size // 1024,
                     capacityInBytes=size if self.capacity_in_bytes else None,
                     backing=backing,
@@ -644,38 +658,88 @@ class Inventory:
         A full clone's disks are flat files named after the clone, whatever chain the
         source had (RelocateSpec.diskMoveType moveAllDiskBackingsAndDisallowSharing, the
         default for a clone: "Move all disks, create new disk files"). Linked clones
-        (createNewChildDiskBacking, moveChildMostDiskBacking) are not modelled."""
+        (createNewChildDiskBacking, moveChildMostDiskBacking) are not modelled.
+
+        Disks that ``spec.config.deviceChange`` removes are neither copied nor part of the
+        clone (see ``_clone_removals``); the kept ones keep their device keys."""
         self._check_datastore(src.name)
         if self.vm_by_name(name) or (self.ds_dir / name).exists():
             raise vim.fault.DuplicateName(name=name, object=VM_FOLDER, msg=f"{name} exists")
         move = spec.location.diskMoveType if spec.location else None
         if move not in (None, "moveAllDiskBackingsAndDisallowSharing"):
             raise vmodl.fault.NotSupported(msg=f"simulator does not model diskMoveType {move}")
+        removed = self._clone_removals(src, spec.config)
+        kept = [i for i, key in enumerate(src.keys) if key not in removed]
         snap = None
         if spec.snapshot is not None:
             snap = self.resolve(spec.snapshot, vim.vm.Snapshot)
             if snap.vm != src.moid:
                 raise vmodl.fault.InvalidArgument(invalidProperty="snapshot")
-        vm = Vm(self.new_moid("vm"), name, list(src.disks), folder=folder, complete=False)
+        vm = Vm(
+            self.new_moid("vm"),
+            name,
+            [src.disks[i] for i in kept],
+            folder=folder,
+            complete=False,
+            keys=[src.keys[i] for i in kept],
+        )
         self._write_disks(vm, None)
         self.vms[vm.moid] = vm
 
         def copy() -> vim.VirtualMachine:
             self._check_datastore(src.name)
-            sources = [self.disk_file(src, i, snap) for i in range(len(src.disks))]
+            sources = [self.disk_file(src, i, snap) for i in kept]
             snapshot_gone = snap is not None and snap.moid not in self.snaps
             if snapshot_gone or not all(f.exists() for f in sources):
                 shutil.rmtree(self.ds_dir / name, ignore_errors=True)
                 self.vms.pop(vm.moid, None)
                 raise vim.fault.FileNotFound(file=f"[{DS}] {src.name}", msg="source is gone")
             for i, source in enumerate(sources):
-                sparse_copy(source, self.disk_file(vm, i))
+                vm.copied += sparse_copy(source, self.disk_file(vm, i))
             vm.complete = True
             if spec.powerOn:
                 vm.power = "poweredOn"
             return vim.VirtualMachine(vm.moid)
 
         return copy
+
+    def _clone_removals(self, src: Vm, config: vim.vm.ConfigSpec | None) -> set[int]:
+        """The device keys of the source disks a clone leaves out.
+
+        VirtualMachineCloneSpec.config is "An optional specification of changes to the
+        virtual hardware" of the clone (vSphere API reference, vim.vm.CloneSpec), and a
+        VirtualDeviceConfigSpec with operation ``remove`` "Specifies the removal of a
+        virtual device" (vim.vm.device.VirtualDeviceSpec.Operation). vCenter's own REST
+        clone (vSphere Automation API, VM.CloneSpec.disks_to_remove: "Set of Disks to
+        Remove. If unset, all disks will be copied.") shows that a vCenter clone can leave
+        disks out; govmomi's simulator applies ``spec.config.deviceChange`` to the clone
+        (simulator/virtual_machine.go, CloneVMTask). A removed disk is therefore not
+        copied here. A device key the source has no disk for is InvalidDeviceSpec (as
+        govmomi's configureDevices answers for an unknown key); any other config change,
+        or a removal that also destroys files, is not modelled and answers NotSupported."""
+        if config is None:
+            return set()
+        if config.deviceChange and not self.clone_removes_disks:
+            raise vmodl.fault.NotSupported(msg="simulator told to refuse disk removals")
+        for prop in type(config)._GetPropertyList():
+            if prop.name != "deviceChange" and getattr(config, prop.name) not in (None, []):
+                raise vmodl.fault.NotSupported(msg=f"simulator: clone config.{prop.name}")
+        removed: set[int] = set()
+        for index, change in enumerate(config.deviceChange or []):
+            if (
+                change.operation != "remove"
+                or change.fileOperation
+                or not isinstance(change.device, vim.vm.device.VirtualDisk)
+            ):
+                raise vmodl.fault.NotSupported(
+                    msg="simulator: a clone's deviceChange may only remove disks"
+                )
+            if change.device.key not in src.keys:
+                raise vim.fault.InvalidDeviceSpec(
+                    deviceIndex=index, msg=f"no device with key {change.device.key}"
+                )
+            removed.add(change.device.key)
+        return removed
 
     def set_power(self, vm: Vm, state: str) -> None:
         if vm.power == state:

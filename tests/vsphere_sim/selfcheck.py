@@ -143,6 +143,29 @@ def main() -> None:
         set_task_delay(port, 0)
         dup = wait(vm.CloneVM_Task(folder=vm.parent, name="vm1-snapferry-x", spec=spec))
         check(isinstance(dup.error, vim.fault.DuplicateName), "clone to existing name")
+        # A clone whose config removes disk 0 copies disk 1 only, keeping its device key.
+        src_disks = [d for d in vm.config.hardware.device if hasattr(d, "capacityInKB")]
+        rm = vim.vm.device.VirtualDeviceSpec(operation="remove", device=src_disks[0])
+        spec1 = vim.vm.CloneSpec(
+            snapshot=snap,
+            location=vim.vm.RelocateSpec(diskMoveType="moveAllDiskBackingsAndDisallowSharing"),
+            config=vim.vm.ConfigSpec(deviceChange=[rm]),
+            powerOn=False,
+            template=False,
+        )
+        one = wait(vm.CloneVM_Task(folder=vm.parent, name="vm1-one", spec=spec1)).result
+        kept = [d for d in one.config.hardware.device if hasattr(d, "capacityInKB")]
+        check(
+            [d.key for d in kept] == [2001]
+            and sorted(p.name for p in (Path(root) / "ds1/vm1-one").iterdir())
+            == ["vm1-one-flat.vmdk", "vm1-one.vmdk"]
+            and (Path(root) / "ds1/vm1-one/vm1-one-flat.vmdk").read_bytes() == expected1,
+            "a clone without disk 0: only disk 1 (key 2001) copied, the bytes at the snapshot",
+        )
+        wait(one.Destroy_Task())
+        rm.device = vim.vm.device.VirtualDisk(key=2999, capacityInKB=1)
+        info = wait(vm.CloneVM_Task(folder=vm.parent, name="vm1-bad", spec=spec1))
+        check(isinstance(info.error, vim.fault.InvalidDeviceSpec), "removing no disk: invalid")
 
         info = wait(snap.RemoveSnapshot_Task(removeChildren=False))
         check(info.state == "success" and vm.snapshot is None, "RemoveSnapshot_Task")

@@ -147,6 +147,8 @@ class Handler(BaseHTTPRequestHandler):
         size = path.stat().st_size
         start, end = 0, size - 1
         status, extra = 200, {}
+        with self.server.inv.lock:  # test control: how many GETs, over how many connections
+            self.server.inv.folder_gets.append(self.client_address[1])
         rng = self.headers.get("Range")
         if rng and self.server.inv.ignore_range:
             # VMware documents /folder GET without ranges, and direct ESXi has been seen
@@ -174,9 +176,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        with self.server.inv.lock:
+            cut, self.server.inv.cut_after = self.server.inv.cut_after, None
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start + 1
+            if cut is not None and cut < left:
+                # Test control, a network fault rather than a vSphere behaviour: the body
+                # stops after ``cut`` bytes and the connection closes (a reset mid-transfer).
+                self.wfile.write(f.read(cut))
+                self.close_connection = True
+                return
             try:
                 while left > 0:
                     chunk = f.read(min(_CHUNK, left))
@@ -244,6 +254,8 @@ class Handler(BaseHTTPRequestHandler):
                     "instance_uuid": vm.uuid,
                     "bios_uuid": vm.bios_uuid,
                     "complete": vm.complete,
+                    "disk_keys": list(vm.keys),
+                    "copied": vm.copied,
                     "current_snapshot": vm.current and inv.snaps[vm.current].name,
                 }
                 for vm in inv.vms.values()
@@ -287,12 +299,25 @@ class Handler(BaseHTTPRequestHandler):
             if what == "inventory":
                 inv.api_type = str(req.get("api_type", inv.api_type))
                 inv.capacity_in_bytes = bool(req.get("capacity_in_bytes", inv.capacity_in_bytes))
+                inv.clone_removes_disks = bool(
+                    req.get("clone_removes_disks", inv.clone_removes_disks)
+                )
                 return self._json(
-                    200, {"api_type": inv.api_type, "capacity_in_bytes": inv.capacity_in_bytes}
+                    200,
+                    {
+                        "api_type": inv.api_type,
+                        "capacity_in_bytes": inv.capacity_in_bytes,
+                        "clone_removes_disks": inv.clone_removes_disks,
+                    },
                 )
             if what == "range":
-                inv.ignore_range = bool(req["ignore"])
-                return self._json(200, {"ignore": inv.ignore_range})
+                inv.ignore_range = bool(req.get("ignore", inv.ignore_range))
+                if "cut_after" in req:
+                    inv.cut_after = req["cut_after"]
+                return self._json(200, {"ignore": inv.ignore_range, "cut_after": inv.cut_after})
+            if what == "folder-stats":
+                gets, inv.folder_gets = inv.folder_gets, []
+                return self._json(200, {"gets": len(gets), "connections": len(set(gets))})
             if what == "task-delay":
                 inv.clone_delay = float(req["seconds"])
                 return self._json(200, {"seconds": inv.clone_delay})
