@@ -165,15 +165,26 @@ class BackupActivities:
             verify_seconds=counters.verify_seconds,
             # What the store really allocated for it: holes cost nothing there.
             bytes_stored=os.stat(manifest.path).st_blocks * 512,
+            parent=manifest.parent,
+            depth=manifest.depth,
+            full_reason=manifest.full_reason,
         )
 
-    def _new_plan(self, driver: Any, req: CopyRequest, *, full: bool) -> BackupPlan:
+    def _new_plan(self, driver: Any, req: CopyRequest, *, full_because: str | None) -> BackupPlan:
         """Choose full or delta and keep the choice beside the partial files; under the
-        volume's chain lock, so that no delete removes the base being chosen."""
+        volume's chain lock, so that no delete removes the base being chosen. A full is
+        forced ``full_because`` something (an operator's ``--full``, a lost base)."""
+        if full_because is None and req.full:
+            full_because = "a full backup was asked for (--full)"
         with self.store.volume_lock(req.volume):
             history = self.store.completed(req.volume, hidden=False)
-            plan = BackupPlan() if full else driver.plan_backup(req.source, history)
+            if full_because is not None:
+                plan = BackupPlan(reason=full_because)
+            else:
+                plan = driver.plan_backup(req.source, history, delta_max=req.delta_max)
             self.store.save_plan(req.volume, req.snapshot_id, plan)
+        if plan.parent is None:
+            log.info("backup %s is a full backup: %s", req.snapshot_id, plan.reason)
         return plan
 
     def _copy(
@@ -202,16 +213,17 @@ class BackupActivities:
                 plan = self.store.load_plan(req.volume, req.snapshot_id) if resume else None
                 if plan is None:
                     resume = None
-                    plan = self._new_plan(driver, req, full=False)
+                    plan = self._new_plan(driver, req, full_because=None)
                 try:
                     reader = driver.open_reader(req.source, plan)
-                except SourceGone:
+                except SourceGone as exc:
                     if plan.base_image is None:
                         raise
                     # The delta's base went (a newer backup's release destroyed it): what
                     # was copied against it is worthless, so start over as a full.
                     self.store.discard_partial(target)
-                    resume, plan = None, self._new_plan(driver, req, full=True)
+                    resume = None
+                    plan = self._new_plan(driver, req, full_because=f"the delta base went: {exc}")
                     reader = driver.open_reader(req.source, plan)
                 extents = (
                     [(e.start, e.length) for e in reader.data_extents()]
@@ -236,8 +248,7 @@ class BackupActivities:
                         outcome=outcome,
                         source=req.source.image,
                         source_format=req.source.image_format,
-                        parent=plan.parent,
-                        depth=plan.depth,
+                        plan=plan,
                         extents=extents,
                         on_progress=on_verify,
                     )

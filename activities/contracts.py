@@ -109,6 +109,16 @@ class BackupOptions(_Model):
     progress_interval_s: float = Field(
         2.0, gt=0, description="How often progress reaches the workflow (Web UI details)"
     )
+    full: bool = Field(
+        False, description="Back up in full even where a delta is possible (`--full`)"
+    )
+    delta_max: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="snapshot.delta.max for this snapshot (a policy's own): deltas before a"
+        " new full; 0 = always full. None: the worker's SNAPFERRY_SNAPSHOT_DELTA_MAX",
+    )
 
 
 class PrimarySnapshot(_Model):
@@ -128,12 +138,19 @@ class PrimarySnapshot(_Model):
 
 class BackupPlan(_Model):
     """Full or incremental: chosen once per backup (kept beside its ``.partial`` files, so a
-    resumed attempt copies against the same base), by the driver. Only XenServer makes
-    deltas; the others always plan a full backup."""
+    resumed attempt copies against the same base), by the driver. XenServer and KVM make
+    deltas; VMware always plans a full backup."""
 
     parent: SnapshotId | None = Field(None, description="Snapshot whose backup this extends")
-    base_image: str | None = Field(None, description="The parent's primary image (delta base)")
+    base_image: str | None = Field(
+        None,
+        description="What the delta is taken against on primary: the parent's VDI"
+        " (XenServer), the parent's kept overlay (KVM)",
+    )
     depth: int = Field(0, ge=0, description="Deltas since the last full backup (0 = full)")
+    reason: str | None = Field(
+        None, description="Why a full backup, when a delta was not possible or not wanted"
+    )
 
 
 class BackupResult(_Model):
@@ -151,6 +168,13 @@ class BackupResult(_Model):
     bytes_stored: int = Field(
         0, description="Bytes of data the backup holds on secondary (holes and zeros excluded)"
     )
+    parent: SnapshotId | None = Field(None, description="A delta's parent backup; None: a full")
+    depth: int = Field(0, ge=0, description="Deltas down to the full backup (0 = full)")
+    full_reason: str | None = Field(None, description="Why this backup is a full one")
+
+    @property
+    def kind(self) -> str:
+        return "delta" if self.parent is not None else "full"
 
 
 class BackupProgress(_Model):
@@ -342,6 +366,8 @@ class CopyRequest(_Model):
         description="When the backup (its first attempt) began: progress signals thin out"
         " with the backup's age, not the attempt's, so retries cannot multiply them",
     )
+    full: bool = Field(False, description="A full backup was asked for (`--full`)")
+    delta_max: int | None = Field(None, description="This snapshot's snapshot.delta.max")
 
 
 class TakeRequest(_Model):
@@ -364,8 +390,9 @@ class ReleaseRequest(_Model):
     source: PrimarySnapshot
     backed_up: bool = Field(
         True,
-        description="False when a snapshot is deleted without a backup (XenServer then"
-        " drops its VDI instead of keeping it as the next delta base)",
+        description="False when a snapshot is deleted (with or without a backup): its"
+        " primary copy then goes, instead of being kept as the next delta's base (a KVM"
+        " layer, a XenServer VDI)",
     )
 
 

@@ -36,6 +36,18 @@ def _manager_env(
     }
 
 
+def _non_negative(name: str, default: str) -> int:
+    """An integer setting, refused with its name when it is not a whole number >= 0."""
+    value = _env(name, default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= 0")
+    return number
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     """Where a worker finds a hypervisor manager (vCenter, a XenServer pool master). The
@@ -75,10 +87,7 @@ class VcenterConfig(ManagerConfig):
 
 @dataclass(frozen=True)
 class XenConfig(ManagerConfig):
-    """``delta_max`` is CloudStack's ``snapshot.delta.max``: deltas before a new full."""
-
     password_var = "SNAPFERRY_XEN_PASSWORD"
-    delta_max: int = 16
 
     @classmethod
     def from_env(cls) -> XenConfig | None:
@@ -91,7 +100,7 @@ class XenConfig(ManagerConfig):
         )
         if common is None:
             return None
-        return cls(**common, delta_max=int(_env("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16")))
+        return cls(**common)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,12 @@ class Settings:
     # Host-wide, not per SNAPFERRY_HOME: every worker process on a host must see one lock.
     lock_dir: Path = Path("/run/lock/snapferry")
     domain_lock_timeout_s: float = 60.0
+    # CloudStack's snapshot.delta.max: deltas before a new full (XenServer and KVM); a
+    # snapshot's own BackupOptions.delta_max (a policy's) overrides it.
+    delta_max: int = 16
+    # KVM incremental backups (keep one layer, see hypervisors/kvm.py); off = every KVM
+    # backup is a full and the chain is merged back onto the original file after each.
+    kvm_incremental: bool = True
 
     @property
     def temporal_port(self) -> int:
@@ -198,4 +213,6 @@ class Settings:
             alert_smtp=SmtpConfig.from_env(),
             lock_dir=Path(_env("SNAPFERRY_LOCK_DIR", "/run/lock/snapferry")).absolute(),
             domain_lock_timeout_s=float(_env("SNAPFERRY_DOMAIN_LOCK_TIMEOUT", "60")),
+            delta_max=_non_negative("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16"),
+            kvm_incremental=_env("SNAPFERRY_KVM_INCREMENTAL", "1") != "0",
         )

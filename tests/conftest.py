@@ -105,9 +105,19 @@ def dev_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevSe
 
 
 @pytest.fixture
-def settings(home: Path, dev_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings for one test; also exported to the environment for CLI subprocesses."""
+def settings(
+    home: Path,
+    dev_server: DevServer,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> Settings:
+    """Settings for one test; also exported to the environment for CLI subprocesses.
+    ``@pytest.mark.kvm_full_backups``: KVM incrementals off (SNAPFERRY_KVM_INCREMENTAL=0),
+    for the tests of that mode's merge back onto the original file after every backup."""
     env = {
+        "SNAPFERRY_KVM_INCREMENTAL": (
+            "0" if request.node.get_closest_marker("kvm_full_backups") else "1"
+        ),
         "SNAPFERRY_HOME": str(home),
         "SNAPFERRY_SECONDARY": str(home / "secondary"),
         "SNAPFERRY_TEMPORAL_ADDRESS": dev_server.address,
@@ -328,8 +338,7 @@ def xapi(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SNAPFERRY_XEN_URL", sim.url)
     monkeypatch.setenv("SNAPFERRY_XEN_USER", "root")
     monkeypatch.setenv("SNAPFERRY_XEN_PASSWORD_FILE", str(password_file))
-    monkeypatch.setenv("SNAPFERRY_SNAPSHOT_DELTA_MAX", "3")
     try:
-        yield Xapi(port=port, settings=replace(settings, xen=XenConfig.from_env()))
+        yield Xapi(port=port, settings=replace(settings, xen=XenConfig.from_env(), delta_max=3))
     finally:
         sim.stop()

@@ -91,6 +91,8 @@ class BackupSnapshotWorkflow:
                     progress_interval_s=opts.progress_interval_s,
                     backup_started=workflow.info().start_time,
                     retry_interval_s=opts.retry_interval_s if fast else None,
+                    full=opts.full,
+                    delta_max=opts.delta_max,
                 ),
                 result_type=BackupResult,
                 # A cancel waits for the activity's cleanup (no .partial left behind).

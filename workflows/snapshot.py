@@ -102,6 +102,9 @@ ONE_BACKUP_PER_ROUND_PATCH = "one-backup-child-per-round"
 DISCARD_PATCH = "discard-what-a-failed-take-left"
 HIDDEN_PATCH = "hidden-chain-members"
 TAKE_HEARTBEAT_PATCH = "vmware-take-bounded-by-heartbeats"
+# A backed-up snapshot may still hold primary space as the next delta's base (a KVM layer,
+# a XenServer VDI): its delete gives that back too.
+RELEASE_BASE_ON_DELETE_PATCH = "delete-releases-a-kept-delta-base"
 TAKE_LAST_RESORT = timedelta(days=1)
 PURGED_SIGNAL = "purged"
 
@@ -387,7 +390,9 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         )
         return adopted
 
-    async def _release(self, req: SnapshotRequest) -> None:
+    async def _release(self, req: SnapshotRequest, *, deleting: bool = False) -> None:
+        """After the verified backup (the primary copy may be kept as the next delta's
+        base), or on the delete (``deleting``: it goes whatever it was kept for)."""
         primary = self.record.primary
         assert primary is not None
         try:
@@ -397,7 +402,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                     snapshot_id=req.snapshot_id,
                     volume=req.volume,
                     source=primary,
-                    backed_up=self.record.backup is not None,
+                    backed_up=self.record.backup is not None and not deleting,
                 ),
                 task_queue=host_queue(req.volume.vm.host),
                 start_to_close_timeout=timedelta(minutes=30),
@@ -509,6 +514,12 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             outcome = None
         if self.record.primary is not None and not self.record.primary_released:
             await self._release(self.req)
+        elif (
+            self.record.primary is not None
+            and self.record.backup is not None
+            and workflow.patched(RELEASE_BASE_ON_DELETE_PATCH)
+        ):
+            await self._release(self.req, deleting=True)
         if outcome is not None and workflow.patched(HIDDEN_PATCH):
             for parent in outcome.purged:  # hidden ancestors nothing needs any more
                 await workflow.get_external_workflow_handle(snapshot_workflow_id(parent)).signal(

@@ -33,10 +33,13 @@ class HypervisorDriver(ABC):
         first attempt made instead of making a second snapshot.
         """
 
-    def plan_backup(self, source: PrimarySnapshot, backups: list[Manifest]) -> BackupPlan:
-        """Full or incremental, given the volume's finished backups (oldest first). The
-        default is a full backup; a driver with deltas (XenServer) picks a base."""
-        return BackupPlan()
+    def plan_backup(
+        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+    ) -> BackupPlan:
+        """Full or incremental, given the volume's finished, visible backups (oldest first)
+        and this snapshot's ``snapshot.delta.max`` (None: the worker's). The default is a
+        full backup; a driver with deltas (XenServer, KVM) picks a base, or says why not."""
+        return BackupPlan(reason="this hypervisor's backups are always full")
 
     @abstractmethod
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> SnapshotReader:
@@ -52,8 +55,10 @@ class HypervisorDriver(ABC):
         source: PrimarySnapshot,
         backed_up: bool = True,
     ) -> None:
-        """Give primary storage back once the backup is safe (merge, delete a clone...),
-        or on the delete of a snapshot that has no backup (``backed_up=False``)."""
+        """Give primary storage back once the backup is safe (merge, delete a clone...;
+        a driver with deltas may keep this snapshot as the next delta's base instead), or
+        on the delete of the snapshot (``backed_up=False``: whatever it was kept for, it
+        goes). Idempotent."""
 
     @abstractmethod
     def discard(self, req: DiscardRequest) -> None:

@@ -7,11 +7,33 @@ copy engine. On a stopped domain libvirt creates the overlay with qemu-img and r
 persistent definition, so the same mechanism works whether the VM runs or not, and the VM can
 be started and stopped between take and release.
 
-Release: after a verified backup, the snapshot's overlay is marked released, then the disk
-chain is consolidated: every top layer whose snapshot is released is committed down into the
-deepest image that no unreleased snapshot still needs. On a running domain that is an active
-block commit with pivot; on a stopped one, ``qemu-img commit`` and a redefinition. When every
-snapshot is released the domain is back on its original disk file.
+Release: after a verified backup the snapshot's overlay is *kept* as the next delta's base
+(marked ``.base``; see "Incremental backups" below), and the previous base is released. A
+snapshot deleted, a VM snapshot deleted, or any backup with incrementals off
+(``SNAPFERRY_KVM_INCREMENTAL=0``) marks its overlay released. Then the disk chain is
+consolidated: every run of released layers is committed down into the image below it, when
+nothing still reads through it. A run at the top is an active block commit with pivot on a
+running domain (``qemu-img commit`` and a redefinition on a stopped one); a run in the middle
+is a non-active block commit (``qemu-img commit -b`` and ``rebase -u`` of the layer above,
+stopped). When every snapshot is released and deleted the domain is back on its original file.
+
+Incremental backups (keep one layer): the base snapshot B's overlay holds exactly the
+clusters written since B, and every later layer sits above it. So the frozen image of the
+next snapshot S reads, through ``qemu-img map``, each range at the chain depth it comes
+from: a range from above B's frozen image changed since B (to data, or to zeros), one from
+it or below did not. That is S's delta against B's backup on secondary. Nothing is missed:
+every write since B, running or stopped, a revert's new layer, a ``qemu-img`` write into the
+disk, lands in a layer above that boundary; and nothing merges a layer away from under it
+while B is the base. Three layer markers make that true:
+
+- ``.base``: B, the newest backed-up snapshot; its overlay and frozen image stay as they are.
+- ``.vm``: a VM snapshot's overlay; nothing reads through it but its own revert.
+- no marker: a volume snapshot whose backup has not finished (or a layer of an older
+  version): its backup may be reading through every layer below it, so no run below it is
+  merged (only runs above it, as before).
+
+The change granularity is the overlay's qcow2 cluster (64 KiB): a 4 KiB guest write costs
+64 KiB in the delta. The VM runs one layer deeper than with full backups.
 
 Operations on one domain are serialised by a per-domain ``flock`` on the host
 (:mod:`.domain_lock`), so two worker processes for the same host (say ``snapferry up`` beside
@@ -53,12 +75,34 @@ from ..errors import (
 from ..settings import Settings
 from ..storage.files import fsync_replace
 from ..storage.reader import ImageLayer, QemuImageReader, image_chain, image_info, run_qemu_img
+from ..storage.secondary import Manifest
 from .base import HypervisorDriver
 from .domain_lock import domain_lock
 
 OVERLAY_TAG = ".snapferry-"
 IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the umask
-RELEASED_SUFFIX = ".released"
+RELEASED_SUFFIX = ".released"  # the layer's snapshot needs it no more: it may be merged
+BASE_SUFFIX = ".base"  # the next delta's base: writes since this snapshot are above it
+VM_SUFFIX = ".vm"  # a VM snapshot's overlay: no backup reads through it
+MARKERS = (RELEASED_SUFFIX, BASE_SUFFIX, VM_SUFFIX)
+
+
+def marked(layer: str, suffix: str) -> bool:
+    return Path(layer + suffix).exists()
+
+
+def is_released(layer: str) -> bool:
+    return snapshot_of_overlay(layer) is not None and marked(layer, RELEASED_SUFFIX)
+
+
+def is_base(layer: str) -> bool:
+    return marked(layer, BASE_SUFFIX) and not marked(layer, RELEASED_SUFFIX)
+
+
+def may_be_read(layer: str) -> bool:
+    """An overlay whose snapshot's backup may be reading every layer below it: a volume
+    snapshot not yet backed up, or a layer no marker speaks for (made by an older version)."""
+    return snapshot_of_overlay(layer) is not None and not any(marked(layer, m) for m in MARKERS)
 
 
 def quiet_libvirt() -> None:
@@ -118,6 +162,8 @@ class KvmDriver(HypervisorDriver):
         self.uri = settings.libvirt_uri
         self.lock_dir = settings.lock_dir
         self.lock_timeout_s = settings.domain_lock_timeout_s
+        self.incremental = settings.kvm_incremental
+        self.delta_max = settings.delta_max
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
 
@@ -216,11 +262,42 @@ class KvmDriver(HypervisorDriver):
             )
 
     # -- backup source ---------------------------------------------------------------------
+    def plan_backup(
+        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+    ) -> BackupPlan:
+        """A delta against the base snapshot (the ``.base`` layer in this snapshot's chain)
+        while its backup is visible on secondary and the chain of deltas is short enough
+        (``snapshot.delta.max``); else a full, saying why. Any doubt means a full."""
+        limit = self.delta_max if delta_max is None else delta_max
+        if not self.incremental:
+            return BackupPlan(reason="KVM incremental backups are off (SNAPFERRY_KVM_INCREMENTAL)")
+        if not backups:
+            return BackupPlan(reason="the volume's first backup")
+        if limit == 0:
+            return BackupPlan(reason="delta max is 0: every backup is a full one")
+        chain = chain_paths(image_chain(source.image, source.image_format))
+        base = next((layer for layer in chain if is_base(layer)), None)
+        if base is None:
+            return BackupPlan(
+                reason="change tracking lost: no layer on primary holds what changed since"
+                " the last backup (the kept layer was merged or removed outside snapferry)"
+            )
+        parent = snapshot_of_overlay(base)
+        manifest = next((m for m in backups if m.snapshot_id == parent), None)
+        if manifest is None:
+            return BackupPlan(reason=f"the base snapshot {parent}'s backup was deleted")
+        if manifest.depth + 1 > limit:
+            return BackupPlan(
+                reason=f"{manifest.depth} deltas since the last full (delta max {limit})"
+            )
+        return BackupPlan(parent=parent, base_image=base, depth=manifest.depth + 1)
+
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
         """The frozen image, only while it still is the snapshot: its overlay must exist
         and be unreleased (see :meth:`_intact_frozen`). A backup run again after the layer
         was merged away (a reset of a deleted snapshot, say) would otherwise copy today's
-        bytes under the snapshot's name."""
+        bytes under the snapshot's name. A delta reads only what changed above its base
+        layer; that layer gone raises :class:`SourceGone`, and the backup starts over full."""
         if source.overlay is not None and (
             not Path(source.overlay).exists() or Path(source.overlay + RELEASED_SUFFIX).exists()
         ):
@@ -228,7 +305,7 @@ class KvmDriver(HypervisorDriver):
                 f"the snapshot's layer {Path(source.overlay).name} was merged away or deleted:"
                 " its point in time is no longer on primary, so it cannot be backed up again"
             )
-        return QemuImageReader(source.image, source.image_format)
+        return QemuImageReader(source.image, source.image_format, changed_above=plan.base_image)
 
     # -- release ---------------------------------------------------------------------------
     def release(
@@ -243,64 +320,127 @@ class KvmDriver(HypervisorDriver):
             return
         vm, disk = volume.vm.name, volume.disk
         with self._lock(vm):
-            dom = self._domain(vm)
-            self._release_overlay(dom, vm, disk, source.overlay)
+            try:
+                dom = self._domain(vm)
+            except VmNotFound:
+                if backed_up:
+                    raise
+                return  # a delete after the VM itself was deleted: nothing left to give back
+            if backed_up and self.incremental:
+                self._keep_as_base(dom, vm, disk, source.overlay)
+            else:
+                self._release_overlay(dom, vm, disk, source.overlay)
+
+    def _keep_as_base(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
+        """After a verified backup: this snapshot becomes the next delta's base, unless a
+        newer one already is (backups can finish out of order); the base it replaces is
+        released. The new mark is written before the old one is released, so that a crash
+        in between leaves two bases (the newer one wins) and never a merge of the newest."""
+        chain = chain_paths(self._chain(dom, vm, disk))
+        if overlay in chain:
+            at = chain.index(overlay)
+            if any(is_base(layer) for layer in chain[:at]):
+                Path(overlay + RELEASED_SUFFIX).touch()
+            else:
+                Path(overlay + BASE_SUFFIX).touch()
+                for older in chain[at + 1 :]:
+                    if is_base(older):
+                        Path(older + RELEASED_SUFFIX).touch()
+        self._consolidate(dom, vm, disk)
 
     def _release_overlay(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
         """Mark one snapshot's overlay released, then consolidate what the marks allow.
 
-        Volume snapshots call this after a verified backup; VM snapshots when deleted. A
-        layer that an unreleased snapshot still needs (a VM snapshot, a volume snapshot
-        whose backup is in flight) stops the merge, so it is never rewritten."""
-        layers = self._chain(dom, vm, disk)
-        chain = chain_paths(layers)
-        if overlay in chain:
+        Volume snapshots call this when deleted (or after a backup, incrementals off); VM
+        snapshots when deleted. A layer that an unreleased snapshot still needs (a VM
+        snapshot, the base, a volume snapshot whose backup is in flight) is never
+        rewritten."""
+        if overlay in chain_paths(self._chain(dom, vm, disk)):
             # Only a layer still in the chain is marked: a retry after a finished merge
             # must not leave a marker that a later take with this name would inherit.
             Path(overlay + RELEASED_SUFFIX).touch()
-        self._remove_merged_leftovers(chain)
-        depth = self._mergeable_depth(chain)
-        if depth == 0:
-            return
-        base = chain[depth]
-        if dom.isActive():
-            self._commit_live(dom, vm, disk, base)
-        elif not self._commit_offline(dom, vm, disk, top=layers[0], base=layers[depth]):
-            return  # started meanwhile: its layers stay, the next release merges them live
-        for layer in chain[:depth]:
-            Path(layer).unlink(missing_ok=True)
-            Path(layer + RELEASED_SUFFIX).unlink(missing_ok=True)
+        self._consolidate(dom, vm, disk)
+
+    def _consolidate(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
+        """Merge every run of released layers that nothing reads through, one at a time
+        (each merge changes the chain, which is read again)."""
+        for _ in range(256):
+            layers = self._chain(dom, vm, disk)
+            chain = chain_paths(layers)
+            self._remove_merged_leftovers(chain)
+            run = self._mergeable_run(chain)
+            if run is None:
+                return
+            top, below = run
+            if top == 0 and dom.isActive():
+                self._commit_live(dom, vm, disk, chain[below])
+            elif top == 0:
+                if not self._commit_offline(dom, vm, disk, top=layers[0], base=layers[below]):
+                    return  # started meanwhile: its layers stay, the next release merges live
+            elif dom.isActive():
+                self._commit_middle_live(dom, vm, disk, top=chain[top], base=chain[below])
+            elif self._commit_middle_offline(
+                dom, above=layers[top - 1], top=layers[top], base=layers[below]
+            ):
+                # libvirt starts a domain on the <backingStore> its definition records
+                # (formatdomain: honoured on input since 5.10), and its own offline
+                # snapshot wrote the old chain there: drop it, the headers say the new one.
+                self._redefine_disk(dom, vm, disk, source=layers[0].path, fmt=layers[0].format)
+            else:
+                return
+            for layer in chain[top:below]:
+                self._forget(layer)
+
+    @staticmethod
+    def _forget(layer: str) -> None:
+        Path(layer).unlink(missing_ok=True)
+        for marker in MARKERS:
+            Path(layer + marker).unlink(missing_ok=True)
 
     @staticmethod
     def _remove_merged_leftovers(chain: list[str]) -> None:
         """Delete this disk's released overlays no longer in its chain: a crash after a
-        pivot but before the unlinks would otherwise leave them behind for good.
+        pivot but before the unlinks would otherwise leave them behind for good; and the
+        markers of layers that are gone.
 
         Only overlays named after *this* disk are looked at: a primary pool directory holds
         many VMs' disks, and another disk's released layers are still in *its* chain."""
         root = Path(chain[0].split(OVERLAY_TAG, 1)[0])
-        pattern = f"{glob.escape(root.name)}{OVERLAY_TAG}*.qcow2{RELEASED_SUFFIX}"
-        for marker in root.parent.glob(pattern):
-            layer = str(marker)[: -len(RELEASED_SUFFIX)]
-            if layer not in chain:
-                Path(layer).unlink(missing_ok=True)
-                marker.unlink(missing_ok=True)
+        for suffix in MARKERS:
+            pattern = f"{glob.escape(root.name)}{OVERLAY_TAG}*.qcow2{suffix}"
+            for marker in root.parent.glob(pattern):
+                layer = str(marker)[: -len(suffix)]
+                if layer in chain:
+                    continue
+                if suffix == RELEASED_SUFFIX:
+                    KvmDriver._forget(layer)
+                elif not Path(layer).exists():
+                    marker.unlink(missing_ok=True)
 
     @staticmethod
-    def _mergeable_depth(chain: list[str]) -> int:
-        """How many top layers can go: each must be our overlay, and its snapshot released.
+    def _mergeable_run(chain: list[str]) -> tuple[int, int] | None:
+        """The first run ``chain[top:below]`` of released overlays that can be committed
+        into ``chain[below]``, or None.
 
         Layer ``i`` (0 = active) is the overlay created by some snapshot S; the layer below
-        it is S's frozen image. Committing down to ``chain[n]`` rewrites ``chain[1..n]``, so
-        every snapshot owning one of those frozen images must be released.
+        it is S's frozen image. Committing ``chain[top:below]`` into ``chain[below]``
+        rewrites the frozen images ``chain[top+1..below]``, every one of them a released
+        snapshot's, and removes ``chain[top]``, whose guest view lives on in ``chain[below]``
+        (the snapshot above keeps its content, under another file name). A run at the top
+        can always go. A run below an overlay that a backup may be reading through
+        (:func:`may_be_read`) waits: that backup reads these very files.
         """
-        n = 0
-        while n < len(chain) - 1:
-            layer = chain[n]
-            if snapshot_of_overlay(layer) is None or not Path(layer + RELEASED_SUFFIX).exists():
-                break
-            n += 1
-        return n
+        i = 0
+        while i < len(chain) - 1:
+            if not is_released(chain[i]):
+                i += 1
+                continue
+            top = i
+            while i < len(chain) - 1 and is_released(chain[i]):
+                i += 1
+            if top == 0 or not any(may_be_read(layer) for layer in chain[:top]):
+                return top, i
+        return None
 
     def _running_job_target(self, dom: libvirt.virDomain, disk: str) -> tuple[str, str] | None:
         """The running block job's kind and destination, from the live XML's ``<mirror>``
@@ -364,6 +504,50 @@ class KvmDriver(HypervisorDriver):
                 return False
         return True
 
+    def _commit_middle_live(
+        self, dom: libvirt.virDomain, vm: str, disk: str, *, top: str, base: str
+    ) -> None:
+        """A running VM's non-active block commit of ``top`` (and the layers down to
+        ``base``) into ``base``. libvirt's docs (virDomainBlockCommit): when ``top`` is not
+        the active layer the job ends by itself, and the image above ``top`` is re-pointed
+        at ``base``. A commit job found running (a retry's) is waited for; the chain is
+        read again afterwards, so whatever it did is what the next step sees."""
+        try:
+            if not dom.blockJobInfo(disk, 0):
+                dom.blockCommit(disk, base, top, 0, 0)
+            while dom.blockJobInfo(disk, 0):
+                time.sleep(0.02)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+        if top in chain_paths(self._chain(dom, vm, disk)):
+            raise ChainBusy(f"VM {vm!r} disk {disk!r}: the commit of {top} did not finish")
+
+    @staticmethod
+    def _commit_middle_offline(
+        dom: libvirt.virDomain, *, above: ImageLayer, top: ImageLayer, base: ImageLayer
+    ) -> bool:
+        """A stopped VM's middle merge: ``qemu-img commit -b`` (which implies ``-d``:
+        ``top`` keeps its data, docs/tools/qemu-img.rst), then ``rebase -u`` of the layer
+        above onto ``base``, whose guest view is ``top``'s now. False when the VM was
+        started meanwhile: it reads through ``top``, which is intact; qemu-img's image
+        lock refuses the rebase of an image a running QEMU holds."""
+        run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
+        if dom.isActive():
+            return False
+        run_qemu_img(
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            above.format,
+            "-b",
+            base.path,
+            "-F",
+            base.format,
+            above.path,
+        )
+        return True
+
     def _redefine_disk(
         self, dom: libvirt.virDomain, vm: str, disk: str, *, source: str, fmt: str
     ) -> None:
@@ -424,9 +608,10 @@ class KvmDriver(HypervisorDriver):
         """The snapshot's frozen image, only while it still holds the snapshot's bytes.
 
         It is found through the overlay (the layer right below it), not by the recorded
-        path: a file can exist under that name and yet have been merged into. A frozen image
-        is written into only when its own snapshot's overlay is marked released (see
-        :meth:`_mergeable_depth`), and the marker is written *before* the merge; so an
+        path: a file can exist under that name and yet have been merged into, and a merge
+        of the released layers below can have moved the frozen view into another file. A
+        frozen image's view changes only when its own snapshot's overlay is marked released
+        (see :meth:`_mergeable_run`), and the marker is written *before* the merge; so an
         overlay that is gone from the chain, or marked released, means the frozen image may
         no longer be the snapshot, and the verified backup must be used instead."""
         if primary is None or primary.overlay is None:
@@ -436,10 +621,7 @@ class KvmDriver(HypervisorDriver):
         overlay = primary.overlay
         if overlay not in paths[:-1] or Path(overlay + RELEASED_SUFFIX).exists():
             return None
-        frozen = layers[paths.index(overlay) + 1]
-        if frozen.path != primary.image or frozen.format != primary.image_format:
-            return None
-        return frozen
+        return layers[paths.index(overlay) + 1]
 
     def _revert_disk(
         self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
@@ -523,6 +705,8 @@ class KvmDriver(HypervisorDriver):
                         " (take a Disk snapshot instead)"
                     )
                 self._create_external(dom, vm, overlays, memory)
+            for overlay in overlays.values():
+                Path(overlay + VM_SUFFIX).touch()  # no backup reads through it
             return VmSnapshotTaken(overlays=overlays, memory=memory, vm_was_running=running)
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:

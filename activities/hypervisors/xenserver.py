@@ -536,6 +536,7 @@ class XenServerDriver(HypervisorDriver):
         if settings.xen is None:
             raise InvalidInput("XenServer needs SNAPFERRY_XEN_URL (and user and password)")
         self.config = settings.xen
+        self.delta_max = settings.delta_max
         self.session = XapiSession(settings.xen)
 
     def _api(self, method: str, *args: Any) -> Any:
@@ -696,14 +697,23 @@ class XenServerDriver(HypervisorDriver):
             return False
         return True
 
-    def plan_backup(self, source: PrimarySnapshot, backups: list[Manifest]) -> BackupPlan:
+    def plan_backup(
+        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+    ) -> BackupPlan:
         """A delta on the newest backup while its VDI is on primary and the chain is short
-        enough (``snapshot.delta.max``), else a full."""
+        enough (``snapshot.delta.max``), else a full, saying why."""
         if not backups:
-            return BackupPlan()
+            return BackupPlan(reason="the volume's first backup")
         newest = backups[-1]
-        if newest.depth + 1 > self.config.delta_max or not self._exists(newest.source):
-            return BackupPlan()
+        limit = self.delta_max if delta_max is None else delta_max
+        if newest.depth + 1 > limit:
+            return BackupPlan(
+                reason=f"{newest.depth} deltas since the last full (delta max {limit})"
+            )
+        if not self._exists(newest.source):
+            return BackupPlan(
+                reason=f"the base snapshot {newest.snapshot_id}'s VDI is no longer on primary"
+            )
         return BackupPlan(
             parent=newest.snapshot_id, base_image=newest.source, depth=newest.depth + 1
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ImageUnreadable, UnsupportedImage
+from ..errors import ImageUnreadable, SourceGone, UnsupportedImage
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class DataExtent:
     length: int
     path: str
     host_offset: int
+
+
+class ZeroExtent(DataExtent):
+    """A delta's range that changed to zeros: carried (and restored) as zeros, never read."""
 
 
 class SnapshotReader(Protocol):
@@ -106,13 +110,25 @@ class QemuImageReader:
     silently misread.
     """
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, *, changed_above: str | None = None) -> None:
+        """``changed_above``: read a delta, only the ranges written in the layers above
+        that file of the chain (``path`` down to it, itself included), zeros included (a
+        write of zeros is a change too); see :meth:`_map_window`."""
         layers = image_chain(path, fmt)
         self.path = path
         self.format = fmt
         self.chain = [layer.path for layer in layers]
         self.virtual_size = layers[0].virtual_size
         self._files: dict[str, int] = {}
+        self.changed_depth: int | None = None
+        if changed_above is not None:
+            if changed_above not in self.chain:
+                raise SourceGone(
+                    f"{path}: the delta's base layer {changed_above} is no longer in its"
+                    " backing chain (merged away or removed): what changed since cannot be"
+                    " told from the chain"
+                )
+            self.changed_depth = self.chain.index(changed_above) + 1
 
     def data_extents(self, start: int = 0) -> Iterator[DataExtent]:
         """The data extents from ``start`` on, mapped window by window (``qemu-img map
@@ -164,7 +180,18 @@ class QemuImageReader:
         end = offset
         for e in mapping:
             end = max(end, int(e["start"]) + int(e["length"]))
-            if not e.get("data") or e.get("zero"):
+            depth = int(e.get("depth", 0))
+            if self.changed_depth is not None:
+                # A delta: qemu-img map names the chain depth each range is read from
+                # (docs/tools/qemu-img.rst, "map"); a range from below the boundary is
+                # unchanged since the base, one from above it changed, even to zeros
+                # (a zero cluster, or a discard, at that depth).
+                if depth >= self.changed_depth:
+                    continue
+                if not e.get("data") or e.get("zero"):
+                    extents.append(ZeroExtent(int(e["start"]), int(e["length"]), "", 0))
+                    continue
+            elif not e.get("data") or e.get("zero"):
                 continue
             if "offset" not in e:
                 raise UnsupportedImage(
@@ -175,7 +202,7 @@ class QemuImageReader:
                 DataExtent(
                     start=int(e["start"]),
                     length=int(e["length"]),
-                    path=self.chain[int(e.get("depth", 0))],
+                    path=self.chain[depth],
                     host_offset=int(e["offset"]),
                 )
             )
@@ -184,6 +211,9 @@ class QemuImageReader:
         return extents, end, len(mapping)
 
     def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
+        if isinstance(extent, ZeroExtent):
+            view[:] = bytes(len(view))
+            return
         if extent.path not in self._files:
             self._files[extent.path] = os.open(extent.path, os.O_RDONLY)
         fd = self._files[extent.path]

@@ -49,6 +49,7 @@ class Manifest(BaseModel):
     parent: str | None = None
     depth: int = 0
     extents: list[tuple[int, int]] | None = None
+    full_reason: str | None = None
     created: datetime
 
     @property
@@ -99,8 +100,7 @@ class SecondaryStore:
         outcome: CopyOutcome,
         source: str,
         source_format: str,
-        parent: str | None = None,
-        depth: int = 0,
+        plan: BackupPlan | None = None,
         extents: list[tuple[int, int]] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> tuple[Manifest, VerifyReport]:
@@ -125,9 +125,10 @@ class SecondaryStore:
             chunks_file=str(chunks),
             source=source,
             source_format=source_format,
-            parent=parent,
-            depth=depth,
+            parent=plan.parent if plan else None,
+            depth=plan.depth if plan else 0,
             extents=extents,
+            full_reason=plan.reason if plan and plan.parent is None else None,
             created=datetime.now(UTC),
         )
         mpath = self.manifest_path(volume, snapshot_id)

@@ -74,6 +74,7 @@ def raw_vm(libvirt_conn, tmp_path: Path):  # type: ignore[no-untyped-def]
         vm.destroy()
 
 
+@pytest.mark.kvm_full_backups  # asserts the merge back onto the original file
 async def test_a_guest_written_qcow2_header_is_backed_up_as_raw_and_the_disk_stays_raw(
     client: Client, settings: Settings, workers: None, raw_vm, host_name: str, tmp_path: Path
 ) -> None:
@@ -94,6 +95,7 @@ async def test_a_guest_written_qcow2_header_is_backed_up_as_raw_and_the_disk_sta
     assert vm.disk.read_bytes() == expected.read_bytes()
 
 
+@pytest.mark.kvm_full_backups  # asserts the merge back onto the original file
 async def test_a_revert_after_a_failed_merge_and_a_newer_release_uses_the_backup(
     client: Client,
     settings: Settings,
@@ -272,6 +274,7 @@ async def test_what_snapferry_writes_is_owner_only_whatever_the_umask(
         assert events[at + 1] == ("fsync", str(restored.parent))
 
 
+@pytest.mark.kvm_full_backups  # asserts the merge back onto the original file
 async def test_after_a_migration_the_release_runs_on_the_new_host(
     client: Client, settings: Settings, make_vm, host_name: str, libvirt_conn
 ) -> None:

@@ -17,7 +17,9 @@ from snapferry.workers.worker import running_workers
 
 from .helpers import disk_source, images_identical, patch_reference, request_for
 
-pytestmark = pytest.mark.integration
+# These tests follow the full-backup mode (SNAPFERRY_KVM_INCREMENTAL=0) through its merge
+# back onto the original file; test_kvm_incremental.py follows the default, which keeps one.
+pytestmark = [pytest.mark.integration, pytest.mark.kvm_full_backups]
 
 
 async def test_backup_equals_disk_at_snapshot_time_and_vm_keeps_later_writes(

@@ -18,7 +18,7 @@ from snapferry.workers.demo_vm import MIB
 from snapferry.workers.worker import running_workers
 
 from ..conftest import snapferry_cli
-from .helpers import images_identical, request_for
+from .helpers import disk_source, images_identical, request_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,11 +66,13 @@ async def test_verify_restore_revert_and_delete(
     running = await snapferry_cli("snapshot", "revert", sid)
     assert running.returncode == 1 and "is running; stop it" in running.stderr
     libvirt_conn.lookupByName(vm.name).destroy()
-    assert not images_identical(vm.reference, vm.disk, fmt_b="qcow2")
+    # The VM writes into the layer kept above the snapshot (the next delta's base).
+    active = disk_source(libvirt_conn, vm.name, inactive=True)
+    assert not images_identical(vm.reference, active, fmt_b="qcow2")
     reverted = await snapferry_cli("snapshot", "revert", sid, "--json")
     assert reverted.returncode == 0, reverted.stderr
     assert json.loads(reverted.stdout)["reverts"] == 1
-    assert images_identical(vm.reference, vm.disk, fmt_b="qcow2")
+    assert images_identical(vm.reference, active, fmt_b="qcow2")
     libvirt_conn.lookupByName(vm.name).create()  # and the VM starts on it
 
     # delete: everything on secondary goes, the record says Destroyed, and it stays so.

@@ -92,6 +92,19 @@ async def test_schedule_calendars_follow_interval_and_timezone(
         "Mars/Olympus",
     )
     assert bad_tz.returncode == 1 and "not a known timezone" in bad_tz.stderr
+    # A policy's own snapshot.delta.max rides in its backup options to every snapshot.
+    own = await snapferry_cli(
+        *("policy", "create", "--vm", "vm-own", "--disk", "vda", "--interval", "daily"),
+        *("--delta-max", "4"),
+    )
+    assert own.returncode == 0, own.stderr
+    rows = {r["policy"]["policy_id"]: r["policy"] for r in await list_policies(client)}
+    assert rows["vm-own-vda-daily"]["backup"]["delta_max"] == 4
+    negative = await snapferry_cli(
+        *("policy", "create", "--vm", "vm-neg", "--disk", "vda", "--interval", "daily"),
+        *("--delta-max", "-1"),
+    )
+    assert negative.returncode == 1 and "delta_max" in negative.stderr
     missing = await snapferry_cli("policy", "delete", "nope")
     assert missing.returncode == 1 and "no policy 'nope'" in missing.stderr
 

@@ -24,7 +24,11 @@ def active_image(dom) -> str:  # type: ignore[no-untyped-def]
 
 
 def layer_files(disk: Path) -> list[str]:
-    return sorted(p.name for p in disk.parent.glob(disk.name + ".*"))
+    """The disk's layers, memory files and release markers (not the .vm/.base markers)."""
+    markers = (".vm", ".base")
+    return sorted(
+        p.name for p in disk.parent.glob(disk.name + ".*") if not p.name.endswith(markers)
+    )
 
 
 async def cli_json(*args: str) -> dict:

@@ -297,9 +297,8 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
         )
 
     assert xapi.settings.xen is not None
-    deep = dataclasses.replace(  # no rollover here: v5 must be a delta across the reverts
-        xapi.settings, xen=dataclasses.replace(xapi.settings.xen, delta_max=16)
-    )
+    # No rollover here: v5 must be a delta across the reverts.
+    deep = dataclasses.replace(xapi.settings, delta_max=16)
     async with running_workers(client, deep, hosts=[host_name], backup=True):
         for level in range(4):
             kind = VmSnapshotType.DISK if level % 2 == 0 else VmSnapshotType.DISK_AND_MEMORY

@@ -83,9 +83,7 @@ async def test_a_full_and_four_deltas_restore_byte_identical_at_every_point(
     for offset in range(0, size, 4 * MIB):
         guest_write(xapi.port, "chain01", offset, rng.randbytes(MIB))
     assert xapi.settings.xen is not None
-    deep = dataclasses.replace(
-        xapi.settings, xen=dataclasses.replace(xapi.settings.xen, delta_max=16)
-    )
+    deep = dataclasses.replace(xapi.settings, delta_max=16)
     at: dict[str, bytes] = {}
     async with running_workers(client, deep, hosts=[host_name], backup=True):
         for i in range(5):

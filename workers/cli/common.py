@@ -42,11 +42,19 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         return
     print(f"snapshot {record.id}  {record.state.value}  vm={record.vm} disk={record.disk}")
     if record.primary and record.primary_released:
-        print("  primary: released (merged back after the verified backup)")
+        print(
+            "  primary: handed back after the verified backup (the newest one's layer or VDI"
+            " stays as the next delta's base until a newer backup or its delete)"
+        )
     elif record.primary:
         print(f"  primary: {record.primary.image} (overlay {record.primary.overlay})")
     if record.backup:
-        print(f"  backup:  {record.backup.path}\n  checksum {record.backup.checksum}")
+        b = record.backup
+        kind = f"delta of {b.parent} (depth {b.depth})" if b.parent else "full"
+        print(f"  backup:  {b.path}\n  kind:    {kind}, {b.bytes_stored} bytes stored")
+        if b.full_reason:
+            print(f"  full because {b.full_reason}")
+        print(f"  checksum {b.checksum}")
     if record.backup_error:
         print(f"  backup failed: {record.backup_error}")
     if record.error:
@@ -90,6 +98,10 @@ def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         where = f"{r['vm']}/{r['disk']}" if "disk" in r else r["vm"]
         when = r["started"] if "started" in r else f"for {r['for_s']} s"
         print(f"{r['id']}  {r['state']:<16} {where}  {when}")
+        if r.get("backup") == "delta":
+            print(f"    delta of {r['parent']} (depth {r['depth']}), {r['stored_bytes']} bytes")
+        elif r.get("backup") == "full":
+            print(f"    full, {r['stored_bytes']} bytes")
         if r.get("backup_error"):
             print(f"    last backup error: {r['backup_error']}")
 

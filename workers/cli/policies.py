@@ -39,7 +39,7 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
                 "hour": args.hour,
                 "day_of_week": args.day_of_week,
                 "day_of_month": args.day_of_month,
-                "backup": settings.backup_defaults.model_dump(),
+                "backup": settings.backup_defaults.model_dump() | {"delta_max": args.delta_max},
             }
         )
     except ValidationError as err:
@@ -98,6 +98,12 @@ def register(sub: Any, add: Adder) -> None:
     pc.add_argument("--hour", type=int, default=0, help="daily/weekly/monthly: hour it runs")
     pc.add_argument("--day-of-week", type=int, default=0, help="weekly; 0 = Sunday")
     pc.add_argument("--day-of-month", type=int, default=1, help="monthly; 1-28")
+    pc.add_argument(
+        "--delta-max",
+        type=int,
+        help="this policy's snapshot.delta.max: deltas before a new full (0 = always full;"
+        " default: the worker's SNAPFERRY_SNAPSHOT_DELTA_MAX)",
+    )
     pc.add_argument("--id", help="policy ID (default VM-DISK-INTERVAL)")
     pl = add(pol, "list", cmd_policy_list, "list policies and their next run")
     pl.add_argument("--json", action="store_true")

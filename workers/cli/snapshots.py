@@ -46,7 +46,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
             {
                 "snapshot_id": args.id or new_snapshot_id(),
                 "volume": volume_from_args(args),
-                "backup": settings.backup_defaults.model_dump(),
+                "backup": settings.backup_defaults.model_dump() | {"full": args.full},
             }
         )
     except ValidationError as err:
@@ -85,11 +85,22 @@ async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int
         ]
         print_rows(rows, args.json)
         return 0
-    rows = await starter.list_snapshots(
-        await cli_client(settings), vm=args.vm, disk=args.disk, state=args.state
-    )
+    client = await cli_client(settings)
+    rows = await starter.list_snapshots(client, vm=args.vm, disk=args.disk, state=args.state)
+    if args.chain:
+        for row in rows:
+            row.update(backup_chain_columns(await starter.get_record(client, str(row["id"]))))
     print_rows(rows, args.json)
     return 0
+
+
+def backup_chain_columns(record: SnapshotRecord) -> dict[str, Any]:
+    """``snapshot list --chain``: each backup's kind, parent and stored bytes (one query per
+    snapshot, so only on request)."""
+    b = record.backup
+    if b is None:
+        return {"backup": None, "parent": None, "depth": None, "stored_bytes": None}
+    return {"backup": b.kind, "parent": b.parent, "depth": b.depth, "stored_bytes": b.bytes_stored}
 
 
 async def cmd_snapshot_wait(args: argparse.Namespace, settings: Settings) -> int:
@@ -135,6 +146,9 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     c = add(snap, "create", cmd_snapshot_create, "take a snapshot; returns once it is on primary")
     add_volume_args(c)
     c.add_argument("--id", help="snapshot ID (UUID); makes create idempotent")
+    c.add_argument(
+        "--full", action="store_true", help="back up in full, even where a delta is possible"
+    )
     c.add_argument("--json", action="store_true")
     s = add(snap, "show", cmd_snapshot_show, "print one snapshot's record")
     s.add_argument("id")
@@ -149,6 +163,11 @@ def register_snapshots(sub: Any, add: Adder) -> None:
         metavar="DURATION",
         help="only snapshots in Creating/CreatedOnPrimary/BackingUp for longer than this"
         " (90s, 30m, 1h, 2d), the longest first",
+    )
+    ls.add_argument(
+        "--chain",
+        action="store_true",
+        help="show each backup's chain: full or delta, its parent and its stored bytes",
     )
     ls.add_argument("--json", action="store_true")
     wt = add(snap, "wait", cmd_snapshot_wait, "wait until a snapshot reaches a state")
