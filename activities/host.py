@@ -6,7 +6,10 @@ workflow routes every hypervisor operation for a VM to the queue of the host tha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
 
 from temporalio import activity
 
@@ -34,6 +37,39 @@ from .names import (
 )
 from .receipts import Receipts
 from .settings import Settings
+
+# Host operations that can run long (a revert copies a whole disk, a merge commits a layer)
+# heartbeat this often, and the workflows give them a heartbeat timeout of a minute, so that
+# a killed host worker is noticed in a minute, not at a 12-hour start-to-close bound.
+HOST_HEARTBEAT_PERIOD_S = 5.0
+
+
+@contextlib.contextmanager
+def heartbeating(period_s: float | None = None) -> Iterator[None]:
+    """Heartbeat the running activity from a side thread while the block runs.
+
+    The drivers' long steps (``qemu-img convert``, a block commit, a vSphere task) have no
+    progress of their own to report; what must be known quickly is that the worker is
+    alive. The thread runs in a copy of the activity's context, which is what
+    :func:`temporalio.activity.heartbeat` needs (it is thread-safe for sync activities)."""
+    if not activity.in_activity():
+        yield
+        return
+    done = threading.Event()
+    context = contextvars.copy_context()
+    period = HOST_HEARTBEAT_PERIOD_S if period_s is None else period_s
+
+    def beat() -> None:
+        while not done.wait(period):
+            context.run(activity.heartbeat)
+
+    ticker = threading.Thread(target=beat, name="host-heartbeat", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 class HostActivities:
@@ -72,24 +108,27 @@ class HostActivities:
         if operation_id is not None and self.receipts.get(kind, operation_id) is not None:
             activity.logger.info("%s %s was done before: not again", kind, operation_id)
             return
-        do()
+        with heartbeating():
+            do()
         if operation_id is not None:
             self.receipts.put(kind, operation_id, "{}")
 
     @activity.defn(name=RELEASE_PRIMARY)
     @converts_errors
     def release_primary(self, req: ReleaseRequest) -> None:
-        self.driver(req).release(
-            volume=req.volume,
-            snapshot_id=req.snapshot_id,
-            source=req.source,
-            backed_up=req.backed_up,
-        )
+        with heartbeating():
+            self.driver(req).release(
+                volume=req.volume,
+                snapshot_id=req.snapshot_id,
+                source=req.source,
+                backed_up=req.backed_up,
+            )
 
     @activity.defn(name=DISCARD_SNAPSHOT)
     @converts_errors
     def discard_snapshot(self, req: DiscardRequest) -> None:
-        self.drivers.get(req.vm.hypervisor).discard(req)
+        with heartbeating():
+            self.drivers.get(req.vm.hypervisor).discard(req)
 
     @activity.defn(name=TAKE_VM_SNAPSHOT)
     @converts_errors
@@ -123,7 +162,8 @@ class HostActivities:
     @activity.defn(name=DELETE_VM_SNAPSHOT)
     @converts_errors
     def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
-        self.drivers.get(op.vm.hypervisor).delete_vm_snapshot(op)
+        with heartbeating():
+            self.drivers.get(op.vm.hypervisor).delete_vm_snapshot(op)
         self.receipts.put("vm-deleted", op.snapshot_id, "{}")
 
     @property

@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from snapferry.activities.names import DISCARD_SNAPSHOT, RAISE_ALERT
 
 from . import metrics
-from .routing import ALERT_QUEUE, host_queue
+from .routing import ALERT_QUEUE, HOST_HEARTBEAT_TIMEOUT, host_queue
 
 ALERT_RETRY = RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(minutes=5))
 
@@ -106,6 +106,7 @@ async def discard_failed_take(snapshot_id: str, vm: VmRef) -> str:
             DISCARD_SNAPSHOT,
             DiscardRequest(snapshot_id=snapshot_id, vm=vm),
             task_queue=host_queue(vm.host),
+            heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
             start_to_close_timeout=timedelta(minutes=30),
             retry_policy=DISCARD_RETRY,
         )

@@ -7,12 +7,18 @@ the spec's "separate thread pool"; workflows run on the control queue.
 
 import hashlib
 import hmac
+from datetime import timedelta
 
 from temporalio.common import SearchAttributeKey
 
 CONTROL_QUEUE = "snapferry"
 BACKUP_QUEUE = "snapferry-backup"
 ALERT_QUEUE = "snapferry-alerts"
+
+# Long host operations (reverts, releases, deletes, discards) heartbeat every few seconds
+# (activities/host.py): a dead host worker is noticed in a minute, not at their
+# start-to-close bounds, which stay as a last resort.
+HOST_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
 
 
 def host_queue(host: str) -> str:

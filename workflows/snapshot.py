@@ -76,6 +76,7 @@ from .entity import (
 from .routing import (
     BACKUP_QUEUE,
     CONTROL_QUEUE,
+    HOST_HEARTBEAT_TIMEOUT,
     HYPERVISOR,
     POLICY_ID,
     SNAPSHOT_ID,
@@ -405,6 +406,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                     backed_up=self.record.backup is not None and not deleting,
                 ),
                 task_queue=host_queue(req.volume.vm.host),
+                heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=HOST_RETRY,
             )
@@ -652,6 +654,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                     operation_id=update_id(),
                 ),
                 task_queue=host_queue(self.req.volume.vm.host),
+                heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
                 start_to_close_timeout=timedelta(hours=12),
                 retry_policy=OPERATION_RETRY,
             )

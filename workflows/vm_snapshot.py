@@ -46,6 +46,7 @@ from .entity import (
     update_id,
 )
 from .routing import (
+    HOST_HEARTBEAT_TIMEOUT,
     HYPERVISOR,
     SNAPSHOT_ID,
     SNAPSHOT_STATE,
@@ -193,6 +194,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     REVERT_VM_SNAPSHOT,
                     self._operation_input().model_copy(update={"operation_id": update_id()}),
                     task_queue=host_queue(self.req.vm.host),
+                    heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
                     start_to_close_timeout=timedelta(hours=12),
                     retry_policy=OPERATION_RETRY,
                 )
@@ -219,6 +221,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     DELETE_VM_SNAPSHOT,
                     self._operation_input(),
                     task_queue=host_queue(self.req.vm.host),
+                    heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=HOST_RETRY,
                 )

@@ -280,7 +280,8 @@ class KvmDriver(HypervisorDriver):
         if base is None:
             return BackupPlan(
                 reason="change tracking lost: no layer on primary holds what changed since"
-                " the last backup (the kept layer was merged or removed outside snapferry)"
+                " the last backup (the base snapshot was deleted, or its layer merged or"
+                " removed outside snapferry)"
             )
         parent = snapshot_of_overlay(base)
         manifest = next((m for m in backups if m.snapshot_id == parent), None)
@@ -346,6 +347,8 @@ class KvmDriver(HypervisorDriver):
                 for older in chain[at + 1 :]:
                     if is_base(older):
                         Path(older + RELEASED_SUFFIX).touch()
+                        # Replaced, not deleted: only a delete leaves both marks behind.
+                        Path(older + BASE_SUFFIX).unlink()
         self._consolidate(dom, vm, disk)
 
     def _release_overlay(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:

@@ -252,6 +252,17 @@ async def test_rollover_a_full_on_request_and_a_lost_base_each_say_why(
     listed = await snapferry_cli("snapshot", "list", "--vm", vm.name, "--chain")
     assert listed.stdout.count("    delta of ") == 2 and listed.stdout.count("    full, ") == 3
 
+    # The base snapshot deleted: its layer goes with it, and the next backup is a full.
+    newest = await backed_up(client, vm.name, host_name, settings)
+    assert newest.backup is not None and newest.backup.kind == "delta"
+    await starter.snapshot_operation(client, newest.id, DELETE_UPDATE)
+    disk.write(0x77, 6 * MIB, CLUSTER)
+    after_delete = await backed_up(client, vm.name, host_name, settings)
+    assert after_delete.backup is not None and after_delete.backup.kind == "full"
+    reason = after_delete.backup.full_reason
+    assert reason is not None and "change tracking lost" in reason and "deleted" in reason
+    assert restores_to(after_delete, disk.now)
+
     # Change tracking lost: the kept layer merged away by hand (an operator's blockcommit).
     dom = libvirt_conn.lookupByName(vm.name)
     kept = disk_source(libvirt_conn, vm.name)

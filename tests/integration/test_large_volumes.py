@@ -102,12 +102,12 @@ async def test_a_store_that_stalls_for_twice_the_heartbeat_timeout_delays_the_ba
     stalled = threading.Event()
     real_write = copy_engine._Writer.write
 
-    def write(self, data, offset, digest):  # type: ignore[no-untyped-def]
+    def write(self, data, offset, *args):  # type: ignore[no-untyped-def]
         # The store hangs once, mid-copy, for twice the heartbeat timeout (an NFS failover).
         if offset >= 48 * MIB and not stalled.is_set():
             stalled.set()
             time.sleep(stall_s)
-        return real_write(self, data, offset, digest)
+        return real_write(self, data, offset, *args)
 
     attempts: list[str] = []
     real_copy = BackupActivities._copy
