@@ -53,6 +53,8 @@ from .storage.secondary import SecondaryStore
 
 T = TypeVar("T")
 
+DELTA_CHUNK_SIZE = 64 * 1024  # see BackupActivities._engine_for
+
 log = logging.getLogger(__name__)
 
 
@@ -170,6 +172,16 @@ class BackupActivities:
             full_reason=manifest.full_reason,
         )
 
+    def _engine_for(self, plan: BackupPlan) -> CopyEngine:
+        """A delta is copied in small chunks. Each chunk is read, hashed and verified whole,
+        zeros included, so a delta of scattered clusters in 8 MiB chunks would cost about
+        the whole volume in hashing; in DELTA_CHUNK_SIZE chunks it costs about its data.
+        The chunk size is part of the checksum (and of each checkpoint), and the plan is
+        kept for a resume, so a resumed delta copies in the same chunks."""
+        if plan.parent is None or self.engine.chunk_size <= DELTA_CHUNK_SIZE:
+            return self.engine
+        return self.engine.with_chunk_size(DELTA_CHUNK_SIZE)
+
     def _new_plan(self, driver: Any, req: CopyRequest, *, full_because: str | None) -> BackupPlan:
         """Choose full or delta and keep the choice beside the partial files; under the
         volume's chain lock, so that no delete removes the base being chosen. A full is
@@ -231,7 +243,7 @@ class BackupActivities:
                     else None
                 )
                 try:
-                    outcome = self.engine.copy(
+                    outcome = self._engine_for(plan).copy(
                         reader,
                         target,
                         resume=resume,

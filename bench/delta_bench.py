@@ -62,6 +62,7 @@ async def bench_delta(
     host = f"bench{uuid.uuid4().hex[:6]}"
     worker = start_backup_worker(settings)
     now = work / "delta-now.raw"
+    phases: dict[str, dict[str, float]] = {}
     try:
         assert vm.reference is not None
         shutil.copyfile(vm.reference, now)
@@ -73,6 +74,16 @@ async def bench_delta(
             record = await starter.wait_settled(client, answer.id, timeout=3600)
             assert record.state == SnapshotState.BACKED_UP and record.backup and record.created
             at = {t.state: t.at for t in record.transitions}
+            phases[record.id] = {
+                "take": (at[SnapshotState.CREATED_ON_PRIMARY] - record.created).total_seconds(),
+                "to backup": (
+                    at[SnapshotState.BACKING_UP] - at[SnapshotState.CREATED_ON_PRIMARY]
+                ).total_seconds(),
+                "backup": (
+                    at[SnapshotState.BACKED_UP] - at[SnapshotState.BACKING_UP]
+                ).total_seconds(),
+                "of which verify": record.backup.verify_seconds,
+            }
             return record, (at[SnapshotState.BACKED_UP] - record.created).total_seconds()
 
         async with running_workers(client, settings, hosts=[host]):
@@ -106,10 +117,15 @@ async def bench_delta(
         "full_mib": full_bytes / MIB,
         "delta_mib": delta_bytes / MIB,
         "restores_exact": full_ok and delta_ok,
+        "full_phases": phases[full.id],
+        "delta_phases": phases[delta.id],
     }
 
 
 def print_delta(r: dict) -> None:
+    for kind in ("full", "delta"):
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in r[f"{kind}_phases"].items())
+        print(f"{kind}: {parts}")
     print(
         "\n| KVM backup of a 4 GiB volume, 2 GiB random data | create -> BackedUp | stored |\n"
         "|---|---|---|\n"

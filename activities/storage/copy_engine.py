@@ -159,6 +159,17 @@ class CopyEngine:
         self.writeback = writeback
         self._sleep = sleep
 
+    def with_chunk_size(self, chunk_size: int) -> CopyEngine:
+        """The same engine, copying in chunks of another size."""
+        return CopyEngine(
+            chunk_size=chunk_size,
+            checkpoint_bytes=self.checkpoint_bytes,
+            checkpoint_seconds=self.checkpoint_seconds,
+            rate_limit_bps=self.rate_limit_bps,
+            sleep=self._sleep,
+            writeback=self.writeback,
+        )
+
     def _resume_point(
         self, target: CopyTarget, resume: Checkpoint | None
     ) -> tuple[Checkpoint, int]:
@@ -302,6 +313,22 @@ class CopyEngine:
             chain.state = checksum.advance(chain.state, digest)
             return pool.submit(sink.write, data, cstart, digest, spans)
 
+        def hash_holes(count: int) -> None:
+            """``count`` whole chunks with no data, in one task: a thin volume or a delta
+            is mostly such chunks, and one task each would cost more than its data."""
+            digest = checksum.zero_digest(csize)
+            for _ in range(count):
+                chain.state = checksum.advance(chain.state, digest)
+            pool.submit(sink.write_holes, digest, count)
+
+        holes = 0  # whole chunks with no data since the last task handed to the hasher
+
+        def flush_holes() -> None:
+            nonlocal holes
+            if holes:
+                hasher.submit(hash_holes, holes)
+                holes = 0
+
         def checkpoint(chunks_done: int, end: int, copied_total: int) -> None:
             cp = Checkpoint(
                 chunks_done=chunks_done,
@@ -312,10 +339,30 @@ class CopyEngine:
             pool.submit(sink.checkpoint, cp, end)
 
         try:
-            for k in range(start.chunks_done, nchunks):
+            k = start.chunks_done - 1
+            while (k := k + 1) < nchunks:
                 if should_stop():
                     raise _stop_error(should_stop)
                 sink.raise_if_failed()  # a write or sync error stops the copy at once
+                if pending is None or pending.start >= (k + 1) * csize:
+                    # No data before the chunk that holds the next extent: skip the holes in
+                    # one step (a thin volume's or a delta's gaps cost nothing per chunk).
+                    # The last chunk, which may be short, is always handled below.
+                    ahead = nchunks - 1 if pending is None else pending.start // csize
+                    if (ahead := min(ahead, nchunks - 1)) > k:
+                        holes += ahead - k
+                        k = ahead - 1
+                        now = time.monotonic()
+                        if now - last_checkpoint >= self.checkpoint_seconds:
+                            flush_holes()
+                            sink.submitted += 1
+                            hasher.submit(
+                                checkpoint, ahead, ahead * csize, start.bytes_copied_total + copied
+                            )
+                            last_checkpoint = now
+                        if sink.unreported() <= 1:
+                            liveness.alive()
+                        continue
                 slot = k % _BUFFERS
                 if (prev := in_flight[slot]) is not None:
                     prev.result().result()  # the buffer is free again; errors surface here
@@ -340,6 +387,10 @@ class CopyEngine:
                         pending = next(extents, None)
                     else:
                         break
+                if not parts and clen == csize and k < nchunks - 1:
+                    holes += 1
+                else:
+                    flush_holes()
                 data: memoryview | None = None
                 # Only the extents' own bytes are written (the file is a hole everywhere
                 # else, truncated at the resume point), and a range known to be zeros (a
@@ -357,12 +408,13 @@ class CopyEngine:
                     copied += in_data
                     since_checkpoint += in_data
                     data = view[:clen]
-                in_flight[slot] = hasher.submit(hash_chunk, data, cstart, clen, spans)
+                if not holes:
+                    in_flight[slot] = hasher.submit(hash_chunk, data, cstart, clen, spans)
 
                 if self.rate_limit_bps:
-                    ahead = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
-                    if ahead > 0:
-                        self._sleep(ahead)
+                    early = (copied / self.rate_limit_bps) - (time.monotonic() - t0)
+                    if early > 0:
+                        self._sleep(early)
 
                 now = time.monotonic()
                 if (
@@ -370,6 +422,7 @@ class CopyEngine:
                     or since_checkpoint >= self.checkpoint_bytes
                     or now - last_checkpoint >= self.checkpoint_seconds
                 ):
+                    flush_holes()
                     sink.submitted += 1
                     hasher.submit(checkpoint, k + 1, cend, start.bytes_copied_total + copied)
                     since_checkpoint = 0
@@ -484,8 +537,20 @@ class _Writer:
                         done += os.pwrite(self.fd, data[done:hi], offset + done)
                     if self.writeback:
                         self._written(offset + lo, hi - lo)
-                self.file_end = max(self.file_end, offset + len(data))
+                    # Where the file really ends: a checkpoint extends it to its end, so
+                    # that nothing a crash appends later can pass for checkpointed bytes.
+                    self.file_end = max(self.file_end, offset + hi)
             self.digests.write(digest + "\n")
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def write_holes(self, digest: str, count: int) -> None:
+        """The digests of ``count`` chunks that stay holes (nothing to write)."""
+        if self.error:
+            return
+        try:
+            self.digests.write((digest + "\n") * count)
         except BaseException as exc:
             self.error = exc
             raise
