@@ -34,6 +34,8 @@ from ..conftest import snapferry_cli
 
 pytestmark = pytest.mark.integration
 
+GONE = ("Destroying", "Destroyed", "Hidden")  # Hidden: deleted, its backup kept for a delta
+
 
 def policy(vm: str, host: str, settings: Settings, **kw: object) -> SnapshotPolicy:
     return SnapshotPolicy.model_validate(
@@ -131,7 +133,7 @@ async def test_a_firing_schedule_holds_retention_at_n(
         runs = [wf async for wf in client.list_workflows('WorkflowType = "SnapshotPolicyRun"')]
         done = [r for r in runs if r.status == WorkflowExecutionStatus.COMPLETED]
         rows = await starter.list_snapshots(client, vm=vm.name)
-        live = [r for r in rows if r["state"] not in ("Destroying", "Destroyed")]
+        live = [r for r in rows if r["state"] not in GONE]
         if done:  # from the first completed run on, retention holds at N (+1 being taken)
             most_live = max(most_live, len(live))
         if len(done) >= runs_wanted:
@@ -144,12 +146,23 @@ async def test_a_firing_schedule_holds_retention_at_n(
     assert most_live <= keep + 1
     rows = await starter.list_snapshots(client, vm=vm.name)
     by_age = sorted(rows, key=lambda r: r["started"])
-    live_ids = [r["id"] for r in by_age if r["state"] != "Destroyed"]
+    live_ids = [r["id"] for r in by_age if r["state"] not in GONE]
     assert len(by_age) >= runs_wanted and live_ids == [r["id"] for r in by_age[-keep:]]
+    # The deleted ones are gone, or Hidden exactly while a kept delta needs their backup.
+    hidden = set()
     for r in by_age[:-keep]:
-        assert (await starter.get_record(client, r["id"])).state == SnapshotState.DESTROYED
+        state = (await starter.get_record(client, r["id"])).state
+        assert state in (SnapshotState.DESTROYED, SnapshotState.HIDDEN)
+        if state == SnapshotState.HIDDEN:
+            hidden.add(r["id"])
+    needed = set()
     for sid in live_ids:
-        await starter.wait_settled(client, sid)
+        parent = (await starter.wait_settled(client, sid)).backup
+        while parent is not None and parent.parent is not None:
+            needed.add(parent.parent)
+            parent = (await starter.get_record(client, parent.parent)).backup
+    assert hidden == needed - set(live_ids)
     store = settings.secondary / "snapshots" / vm.name / "vda"
-    assert sorted(f.name.split(".")[0] for f in store.glob("*.raw")) == sorted(live_ids)
+    on_secondary = sorted(f.name.split(".")[0] for f in store.glob("*.raw"))
+    assert on_secondary == sorted(set(live_ids) | hidden)
     assert await list_policies(client) == []

@@ -94,6 +94,7 @@ def copy_of(src: Path, dst: Path, fmt: str) -> Path:
     return dst
 
 
+@pytest.mark.kvm_full_backups  # follows the active commit and pivot under a writing guest
 async def test_backup_of_a_writing_guest_is_consistent_and_the_guest_never_stops(
     client: Client,
     settings: Settings,
