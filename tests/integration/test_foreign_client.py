@@ -54,6 +54,8 @@ async def wait_failed(settings: Settings, workflow_id: str) -> str:
     raise AssertionError(f"{workflow_id} is still {status!r}: a stuck workflow")
 
 
+VALID_ID = "6f1c2a8e-3b7d-4e59-9a10-2c4d8e6f0b13"  # well-formed, so the other field is the fault
+
 MALFORMED = [
     ("VolumeSnapshot", "{}", "snapshot_id"),
     ("VolumeSnapshot", '"a string"', "SnapshotRequest"),
@@ -65,11 +67,12 @@ MALFORMED = [
         ),
         "snapshot_id",
     ),
-    ("VolumeSnapshot", json.dumps({"snapshot_id": str(uuid.uuid4()), "volume": None}), "volume"),
+    # Fixed IDs: parametrized IDs must be the same in every collecting process (xdist).
+    ("VolumeSnapshot", json.dumps({"snapshot_id": VALID_ID, "volume": None}), "volume"),
     ("VmSnapshot", "{}", "snapshot_id"),
     (
         "VmSnapshot",
-        json.dumps({"snapshot_id": str(uuid.uuid4()), "vm": {"name": "-rf", "host": "h"}}),
+        json.dumps({"snapshot_id": VALID_ID, "vm": {"name": "-rf", "host": "h"}}),
         "vm.name",
     ),
 ]
