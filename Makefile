@@ -12,8 +12,10 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
+# Two pytest processes, a test file each at a time (--dist loadfile): most integration tests
+# wait on Temporal timers and on their own dev server, so two share the 2 cores well.
 test: lint
-	.venv/bin/pytest -q -p no:cacheprovider --durations=25 tests
+	.venv/bin/pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile tests
 
 bench: install
 	.venv/bin/python bench/bench.py --sizes-gib 1 4

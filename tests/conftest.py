@@ -22,7 +22,13 @@ from temporalio.client import Client
 
 from snapferry.activities.settings import Settings
 from snapferry.workers.client import connect
-from snapferry.workers.stack import dev_server_command, free_port, spawn, terminate, wait_for_port
+from snapferry.workers.stack import (
+    dev_server_command,
+    free_port,
+    spawn,
+    start_dev_server,
+    terminate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
@@ -65,15 +71,18 @@ class DevServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = dev_server_command(
-            db=self.db,
-            host="127.0.0.1",
-            port=self.port,
-            ui_port=None,
-            dynamic_config=self.dynamic_config,
+        self.pid = start_dev_server(
+            lambda cmd: spawn(cmd, self.log),
+            lambda: dev_server_command(
+                db=self.db,
+                host="127.0.0.1",
+                port=self.port,
+                ui_port=None,
+                dynamic_config=self.dynamic_config,
+            ),
+            "127.0.0.1",
+            self.port,
         )
-        self.pid = spawn(cmd, self.log)
-        wait_for_port("127.0.0.1", self.port)
 
     def stop(self) -> None:
         if self.pid is not None:

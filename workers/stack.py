@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,41 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+def start_dev_server(
+    start: Callable[[list[str]], int],
+    make_command: Callable[[], list[str]],
+    host: str,
+    port: int,
+    *,
+    attempts: int = 3,
+    settle_s: float = 0.3,
+) -> int:
+    """Start a dev server (``start(command)`` returns its PID) and see it serve, retrying
+    with fresh ports when it dies at start-up.
+
+    The dev server picks its internal services' ports itself (bind to port 0, close, listen
+    later), so another process can take one in between; its history service then fails with
+    "address already in use" and the process panics just after the frontend came up. So
+    the frontend's port alone does not prove a healthy server: it must also stay alive for
+    ``settle_s``."""
+    for attempt in range(1, attempts + 1):
+        pid = start(make_command())
+        deadline = time.monotonic() + 30.0
+        while alive(pid) and not port_open(host, port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        settled = time.monotonic() + settle_s
+        while alive(pid) and time.monotonic() < settled:
+            time.sleep(0.05)
+        if alive(pid) and port_open(host, port):
+            return pid
+        terminate(pid)
+        if attempt == attempts:
+            break
+    raise RuntimeError(
+        f"the Temporal dev server did not stay up on {host}:{port} after {attempts} tries"
+    )
 
 
 def dev_server_command(
@@ -207,15 +243,17 @@ class Stack:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
         if not port_open(self.host, s.temporal_port):
-            self.server.start(
-                dev_server_command(
+            start_dev_server(
+                self.server.start,
+                lambda: dev_server_command(
                     db=s.home / "temporal.db",
                     host=self.host,
                     port=s.temporal_port,
                     ui_port=s.ui_port,
-                )
+                ),
+                self.host,
+                s.temporal_port,
             )
-            wait_for_port(self.host, s.temporal_port)
         if workers:
             cmd = [sys.executable, "-m", "snapferry.workers.cli", "worker", *(worker_args or [])]
             self.worker.start(cmd, env=dict(os.environ, SNAPFERRY_HOME=str(s.home)))
