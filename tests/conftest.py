@@ -29,6 +29,7 @@ from snapferry.workers.stack import (
     start_dev_server,
     terminate,
 )
+from tests.simulator import secret_file
 
 ROOT = Path(__file__).resolve().parent.parent
 _exit_status = 0
@@ -289,9 +290,7 @@ def vsphere(
 
     sim = SimulatorProcess()
     port = sim.start(tmp_path / "vsphere", 0, "administrator@vsphere.local", VSPHERE_PASSWORD)
-    password_file = tmp_path / "vcenter.password"
-    password_file.write_text(VSPHERE_PASSWORD)
-    password_file.chmod(0o600)
+    password_file = secret_file(tmp_path / "vcenter.password", VSPHERE_PASSWORD)
     monkeypatch.setenv("SNAPFERRY_VCENTER_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("SNAPFERRY_VCENTER_USER", "administrator@vsphere.local")
     monkeypatch.setenv("SNAPFERRY_VCENTER_PASSWORD_FILE", str(password_file))
@@ -341,9 +340,7 @@ def xapi(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     sim = SimulatorProcess()
     port = sim.start(tmp_path / "xapi", 0, "root", XAPI_PASSWORD)
     set_revert_mode(port, "xapi")
-    password_file = tmp_path / "xen.password"
-    password_file.write_text(XAPI_PASSWORD)
-    password_file.chmod(0o600)
+    password_file = secret_file(tmp_path / "xen.password", XAPI_PASSWORD)
     monkeypatch.setenv("SNAPFERRY_XEN_URL", sim.url)
     monkeypatch.setenv("SNAPFERRY_XEN_USER", "root")
     monkeypatch.setenv("SNAPFERRY_XEN_PASSWORD_FILE", str(password_file))

@@ -22,6 +22,27 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def secret_file(path: Path, secret: str) -> Path:
+    """A simulator's password where a worker reads it: a file, owner-only (by reference,
+    never in a payload)."""
+    path.write_text(secret)
+    path.chmod(0o600)
+    return path
+
+
+def vcenter_config(port: int, directory: Path, *, user: str, password: str, datacenter: str):  # type: ignore[no-untyped-def]
+    """The driver's settings for a vSphere simulator on ``port`` (ours or govmomi's)."""
+    from snapferry.activities.settings import VcenterConfig
+
+    return VcenterConfig(
+        url=f"http://127.0.0.1:{port}",
+        user=user,
+        password_file=str(secret_file(directory / "vcenter.password", password)),
+        verify_tls=False,
+        datacenter=datacenter,
+    )
+
+
 def wait_ready(proc: subprocess.Popen, timeout: float) -> int | None:
     """The port a simulator announces with its ``ready PORT`` line, or None if it exits or
     stays silent for ``timeout`` seconds."""

@@ -93,6 +93,15 @@ class Disk:
         shutil.copyfile(content, self.now)
 
 
+def assert_back_on_the_original_file(vm, disk: Disk, settings: Settings, conn) -> None:  # type: ignore[no-untyped-def]
+    """Every snapshot deleted: the VM on its original file, holding the guest's bytes, and
+    no layer, marker or backup left behind."""
+    assert disk_source(conn, vm.name) == str(vm.disk)
+    assert images_identical(disk.now, vm.disk, fmt_b="qcow2")
+    assert [p.name for p in vm.disk.parent.glob(vm.disk.name + ".snapferry-*")] == []
+    assert list((settings.secondary / "snapshots" / vm.name / "vda").glob("*")) == []
+
+
 async def test_a_one_percent_change_costs_about_one_percent_and_restores_exactly(
     client: Client,
     settings: Settings,
@@ -133,10 +142,7 @@ async def test_a_one_percent_change_costs_about_one_percent_and_restores_exactly
     assert hidden.state == SnapshotState.HIDDEN
     await starter.snapshot_operation(client, delta.id, DELETE_UPDATE)
     assert (await starter.get_record(client, full.id)).state == SnapshotState.DESTROYED
-    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
-    assert images_identical(disk.now, vm.disk, fmt_b="qcow2")
-    assert [p.name for p in vm.disk.parent.glob(vm.disk.name + ".snapferry-*")] == []
-    assert list((settings.secondary / "snapshots" / vm.name / "vda").glob("*")) == []
+    assert_back_on_the_original_file(vm, disk, settings, libvirt_conn)
 
 
 async def test_a_chain_of_five_deltas_across_stop_start_vm_snapshots_a_revert_and_a_delete(
@@ -205,10 +211,7 @@ async def test_a_chain_of_five_deltas_across_stop_start_vm_snapshots_a_revert_an
         )
     for record in (s3, s0, s5, s1, s4):
         await starter.snapshot_operation(client, record.id, DELETE_UPDATE)
-    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
-    assert images_identical(disk.now, vm.disk, fmt_b="qcow2")
-    assert [p.name for p in vm.disk.parent.glob(vm.disk.name + ".snapferry-*")] == []
-    assert list((settings.secondary / "snapshots" / vm.name / "vda").glob("*")) == []
+    assert_back_on_the_original_file(vm, disk, settings, libvirt_conn)
 
 
 async def test_rollover_a_full_on_request_and_a_lost_base_each_say_why(

@@ -28,7 +28,8 @@ from snapferry.activities.contracts import (
     new_snapshot_id,
 )
 from snapferry.activities.hypervisors.vmware import DatastoreReader, VmwareDriver
-from snapferry.activities.settings import Settings, VcenterConfig
+from snapferry.activities.settings import Settings
+from tests.simulator import vcenter_config
 from tests.vsphere_sim.control import (
     SimulatorProcess,
     create_vm,
@@ -60,16 +61,7 @@ class Sim:
 def sim(tmp_path: Path) -> Iterator[Sim]:
     proc = SimulatorProcess()
     port = proc.start(tmp_path / "vsphere", 0, USER, PASSWORD)
-    password_file = tmp_path / "vcenter.password"
-    password_file.write_text(PASSWORD)
-    password_file.chmod(0o600)
-    vcenter = VcenterConfig(
-        url=f"http://127.0.0.1:{port}",
-        user=USER,
-        password_file=str(password_file),
-        verify_tls=False,
-        datacenter="dc1",
-    )
+    vcenter = vcenter_config(port, tmp_path, user=USER, password=PASSWORD, datacenter="dc1")
     try:
         yield Sim(port, tmp_path / "vsphere", replace(Settings.from_env(), vcenter=vcenter))
     finally:

@@ -29,8 +29,9 @@ from snapferry.activities.contracts import (
 )
 from snapferry.activities.errors import CredentialsRejected
 from snapferry.activities.hypervisors.vmware import VmwareDriver
-from snapferry.activities.settings import Settings, VcenterConfig
+from snapferry.activities.settings import Settings
 from tests.govmomi_sim.control import GovmomiSimulator, missing
+from tests.simulator import vcenter_config
 
 pytestmark = pytest.mark.integration
 
@@ -70,16 +71,7 @@ class Govmomi:
 def govmomi(tmp_path: Path) -> Iterator[Govmomi]:
     sim = GovmomiSimulator()
     port = sim.start(USER, PASSWORD)
-    password_file = tmp_path / "vcenter.password"
-    password_file.write_text(PASSWORD)
-    password_file.chmod(0o600)
-    vcenter = VcenterConfig(
-        url=f"http://127.0.0.1:{port}",
-        user=USER,
-        password_file=str(password_file),
-        verify_tls=False,
-        datacenter="DC0",
-    )
+    vcenter = vcenter_config(port, tmp_path, user=USER, password=PASSWORD, datacenter="DC0")
     try:
         yield Govmomi(port, replace(Settings.from_env(), vcenter=vcenter))
     finally:

@@ -20,8 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from snapferry.activities.hypervisors.vmware import DatastoreReader, VmwareDriver
-from snapferry.activities.settings import Settings, VcenterConfig
+from snapferry.activities.settings import Settings
 
+from ..simulator import vcenter_config
 from .control import SimulatorProcess, create_vm, disk_path, folder_stats
 
 MIB = 1024 * 1024
@@ -55,14 +56,8 @@ def main() -> None:
             with open(disk_path(Path(tmp) / "vsphere", "bench01", 0), "r+b") as f:
                 for _ in range(size // (64 * MIB)):
                     f.write(os.urandom(64 * MIB))
-            pw = Path(tmp) / "pw"
-            pw.write_text(PASSWORD)
-            vcenter = VcenterConfig(
-                url=f"http://127.0.0.1:{port}",
-                user=USER,
-                password_file=str(pw),
-                verify_tls=False,
-                datacenter="dc1",
+            vcenter = vcenter_config(
+                port, Path(tmp), user=USER, password=PASSWORD, datacenter="dc1"
             )
             driver = VmwareDriver(replace(Settings.from_env(), vcenter=vcenter))
             buf = bytearray(CHUNK)
