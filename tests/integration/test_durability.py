@@ -47,6 +47,13 @@ def start_backup_worker(log: Path, *, rate_mbps: int) -> subprocess.Popen:
         )
 
 
+def stop_workers(*workers: subprocess.Popen | None) -> None:
+    """Stop the worker processes a test started and that still run (by PID)."""
+    for w in workers:
+        if w is not None and w.poll() is None:
+            terminate(w.pid)
+
+
 async def wait_for_progress(client: Client, snapshot_id: str, fraction: float) -> int:
     """Wait until the backup reports at least ``fraction`` done; return bytes done."""
     for _ in range(600):
@@ -93,9 +100,7 @@ async def test_kill_9_backup_worker_resumes_from_checkpoint(
             worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
             record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
     finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+        stop_workers(worker_a, worker_b)
 
     assert_backup_is_the_snapshot(record, vm.reference)
     backup = record.backup

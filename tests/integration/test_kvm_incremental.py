@@ -33,14 +33,13 @@ from snapferry.activities.settings import Settings
 from snapferry.activities.storage.secondary import SecondaryStore
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
-from snapferry.workers.stack import terminate
 from snapferry.workers.worker import running_workers
 from snapferry.workflows.snapshot import DELETE_UPDATE, REVERT_UPDATE
 from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE
 
 from ..conftest import snapferry_cli
 from .helpers import chain_of, disk_source, images_identical, patch_reference, request_for
-from .test_durability import start_backup_worker, wait_for_progress
+from .test_durability import start_backup_worker, stop_workers, wait_for_progress
 
 pytestmark = pytest.mark.integration
 
@@ -310,9 +309,7 @@ async def test_kill_9_during_a_delta_resumes_against_the_same_base(
             worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
             record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
     finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+        stop_workers(worker_a, worker_b)
     assert record.state == SnapshotState.BACKED_UP and record.backup is not None
     backup = record.backup
     assert (backup.kind, backup.parent) == ("delta", full.id)

@@ -27,12 +27,11 @@ from snapferry.activities.settings import Settings
 from snapferry.activities.storage import copy_engine
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
-from snapferry.workers.stack import terminate
 from snapferry.workers.worker import running_workers
 from snapferry.workflows.snapshot import VERIFY_BACKUP_UPDATE
 
 from .helpers import images_identical, request_for
-from .test_durability import start_backup_worker, wait_for_progress
+from .test_durability import start_backup_worker, stop_workers, wait_for_progress
 
 pytestmark = pytest.mark.integration
 
@@ -180,9 +179,7 @@ async def test_kill_9_backup_worker_moves_again_within_seconds_not_the_retry_int
             assert moving_at is not None, "the backup waited the retry interval after a crash"
             record = await starter.wait_settled(client, answer.id, timeout=600)
     finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+        stop_workers(worker_a, worker_b)
 
     assert record.state == SnapshotState.BACKED_UP and record.backup is not None
     assert vm.reference is not None and images_identical(vm.reference, record.backup.path)

@@ -108,9 +108,7 @@ async def kill_9_mid_export_then_resume(
     import os
     import signal
 
-    from snapferry.workers.stack import terminate
-
-    from .test_durability import start_backup_worker, wait_for_progress
+    from .test_durability import start_backup_worker, stop_workers, wait_for_progress
 
     create_vm(vsphere.port, vm, [size])
     fill(vsphere, vm, size=2 * size, seed=seed)  # random data over the whole disk
@@ -128,9 +126,7 @@ async def kill_9_mid_export_then_resume(
             worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
             record = await asyncio.wait_for(starter.wait_settled(client, answer.id), 120)
     finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+        stop_workers(worker_a, worker_b)
     return record, at_take
 
 

@@ -127,10 +127,9 @@ async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
     import os
     import signal
 
-    from snapferry.workers.stack import terminate
     from tests.xapi_sim.control import set_export_delay
 
-    from .test_durability import start_backup_worker, wait_for_progress
+    from .test_durability import start_backup_worker, stop_workers, wait_for_progress
 
     size = 128 * MIB
     create_vm(xapi.port, "xen02", [size])
@@ -152,9 +151,7 @@ async def test_kill_9_during_a_delta_export_resumes_and_the_chain_stays_valid(
             worker_b = start_backup_worker(tmp_path / "worker-b.log", rate_mbps=1000)
             record = await asyncio.wait_for(starter.wait_settled(client, second.id), 120)
     finally:
-        for w in (worker_a, worker_b):
-            if w is not None and w.poll() is None:
-                terminate(w.pid)
+        stop_workers(worker_a, worker_b)
     assert record.state == SnapshotState.BACKED_UP and record.backup
     assert record.backup.attempts >= 2 and record.backup.resumed_from > 0
     manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
