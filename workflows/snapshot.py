@@ -515,7 +515,9 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         else:
             outcome = None
         if self.record.primary is not None and not self.record.primary_released:
-            await self._release(self.req)
+            # A delete: whatever the backup did, the primary copy goes (never kept as the
+            # next delta's base for a snapshot that is being deleted).
+            await self._release(self.req, deleting=True)
         elif (
             self.record.primary is not None
             and self.record.backup is not None

@@ -338,7 +338,7 @@ class KvmDriver(HypervisorDriver):
         released. The new mark is written before the old one is released, so that a crash
         in between leaves two bases (the newer one wins) and never a merge of the newest."""
         chain = chain_paths(self._chain(dom, vm, disk))
-        if overlay in chain:
+        if overlay in chain and not marked(overlay, RELEASED_SUFFIX):
             at = chain.index(overlay)
             if any(is_base(layer) for layer in chain[:at]):
                 Path(overlay + RELEASED_SUFFIX).touch()
@@ -348,7 +348,7 @@ class KvmDriver(HypervisorDriver):
                     if is_base(older):
                         Path(older + RELEASED_SUFFIX).touch()
                         # Replaced, not deleted: only a delete leaves both marks behind.
-                        Path(older + BASE_SUFFIX).unlink()
+                        Path(older + BASE_SUFFIX).unlink(missing_ok=True)
         self._consolidate(dom, vm, disk)
 
     def _release_overlay(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
@@ -382,15 +382,16 @@ class KvmDriver(HypervisorDriver):
                     return  # started meanwhile: its layers stay, the next release merges live
             elif dom.isActive():
                 self._commit_middle_live(dom, vm, disk, top=chain[top], base=chain[below])
-            elif self._commit_middle_offline(
-                dom, above=layers[top - 1], top=layers[top], base=layers[below]
-            ):
+            else:
                 # libvirt starts a domain on the <backingStore> its definition records
                 # (formatdomain: honoured on input since 5.10), and its own offline
-                # snapshot wrote the old chain there: drop it, the headers say the new one.
+                # snapshot wrote the chain there: drop it *before* the headers change, so
+                # that at every step (a crash included) the chain comes from the headers.
                 self._redefine_disk(dom, vm, disk, source=layers[0].path, fmt=layers[0].format)
-            else:
-                return
+                if not self._commit_middle_offline(
+                    dom, above=layers[top - 1], top=layers[top], base=layers[below]
+                ):
+                    return
             for layer in chain[top:below]:
                 self._forget(layer)
 

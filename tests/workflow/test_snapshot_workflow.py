@@ -217,3 +217,33 @@ async def test_update_with_start_answers_at_created_on_primary_and_is_idempotent
     again = await starter.create_snapshot(env.client, req)  # the same ID: no second take
     assert again.state == SnapshotState.BACKED_UP
     assert len(mocks.named(TAKE_SNAPSHOT)) == 1
+
+
+async def test_a_delete_gives_the_primary_copy_back_whatever_the_backup_kept(
+    env: WorkflowEnvironment, mocks: Mocks
+) -> None:
+    """After its backup a snapshot's primary copy may be kept as the next delta's base
+    (``backed_up=True``), or its release may have failed; its delete asks for it to go
+    (``backed_up=False``) either way, and never to be kept as a base."""
+    kept = await start(env, make_request())
+    await kept.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    await until_settled(env, kept)
+    mocks.vm_errors[RELEASE_PRIMARY] = ApplicationError(
+        "merge refused", type="InvalidInput", non_retryable=True
+    )
+    failed = await start(env, make_request())
+    await failed.execute_update(VolumeSnapshotWorkflow.wait_taken)
+    for _ in range(200):  # backed up; the release after it fails, then the alert
+        if any(a.event == "SNAPSHOT.RELEASE.FAILED" for a in mocks.named(RAISE_ALERT)):
+            break
+        await env.sleep(1)
+    record = await failed.query(VolumeSnapshotWorkflow.get_record)
+    assert record.state == SnapshotState.BACKED_UP and not record.primary_released
+    del mocks.vm_errors[RELEASE_PRIMARY]
+    for handle in (kept, failed):
+        deleted = await handle.execute_update(VolumeSnapshotWorkflow.delete_snapshot)
+        assert deleted.state == SnapshotState.DESTROYED
+    by_snapshot: dict[str, list[bool]] = {}
+    for req in mocks.named(RELEASE_PRIMARY):
+        by_snapshot.setdefault(req.snapshot_id, []).append(req.backed_up)
+    assert sorted(by_snapshot.values()) == [[True, False], [True, False]], by_snapshot
