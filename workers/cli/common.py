@@ -7,9 +7,9 @@ import json
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from snapferry.activities.contracts import (
     HypervisorType,
@@ -151,6 +151,17 @@ def validation_message(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"])
         parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
     return "invalid input: " + "; ".join(parts)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_input(model: type[M], data: dict[str, Any]) -> M:
+    """What an operator typed, as the contract it must be; refused naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise starter.SnapferryClientError(validation_message(err)) from err
 
 
 def add_volume_args(parser: argparse.ArgumentParser) -> None:

@@ -6,20 +6,17 @@ import argparse
 import json
 from typing import Any
 
-from pydantic import ValidationError
-
 from snapferry.activities.contracts import (
     PolicyInterval,
     SnapshotPolicy,
 )
 from snapferry.activities.settings import Settings
 
-from .. import starter
 from .common import (
     Adder,
     add_volume_args,
     cli_client,
-    validation_message,
+    parse_input,
     volume_from_args,
 )
 
@@ -27,23 +24,21 @@ from .common import (
 async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int:
     from ..policies import create_policy
 
-    try:
-        policy = SnapshotPolicy.model_validate(
-            {
-                "policy_id": args.id or f"{args.vm}-{args.disk}-{args.interval}",
-                "volume": volume_from_args(args),
-                "interval": args.interval,
-                "timezone": args.timezone,
-                "keep": args.keep,
-                "minute": args.minute,
-                "hour": args.hour,
-                "day_of_week": args.day_of_week,
-                "day_of_month": args.day_of_month,
-                "backup": settings.backup_defaults.model_dump() | {"delta_max": args.delta_max},
-            }
-        )
-    except ValidationError as err:
-        raise starter.SnapferryClientError(validation_message(err)) from err
+    policy = parse_input(
+        SnapshotPolicy,
+        {
+            "policy_id": args.id or f"{args.vm}-{args.disk}-{args.interval}",
+            "volume": volume_from_args(args),
+            "interval": args.interval,
+            "timezone": args.timezone,
+            "keep": args.keep,
+            "minute": args.minute,
+            "hour": args.hour,
+            "day_of_week": args.day_of_week,
+            "day_of_month": args.day_of_month,
+            "backup": settings.backup_defaults.model_dump() | {"delta_max": args.delta_max},
+        },
+    )
     schedule_id = await create_policy(await cli_client(settings), policy)
     print(f"policy {policy.policy_id} created (schedule {schedule_id})")
     return 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pydantic import ValidationError
-
 from snapferry.activities.contracts import (
     RestoreResult,
     SnapshotRecord,
@@ -32,25 +30,23 @@ from .common import (
     cli_client,
     operation_command,
     parse_duration,
+    parse_input,
     print_record,
     print_rows,
-    validation_message,
     volume_from_args,
     web_ui_link,
 )
 
 
 async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        req = SnapshotRequest.model_validate(
-            {
-                "snapshot_id": args.id or new_snapshot_id(),
-                "volume": volume_from_args(args),
-                "backup": settings.backup_defaults.model_dump() | {"full": args.full},
-            }
-        )
-    except ValidationError as err:
-        raise starter.SnapferryClientError(validation_message(err)) from err
+    req = parse_input(
+        SnapshotRequest,
+        {
+            "snapshot_id": args.id or new_snapshot_id(),
+            "volume": volume_from_args(args),
+            "backup": settings.backup_defaults.model_dump() | {"full": args.full},
+        },
+    )
     client = await cli_client(settings)
     record = await starter.create_snapshot(client, req)
     print_record(record, args.json)

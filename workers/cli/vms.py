@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pydantic import ValidationError
-
 from snapferry.activities.contracts import (
     HypervisorType,
     VmSnapshotRecord,
@@ -24,9 +22,9 @@ from .common import (
     cli_client,
     default_host,
     operation_command,
+    parse_input,
     print_rows,
     print_vm_record,
-    validation_message,
     web_ui_link,
 )
 
@@ -40,17 +38,15 @@ async def cmd_vm_moved(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        req = VmSnapshotRequest.model_validate(
-            {
-                "snapshot_id": args.id or new_snapshot_id(),
-                "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
-                "type": args.type,
-                "name": args.name,
-            }
-        )
-    except ValidationError as err:
-        raise starter.SnapferryClientError(validation_message(err)) from err
+    req = parse_input(
+        VmSnapshotRequest,
+        {
+            "snapshot_id": args.id or new_snapshot_id(),
+            "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
+            "type": args.type,
+            "name": args.name,
+        },
+    )
     record = await starter.create_vm_snapshot(await cli_client(settings), req)
     print_vm_record(record, args.json)
     return 0
