@@ -237,11 +237,10 @@ class BackupActivities:
                     resume = None
                     plan = self._new_plan(driver, req, full_because=f"the delta base went: {exc}")
                     reader = driver.open_reader(req.source, plan)
-                extents = (
-                    [(e.start, e.length) for e in reader.data_extents()]
-                    if plan.parent is not None
-                    else None
-                )
+                # A delta's extents go into its manifest (a restore applies them whole), so
+                # they are listed once here and handed to the engine; a full's are streamed.
+                listed = list(reader.data_extents()) if plan.parent is not None else None
+                extents = [(e.start, e.length) for e in listed] if listed is not None else None
                 try:
                     outcome = self._engine_for(plan).copy(
                         reader,
@@ -249,6 +248,7 @@ class BackupActivities:
                         resume=resume,
                         on_checkpoint=watch.on_checkpoint,
                         should_stop=stop,
+                        extents=listed,
                     )
                 finally:
                     reader.close()

@@ -207,10 +207,13 @@ class CopyEngine:
         resume: Checkpoint | None = None,
         on_checkpoint: Callable[[Checkpoint, int], None] = lambda _c, _d: None,
         should_stop: Callable[[], bool] = lambda: False,
+        extents: Iterable[DataExtent] | None = None,
     ) -> CopyOutcome:
         """Copy ``reader`` into ``target``; ``on_checkpoint(cp, bytes_done)`` after each fsync.
 
         ``should_stop`` is polled once per chunk, so a cancel takes effect within one chunk.
+        ``extents``: the reader's data extents when the caller already listed them (a
+        delta's, kept for its manifest), so that the image is not mapped a second time.
         """
         size = reader.virtual_size
         csize = self.chunk_size
@@ -234,9 +237,11 @@ class CopyEngine:
             on_checkpoint(start, min(resumed_from, size))
             # Streamed (a reader may map its image window by window): memory stays flat
             # in the virtual size. Extents wholly before the resume point are dropped.
-            extents = _extents_from(reader.data_extents(), resumed_from)
+            todo = _extents_from(
+                reader.data_extents() if extents is None else extents, resumed_from
+            )
             outcome = self._loop(
-                reader, extents, fd, digests, start, nchunks, size, on_checkpoint, should_stop
+                reader, todo, fd, digests, start, nchunks, size, on_checkpoint, should_stop
             )
             os.ftruncate(fd, size)
             os.fsync(fd)
