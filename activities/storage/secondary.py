@@ -244,6 +244,10 @@ class SecondaryStore:
         last = [time.monotonic()]
 
         def copy_range(src: int, dst: int, start: int, length: int) -> None:
+            # Clamped to the snapshot's size: a link taken while the volume was larger (a
+            # resize, then a revert to a snapshot from before it) must not carry its tail
+            # into this image, nor grow it.
+            length = max(0, min(length, manifest.virtual_size - start))
             left, pos = length, start
             while left:
                 n = os.preadv(src, [memoryview(buf)[: min(left, block)]], pos)
