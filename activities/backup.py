@@ -252,6 +252,18 @@ class BackupActivities:
                     )
                 finally:
                     reader.close()
+
+                def source_still_intact() -> None:
+                    # After every read, under the chain lock: a stale attempt whose layer a
+                    # delete released (and merged below) meanwhile read bytes that are not
+                    # the snapshot's, so it must not publish them.
+                    if not driver.source_intact(req.source):
+                        raise SourceGone(
+                            f"the snapshot's layer {req.source.overlay or req.source.image} was"
+                            " merged away or deleted while this attempt copied it: its backup"
+                            " is not published"
+                        )
+
                 try:
                     _, report = self.store.finalize(
                         volume=req.volume,
@@ -263,9 +275,11 @@ class BackupActivities:
                         plan=plan,
                         extents=extents,
                         on_progress=on_verify,
+                        before_publish=source_still_intact,
                     )
-                except BackupCorrupt:
-                    # Resuming would only re-verify the same bad bytes: start over instead.
+                except (BackupCorrupt, SourceGone):
+                    # Resuming would only re-verify the same bad bytes (or copy a layer that
+                    # is gone): nothing copied is worth keeping.
                     self.store.discard_partial(target)
                     raise
         except OSError as exc:

@@ -46,6 +46,12 @@ class HypervisorDriver(ABC):
         """A reader of the snapshot's guest-visible bytes, for the copy engine. For a delta
         plan, its data extents are the ranges that changed since ``plan.base_image``."""
 
+    def source_intact(self, source: PrimarySnapshot) -> bool:
+        """Whether ``source`` still holds the snapshot's bytes, checked again when a backup
+        is about to be published (a stale attempt may have read while a delete merged its
+        layer away). True where nothing can change a snapshot's bytes under its backup."""
+        return True
+
     @abstractmethod
     def release(
         self,

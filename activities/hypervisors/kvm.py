@@ -293,15 +293,20 @@ class KvmDriver(HypervisorDriver):
             )
         return BackupPlan(parent=parent, base_image=base, depth=manifest.depth + 1)
 
+    def source_intact(self, source: PrimarySnapshot) -> bool:
+        """The overlay exists and is not marked released: no merge has touched the frozen
+        image (``.released`` is written before any merge)."""
+        return source.overlay is None or (
+            Path(source.overlay).exists() and not Path(source.overlay + RELEASED_SUFFIX).exists()
+        )
+
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
         """The frozen image, only while it still is the snapshot: its overlay must exist
         and be unreleased (see :meth:`_intact_frozen`). A backup run again after the layer
         was merged away (a reset of a deleted snapshot, say) would otherwise copy today's
         bytes under the snapshot's name. A delta reads only what changed above its base
         layer; that layer gone raises :class:`SourceGone`, and the backup starts over full."""
-        if source.overlay is not None and (
-            not Path(source.overlay).exists() or Path(source.overlay + RELEASED_SUFFIX).exists()
-        ):
+        if source.overlay is not None and not self.source_intact(source):
             raise SourceGone(
                 f"the snapshot's layer {Path(source.overlay).name} was merged away or deleted:"
                 " its point in time is no longer on primary, so it cannot be backed up again"

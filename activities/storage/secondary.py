@@ -103,10 +103,16 @@ class SecondaryStore:
         plan: BackupPlan | None = None,
         extents: list[tuple[int, int]] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        before_publish: Callable[[], None] | None = None,
     ) -> tuple[Manifest, VerifyReport]:
         """Verify the partial copy (from the medium, data chunks only, against its chunk
         digests and chain checksum), then rename it into place and write the manifest last.
-        ``on_progress(verified, read)`` keeps a long verify heartbeating."""
+        ``on_progress(verified, read)`` keeps a long verify heartbeating.
+
+        ``before_publish`` runs under the volume's chain lock just before the renames and
+        may raise to publish nothing: the copy's source is checked again there, after every
+        read of it, so that an attempt that read while its layer was released and merged
+        (a stale attempt after a delete) can never leave a manifest behind."""
         report = verify_copy(
             target.data, outcome.checksum, digests=target.digests, on_progress=on_progress
         )
@@ -132,6 +138,23 @@ class SecondaryStore:
             created=datetime.now(UTC),
         )
         mpath = self.manifest_path(volume, snapshot_id)
+        with self.volume_lock(volume):
+            if before_publish is not None:
+                before_publish()
+            self._publish(target, image, chunks, mpath, manifest, volume, snapshot_id)
+        return manifest, report
+
+    def _publish(
+        self,
+        target: CopyTarget,
+        image: Path,
+        chunks: Path,
+        mpath: Path,
+        manifest: Manifest,
+        volume: VolumeRef,
+        snapshot_id: str,
+    ) -> None:
+        """Rename the verified partials into place, then write the manifest, last."""
         try:
             for partial in (target.data, target.digests):
                 os.chmod(partial, FILE_MODE)  # also for partials an older version made
@@ -143,7 +166,6 @@ class SecondaryStore:
             fsync_dir(mpath.parent)
         except OSError as exc:
             raise classify_os_error(exc, where=str(mpath.parent)) from exc
-        return manifest, report
 
     @staticmethod
     def read_manifest(path: Path) -> Manifest:
