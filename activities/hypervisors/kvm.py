@@ -371,8 +371,13 @@ class KvmDriver(HypervisorDriver):
 
     def _consolidate(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
         """Merge every run of released layers that nothing reads through, one at a time
-        (each merge changes the chain, which is read again)."""
+        (each merge changes the chain, which is read again).
+
+        Every round first settles a block job that is still running on the disk (a killed
+        worker's, see :meth:`_settle_block_job`), so that no plan is ever made from qcow2
+        headers a job is still changing."""
         for _ in range(256):
+            self._settle_block_job(dom, vm, disk)
             layers = self._chain(dom, vm, disk)
             chain = chain_paths(layers)
             self._remove_merged_leftovers(chain)
@@ -462,31 +467,67 @@ class KvmDriver(HypervisorDriver):
         target = mirror.get("file") or (src.get("file") if src is not None else None)
         return mirror.get("job") or "", target or ""
 
-    def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
+    def _settle_block_job(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
+        """Bring a block job found running on ``disk`` to its end before anything is planned.
+
+        A host worker killed mid-merge leaves libvirt's job running: the job belongs to the
+        domain, not to the client that started it (virDomainBlockCommit). Planning from
+        the headers while it runs would plan from a chain it is still changing, and could
+        delete the layer it commits into. So:
+
+        - a non-active commit ends by itself (virDomainBlockCommit: the image above
+          ``top`` is re-pointed at ``base`` when it completes): wait for it, then the
+          caller reads the chain it left;
+        - an active commit is pivoted when every layer above its target is released, which
+          is exactly what a snapferry release starts (a take is refused while a job runs,
+          so nothing new can have been stacked above it); that merge is then complete;
+        - anything else (a copy, a pull, a backup, an active commit of a layer someone
+          still needs) is not ours to finish: ChainBusy, retried later.
+        """
         try:
-            # A retry after a failure mid-job finds its commit still running: finish it, but
-            # only if it is *our* job, an active commit onto this very base. Pivoting any
-            # other job (a copy, a commit onto another layer) would switch the VM's disk to
-            # an image that is not the chain this release planned.
-            if dom.blockJobInfo(disk, 0):
-                job = self._running_job_target(dom, disk)
-                if job != ("active-commit", base):
-                    raise ChainBusy(
-                        f"VM {vm!r} disk {disk!r}: another block job runs ({job}); not"
-                        f" pivoting it, since this release commits onto {base}"
-                    )
-            else:
-                dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
-            while True:
-                info = dom.blockJobInfo(disk, 0)
-                if info and info["end"] > 0 and info["cur"] == info["end"]:
-                    break
-                if not info:
-                    raise ChainBusy(f"VM {vm!r} disk {disk!r}: block commit vanished")
-                time.sleep(0.02)
-            dom.blockJobAbort(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-            while dom.blockJobInfo(disk, 0):
-                time.sleep(0.02)
+            info = dom.blockJobInfo(disk, 0)
+            if not info:
+                return
+            kind = info.get("type")
+            if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT:
+                while dom.blockJobInfo(disk, 0):
+                    time.sleep(0.02)
+                return
+            job = self._running_job_target(dom, disk)
+            if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT and job is not None:
+                chain = chain_paths(self._chain(dom, vm, disk))
+                target = job[1]
+                if target in chain[1:] and all(
+                    is_released(layer) for layer in chain[: chain.index(target)]
+                ):
+                    self._pivot_when_ready(dom, vm, disk)
+                    return
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(exc, vm=vm) from exc
+        raise ChainBusy(
+            f"VM {vm!r} disk {disk!r}: another block job runs ({job}) over layers snapferry"
+            " has not released; not finishing it"
+        )
+
+    def _pivot_when_ready(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
+        """Wait for the active commit to mirror everything, pivot, wait for the job to go."""
+        while True:
+            info = dom.blockJobInfo(disk, 0)
+            if info and info["end"] > 0 and info["cur"] == info["end"]:
+                break
+            if not info:
+                raise ChainBusy(f"VM {vm!r} disk {disk!r}: block commit vanished")
+            time.sleep(0.02)
+        dom.blockJobAbort(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+        while dom.blockJobInfo(disk, 0):
+            time.sleep(0.02)
+
+    def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
+        """A running VM's active commit of the top run into ``base``, pivoted. No job runs
+        when this starts (:meth:`_settle_block_job` ran first, under the domain lock)."""
+        try:
+            dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            self._pivot_when_ready(dom, vm, disk)
         except libvirt.libvirtError as exc:
             raise _libvirt_error(exc, vm=vm) from exc
         active, _ = self._active_source(dom, vm, disk)
@@ -519,11 +560,9 @@ class KvmDriver(HypervisorDriver):
         """A running VM's non-active block commit of ``top`` (and the layers down to
         ``base``) into ``base``. libvirt's docs (virDomainBlockCommit): when ``top`` is not
         the active layer the job ends by itself, and the image above ``top`` is re-pointed
-        at ``base``. A commit job found running (a retry's) is waited for; the chain is
-        read again afterwards, so whatever it did is what the next step sees."""
+        at ``base``. No job runs when this starts (:meth:`_settle_block_job`)."""
         try:
-            if not dom.blockJobInfo(disk, 0):
-                dom.blockCommit(disk, base, top, 0, 0)
+            dom.blockCommit(disk, base, top, 0, 0)
             while dom.blockJobInfo(disk, 0):
                 time.sleep(0.02)
         except libvirt.libvirtError as exc:

@@ -22,7 +22,7 @@ from snapferry.activities.contracts import (
     new_snapshot_id,
 )
 from snapferry.activities.errors import ChainBusy, InvalidInput
-from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.hypervisors.kvm import RELEASED_SUFFIX, KvmDriver
 from snapferry.activities.settings import Settings
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB, DemoVm, domain_xml
@@ -150,15 +150,17 @@ def test_a_foreign_block_job_is_never_pivoted(
     dom = libvirt_conn.lookupByName(vm.name)
     top = active_image(dom)
     assert chain_of(top)[1:] == [one.overlay, str(vm.disk)]
-    # Someone else's active commit onto the middle layer, left ready.
+    # Someone else's active commit onto the middle layer, left ready: the layer it
+    # commits is still needed (nothing released it), so it is not snapferry's to pivot.
     dom.blockCommit("vda", one.overlay, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
     try:
         with pytest.raises(ChainBusy, match="another block job"):
-            driver._commit_live(dom, vm.name, "vda", str(vm.disk))
+            driver._settle_block_job(dom, vm.name, "vda")
         assert active_image(dom) == top and dom.blockJobInfo("vda", 0)
-        # A job that *is* the planned one (a retry finding its own commit) is finished.
-        driver._commit_live(dom, vm.name, "vda", one.overlay)
-        assert active_image(dom) == one.overlay
+        # A job that commits only released layers (a killed release's) is finished.
+        Path(top + RELEASED_SUFFIX).touch()
+        driver._settle_block_job(dom, vm.name, "vda")
+        assert active_image(dom) == one.overlay and not dom.blockJobInfo("vda", 0)
     finally:
         if dom.blockJobInfo("vda", 0):
             dom.blockJobAbort("vda", 0)

@@ -1,0 +1,148 @@
+"""A disk chain that a dead host worker left mid-operation converges on the next release.
+
+Real libvirtd and QEMU, driven through :class:`KvmDriver` directly: a killed worker leaves
+libvirt's block job running (libvirt's docs for virDomainBlockCommit: the job belongs to
+the domain, not to the client that started it), and whatever a later release plans must
+come from the chain as that job leaves it. After every sequence:
+
+- every layer a qcow2 header or a domain definition (live or persistent) names exists;
+- the guest's view of its disk is exactly what it wrote;
+- the VM starts again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from snapferry.activities.contracts import PrimarySnapshot, VmRef, VolumeRef, new_snapshot_id
+from snapferry.activities.hypervisors.kvm import BASE_SUFFIX, RELEASED_SUFFIX, KvmDriver
+from snapferry.activities.settings import Settings
+from snapferry.workers.demo_vm import MIB, DemoVm
+
+from .helpers import chain_of, disk_source, images_identical, patch_reference
+
+pytestmark = pytest.mark.integration
+
+
+class GuestDisk:
+    """A test VM and the bytes its guest has written so far (a raw reference beside it)."""
+
+    def __init__(self, vm: DemoVm, tmp_path: Path) -> None:
+        assert vm.reference is not None
+        self.vm = vm
+        self.expected = tmp_path / f"{vm.name}.expected.raw"
+        shutil.copyfile(vm.reference, self.expected)
+
+    def write(self, *, pattern: int, offset: int, length: int) -> None:
+        self.vm.guest_write(pattern=pattern, offset=offset, length=length)
+        patch_reference(self.expected, self.expected, pattern=pattern, offset=offset, length=length)
+
+
+def take(driver: KvmDriver, volume: VolumeRef) -> tuple[str, PrimarySnapshot]:
+    sid = new_snapshot_id()
+    return sid, driver.take(volume=volume, snapshot_id=sid)
+
+
+def named_layers(dom: libvirt.virDomain) -> set[str]:
+    """Every file the live and the persistent definitions of vda name (source and any
+    recorded ``<backingStore>``)."""
+    names: set[str] = set()
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        disk = ET.fromstring(dom.XMLDesc(flags)).find("./devices/disk")
+        assert disk is not None
+        for src in disk.iter("source"):
+            if src.get("file"):
+                names.add(src.get("file", ""))
+    return names
+
+
+def assert_converged(dom: libvirt.virDomain, guest: GuestDisk) -> None:
+    for layer in named_layers(dom):
+        assert Path(layer).exists(), f"{layer} is named by a definition but gone"
+    active = disk_source(dom.connect(), dom.name())
+    chain_of(active)  # every header's backing file exists (image_chain opens each)
+    assert images_identical(guest.expected, active, fmt_b="qcow2")
+    if dom.isActive():
+        dom.destroy()
+    dom.create()
+    assert dom.isActive()
+    active = disk_source(dom.connect(), dom.name())
+    assert images_identical(guest.expected, active, fmt_b="qcow2")
+
+
+def wait_ready(dom: libvirt.virDomain) -> None:
+    for _ in range(1000):
+        info = dom.blockJobInfo("vda", 0)
+        if info and info["end"] > 0 and info["cur"] == info["end"]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the active commit never became ready")
+
+
+def test_a_release_waits_for_a_dead_workers_middle_commit_before_planning(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    """Chain [A(.base), R1(released), X(pending), Y]: a dead worker's commit of R1 into X
+    still runs when X's snapshot is deleted. X holds R1's clusters once that job ends, so
+    the release must plan from the chain the job leaves, and never delete X from a plan
+    made while the job ran."""
+    vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(settings)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid_x, snap_x = take(driver, volume)  # X: a pending snapshot's overlay
+    _, snap_r1 = take(driver, volume)
+    guest.write(pattern=0x5A, offset=4 * MIB, length=6 * MIB)  # R1 holds 6 MiB
+    _, snap_a = take(driver, volume)
+    guest.write(pattern=0x6B, offset=MIB, length=MIB)
+    assert snap_x.overlay and snap_r1.overlay and snap_a.overlay
+    Path(snap_a.overlay + BASE_SUFFIX).touch()
+    Path(snap_r1.overlay + RELEASED_SUFFIX).touch()
+    dom = libvirt_conn.lookupByName(vm.name)
+    # The dead worker's release of R1: a middle commit, slowed so that it outlives it.
+    dom.blockCommit(
+        "vda",
+        snap_x.overlay,
+        snap_r1.overlay,
+        2 * MIB,
+        libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES,
+    )
+    assert dom.blockJobInfo("vda", 0)
+    driver.release(volume=volume, snapshot_id=sid_x, source=snap_x, backed_up=False)
+    assert not dom.blockJobInfo("vda", 0)
+    assert chain_of(disk_source(libvirt_conn, vm.name)) == [snap_a.overlay, str(vm.disk)]
+    assert_converged(dom, guest)
+
+
+def test_a_release_pivots_a_dead_workers_active_commit_of_released_layers(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    """Chain [O_N(released), O_B(.base), F]: a dead worker's active commit of O_N into O_B
+    is left ready; then B is deleted, so the release plans [O_N, O_B] onto F. The job only
+    commits released layers, so it is pivoted and the merge goes on: no ChainBusy for good."""
+    vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(settings)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid_b, snap_b = take(driver, volume)
+    assert snap_b.overlay
+    Path(snap_b.overlay + BASE_SUFFIX).touch()
+    guest.write(pattern=0x11, offset=0, length=2 * MIB)
+    _, snap_n = take(driver, volume)
+    assert snap_n.overlay
+    guest.write(pattern=0x22, offset=3 * MIB, length=2 * MIB)
+    Path(snap_n.overlay + RELEASED_SUFFIX).touch()
+    dom = libvirt_conn.lookupByName(vm.name)
+    dom.blockCommit("vda", snap_b.overlay, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+    wait_ready(dom)  # the dead worker never pivoted
+    driver.release(volume=volume, snapshot_id=sid_b, source=snap_b, backed_up=False)
+    assert not dom.blockJobInfo("vda", 0)
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    assert not Path(snap_n.overlay).exists() and not Path(snap_b.overlay).exists()
+    assert_converged(dom, guest)
