@@ -66,9 +66,11 @@ with workflow.unsafe.imports_passed_through():
 from . import metrics
 from .backup import BackupSnapshotWorkflow
 from .entity import (
+    DISCARD_FAILED,
     EntityWorkflow,
     cause_message,
     discard_failed_take,
+    discard_take,
     raise_alert,
     refuse_carried_from_a_caller,
     update_id,
@@ -106,6 +108,13 @@ TAKE_HEARTBEAT_PATCH = "vmware-take-bounded-by-heartbeats"
 # A backed-up snapshot may still hold primary space as the next delta's base (a KVM layer,
 # a XenServer VDI): its delete gives that back too.
 RELEASE_BASE_ON_DELETE_PATCH = "delete-releases-a-kept-delta-base"
+# A delete whose release fails is a failed delete (Error, delete_error, sent again): ending
+# Destroyed would leave its layer in the chain unmarked, owned by no workflow.
+DELETE_RELEASE_PATCH = "a-failed-release-fails-the-delete"
+# A failed take whose leftovers could not be removed stays open in Error, deletable: its
+# delete runs the discard again.
+DISCARD_ON_DELETE_PATCH = "a-delete-discards-what-a-failed-take-left"
+RELEASE_FAILED = "its primary copy could not be merged away"
 TAKE_LAST_RESORT = timedelta(days=1)
 PURGED_SIGNAL = "purged"
 
@@ -162,6 +171,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         self.deleting = False
         self.cancel_requested = False
         self.purge_seen = False
+        self.failed_step: str | None = None  # what a failing delete was doing
         self._init_entity(req.snapshot_id)
         self.record = SnapshotRecord(
             id=req.snapshot_id,
@@ -202,15 +212,16 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             self.answer = req.carried
             self.answered = True
             self.backup_round = req.carried.backup_attempts
-        else:
-            if not await self._take(req):
-                return self.record
+        elif await self._take(req):
             await self._backup_phase(req)
             if self.record.backup is not None and not self.deleting:
                 async with self.op_lock:
                     await self._release(req)
             if not workflow.patched(ENTITY_PATCH):
                 return self.record  # histories from before snapshots stayed open
+        elif not self.record.delete_error:
+            return self.record  # the take failed and left nothing behind
+        # A take that left something on primary lives on too: its delete removes it.
         # The snapshot now lives on as an entity: it answers queries and serves operations
         # (delete, revert, restore, verify) until it is destroyed.
         # self.req, not req: a move_host update may have changed where the VM runs.
@@ -244,11 +255,19 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
         except ActivityError as err:
             self.record.error = cause_message(err)
             self._set_state(SnapshotState.ERROR)
+            left = ""
             if workflow.patched(DISCARD_PATCH):
-                self.record.error += await discard_failed_take(req.snapshot_id, req.volume.vm)
+                left = await discard_failed_take(req.snapshot_id, req.volume.vm)
+                self.record.error += left
+            resend = ""
+            if left and workflow.patched(DISCARD_ON_DELETE_PATCH):
+                # Something may be left in the VM's chain: the workflow stays, owning it,
+                # and a delete (allowed by delete_error) runs the discard again.
+                self.record.delete_error = left.removeprefix("; ")
+                resend = "; delete the snapshot to remove it"
             await self._alert(
                 "SNAPSHOT.TAKE.FAILED",
-                f"taking snapshot {req.snapshot_id} failed: {self.record.error}",
+                f"taking snapshot {req.snapshot_id} failed: {self.record.error}{resend}",
                 AlertSeverity.ERROR,
             )
             return False
@@ -412,6 +431,11 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             )
             self.record.primary_released = True
         except ActivityError as err:
+            if deleting and workflow.patched(DELETE_RELEASE_PATCH):
+                # The snapshot's layer may still be in the chain: the delete fails and is
+                # sent again, and the workflow keeps owning the layer until it goes.
+                self.failed_step = RELEASE_FAILED
+                raise
             # The backup is safe; only primary space is held longer. Tell the operator.
             await self._alert(
                 "SNAPSHOT.RELEASE.FAILED",
@@ -483,7 +507,11 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 # looks whole that is not): the snapshot is Error, the delete can be sent
                 # again, and nothing else is allowed until it succeeds.
                 self.deleting = False
-                self.record.delete_error = cause_message(err)
+                cause = cause_message(err)
+                self.record.delete_error = (
+                    f"{self.failed_step}: {cause}" if self.failed_step else cause
+                )
+                self.failed_step = None
                 self._set_state(SnapshotState.ERROR)
                 await self._alert(
                     "SNAPSHOT.DELETE.FAILED",
@@ -501,6 +529,12 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
     async def _delete_everywhere(self) -> SnapshotRecord:
         """The delete proper: secondary first (chain-aware), then primary."""
         self._set_state(SnapshotState.DESTROYING)
+        if self.record.primary is None:
+            # A take that failed and whose leftovers could not be removed then (only such
+            # a snapshot without a primary copy passes the validator): remove them now.
+            self.failed_step = DISCARD_FAILED
+            await discard_take(self.req.snapshot_id, self.req.volume.vm)
+            self.failed_step = None
         if self.record.primary is not None:
             # Whatever a backup left (finished, or cancelled mid-way), by the store's
             # own layout: a backup that finished just as it was cancelled is included.

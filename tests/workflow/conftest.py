@@ -129,6 +129,7 @@ class Mocks:
         @activity.defn(name=DISCARD_SNAPSHOT)
         async def discard(req: DiscardRequest) -> None:
             self.calls.append((DISCARD_SNAPSHOT, req))
+            self._maybe_fail(DISCARD_SNAPSHOT)
 
         @activity.defn(name=BACKUP_SNAPSHOT)
         async def backup(req: CopyRequest) -> BackupResult:
