@@ -28,7 +28,7 @@ from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
 from snapferry.workers.policies import create_policy, delete_policy, list_policies
 from snapferry.workers.starter import SnapferryClientError
-from snapferry.workflows.routing import policy_schedule_id
+from snapferry.workflows.routing import host_queue, policy_schedule_id
 
 from ..conftest import snapferry_cli
 
@@ -49,7 +49,7 @@ def policy(vm: str, host: str, settings: Settings, **kw: object) -> SnapshotPoli
 
 
 async def test_schedule_calendars_follow_interval_and_timezone(
-    client: Client, settings: Settings
+    client: Client, settings: Settings, workers: None, host_name: str
 ) -> None:
     cases = {
         "hourly": (dict(interval="hourly", minute=15), timedelta(hours=1)),
@@ -60,7 +60,7 @@ async def test_schedule_calendars_follow_interval_and_timezone(
         "weekly": (dict(interval="weekly", hour=3, day_of_week=0), timedelta(weeks=1)),
     }
     for name, (kw, gap) in cases.items():
-        p = policy(f"vm-{name}", "h1", settings, **kw)
+        p = policy(f"vm-{name}", host_name, settings, **kw)
         await create_policy(client, p)
         desc = await client.get_schedule_handle(policy_schedule_id(p.policy_id)).describe()
         times = desc.info.next_action_times[:3]
@@ -79,7 +79,7 @@ async def test_schedule_calendars_follow_interval_and_timezone(
     assert ids == {"vm-hourly-vda-hourly", "vm-daily-vda-daily", "vm-weekly-vda-weekly"}
     with pytest.raises(SnapferryClientError, match="already exists"):
         await create_policy(
-            client, policy("vm-hourly", "h1", settings, interval="hourly", minute=15)
+            client, policy("vm-hourly", host_name, settings, interval="hourly", minute=15)
         )
     bad_tz = await snapferry_cli(
         "policy",
@@ -92,19 +92,21 @@ async def test_schedule_calendars_follow_interval_and_timezone(
         "daily",
         "--timezone",
         "Mars/Olympus",
+        "--host",
+        host_name,
     )
     assert bad_tz.returncode == 1 and "not a known timezone" in bad_tz.stderr
     # A policy's own snapshot.delta.max rides in its backup options to every snapshot.
     own = await snapferry_cli(
         *("policy", "create", "--vm", "vm-own", "--disk", "vda", "--interval", "daily"),
-        *("--delta-max", "4"),
+        *("--delta-max", "4", "--host", host_name),
     )
     assert own.returncode == 0, own.stderr
     rows = {r["policy"]["policy_id"]: r["policy"] for r in await list_policies(client)}
     assert rows["vm-own-vda-daily"]["backup"]["delta_max"] == 4
     negative = await snapferry_cli(
         *("policy", "create", "--vm", "vm-neg", "--disk", "vda", "--interval", "daily"),
-        *("--delta-max", "-1"),
+        *("--delta-max", "-1", "--host", host_name),
     )
     assert negative.returncode == 1 and "delta_max" in negative.stderr
     missing = await snapferry_cli("policy", "delete", "nope")
@@ -166,3 +168,59 @@ async def test_a_firing_schedule_holds_retention_at_n(
     on_secondary = sorted(f.name.split(".")[0] for f in store.glob("*.raw"))
     assert on_secondary == sorted(set(live_ids) | hidden)
     assert await list_policies(client) == []
+
+
+async def test_a_policy_no_host_worker_can_serve_is_refused_and_nothing_is_created(
+    client: Client, settings: Settings, workers: None, host_name: str
+) -> None:
+    """The default --host is the machine the CLI runs on; a VM elsewhere, or a typo in
+    --host, would otherwise only show up at the first tick, hours later."""
+    refused = await snapferry_cli(
+        *("policy", "create", "--vm", "web01", "--disk", "vda", "--interval", "daily"),
+        *("--host", "no-such-host"),
+    )
+    assert refused.returncode == 1, refused.stdout
+    assert "VM 'web01'" in refused.stderr and "host 'no-such-host'" in refused.stderr
+    assert "not created" in refused.stderr
+    assert [s.id async for s in await client.list_schedules()] == []
+    assert [wf.id async for wf in client.list_workflows()] == []
+    # The same VM on a host whose worker runs is accepted.
+    ok = await snapferry_cli(
+        *("policy", "create", "--vm", "web01", "--disk", "vda", "--interval", "daily"),
+        *("--host", host_name),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert [r["policy"]["policy_id"] for r in await list_policies(client)] == ["web01-vda-daily"]
+
+
+async def test_after_vm_moved_a_policys_next_tick_targets_the_new_host(
+    client: Client, settings: Settings, workers: None, host_name: str
+) -> None:
+    for vm in ("sf-moving", "sf-staying"):
+        made = await snapferry_cli(
+            *("policy", "create", "--vm", vm, "--disk", "vda", "--interval", "daily"),
+            *("--host", host_name),
+        )
+        assert made.returncode == 0, made.stderr
+    moved = await snapferry_cli("vm", "moved", "--vm", "sf-moving", "--host", "h-new")
+    assert moved.returncode == 0, moved.stderr
+    assert "1 policy(ies) of sf-moving" in moved.stdout and "sf-moving-vda-daily" in moved.stdout
+    hosts = {
+        r["policy"]["policy_id"]: r["policy"]["volume"]["vm"]["host"]
+        for r in await list_policies(client)
+    }
+    assert hosts == {"sf-moving-vda-daily": "h-new", "sf-staying-vda-daily": host_name}
+
+    ran = await snapferry_cli("policy", "run-now", "sf-moving-vda-daily")
+    assert ran.returncode == 0, ran.stderr
+    take_queue = None
+    for _ in range(100):  # the tick starts the snapshot, whose take waits on h-new's queue
+        async for wf in client.list_workflows('WorkflowType = "VolumeSnapshot"'):
+            history = await client.get_workflow_handle(wf.id).fetch_history()
+            for event in history.events:
+                if event.HasField("activity_task_scheduled_event_attributes"):
+                    take_queue = event.activity_task_scheduled_event_attributes.task_queue.name
+        if take_queue:
+            break
+        await asyncio.sleep(0.2)
+    assert take_queue == host_queue("h-new")

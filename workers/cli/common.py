@@ -15,6 +15,7 @@ from snapferry.activities.contracts import (
     HypervisorType,
     SnapshotRecord,
     VmSnapshotRecord,
+    validate_name,
 )
 from snapferry.activities.settings import Settings
 
@@ -162,6 +163,28 @@ def parse_input(model: type[M], data: dict[str, Any]) -> M:
         return model.model_validate(data)
     except ValidationError as err:
         raise starter.SnapferryClientError(validation_message(err)) from err
+
+
+def check_names(**options: str | None) -> None:
+    """Names typed for a lookup or a filter (``--vm``, ``--disk``, a policy ID), refused as
+    :func:`parse_input` refuses a request's, naming each bad option: a name goes into a
+    visibility query or a schedule ID, where ``../../x`` or a quote must never reach."""
+    bad = []
+    for option, value in options.items():
+        if value is None:
+            continue
+        try:
+            validate_name(value)
+        except ValueError as err:
+            bad.append(f"{option.replace('_', '-')}: {err}")
+    if bad:
+        raise starter.SnapferryClientError("invalid input: " + "; ".join(bad))
+
+
+def given_or(value: str | None, default: str) -> str:
+    """An option's value when it was given at all (an empty ``--id ''`` is refused by the
+    validation, never replaced by the default), else ``default``."""
+    return default if value is None else value
 
 
 def add_volume_args(parser: argparse.ArgumentParser) -> None:

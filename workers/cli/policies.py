@@ -15,7 +15,9 @@ from snapferry.activities.settings import Settings
 from .common import (
     Adder,
     add_volume_args,
+    check_names,
     cli_client,
+    given_or,
     parse_input,
     volume_from_args,
 )
@@ -27,7 +29,7 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
     policy = parse_input(
         SnapshotPolicy,
         {
-            "policy_id": args.id or f"{args.vm}-{args.disk}-{args.interval}",
+            "policy_id": given_or(args.id, f"{args.vm}-{args.disk}-{args.interval}"),
             "volume": volume_from_args(args),
             "interval": args.interval,
             "timezone": args.timezone,
@@ -62,6 +64,7 @@ async def cmd_policy_list(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_policy_delete(args: argparse.Namespace, settings: Settings) -> int:
     from ..policies import delete_policy
 
+    check_names(policy=args.id)
     await delete_policy(await cli_client(settings), args.id)
     print(f"policy {args.id} deleted; its snapshots are kept")
     return 0
@@ -70,6 +73,7 @@ async def cmd_policy_delete(args: argparse.Namespace, settings: Settings) -> int
 async def cmd_policy_run(args: argparse.Namespace, settings: Settings) -> int:
     from ..policies import run_policy_now
 
+    check_names(policy=args.id)
     await run_policy_now(await cli_client(settings), args.id)
     print(f"policy {args.id} triggered")
     return 0

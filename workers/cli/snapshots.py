@@ -27,7 +27,9 @@ from ..watch import watch
 from .common import (
     Adder,
     add_volume_args,
+    check_names,
     cli_client,
+    given_or,
     operation_command,
     parse_duration,
     parse_input,
@@ -42,7 +44,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
     req = parse_input(
         SnapshotRequest,
         {
-            "snapshot_id": args.id or new_snapshot_id(),
+            "snapshot_id": given_or(args.id, new_snapshot_id()),
             "volume": volume_from_args(args),
             "backup": settings.backup_defaults.model_dump() | {"full": args.full},
         },
@@ -62,6 +64,7 @@ async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def cmd_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
+    check_names(vm=args.vm, disk=args.disk)
     if args.stuck is not None:
         if args.state or args.disk:
             raise starter.SnapferryClientError("--stuck goes with --vm only")
@@ -118,6 +121,7 @@ async def cmd_backup_retry(args: argparse.Namespace, settings: Settings) -> int:
         raise starter.SnapferryClientError("give either a snapshot ID or --all-failed")
     if not args.all_failed and (args.vm or args.policy):
         raise starter.SnapferryClientError("--vm and --policy go with --all-failed")
+    check_names(vm=args.vm, policy=args.policy)
     client = await cli_client(settings)
     if args.id:
         record = await starter.retry_backup(client, args.id)

@@ -19,8 +19,10 @@ from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM
 from .. import starter
 from .common import (
     Adder,
+    check_names,
     cli_client,
     default_host,
+    given_or,
     operation_command,
     parse_input,
     print_rows,
@@ -30,7 +32,17 @@ from .common import (
 
 
 async def cmd_vm_moved(args: argparse.Namespace, settings: Settings) -> int:
-    moved = await starter.move_vm(await cli_client(settings), vm=args.vm, host=args.host)
+    from ..policies import move_policies
+
+    check_names(vm=args.vm, host=args.host)
+    client = await cli_client(settings)
+    # The policies first: a refusal among the snapshots below must not leave the next
+    # tick on the old host.
+    policies = await move_policies(client, vm=args.vm, host=args.host)
+    print(f"{len(policies)} policy(ies) of {args.vm} now take its snapshots on {args.host}")
+    for policy_id in policies:
+        print(f"  {policy_id}")
+    moved = await starter.move_vm(client, vm=args.vm, host=args.host)
     print(f"{len(moved)} live snapshot(s) of {args.vm} now follow it on host {args.host}")
     for wf_id in moved:
         print(f"  {wf_id}")
@@ -41,7 +53,7 @@ async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -
     req = parse_input(
         VmSnapshotRequest,
         {
-            "snapshot_id": args.id or new_snapshot_id(),
+            "snapshot_id": given_or(args.id, new_snapshot_id()),
             "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
             "type": args.type,
             "name": args.name,
@@ -61,6 +73,7 @@ async def cmd_vm_snapshot_show(args: argparse.Namespace, settings: Settings) -> 
 
 
 async def cmd_vm_snapshot_list(args: argparse.Namespace, settings: Settings) -> int:
+    check_names(vm=args.vm)
     rows = await starter.list_snapshots(
         await cli_client(settings), vm=args.vm, state=args.state, kind=starter.VM
     )
@@ -108,7 +121,8 @@ def register(sub: Any, add: Adder) -> None:
         vmc,
         "moved",
         cmd_vm_moved,
-        "after a live migration: send the VM's live snapshots' host operations to its new host",
+        "after a live migration: send the VM's live snapshots' host operations, and its"
+        " policies' later snapshots, to its new host",
     )
     mv.add_argument("--vm", required=True, help="the VM that moved")
     mv.add_argument("--host", required=True, help="the host it runs on now")
