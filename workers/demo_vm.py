@@ -88,7 +88,7 @@ class DemoVm:
             dom = self.domain
             if dom.isActive():
                 dom.destroy()
-            dom.undefine()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         except libvirt.libvirtError:
             pass
         for p in self.disk.parent.glob(self.disk.name + "*"):

@@ -45,11 +45,16 @@ layer below it is opened with the format its child records (:func:`image_chain`)
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -68,16 +73,18 @@ from ..errors import (
     ChainBusy,
     DiskNotFound,
     HypervisorUnavailable,
+    ImageUnreadable,
     InvalidInput,
     SourceGone,
     VmNotFound,
 )
 from ..settings import Settings
-from ..storage.files import fsync_replace
+from ..storage.files import atomic_write, fsync_replace
 from ..storage.reader import ImageLayer, QemuImageReader, image_chain, image_info, run_qemu_img
 from ..storage.secondary import Manifest
 from .base import HypervisorDriver
 from .domain_lock import domain_lock
+from .domain_lock import lock_path as domain_lock_path
 
 OVERLAY_TAG = ".snapferry-"
 IMAGE_MODE = 0o600  # disk images hold tenant data: owner only, whatever the umask
@@ -126,15 +133,21 @@ _SNAPSHOT_FLAGS = (
 )
 
 
-def overlay_path(active: str, snapshot_id: str) -> str:
-    """The overlay a take creates: next to the active image, named after the snapshot."""
+VM_SNAPSHOT_TAG = "vm-"  # in a VM snapshot's overlay name: the two kinds never share a file
+
+
+def overlay_path(active: str, snapshot_id: str, *, vm_snapshot: bool = False) -> str:
+    """The overlay a take creates: next to the active image, named after the snapshot and
+    its kind, so that a VM snapshot and a volume snapshot given one UUID by a caller are
+    two layers (one file for both would hand one's frozen image to the other)."""
     root = active.split(OVERLAY_TAG, 1)[0]
-    return f"{root}{OVERLAY_TAG}{snapshot_id}.qcow2"
+    kind = VM_SNAPSHOT_TAG if vm_snapshot else ""
+    return f"{root}{OVERLAY_TAG}{kind}{snapshot_id}.qcow2"
 
 
 def memory_path(active: str, snapshot_id: str) -> str:
     """Where a DiskAndMemory VM snapshot saves the guest's RAM: beside the first disk."""
-    return overlay_path(active, snapshot_id).removesuffix(".qcow2") + ".mem"
+    return overlay_path(active, snapshot_id, vm_snapshot=True).removesuffix(".qcow2") + ".mem"
 
 
 def snapshot_of_overlay(path: str) -> str | None:
@@ -148,6 +161,15 @@ def chain_paths(layers: list[ImageLayer]) -> list[str]:
     return [layer.path for layer in layers]
 
 
+@dataclass(frozen=True)
+class RevertLayer:
+    """A verified revert layer waiting beside the active image it will replace."""
+
+    partial: str
+    active: str
+    active_format: str
+
+
 def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
     code = exc.get_error_code()
     if code == libvirt.VIR_ERR_NO_DOMAIN:
@@ -155,6 +177,25 @@ def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
     if code in (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE, libvirt.VIR_ERR_OPERATION_INVALID):
         return ChainBusy(f"VM {vm!r}: {exc.get_error_message()}")
     return HypervisorUnavailable(f"libvirt error on VM {vm!r}: {exc.get_error_message()}")
+
+
+def _with_disk_sources(definition: str, sources: dict[str, str]) -> str:
+    """A domain definition whose named disks read from the given qcow2 files (a revert's
+    new layers), with no recorded ``<backingStore>`` (libvirt re-detects the chain)."""
+    root = ET.fromstring(definition)
+    for el in root.findall("./devices/disk"):
+        target = el.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in sources:
+            continue
+        src, drv = el.find("source"), el.find("driver")
+        if src is not None:
+            src.set("file", sources[dev])
+        if drv is not None:
+            drv.set("type", "qcow2")
+        for backing in el.findall("backingStore"):
+            el.remove(backing)
+    return ET.tostring(root, encoding="unicode")
 
 
 class KvmDriver(HypervisorDriver):
@@ -186,6 +227,19 @@ class KvmDriver(HypervisorDriver):
             raise _libvirt_error(exc, vm=vm) from exc
 
     @staticmethod
+    def _refuse_managed_save(dom: libvirt.virDomain, vm: str, what: str) -> None:
+        """A stopped domain with a managed-save image is not stopped: ``virsh start``
+        restores the guest's RAM with the definition saved inside the image (libvirt's
+        qemuDomainObjRestore), so a disk changed meanwhile is either ignored by the
+        restored guest or pulled from under the RAM that has it cached."""
+        if not dom.isActive() and dom.hasManagedSaveImage(0):
+            raise InvalidInput(
+                f"VM {vm!r} has a managed save image (virsh managedsave): {what} would not"
+                " match the saved guest; start the VM (it resumes from the image) or remove"
+                " the image (virsh managedsave-remove) first"
+            )
+
+    @staticmethod
     def _disks(dom: libvirt.virDomain, *, inactive: bool = False) -> dict[str, ET.Element]:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         root = ET.fromstring(dom.XMLDesc(flags))
@@ -215,6 +269,63 @@ class KvmDriver(HypervisorDriver):
     def _lock(self, vm: str):  # type: ignore[no-untyped-def]
         return domain_lock(self.lock_dir, vm, timeout_s=self.lock_timeout_s)
 
+    @contextlib.contextmanager
+    def _locked_domain(self, vm: str) -> Iterator[libvirt.virDomain]:
+        """The VM's domain, under its lock, with any definition change a killed worker left
+        half done put right first (:meth:`_finish_interrupted_redefinition`), so that no
+        operation starts from a definition that could lose the guest's writes."""
+        with self._lock(vm):
+            dom = self._domain(vm)
+            self._finish_interrupted_redefinition(dom, vm)
+            yield dom
+
+    # -- the redefinition intent -----------------------------------------------------------
+    def _intent_path(self, vm: str) -> Path:
+        return domain_lock_path(self.lock_dir, vm).with_suffix(".redefine.json")
+
+    def _finish_interrupted_redefinition(self, dom: libvirt.virDomain, vm: str) -> None:
+        """Settle an offline top merge that was interrupted after it pointed the persistent
+        definition at ``base`` and before it checked that nobody had started the VM on
+        ``top`` meanwhile (:meth:`_commit_offline`).
+
+        - ``top`` gone: the merge finished.
+        - Running on ``top``: the VM was started in that window; the persistent definition
+          goes back to ``top`` (the next release commits it live).
+        - Stopped, defined on ``base``: if ``top`` and ``base`` read the same, nothing was
+          written on ``top`` after the commit, and ``top`` is a merged leftover. If they
+          differ, the VM ran on ``top`` after the commit (and stopped): its writes are
+          there only, so the definition goes back to ``top`` and the merge starts over.
+        """
+        path = self._intent_path(vm)
+        if not path.exists():
+            return
+        intent = json.loads(path.read_text())
+        disk, top, top_fmt = intent["disk"], intent["top"], intent["top_format"]
+        base, base_fmt = intent["base"], intent["base_format"]
+        if Path(top).exists() and disk in self._disks(dom):
+            if dom.isActive():
+                live, _ = self._active_source(dom, vm, disk)
+                back_to_top = live == top
+            else:
+                defined = self._disks(dom, inactive=True)[disk].find("source")
+                on_base = defined is not None and defined.get("file") == base
+                back_to_top = on_base and not self._same_guest_view(top, top_fmt, base, base_fmt)
+            if back_to_top:
+                self._redefine_disk(dom, vm, disk, source=top, fmt=top_fmt)
+        path.unlink()
+
+    @staticmethod
+    def _same_guest_view(a: str, a_fmt: str, b: str, b_fmt: str) -> bool:
+        """``qemu-img compare`` (formats given, never probed): 0 same, 1 different."""
+        proc = subprocess.run(
+            ["qemu-img", "compare", "-q", "-f", a_fmt, "-F", b_fmt, a, b],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode not in (0, 1):
+            raise ImageUnreadable(f"qemu-img compare {a} {b} failed: {proc.stderr.strip()}")
+        return proc.returncode == 0
+
     # -- take ------------------------------------------------------------------------------
     def _create_external(
         self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
@@ -243,8 +354,8 @@ class KvmDriver(HypervisorDriver):
 
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         vm, disk = volume.vm.name, volume.disk
-        with self._lock(vm):
-            dom = self._domain(vm)
+        with self._locked_domain(vm) as dom:
+            self._refuse_managed_save(dom, vm, "a snapshot")
             running = bool(dom.isActive())
             active, _fmt = self._active_source(dom, vm, disk)
             overlay = overlay_path(active, snapshot_id)
@@ -325,17 +436,32 @@ class KvmDriver(HypervisorDriver):
         if source.overlay is None:
             return
         vm, disk = volume.vm.name, volume.disk
-        with self._lock(vm):
-            try:
-                dom = self._domain(vm)
-            except VmNotFound:
-                if backed_up:
-                    raise
-                return  # a delete after the VM itself was deleted: nothing left to give back
-            if backed_up and self.incremental:
-                self._keep_as_base(dom, vm, disk, source.overlay)
-            else:
-                self._release_overlay(dom, vm, disk, source.overlay)
+        keep = backed_up and self.incremental
+        if not keep:
+            self._mark_released(source.overlay)
+        try:
+            with self._locked_domain(vm) as dom:
+                if keep:
+                    self._keep_as_base(dom, vm, disk, source.overlay)
+                else:
+                    self._consolidate(dom, vm, disk)
+        except VmNotFound:
+            if backed_up:
+                raise
+            # A delete after the VM itself was deleted: nothing left to give back.
+
+    @staticmethod
+    def _mark_released(overlay: str) -> None:
+        """Mark a layer released *before* the domain lock, libvirt or the chain are needed.
+
+        The mark alone is always safe to write (it only allows merges, and only merges of
+        layers no unreleased snapshot needs), and once written, any later release on this
+        disk finishes the job: a release that fails for good (the lock held for minutes,
+        libvirtd down) can never leave an unmarked layer that nothing owns, blocking every
+        merge below it. Only an existing layer is marked: a retry after the merge finished
+        must not leave a marker that a later take with this name would inherit."""
+        if Path(overlay).exists():
+            Path(overlay + RELEASED_SUFFIX).touch()
 
     def _keep_as_base(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> None:
         """After a verified backup: this snapshot becomes the next delta's base, unless a
@@ -363,10 +489,7 @@ class KvmDriver(HypervisorDriver):
         snapshots when deleted. A layer that an unreleased snapshot still needs (a VM
         snapshot, the base, a volume snapshot whose backup is in flight) is never
         rewritten."""
-        if overlay in chain_paths(self._chain(dom, vm, disk)):
-            # Only a layer still in the chain is marked: a retry after a finished merge
-            # must not leave a marker that a later take with this name would inherit.
-            Path(overlay + RELEASED_SUFFIX).touch()
+        self._mark_released(overlay)
         self._consolidate(dom, vm, disk)
 
     def _consolidate(self, dom: libvirt.virDomain, vm: str, disk: str) -> None:
@@ -385,6 +508,8 @@ class KvmDriver(HypervisorDriver):
             if run is None:
                 return
             top, below = run
+            if not dom.isActive() and dom.hasManagedSaveImage(0):
+                return  # the saved guest's definition names these layers: merge once it runs
             if top == 0 and dom.isActive():
                 self._commit_live(dom, vm, disk, chain[below])
             elif top == 0:
@@ -485,7 +610,8 @@ class KvmDriver(HypervisorDriver):
           still needs) is not ours to finish: ChainBusy, retried later.
         """
         try:
-            info = dom.blockJobInfo(disk, 0)
+            # A stopped domain has no jobs (libvirt refuses the question itself).
+            info = dom.blockJobInfo(disk, 0) if dom.isActive() else None
             if not info:
                 return
             kind = info.get("type")
@@ -546,13 +672,20 @@ class KvmDriver(HypervisorDriver):
         deleted; if it started later, it started on ``base``, and the old layers can go.
         """
         run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
+        # The intent is durable before the definition changes: a worker killed between
+        # the redefinition and the check below leaves it for the next operation to settle.
+        intent = {"disk": disk, "top": top.path, "top_format": top.format}
+        intent |= {"base": base.path, "base_format": base.format}
+        atomic_write(self._intent_path(vm), json.dumps(intent))
         self._redefine_disk(dom, vm, disk, source=base.path, fmt=base.format)
+        started_on_top = False
         if dom.isActive():
             live, live_fmt = self._active_source(dom, vm, disk)
             if live != base.path:
                 self._redefine_disk(dom, vm, disk, source=live, fmt=live_fmt)
-                return False
-        return True
+                started_on_top = True
+        self._intent_path(vm).unlink()
+        return not started_on_top
 
     def _commit_middle_live(
         self, dom: libvirt.virDomain, vm: str, disk: str, *, top: str, base: str
@@ -627,10 +760,10 @@ class KvmDriver(HypervisorDriver):
         is on primary, else from its verified backup. Reverting a running VM is refused: the
         guest would see its disk change under it."""
         vm, disk = req.volume.vm.name, req.volume.disk
-        with self._lock(vm):
-            dom = self._domain(vm)
+        with self._locked_domain(vm) as dom:
             if dom.isActive():
                 raise InvalidInput(f"VM {vm!r} is running; stop it before reverting {disk!r}")
+            self._refuse_managed_save(dom, vm, "a revert")
             frozen = self._intact_frozen(dom, vm, disk, req.primary)
             if frozen is not None:
                 self._revert_disk(
@@ -674,8 +807,20 @@ class KvmDriver(HypervisorDriver):
     def _revert_disk(
         self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
     ) -> None:
-        """Make a stopped VM's disk read as ``source``: a new top layer, built beside the
-        active image, verified, then swapped in under the active image's name.
+        """Make a stopped VM's disk read as ``source`` (:meth:`_build_revert_layer`, then
+        :meth:`_swap_in_revert_layer`)."""
+        layer = self._build_revert_layer(dom, vm, disk, tag, source=source, source_fmt=source_fmt)
+        try:
+            self._swap_in_revert_layer(dom, vm, disk, layer)
+        finally:
+            Path(layer.partial).unlink(missing_ok=True)
+
+    def _build_revert_layer(
+        self, dom: libvirt.virDomain, vm: str, disk: str, tag: str, *, source: str, source_fmt: str
+    ) -> RevertLayer:
+        """The layer that makes the disk read as ``source``, built beside the active image
+        and verified, touching nothing the VM uses (so it can be built while the VM still
+        runs, and a failure here changes nothing).
 
         The new layer keeps the active image's backing file, so the frozen images of every
         other snapshot (volume or VM, older or newer) stay below it untouched, and a backup
@@ -699,15 +844,39 @@ class KvmDriver(HypervisorDriver):
                     "convert", "-q", "-n", "-f", source_fmt, "-O", "qcow2", source, partial
                 )
                 run_qemu_img("compare", "-q", "-f", source_fmt, "-F", "qcow2", source, partial)
-            if dom.isActive():  # started meanwhile: it runs on the old image; keep it
-                raise ChainBusy(f"VM {vm!r} was started during the revert; nothing changed")
-            # qemu-img does not fsync: without this a crash after the rename could leave
-            # the VM's disk named as the new layer but holding none of its bytes.
-            fsync_replace(partial, active)
-        finally:
+        except BaseException:
             Path(partial).unlink(missing_ok=True)
-        if fmt != "qcow2":  # a raw disk reverted into qcow2: tell libvirt
-            self._redefine_disk(dom, vm, disk, source=active, fmt="qcow2")
+            raise
+        return RevertLayer(partial=partial, active=active, active_format=fmt)
+
+    def _swap_in_revert_layer(
+        self, dom: libvirt.virDomain, vm: str, disk: str, layer: RevertLayer, *, define: bool = True
+    ) -> str:
+        """Put a built revert layer in the active image's place; the disk's new source.
+
+        A qcow2 active image is replaced under its own name. A raw one (a disk with no
+        snapferry layer) cannot be: the definition would call a qcow2 file raw until it is
+        redefined, and a failure in between lets the guest shred the qcow2 metadata. So the
+        layer gets a name of its own, the definition is pointed at it, and only then is the
+        raw file removed. ``define=False`` (a transient domain, which has no persistent
+        definition) leaves the definition to the caller."""
+        if define and dom.isActive():  # started meanwhile: it runs on the old image; keep it
+            raise ChainBusy(f"VM {vm!r} was started during the revert; nothing changed")
+        # qemu-img does not fsync: without this a crash after the rename could leave
+        # the VM's disk named as the new layer but holding none of its bytes.
+        if layer.active_format == "qcow2":
+            fsync_replace(layer.partial, layer.active)
+            return layer.active
+        target = f"{layer.active}.qcow2"
+        fsync_replace(layer.partial, target)
+        if define:
+            try:
+                self._redefine_disk(dom, vm, disk, source=target, fmt="qcow2")
+            except BaseException:
+                Path(target).unlink(missing_ok=True)
+                raise
+        Path(layer.active).unlink(missing_ok=True)
+        return target
 
     # -- failed takes ----------------------------------------------------------------------
     def discard(self, req: DiscardRequest) -> None:
@@ -715,13 +884,20 @@ class KvmDriver(HypervisorDriver):
         every retry). The overlay's name follows from the snapshot ID, so it is found, released
         and merged like any other; a DiskAndMemory take's memory file is removed."""
         vm = req.vm.name
-        with self._lock(vm):
-            dom = self._domain(vm)
+
+        # The marks first, outside the lock (see _mark_released): a discard that fails
+        # for good still leaves the layers to the next release on each disk.
+        def overlays(active: str) -> list[str]:  # the take was of either kind
+            return [overlay_path(active, req.snapshot_id, vm_snapshot=k) for k in (False, True)]
+
+        for active in self._file_disks(self._domain(vm), vm).values():
+            for overlay in overlays(active):
+                self._mark_released(overlay)
+        with self._locked_domain(vm) as dom:
             actives = self._file_disks(dom, vm)
             for disk, active in actives.items():
-                overlay = overlay_path(active, req.snapshot_id)
-                if overlay in chain_paths(self._chain(dom, vm, disk)):
-                    self._release_overlay(dom, vm, disk, overlay)
+                if any(marked(o, RELEASED_SUFFIX) for o in overlays(active)):
+                    self._consolidate(dom, vm, disk)
             for active in actives.values():
                 Path(memory_path(active, req.snapshot_id)).unlink(missing_ok=True)
 
@@ -737,12 +913,14 @@ class KvmDriver(HypervisorDriver):
         like a volume snapshot whose backup has not finished, so every later volume-snapshot
         merge stops above its frozen images."""
         vm = op.vm.name
-        with self._lock(vm):
-            dom = self._domain(vm)
+        with self._locked_domain(vm) as dom:
+            self._refuse_managed_save(dom, vm, "a VM snapshot")
             running = bool(dom.isActive())
             with_memory = op.type == VmSnapshotType.DISK_AND_MEMORY
             actives = self._file_disks(dom, vm)
-            overlays = {d: overlay_path(a, op.snapshot_id) for d, a in actives.items()}
+            overlays = {
+                d: overlay_path(a, op.snapshot_id, vm_snapshot=True) for d, a in actives.items()
+            }
             first = next(iter(actives.values()))
             memory = memory_path(first, op.snapshot_id) if with_memory else None
             present = [d for d in actives if overlays[d] in chain_paths(self._chain(dom, vm, d))]
@@ -762,31 +940,61 @@ class KvmDriver(HypervisorDriver):
 
         A Disk snapshot needs the VM stopped (the guest would see its disks change under
         it). A DiskAndMemory revert replaces the running state by definition, so a running
-        VM is powered off first, then restored from the saved memory with its disks on the
-        reverted images (never on the frozen images the save file names)."""
+        VM is powered off, then restored from the saved memory with its disks on the
+        reverted images (never on the frozen images the save file names).
+
+        Every layer that can fail to build (a full copy needs primary space) is built and
+        verified first, while the VM still runs; only then is it powered off, the layers
+        swapped in and the guest restored. A transient domain (what CloudStack's agent
+        runs) vanishes from libvirt when powered off, so its definition is taken before,
+        and the restore brings it back with the new disks."""
         assert op.taken is not None
         vm = op.vm.name
-        with self._lock(vm):
-            dom = self._domain(vm)
+        with self._locked_domain(vm) as dom:
             if op.taken.memory and not Path(op.taken.memory).exists():
                 raise InvalidInput(f"VM snapshot {op.snapshot_id}: its memory file is gone")
-            sources = {d: self._frozen_below(dom, vm, d, o) for d, o in op.taken.overlays.items()}
-            if dom.isActive():
-                if op.taken.memory is None:
-                    raise InvalidInput(
-                        f"VM {vm!r} is running; stop it before reverting to Disk snapshot"
-                        f" {op.snapshot_id}"
-                    )
-                dom.destroy()
-            for disk, frozen in sources.items():
-                self._revert_disk(
-                    dom, vm, disk, op.snapshot_id, source=frozen.path, source_fmt=frozen.format
+            running = bool(dom.isActive())
+            if running and op.taken.memory is None:
+                raise InvalidInput(
+                    f"VM {vm!r} is running; stop it before reverting to Disk snapshot"
+                    f" {op.snapshot_id}"
                 )
+            self._refuse_managed_save(dom, vm, "a revert")
+            persistent = bool(dom.isPersistent())
+            sources = {d: self._frozen_below(dom, vm, d, o) for d, o in op.taken.overlays.items()}
+            built: dict[str, RevertLayer] = {}
+            try:
+                for disk, frozen in sources.items():
+                    built[disk] = self._build_revert_layer(
+                        dom, vm, disk, op.snapshot_id, source=frozen.path, source_fmt=frozen.format
+                    )
+                if running:
+                    dom.destroy()
+                swapped = {
+                    disk: self._swap_in_revert_layer(dom, vm, disk, layer, define=persistent)
+                    for disk, layer in built.items()
+                }
+            except libvirt.libvirtError as exc:
+                raise _libvirt_error(exc, vm=vm) from exc
+            finally:
+                for layer in built.values():
+                    Path(layer.partial).unlink(missing_ok=True)
             if op.taken.memory is not None:
-                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
                 try:
+                    # The persistent definition, which the swaps may have changed; a
+                    # transient domain has none left, and its live XML (expanded CPU
+                    # checks) does not match the image's: the image's own, then.
+                    definition = (
+                        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                        if persistent
+                        else self._connection().saveImageGetXMLDesc(
+                            op.taken.memory, libvirt.VIR_DOMAIN_XML_SECURE
+                        )
+                    )
                     self._connection().restoreFlags(
-                        op.taken.memory, xml, libvirt.VIR_DOMAIN_SAVE_RUNNING
+                        op.taken.memory,
+                        _with_disk_sources(definition, swapped),
+                        libvirt.VIR_DOMAIN_SAVE_RUNNING,
                     )
                 except libvirt.libvirtError as exc:
                     raise _libvirt_error(exc, vm=vm) from exc
@@ -796,12 +1004,18 @@ class KvmDriver(HypervisorDriver):
         vm = op.vm.name
         if op.taken is None:
             return
-        with self._lock(vm):
-            dom = self._domain(vm)
-            for disk, overlay in op.taken.overlays.items():
-                self._release_overlay(dom, vm, disk, overlay)
-            if op.taken.memory:
-                Path(op.taken.memory).unlink(missing_ok=True)
+        for overlay in op.taken.overlays.values():
+            self._mark_released(overlay)
+        try:
+            with self._locked_domain(vm) as dom:
+                for disk in op.taken.overlays:
+                    self._consolidate(dom, vm, disk)
+        except VmNotFound:
+            # The domain is gone; its disk files may not be (undefine keeps them, and they
+            # can be defined again): the layers stay, marked, for a later release to merge.
+            pass
+        if op.taken.memory:
+            Path(op.taken.memory).unlink(missing_ok=True)
 
     def _frozen_below(self, dom: libvirt.virDomain, vm: str, disk: str, overlay: str) -> ImageLayer:
         """The image a snapshot froze: whatever its overlay is backed by now."""
