@@ -146,3 +146,103 @@ def test_a_release_pivots_a_dead_workers_active_commit_of_released_layers(
     assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
     assert not Path(snap_n.overlay).exists() and not Path(snap_b.overlay).exists()
     assert_converged(dom, guest)
+
+
+def test_a_release_that_cannot_get_the_lock_leaves_its_layer_marked_for_the_next(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    """A delete whose release times out on the domain lock (a long revert holds it) still
+    marks its layer released, so the next release on the disk merges it."""
+    import fcntl
+    import os
+    from dataclasses import replace
+
+    from snapferry.activities.errors import ChainBusy
+    from snapferry.activities.hypervisors.domain_lock import lock_path
+
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(replace(settings, domain_lock_timeout_s=0.2))
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid_p, pending = take(driver, volume)
+    guest.write(pattern=0x44, offset=0, length=MIB)
+    sid_q, newer = take(driver, volume)
+    assert pending.overlay and newer.overlay
+    settings.lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(settings.lock_dir, vm.name), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ChainBusy):
+            driver.release(volume=volume, snapshot_id=sid_p, source=pending, backed_up=False)
+    finally:
+        os.close(fd)
+    assert Path(pending.overlay + RELEASED_SUFFIX).exists()
+    driver.release(volume=volume, snapshot_id=sid_q, source=newer, backed_up=False)
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    assert_converged(libvirt_conn.lookupByName(vm.name), guest)
+
+
+def offline_write(image: str, *, pattern: int, offset: int, length: int) -> None:
+    """What a guest would write, on a stopped VM's active image."""
+    import subprocess
+
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", image],
+        check=True,
+        capture_output=True,
+    )
+
+
+class Killed(BaseException):
+    """The host worker dies here (not an Exception: nothing in the driver may catch it)."""
+
+
+@pytest.mark.parametrize("stopped_after", [True, False], ids=["then-stopped", "still-running"])
+def test_a_vm_started_while_an_offline_merge_redefines_keeps_its_writes(
+    settings: Settings,
+    make_vm,
+    host_name: str,
+    libvirt_conn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stopped_after: bool,
+) -> None:
+    """An operator starts the VM between ``qemu-img commit`` and the redefinition onto the
+    base, and the host worker dies right after that redefinition: the VM runs on the old
+    top while its persistent definition names the base. Its writes land in the top only;
+    the next operation must not lose them, whether the VM still runs or was stopped."""
+    from snapferry.activities.hypervisors import kvm
+
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=False)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(settings)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid, snap = take(driver, volume)
+    assert snap.overlay
+    offline_write(snap.overlay, pattern=0x55, offset=MIB, length=MIB)
+    patch_reference(guest.expected, guest.expected, pattern=0x55, offset=MIB, length=MIB)
+    dom = libvirt_conn.lookupByName(vm.name)
+    real_commit, real_redefine = kvm.run_qemu_img, KvmDriver._redefine_disk
+
+    def commit_then_operator_starts(*args: str) -> str:
+        out = real_commit(*args)
+        if args[0] == "commit":
+            dom.create()
+        return out
+
+    def redefine_then_die(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_redefine(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(kvm, "run_qemu_img", commit_then_operator_starts)
+    monkeypatch.setattr(KvmDriver, "_redefine_disk", redefine_then_die)
+    with pytest.raises(Killed):
+        driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    monkeypatch.undo()
+    assert disk_source(libvirt_conn, vm.name) == snap.overlay  # running on the old top
+    guest.write(pattern=0x66, offset=5 * MIB, length=MIB)
+    if stopped_after:
+        dom.destroy()
+    # The retry (or any later operation on this VM) settles it.
+    driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    assert_converged(dom, guest)
