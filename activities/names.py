@@ -22,6 +22,10 @@ REVERT_VOLUME = "revert_volume"
 
 # A reset snapshot workflow waits for the backup child its earlier run started (control queue).
 AWAIT_BACKUP_WORKFLOW = "await_backup_workflow"
+# The search attribute holding a snapshot's state: a reset run reads its earlier runs' there.
+SNAPSHOT_STATE_ATTRIBUTE = "SnapshotState"
+# What an earlier run of a deleted snapshot ended as (a reset run stays that).
+DELETED_STATES = ("Destroyed", "Hidden")
 
 # Recurring policies (control queue): retention deletes the oldest snapshots beyond N.
 APPLY_RETENTION = "apply_retention"

@@ -114,6 +114,9 @@ DELETE_RELEASE_PATCH = "a-failed-release-fails-the-delete"
 # A failed take whose leftovers could not be removed stays open in Error, deletable: its
 # delete runs the discard again.
 DISCARD_ON_DELETE_PATCH = "a-delete-discards-what-a-failed-take-left"
+# A reset run whose adopted backup ended without a backup because the snapshot was deleted
+# (during that backup, or after it failed): it stays Destroyed, not CreatedOnPrimary.
+RESET_OF_DELETED_PATCH = "reset-of-a-snapshot-deleted-before-its-backup"
 RELEASE_FAILED = "its primary copy could not be merged away"
 TAKE_LAST_RESORT = timedelta(days=1)
 PURGED_SIGNAL = "purged"
@@ -327,6 +330,13 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 )
                 return
             except (ChildWorkflowError, ActivityError) as err:
+                if self._deleted_before_reset(err):
+                    # Its earlier run deleted it: the backup was cancelled (or had failed)
+                    # and the primary copy merged away. It stays what it was: Destroyed.
+                    self.backup_child, self.adopted_backup, self.backup_running = None, None, False
+                    self._set_state(SnapshotState.DESTROYED)
+                    self.destroyed = True
+                    return
                 if not self.cancel_requested and not self.deleting:
                     metrics.count("backups_failed", hypervisor=hypervisor)
                 self.backup_child, self.adopted_backup, self.backup_running = None, None, False
@@ -341,6 +351,17 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
                 self.retry_requested = False
                 if not self.deleting:
                     self.record.backup_error = None
+
+    def _deleted_before_reset(self, err: Exception) -> bool:
+        """An adopted backup (a reset run's) that ended without a backup because an earlier
+        run of this snapshot deleted it (see activities/adopt.py)."""
+        cause = err.cause if isinstance(err, ActivityError) else None
+        return (
+            self.adopted_backup is not None
+            and isinstance(cause, ApplicationError)
+            and cause.type == "SnapshotDeleted"
+            and workflow.patched(RESET_OF_DELETED_PATCH)
+        )
 
     async def _start_backup_child(
         self, req: SnapshotRequest, primary: PrimarySnapshot

@@ -54,6 +54,8 @@ async def runs_of(client: Client, workflow_id: str) -> int:
 
 
 RESETS = ["FirstWorkflowTask", "LastWorkflowTask", "after-take"]
+# Where a reset run of a deleted snapshot stops (rightly or wrongly): nothing follows.
+SETTLED_STATES = (SnapshotState.DESTROYED, SnapshotState.CREATED_ON_PRIMARY, SnapshotState.ERROR)
 
 
 @pytest.mark.parametrize("how", RESETS)
@@ -226,3 +228,55 @@ async def test_a_reset_of_a_vm_snapshot_never_takes_it_twice(
         assert record.taken == first.taken
     layers = list(vm.disk.parent.glob(vm.disk.name + ".snapferry-*.qcow2"))  # no markers
     assert (layers == []) if removed else (len(layers) == 1)
+
+
+@pytest.mark.parametrize("how", RESETS)
+@pytest.mark.kvm_full_backups  # asserts the merge back onto the original file
+async def test_a_reset_of_a_snapshot_deleted_during_its_backup_stays_destroyed(
+    client: Client,
+    settings: Settings,
+    make_vm,
+    host_name: str,
+    libvirt_conn,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """Deleted while its backup ran (the backup cancelled, its primary copy merged away):
+    a reset run finds that round's backup cancelled, and must not take that for a failed
+    backup waiting for a retry (CreatedOnPrimary, naming a merged-away overlay)."""
+    from snapferry.workers.worker import running_workers
+
+    from ..conftest import with_settings
+
+    takes = record_snapshot_ids(monkeypatch, KvmDriver, "take")
+    slow = with_settings(settings, backup_rate_limit_bps=2e6)  # 16 MiB: about 8 s
+    vm = make_vm(size=32 * MIB, data_bytes=16 * MIB)
+    async with running_workers(client, slow, hosts=[host_name], backup=True, concurrency=2):
+        answer = await starter.create_snapshot(client, request_for(vm.name, host_name, slow))
+        await starter.wait_for_state(client, answer.id, SnapshotState.BACKING_UP)
+        await asyncio.sleep(1)
+        deleted = await starter.snapshot_operation(client, answer.id, DELETE_UPDATE)
+        assert deleted.state == SnapshotState.DESTROYED and deleted.backup is None
+        workflow_id = f"volume-snapshot-{answer.id}"
+        after_take = await event_after_take(client, workflow_id)
+        how_args = ["--event-id", str(after_take)] if how == "after-take" else ["--type", how]
+        done = await temporal(
+            settings, "workflow", "reset", "-w", workflow_id, *how_args, "--reason", "test"
+        )
+        assert done.returncode == 0, done.stderr
+        record = None
+        for _ in range(150):
+            record = await starter.get_record(client, answer.id)
+            if record.state in SETTLED_STATES:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)  # anything a reset run would do wrongly has had time to happen
+        record = await starter.get_record(client, answer.id)
+    assert record is not None and record.state == SnapshotState.DESTROYED, record
+    assert takes == [answer.id], "the volume was snapshotted again"
+    assert await runs_of(client, f"backup-{answer.id}-1") == 1, "a second backup ran"
+    assert await runs_of(client, f"backup-{answer.id}-2") == 0
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    assert not list(vm.disk.parent.glob(vm.disk.name + ".snapferry-*"))
+    store = slow.secondary / "snapshots" / vm.name / "vda"
+    assert not list(store.glob(f"{answer.id}*"))
