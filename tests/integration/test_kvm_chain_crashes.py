@@ -246,3 +246,90 @@ def test_a_vm_started_while_an_offline_merge_redefines_keeps_its_writes(
     # The retry (or any later operation on this VM) settles it.
     driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
     assert_converged(dom, guest)
+
+
+def write_as_guest(guest: GuestDisk, running: bool, *, pattern: int, offset: int) -> None:
+    """One MiB written as the guest would: through the VM, or on its stopped active image."""
+    if running:
+        guest.write(pattern=pattern, offset=offset, length=MIB)
+        return
+    active = disk_source(guest.vm.conn, guest.vm.name)
+    offline_write(active, pattern=pattern, offset=offset, length=MIB)
+    patch_reference(guest.expected, guest.expected, pattern=pattern, offset=offset, length=MIB)
+
+
+class StepKiller:
+    """Kills the host worker right after its ``kill_at``-th step that changes a chain or a
+    definition (a qemu-img write, a redefinition, a block job start or pivot, an unlink,
+    the intent file): the step's effect is there, nothing after it ran. A live job the
+    step started goes on in libvirt, as it does when the real worker dies."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
+        from snapferry.activities.hypervisors import kvm
+
+        self.kill_at, self.steps = kill_at, 0
+
+        def step(real):  # type: ignore[no-untyped-def]
+            def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+                out = real(*args, **kwargs)
+                self.steps += 1
+                if self.steps == self.kill_at:
+                    raise Killed
+                return out
+
+            return wrapper
+
+        monkeypatch.setattr(kvm, "run_qemu_img", step(kvm.run_qemu_img))
+        monkeypatch.setattr(kvm, "atomic_write", step(kvm.atomic_write))
+        monkeypatch.setattr(KvmDriver, "_redefine_disk", step(KvmDriver._redefine_disk))
+        monkeypatch.setattr(KvmDriver, "_forget", staticmethod(step(KvmDriver._forget)))
+        for name in ("blockCommit", "blockJobAbort"):
+            monkeypatch.setattr(libvirt.virDomain, name, step(getattr(libvirt.virDomain, name)))
+
+
+@pytest.mark.parametrize("where", ["top", "middle"])
+@pytest.mark.parametrize("running", [True, False], ids=["live", "offline"])
+def test_a_merge_killed_at_any_step_converges_on_the_next_release(
+    settings: Settings,
+    make_vm,
+    host_name: str,
+    libvirt_conn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    running: bool,
+    where: str,
+) -> None:
+    kill_at = 1
+    while True:
+        vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=running)
+        guest = GuestDisk(vm, tmp_path)
+        driver = KvmDriver(settings)
+        volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+        dom = libvirt_conn.lookupByName(vm.name)
+
+        sid, snap = take(driver, volume)
+        write_as_guest(guest, running, pattern=0x31, offset=MIB)
+        expected_chain = [str(vm.disk)]
+        if where == "middle":
+            _, kept = take(driver, volume)
+            assert kept.overlay
+            Path(kept.overlay + BASE_SUFFIX).touch()  # a kept base: the layer above stays
+            write_as_guest(guest, running, pattern=0x32, offset=4 * MIB)
+            expected_chain = [kept.overlay, str(vm.disk)]
+        with monkeypatch.context() as patch:
+            killer = StepKiller(patch, kill_at)
+            try:
+                driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+                killed = False
+            except Killed:
+                killed = True
+        driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+        if running:
+            assert not dom.blockJobInfo("vda", 0)
+        assert chain_of(disk_source(libvirt_conn, vm.name)) == expected_chain, kill_at
+        assert_converged(dom, guest)
+        vm.destroy()
+        if not killed:
+            assert killer.steps >= 2  # every step of a real merge was tried
+            return
+        kill_at += 1
