@@ -179,6 +179,18 @@ def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
     return HypervisorUnavailable(f"libvirt error on VM {vm!r}: {exc.get_error_message()}")
 
 
+def _keep_size(base: ImageLayer, size: int) -> None:
+    """After the top of a disk is committed into ``base``, the disk keeps the top's size.
+
+    QEMU's commit only ever grows the base (block/commit.c: the base is truncated up to
+    the top's length, never down), so a top made smaller than the layer below it (a revert
+    to a snapshot from before a resize gives the disk the snapshot's size) would grow back
+    and show the tail written before the revert. The live path shrinks with a block resize
+    after the pivot, the offline one here."""
+    if base.virtual_size > size:
+        run_qemu_img("resize", "-q", "--shrink", "-f", base.format, base.path, str(size))
+
+
 def _with_disk_sources(definition: str, sources: dict[str, str]) -> str:
     """A domain definition whose named disks read from the given qcow2 files (a revert's
     new layers), with no recorded ``<backingStore>`` (libvirt re-detects the chain)."""
@@ -511,7 +523,7 @@ class KvmDriver(HypervisorDriver):
             if not dom.isActive() and dom.hasManagedSaveImage(0):
                 return  # the saved guest's definition names these layers: merge once it runs
             if top == 0 and dom.isActive():
-                self._commit_live(dom, vm, disk, chain[below])
+                self._commit_live(dom, vm, disk, chain[below], size=layers[0].virtual_size)
             elif top == 0:
                 if not self._commit_offline(dom, vm, disk, top=layers[0], base=layers[below]):
                     return  # started meanwhile: its layers stay, the next release merges live
@@ -648,12 +660,17 @@ class KvmDriver(HypervisorDriver):
         while dom.blockJobInfo(disk, 0):
             time.sleep(0.02)
 
-    def _commit_live(self, dom: libvirt.virDomain, vm: str, disk: str, base: str) -> None:
-        """A running VM's active commit of the top run into ``base``, pivoted. No job runs
-        when this starts (:meth:`_settle_block_job` ran first, under the domain lock)."""
+    def _commit_live(
+        self, dom: libvirt.virDomain, vm: str, disk: str, base: str, *, size: int
+    ) -> None:
+        """A running VM's active commit of the top run into ``base``, pivoted, the disk kept
+        at the top's ``size`` (:func:`_keep_size`). No job runs when this starts
+        (:meth:`_settle_block_job` ran first, under the domain lock)."""
         try:
             dom.blockCommit(disk, base, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
             self._pivot_when_ready(dom, vm, disk)
+            if dom.blockInfo(disk, 0)[0] > size:
+                dom.blockResize(disk, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
         except libvirt.libvirtError as exc:
             raise _libvirt_error(exc, vm=vm) from exc
         active, _ = self._active_source(dom, vm, disk)
@@ -672,6 +689,7 @@ class KvmDriver(HypervisorDriver):
         deleted; if it started later, it started on ``base``, and the old layers can go.
         """
         run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
+        _keep_size(base, top.virtual_size)
         # The intent is durable before the definition changes: a worker killed between
         # the redefinition and the check below leaves it for the next operation to settle.
         intent = {"disk": disk, "top": top.path, "top_format": top.format}

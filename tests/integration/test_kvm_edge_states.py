@@ -242,3 +242,50 @@ def test_a_vm_snapshot_delete_after_the_domain_vanished_finishes(
     overlay = taken.overlays["vda"]
     assert Path(overlay + kvm.RELEASED_SUFFIX).exists()
     subprocess.run(["qemu-img", "info", "-f", "qcow2", overlay], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["live", "offline"])
+def test_a_revert_to_before_a_resize_keeps_the_snapshots_size_through_every_merge(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, running: bool
+) -> None:
+    """A disk grown after snapshot s1 and written past s1's end, then reverted to s1: it
+    has s1's size and bytes, and merging the layers below it must not grow it back (QEMU's
+    commit only grows a base) and show the tail written before the revert."""
+    from snapferry.activities.storage.reader import image_info
+
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=False)
+    driver = KvmDriver(settings)
+    volume = volume_of(vm.name, host_name)
+    sid1 = new_snapshot_id()
+    s1 = driver.take(volume=volume, snapshot_id=sid1)
+    assert s1.overlay
+    grown = disk_source(libvirt_conn, vm.name, inactive=True)
+    subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", grown, str(32 * MIB)], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 {20 * MIB} {MIB}", grown], check=True
+    )
+    sid2 = new_snapshot_id()
+    s2 = driver.take(volume=volume, snapshot_id=sid2)
+    driver.revert(RevertRequest(snapshot_id=sid1, volume=volume, primary=s1, manifest_path=None))
+    dom = libvirt_conn.lookupByName(vm.name)
+    if running:
+        dom.create()
+
+    def size_and_bytes_are_s1s() -> None:
+        active = disk_source(libvirt_conn, vm.name)
+        size = (
+            dom.blockInfo("vda", 0)[0] if running else image_info(active, "qcow2")["virtual-size"]
+        )
+        assert size == 16 * MIB
+        assert images_identical(vm.reference, active, fmt_b="qcow2")
+
+    size_and_bytes_are_s1s()
+    driver.release(volume=volume, snapshot_id=sid2, source=s2, backed_up=False)
+    size_and_bytes_are_s1s()
+    driver.release(volume=volume, snapshot_id=sid1, source=s1, backed_up=False)
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    size_and_bytes_are_s1s()
+    if running:
+        dom.destroy()
+    dom.create()  # and after a restart, the guest sees s1's size
+    assert dom.blockInfo("vda", 0)[0] == 16 * MIB
