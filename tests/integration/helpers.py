@@ -76,3 +76,17 @@ def disk_source(conn, name: str, *, inactive: bool = False) -> str:  # type: ign
     src = ET.fromstring(xml).find("./devices/disk/source")
     assert src is not None
     return src.get("file", "")
+
+
+def disk_driver(conn, name: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The persistent definition's (source file, driver type) of the first disk."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    disk = ET.fromstring(xml).find("./devices/disk")
+    assert disk is not None
+    src, drv = disk.find("source"), disk.find("driver")
+    assert src is not None and drv is not None
+    return src.get("file", ""), drv.get("type", "")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -32,23 +31,13 @@ from snapferry.workflows.snapshot import CREATE_TEMPLATE_UPDATE, CREATE_VOLUME_U
 from ..inotify import watch_opens
 from ..spies import record_fsyncs_and_renames
 from ..unit.test_no_format_probe import forged_raw_disk
-from .helpers import chain_of, disk_source, images_identical, request_for
+from .helpers import chain_of, disk_driver, disk_source, images_identical, request_for
 
 pytestmark = pytest.mark.integration
 
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
-
-
-def disk_driver(conn: libvirt.virConnect, name: str) -> tuple[str, str]:
-    """The persistent definition's (source file, driver type) of vda."""
-    xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    disk = ET.fromstring(xml).find("./devices/disk")
-    assert disk is not None
-    src, drv = disk.find("source"), disk.find("driver")
-    assert src is not None and drv is not None
-    return src.get("file", ""), drv.get("type", "")
 
 
 def active_image(dom: libvirt.virDomain) -> str:
@@ -109,7 +98,7 @@ async def test_a_revert_after_a_failed_merge_and_a_newer_release_uses_the_backup
     vm = make_vm(size=16 * MIB, data_bytes=4 * MIB)
     real_commit = KvmDriver._commit_live
 
-    def failing_commit(self, dom, vm_name, disk, base):  # type: ignore[no-untyped-def]
+    def failing_commit(self, dom, vm_name, disk, base, **_kw):  # type: ignore[no-untyped-def]
         raise InvalidInput(f"VM {vm_name!r}: injected merge failure")
 
     monkeypatch.setattr(KvmDriver, "_commit_live", failing_commit)

@@ -12,10 +12,8 @@ before they destroy: real libvirtd and QEMU, through :class:`KvmDriver`.
 from __future__ import annotations
 
 import subprocess
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from snapferry.activities.contracts import (
@@ -31,7 +29,7 @@ from snapferry.activities.hypervisors.kvm import KvmDriver
 from snapferry.activities.settings import Settings
 from snapferry.workers.demo_vm import MIB, domain_xml
 
-from .helpers import chain_of, disk_source, images_identical
+from .helpers import chain_of, disk_driver, disk_source, images_identical
 from .test_kvm_chain_crashes import GuestDisk
 
 pytestmark = pytest.mark.integration
@@ -39,15 +37,6 @@ pytestmark = pytest.mark.integration
 
 def volume_of(vm_name: str, host: str) -> VolumeRef:
     return VolumeRef(vm=VmRef(name=vm_name, host=host), disk="vda")
-
-
-def defined_disk(dom: libvirt.virDomain) -> tuple[str, str]:
-    """The persistent definition's (source, driver type) of vda."""
-    disk = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).find("./devices/disk")
-    assert disk is not None
-    src, drv = disk.find("source"), disk.find("driver")
-    assert src is not None and drv is not None
-    return src.get("file", ""), drv.get("type", "")
 
 
 # -- managed save ---------------------------------------------------------------------------
@@ -153,12 +142,12 @@ def test_a_raw_disk_revert_that_fails_to_redefine_leaves_the_disk_raw_and_whole(
         with pytest.raises(kvm.HypervisorUnavailable):
             driver._revert_disk(dom, name, "vda", "t1", source=str(other), source_fmt="raw")
         monkeypatch.undo()
-        source, fmt = defined_disk(dom)
+        source, fmt = disk_driver(libvirt_conn, name)
         assert fmt == "raw"
         assert Path(source).read_bytes() == original
         # The retry then reverts it for real, and the definition names a qcow2 file.
         driver._revert_disk(dom, name, "vda", "t1", source=str(other), source_fmt="raw")
-        source, fmt = defined_disk(dom)
+        source, fmt = disk_driver(libvirt_conn, name)
         assert fmt == "qcow2"
         assert images_identical(other, source, fmt_b="qcow2")
         assert not disk.exists()  # the raw file it replaced is gone
