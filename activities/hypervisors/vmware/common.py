@@ -1,0 +1,91 @@
+"""Names, locks and vSphere facts every part of the VMware driver shares."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ...errors import ChainBusy, UnsupportedImage
+
+CLONE_TAG = "-snapferry-"
+VOLUME_SNAPSHOT_PREFIX = "snapferry-"
+VM_SNAPSHOT_PREFIX = "snapferry-vm-"
+TASK_POLL_S = 0.05  # the first poll of a task; then backing off by half each time
+TASK_POLL_MAX_S = 2.0  # and never slower than this (nor than a quarter heartbeat timeout)
+# DatastoreSummary.type values whose disks are flat files that /folder serves byte for byte.
+# vSAN ("vsan", "vsanD") and vVols ("VVOL") keep disks as objects: /folder has no
+# -flat.vmdk there and answers 404 (OpenNebula/one#7788, libguestfs/virt-v2v#29).
+FLAT_FILE_DATASTORES = {"VMFS", "NFS", "NFS41", "CIFS"}
+# A delta's descriptor: <base>-00000N.vmdk (the pattern virt-v2v strips, v2v/vCenter.ml).
+DELTA_RE = re.compile(r"-\d{6}\.vmdk$")
+MOREF_RE = re.compile(r"vm-\d+")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+_vm_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_vm_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def vm_lock(vm: str) -> Iterator[None]:
+    """This worker's lock on one VM's snapshot tree. It fails fast with the retryable
+    ChainBusy instead of queueing: a take waiting behind a long clone would hold one of the
+    worker's activity slots, and enough of them would stop the worker serving any VM."""
+    with _vm_locks_guard:
+        lock = _vm_locks[vm]
+    if not lock.acquire(blocking=False):
+        raise ChainBusy(
+            f"another snapshot operation on VM {vm!r} is running on this worker; retried"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def clone_name(vm: str, snapshot_id: str) -> str:
+    return f"{vm}{CLONE_TAG}{snapshot_id}"
+
+
+def flat_path(backing_file: str) -> tuple[str, str]:
+    """``[ds1] dir/disk.vmdk`` -> (``ds1``, ``dir/disk-flat.vmdk``): the raw extent of a flat
+    disk, which is what the datastore serves byte for byte."""
+    ds, _, path = backing_file.partition("] ")
+    return ds.lstrip("["), path.removesuffix(".vmdk") + "-flat.vmdk"
+
+
+def base_backing(backing: Any) -> Any:
+    """The base disk's backing under any snapshot deltas.
+
+    After a snapshot, vSphere shows a disk's backing as a delta (``web01-000001.vmdk``)
+    whose ``parent`` is the disk it was taken on, down to the base (vSphere API reference,
+    VirtualDiskFlatVer2BackingInfo.parent: "The parent of this virtual disk file, if this is
+    a delta disk backing. This will be unset if this is not a delta disk backing.")."""
+    seen = 0
+    while getattr(backing, "parent", None) is not None:
+        backing, seen = backing.parent, seen + 1
+        if seen > 512:
+            raise UnsupportedImage("disk backing chain deeper than 512 (a loop?)")
+    return backing
+
+
+def disk_name(device: Any) -> str:
+    """A disk's snapferry name: its *base* file's stem (``web01``, ``web01_1``), which is
+    unique per VM, a safe name unlike its label ("Hard disk 1"), and stays the same while
+    VM snapshots put deltas on top. A delta name without a parent (an inventory that does
+    not fill ``parent``) loses its ``-00000N`` suffix, as virt-v2v does."""
+    base = base_backing(device.backing)
+    stem = Path(base.fileName.partition("] ")[2]).name
+    return DELTA_RE.sub(".vmdk", stem).removesuffix(".vmdk")
+
+
+def capacity(device: Any) -> int:
+    """``capacityInBytes`` (vSphere 5.5 and later), else ``capacityInKB``: older inventories,
+    and govmomi's simulator, leave the former unset."""
+    if getattr(device, "capacityInBytes", None):
+        return int(device.capacityInBytes)
+    return int(device.capacityInKB) * 1024

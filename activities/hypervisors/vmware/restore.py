@@ -1,0 +1,107 @@
+"""Restores from secondary: a volume reverted in place, and a new volume uploaded."""
+
+from __future__ import annotations
+
+import http.client
+import tempfile
+from pathlib import Path
+
+from ...contracts import RestoreRequest, RestoreResult, RevertRequest
+from ...errors import ChainBusy, HypervisorUnavailable, InvalidInput, SourceGone
+from .common import flat_path, vm_lock
+from .ops import VsphereOps
+
+
+class RestoreOps(VsphereOps):
+    """Reverts and new volumes, written over the datastore file protocol."""
+
+    # -- revert a volume (from secondary) ----------------------------------------------------
+    def revert(self, req: RevertRequest) -> None:
+        """Write the verified backup over the powered-off VM's disk, then read it back.
+
+        Refused while the VM has vSphere snapshots: their redo logs are based on that disk,
+        so rewriting it underneath them would corrupt every one of them."""
+        from ..storage.secondary import SecondaryStore
+
+        vm_name, disk = req.volume.vm.name, req.volume.disk
+        if req.manifest_path is None:
+            raise InvalidInput(
+                f"snapshot {req.snapshot_id} is not backed up yet; on VMware a volume is"
+                " reverted from its backup"
+            )
+        manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+        with vm_lock(vm_name), SecondaryStore.materialized(manifest) as raw:
+            vm = self._vm(vm_name)
+            if self._powered_on(vm):
+                raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
+            held = [n.name for n in self._snapshots(vm)]
+            if held:
+                raise InvalidInput(
+                    f"VM {vm_name!r} has vSphere snapshots {held}: rewriting {disk!r} under"
+                    " them would corrupt them; revert to or delete them first"
+                )
+            ds, path = flat_path(self._disk(vm, vm_name, disk).backing.fileName)
+            sent = self._upload(ds, path, raw)
+            if self._download_digest(ds, path) != sent:
+                raise ChainBusy(f"{disk!r} on {vm_name!r} did not read back as written")
+
+    # -- a new volume from a backup ----------------------------------------------------------
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult:
+        """Upload the backup as a new flat disk (``<name>-flat.vmdk`` plus its descriptor)
+        in the source VM's datastore folder, read it back, and only then write the
+        descriptor that makes it a disk: a half-uploaded volume is never attachable."""
+        vm_name = req.volume.vm.name
+        ds = req.primary_dir.partition("] ")[0].lstrip("[")
+        flat = f"{vm_name}/{req.name}-flat.vmdk"
+        descriptor = f"{vm_name}/{req.name}.vmdk"
+        if self._exists(ds, descriptor) or self._exists(ds, flat):
+            raise InvalidInput(f"volume {req.name!r} already exists at [{ds}] {descriptor}")
+        size = Path(raw_backup).stat().st_size
+        sent = self._upload(ds, flat, Path(raw_backup))
+        if self._download_digest(ds, flat) != sent:
+            raise ChainBusy(f"[{ds}] {flat} did not read back as written")
+        text = (
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+            'createType="vmfs"\n\n# Extent description\n'
+            f'RW {size // 512} VMFS "{req.name}-flat.vmdk"\n'
+        )
+        self._upload_bytes(ds, descriptor, text.encode())
+        return RestoreResult(path=f"[{ds}] {descriptor}", virtual_size=size, format="vmdk")
+
+    def _exists(self, ds: str, path: str) -> bool:
+        conn = self.session.connection()
+        try:
+            conn.request(
+                "HEAD", self.session.file_url(ds, path), None, {"Cookie": self.session.cookie()}
+            )
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorUnavailable(f"datastore HEAD of [{ds}] {path} failed: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _upload_bytes(self, ds: str, path: str, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile() as tmp:
+            tmp.write(data)
+            tmp.flush()
+            self._upload(ds, path, Path(tmp.name))
+
+    def _upload(self, ds: str, path: str, source: Path) -> str:
+        status, body, sent = self.session.endpoint.put_file(
+            self.session.file_url(ds, path), source, {"Cookie": self.session.cookie()}
+        )
+        if status not in (200, 201, 204):
+            raise HypervisorUnavailable(
+                f"datastore PUT of [{ds}] {path} answered {status}: {body!r}"
+            )
+        return sent
+
+    def _download_digest(self, ds: str, path: str) -> str:
+        status, digest = self.session.endpoint.get_sha256(
+            self.session.file_url(ds, path), {"Cookie": self.session.cookie()}
+        )
+        if status != 200:
+            raise SourceGone(f"[{ds}] {path}: datastore GET answered {status}")
+        return digest

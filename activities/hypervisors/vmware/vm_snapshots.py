@@ -1,0 +1,67 @@
+"""VM snapshots: vSphere's own snapshots, named ``snapferry-vm-<id>``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...contracts import VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
+from ...errors import InvalidInput, SourceGone
+from .common import VM_SNAPSHOT_PREFIX, vm_lock
+from .ops import VsphereOps
+
+
+class VmSnapshotOps(VsphereOps):
+    """Disk and DiskAndMemory VM snapshots: create, revert, delete."""
+
+    # -- VM snapshots ------------------------------------------------------------------------
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        vm_name = op.vm.name
+        with vm_lock(vm_name):
+            vm = self._vm(vm_name)
+            running = self._powered_on(vm)
+            memory = op.type == VmSnapshotType.DISK_AND_MEMORY
+            if memory and not running:
+                raise InvalidInput(
+                    f"VM {vm_name!r} is stopped: a DiskAndMemory snapshot needs a running VM"
+                    " (take a Disk snapshot instead)"
+                )
+            name = VM_SNAPSHOT_PREFIX + op.snapshot_id
+            if self._snapshot_named(vm, name) is None:
+                self._run(
+                    lambda: vm.CreateSnapshot_Task(
+                        name=name,
+                        description=f"snapferry VM snapshot {op.snapshot_id}",
+                        memory=memory,
+                        quiesce=False,
+                    ),
+                    f"VM snapshot of {vm_name!r}",
+                )
+            return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
+
+    def _vm_snapshot(self, vm: Any, op: VmSnapshotOperation) -> Any | None:
+        return self._snapshot_named(vm, VM_SNAPSHOT_PREFIX + op.snapshot_id)
+
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """vSphere's own revert; a Disk snapshot needs the VM stopped, as on KVM (vSphere
+        would power it off silently), and a DiskAndMemory one resumes it running."""
+        vm_name = op.vm.name
+        with vm_lock(vm_name):
+            vm = self._vm(vm_name)
+            snap = self._vm_snapshot(vm, op)
+            if snap is None:
+                raise SourceGone(f"VM snapshot {op.snapshot_id} is gone from {vm_name!r}")
+            if op.type == VmSnapshotType.DISK and self._powered_on(vm):
+                raise InvalidInput(
+                    f"VM {vm_name!r} is running; stop it before reverting to Disk snapshot"
+                    f" {op.snapshot_id}"
+                )
+            self._run(snap.RevertToSnapshot_Task, f"reverting {vm_name!r}")
+            if op.type == VmSnapshotType.DISK_AND_MEMORY and not self._powered_on(vm):
+                self._run(vm.PowerOnVM_Task, f"resuming {vm_name!r}")
+
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        with vm_lock(op.vm.name):
+            vm = self._find_vm(op.vm.name)
+            snap = self._vm_snapshot(vm, op) if vm is not None else None
+            if snap is not None:
+                self._remove_snapshot(snap, f"deleting VM snapshot {op.snapshot_id}")
