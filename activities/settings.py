@@ -142,8 +142,38 @@ class SmtpConfig:
         )
 
 
+def _positive(name: str, default: str) -> int:
+    """An integer setting, refused with its name when it is not a whole number >= 1."""
+    value = _env(name, default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+    return number
+
+
 @dataclass(frozen=True)
 class Settings:
+    """What one process reads from its environment (see :meth:`from_env` for the names).
+
+    ``host_concurrency`` (``SNAPFERRY_HOST_CONCURRENCY``, default 16): how many hypervisor
+    operations a host worker runs at once, over all its VMs; it is the size of the thread
+    pool that makes libvirt calls and runs ``qemu-img``. Operations on one KVM VM wait their
+    turn before they get a thread (the VM's disks have one writer at a time anyway, see
+    hypervisors/domain_lock.py), so three takes of one VM use one thread and the other VMs
+    are not held back by them. The default lets a burst over a dozen VMs take them all side
+    by side, and stays under libvirtd's own 20 worker threads (``max_workers``), so one
+    worker never takes all of libvirtd from other clients.
+
+    ``host_long_concurrency`` (``SNAPFERRY_HOST_LONG_CONCURRENCY``, default 4, at most
+    ``host_concurrency``): of those, how many may be long operations (releases and merges,
+    reverts, discards, VM snapshot reverts and deletes, VMware's clone-taking takes). They
+    read and write whole disks and can run for minutes: bounded apart, they never hold every
+    thread, and a caller waiting for a take is answered while merges run.
+    """
+
     home: Path
     secondary: Path
     libvirt_uri: str
@@ -168,6 +198,16 @@ class Settings:
     # KVM incremental backups (keep one layer, see hypervisors/kvm.py); off = every KVM
     # backup is a full and the chain is merged back onto the original file after each.
     kvm_incremental: bool = True
+    host_concurrency: int = 16
+    host_long_concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        if self.host_long_concurrency > self.host_concurrency:
+            raise ValueError(
+                f"SNAPFERRY_HOST_LONG_CONCURRENCY={self.host_long_concurrency} is more than"
+                f" SNAPFERRY_HOST_CONCURRENCY={self.host_concurrency}: long operations are"
+                " a part of all host operations"
+            )
 
     @property
     def temporal_port(self) -> int:
@@ -215,4 +255,6 @@ class Settings:
             domain_lock_timeout_s=float(_env("SNAPFERRY_DOMAIN_LOCK_TIMEOUT", "60")),
             delta_max=_non_negative("SNAPFERRY_SNAPSHOT_DELTA_MAX", "16"),
             kvm_incremental=_env("SNAPFERRY_KVM_INCREMENTAL", "1") != "0",
+            host_concurrency=_positive("SNAPFERRY_HOST_CONCURRENCY", "16"),
+            host_long_concurrency=_positive("SNAPFERRY_HOST_LONG_CONCURRENCY", "4"),
         )

@@ -1,6 +1,8 @@
 """Worker assembly: which workflows and activities a process serves, on which queues.
 
-* ``--host NAME``: take/release on ``snapferry-host-NAME`` (this process talks to libvirt).
+* ``--host NAME``: take/release on ``snapferry-host-NAME`` (this process talks to libvirt),
+  ``Settings.host_concurrency`` of them at once over all VMs, one at a time per KVM VM, of
+  which ``host_long_concurrency`` long ones (workers/host_gate.py).
 * ``--backup --concurrency N``: the bounded backup pool on ``snapferry-backup``; N is both
   ``max_concurrent_activities`` and the copy thread pool, the spec's separate thread pool.
   The same process serves alerts on ``snapferry-alerts``, so an alert never waits for a
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -27,12 +30,18 @@ from snapferry.activities.host import HostActivities
 from snapferry.activities.policy import PolicyActivities
 from snapferry.activities.restore import RestoreActivities
 from snapferry.activities.settings import Settings
+from snapferry.workers.host_gate import HostGate
 from snapferry.workers.routing import routed_host
 from snapferry.workflows.backup import BackupSnapshotWorkflow
 from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
 from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
 from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
 from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
+
+# Host operations a host worker accepts per thread: the ones past the threads wait in the
+# gate for their VM or for a long slot (workers/host_gate.py), without a thread. Few, since
+# an accepted operation's start-to-close clock runs while it waits.
+HOST_SLOTS_PER_THREAD = 2
 
 WORKFLOWS = [
     VolumeSnapshotWorkflow,
@@ -63,19 +72,31 @@ async def running_workers(
         ),
     ]
     if hosts:
-        host_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="host")
+        # The pool's size is the bound on host operations running at once; the slots are
+        # more, so that operations waiting for their VM (in the gate) hold no thread.
+        host_pool = ThreadPoolExecutor(
+            max_workers=settings.host_concurrency, thread_name_prefix="host"
+        )
         executors.append(host_pool)
         host_acts = HostActivities(settings)
+        gate = HostGate(
+            long_concurrency=settings.host_long_concurrency,
+            wait_timeout_s=settings.domain_lock_timeout_s,
+        )
         for host in hosts:
-            workers.append(
-                Worker(
-                    client,
-                    task_queue=host_queue(routed_host(host)),
-                    activities=host_acts.all,
-                    activity_executor=host_pool,
-                    max_concurrent_activities=4,
+            with warnings.catch_warnings():
+                # More slots than threads is the point (see HostGate), not a mistake.
+                warnings.filterwarnings("ignore", message=".*activity_executor's max_workers")
+                workers.append(
+                    Worker(
+                        client,
+                        task_queue=host_queue(routed_host(host)),
+                        activities=host_acts.all,
+                        activity_executor=host_pool,
+                        max_concurrent_activities=HOST_SLOTS_PER_THREAD * settings.host_concurrency,
+                        interceptors=[gate],
+                    )
                 )
-            )
     if backup:
         copy_pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="copy")
         alert_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="alert")
