@@ -66,12 +66,16 @@ sync_file_range = _sync_file_range()
 
 
 class Checkpoint(BaseModel):
-    """What a backup heartbeats: enough to continue after any crash."""
+    """What a backup heartbeats: enough to continue after any crash. ``state`` and
+    ``zero_run`` are the checksum chain's (see :class:`~.checksum.Chain`); a checkpoint of
+    another ``algorithm`` (one an older version heartbeated) is not resumed from."""
 
     chunks_done: int
     state: str
     chunk_size: int
     bytes_copied_total: int = 0
+    algorithm: str = checksum.CHAIN
+    zero_run: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,27 +179,42 @@ class CopyEngine:
     ) -> tuple[Checkpoint, int]:
         """Trust a checkpoint only if its files still hold what it says; else start over.
         Returns it and the byte length of its digest lines (read one at a time: memory
-        stays flat however many chunks the volume has)."""
+        stays flat however many chunks the volume has; a run of zero chunks is one line,
+        so the walk follows the data). It heartbeats (:func:`~.liveness.alive`) as it goes:
+        a late checkpoint of a large delta has many lines."""
         fresh = Checkpoint(
-            chunks_done=0, state=checksum.initial_state(), chunk_size=self.chunk_size
+            chunks_done=0,
+            state=checksum.initial_state(checksum.ALGORITHM),
+            chunk_size=self.chunk_size,
+            algorithm=checksum.ALGORITHM,
         )
         if resume is None or resume.chunk_size != self.chunk_size:
             return fresh, 0
+        if resume.algorithm != checksum.ALGORITHM:
+            return fresh, 0
         if not (target.data.exists() and target.digests.exists()):
             return fresh, 0
-        state = checksum.initial_state()
-        kept = 0
+        chain = checksum.Chain(checksum.ALGORITHM, self.chunk_size)
+        kept = done = lines = 0
         with open(target.digests, "rb") as f:
-            for _ in range(resume.chunks_done):
+            while done < resume.chunks_done:
                 line = f.readline()
                 if not line.endswith(b"\n"):
                     return fresh, 0  # fewer digests than the checkpoint says
                 try:
-                    state = checksum.advance(state, line.strip().decode())
+                    digest, count = checksum.parse_digest_line(line.decode())
                 except ValueError:
                     return fresh, 0
+                chain.add_run(digest, count)
+                done += count
                 kept += len(line)
-        if state != resume.state:
+                lines += 1
+                if lines % _ALIVE_EVERY_LINES == 0:
+                    liveness.alive()
+        if done != resume.chunks_done or (chain.state, chain.run) != (
+            resume.state,
+            resume.zero_run,
+        ):
             return fresh, 0
         return resume, kept
 
@@ -251,7 +270,7 @@ class CopyEngine:
             os.close(fd)
             digests.close()
         return CopyOutcome(
-            checksum=checksum.format_checksum(outcome[0], csize),
+            checksum=checksum.format_checksum(outcome[0], csize, checksum.ALGORITHM),
             virtual_size=size,
             bytes_copied=outcome[1],
             bytes_written=outcome[2],
@@ -288,7 +307,7 @@ class CopyEngine:
         in_flight: list[Future[Future[None]] | None] = [None] * _BUFFERS
         zeros = memoryview(bytes(csize))
         pending: DataExtent | None = next(extents, None)
-        chain = _Chain(start.state)
+        chain = _Chain(checksum.Chain(checksum.ALGORITHM, csize, start.state, start.zero_run))
         copied = 0
         since_checkpoint = 0
         last_checkpoint = t0 = time.monotonic()
@@ -315,15 +334,15 @@ class CopyEngine:
                     data = None  # all zeros after all: it stays a hole
                 else:
                     chain.written += sum(hi - lo for lo, hi in spans)
-            chain.state = checksum.advance(chain.state, digest)
+            chain.chain.add(digest)
             return pool.submit(sink.write, data, cstart, digest, spans)
 
         def hash_holes(count: int) -> None:
             """``count`` whole chunks with no data, in one task: a thin volume or a delta
-            is mostly such chunks, and one task each would cost more than its data."""
+            is mostly such chunks, and one task each would cost more than its data. O(1)
+            whatever ``count``: one chain step and one ``.chunks`` line for the run."""
             digest = checksum.zero_digest(csize)
-            for _ in range(count):
-                chain.state = checksum.advance(chain.state, digest)
+            chain.chain.add_run(digest, count)
             pool.submit(sink.write_holes, digest, count)
 
         holes = 0  # whole chunks with no data since the last task handed to the hasher
@@ -337,9 +356,11 @@ class CopyEngine:
         def checkpoint(chunks_done: int, end: int, copied_total: int) -> None:
             cp = Checkpoint(
                 chunks_done=chunks_done,
-                state=chain.state,
+                state=chain.chain.state,
                 chunk_size=csize,
                 bytes_copied_total=copied_total,
+                algorithm=chain.chain.algorithm,
+                zero_run=chain.chain.run,
             )
             pool.submit(sink.checkpoint, cp, end)
 
@@ -441,15 +462,18 @@ class CopyEngine:
             if fut is not None:
                 fut.result().result()
         sink.raise_if_failed()
-        return chain.state, copied, chain.written
+        return chain.chain.final(), copied, chain.written
 
 
 class _Chain:
     """The hasher stage's running state: the chain so far and the bytes it found data in."""
 
-    def __init__(self, state: str) -> None:
-        self.state = state
+    def __init__(self, chain: checksum.Chain) -> None:
+        self.chain = chain
         self.written = 0
+
+
+_ALIVE_EVERY_LINES = 4096  # a resume's walk of the digest lines heartbeats this often
 
 
 _BUFFERS = 8  # chunks in flight between the stages (8 x 8 MiB: memory stays flat)
@@ -545,17 +569,17 @@ class _Writer:
                     # Where the file really ends: a checkpoint extends it to its end, so
                     # that nothing a crash appends later can pass for checkpointed bytes.
                     self.file_end = max(self.file_end, offset + hi)
-            self.digests.write(digest + "\n")
+            self.digests.write(checksum.format_digest_line(digest))
         except BaseException as exc:
             self.error = exc
             raise
 
     def write_holes(self, digest: str, count: int) -> None:
-        """The digests of ``count`` chunks that stay holes (nothing to write)."""
+        """The digests of ``count`` chunks that stay holes (nothing to write): one line."""
         if self.error:
             return
         try:
-            self.digests.write((digest + "\n") * count)
+            self.digests.write(checksum.format_digest_line(digest, count))
         except BaseException as exc:
             self.error = exc
             raise

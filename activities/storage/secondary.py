@@ -4,7 +4,7 @@ Layout, per volume snapshot::
 
     <root>/snapshots/<vm>/<disk>/<snapshot-id>.raw            the guest-visible image, sparse
     <root>/snapshots/<vm>/<disk>/<snapshot-id>.raw.partial    while copying
-    <root>/snapshots/<vm>/<disk>/<snapshot-id>.chunks         one SHA-256 per chunk
+    <root>/snapshots/<vm>/<disk>/<snapshot-id>.chunks         chunk digests (zero runs: one line)
     <root>/snapshots/<vm>/<disk>/<snapshot-id>.manifest.json  written last: its presence = done
 
 Backups are raw so that any tool (``qemu-img``, ``dd``, ``sha256sum`` of chunks) can read them

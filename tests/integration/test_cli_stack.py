@@ -65,7 +65,7 @@ async def test_up_snapshot_commands_and_down(stack_env: dict[str, str], make_vm)
             "snapshot", "wait", record["id"], "--state", "BackedUp", "--json"
         )
         done = json.loads(waited.stdout)
-        assert done["backup"]["checksum"].startswith("sha256-chain:")
+        assert done["backup"]["checksum"].startswith("sha256-runs:")
         backup_path = Path(done["backup"]["path"])
         assert backup_path.is_relative_to(Path(stack_env["SNAPFERRY_HOME"]) / "secondary")
         assert images_identical(vm.reference, backup_path)

@@ -137,7 +137,7 @@ async def test_the_whole_cycle_from_the_go_cli_with_the_published_schemas(
     assert record["state"] == "BackedUp", record
     # (Not schema-validated: the Go CLI re-renders a query's empty lists as null, which the
     # update answer above, validated, does not.)
-    assert record["backup"]["checksum"].startswith("sha256-chain:")
+    assert record["backup"]["checksum"].startswith("sha256-runs:")
 
     # A malformed update argument is refused with a message, and changes nothing.
     bad = await temporal(

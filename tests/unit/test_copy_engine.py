@@ -55,6 +55,12 @@ def disk_with_holes(size: int, extents: list[tuple[int, int]], seed: int = 1) ->
     return bytes(buf)
 
 
+def per_chunk(digests: Path) -> list[str]:
+    """The ``.chunks`` file's digests, one per chunk (a run line expanded)."""
+    with open(digests) as f:
+        return [d for d, n in checksum.read_digest_lines(f) for _ in range(n)]
+
+
 def target_in(tmp: Path) -> CopyTarget:
     return CopyTarget(data=tmp / "img.raw.partial", digests=tmp / "img.chunks.partial")
 
@@ -72,7 +78,7 @@ def test_copy_equals_source_skips_holes_and_stays_sparse(tmp_path: Path) -> None
     assert out.checksum == checksum.file_checksum(tmp_path / "img.raw.partial", CHUNK)[0]
     # Sparse: allocated blocks cover the data chunks only, far below the virtual size.
     assert os.stat(tmp_path / "img.raw.partial").st_blocks * 512 <= 5 * CHUNK
-    digests = (tmp_path / "img.chunks.partial").read_text().split()
+    digests = per_chunk(tmp_path / "img.chunks.partial")
     assert len(digests) == 40
     assert digests[0] == checksum.zero_digest(CHUNK)
 
@@ -262,7 +268,7 @@ def test_verify_catches_a_byte_flipped_on_disk_in_data_and_in_a_hole(tmp_path: P
 
     # A byte inside a hole region: chunk 10's recorded digest is the zero digest, and its
     # range is a hole, so the verify must notice that it now holds data and read it.
-    assert target.digests.read_text().split()[10] == checksum.zero_digest(chunk)
+    assert per_chunk(target.digests)[10] == checksum.zero_digest(chunk)
     _write_direct(target.data, 10 * chunk + 8192, _flip_first)
     with pytest.raises(BackupCorrupt, match="chunk 10 "):
         verify_copy(target.data, out.checksum, digests=target.digests)
@@ -279,7 +285,7 @@ def test_verify_catches_a_byte_flipped_on_disk_in_data_and_in_a_hole(tmp_path: P
         verify_copy(target.data, out.checksum, digests=target.digests)
     # And the chunk-digest file itself is checked against the chain.
     target.data.write_bytes(pristine)
-    lines = target.digests.read_text().split()
+    lines = per_chunk(target.digests)
     lines[5] = "00" * 32
     target.digests.write_text("".join(d + "\n" for d in lines))
     with pytest.raises(BackupCorrupt):
