@@ -1,5 +1,7 @@
 """``make bench``: answer time vs time to BackedUp, and backup throughput vs cp / qemu-img;
-a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9.
+a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
+the KVM delta against its full (delta_bench.py); answers under a burst of creates
+(burst_bench.py).
 
 Everything is measured in one run on this machine, against baselines measured on the same
 source file in the same run, because these machines are noisy. It uses the real stack: a
@@ -27,6 +29,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
 
 from snapferry.activities.contracts import SnapshotState  # noqa: E402
@@ -445,6 +448,7 @@ async def main(sizes: list[float]) -> None:
             start_backup_worker=start_backup_worker,
             snapshot_request=snapshot_request,
         )
+        burst = await bench_burst(settings, client, conn, work, server_pid=server.pid)
     finally:
         terminate(server.pid)
         shutil.rmtree(work, ignore_errors=True)
@@ -491,6 +495,7 @@ async def main(sizes: list[float]) -> None:
         f" {resume['retry_interval_s']:.0f} s, which a crash no longer waits)"
     )
     print_delta(delta)
+    print_burst(burst)
 
 
 if __name__ == "__main__":

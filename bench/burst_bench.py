@@ -67,6 +67,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
+def cpu_seconds(pid: int, *, children: bool = True) -> float:
+    """User + system CPU of a process (and of its reaped children: qemu-img), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = fields[11:15] if children else fields[11:13]
+    return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU of the whole machine (every core, everyone's), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def start_host_worker(settings: Settings, host: str, log: Path) -> subprocess.Popen:
     """The host worker as its own process, as on a real host; it also serves workflows."""
     out = open(log, "ab")  # noqa: SIM115 (the child keeps it; closed when it ends)
@@ -159,6 +172,7 @@ async def bench_burst(
     per_vm: int = 3,
     rounds: int = 2,
     alone: int = 5,
+    server_pid: int | None = None,
 ) -> dict:
     """Time the burst's answers against one create alone, on one host worker process."""
     host = f"burst{uuid.uuid4().hex[:6]}"
@@ -189,7 +203,23 @@ async def bench_burst(
         answers: list[float] = []
         ids: list[str] = []
         per_round = []
+        libvirtd = int(Path("/run/libvirtd.pid").read_text())
+        pid = worker.pid
+
+        def cpu() -> dict[str, float]:
+            spent = {
+                "host worker (Python)": cpu_seconds(pid, children=False),
+                "host worker's qemu-img": cpu_seconds(pid) - cpu_seconds(pid, children=False),
+                "libvirtd": cpu_seconds(libvirtd),
+                "machine": machine_cpu_seconds(),
+            }
+            if server_pid is not None:
+                spent["Temporal dev server"] = cpu_seconds(server_pid)
+            return spent
+
+        cpu_spent: dict[str, float] = {}
         for _ in range(rounds):
+            before = cpu()
             jobs = [one_create(client, vm.name, host) for _ in range(per_vm) for vm in made]
             t0 = time.perf_counter()
             results = await asyncio.gather(*jobs)
@@ -200,6 +230,9 @@ async def bench_burst(
                     "max_s": max(s for s, _ in results),
                 }
             )
+            after = cpu()
+            for k in after:
+                cpu_spent[k] = cpu_spent.get(k, 0.0) + after[k] - before[k]
             answers += [s for s, _ in results]
             ids += [i for _, i in results]
             await asyncio.sleep(0.5)
@@ -222,6 +255,8 @@ async def bench_burst(
         "phases_p50": {k: percentile([b[k] for b in breakdown], 50) for k in breakdown[0]},
         "phases_max": {k: max(b[k] for b in breakdown) for k in breakdown[0]},
         "host_concurrency": getattr(settings, "host_concurrency", None),
+        "wall_s": sum(r["wall_s"] for r in per_round),
+        "cpu_s": cpu_spent,
     }
 
 
@@ -245,7 +280,19 @@ def print_burst(r: dict) -> None:
         for k in r["phases_p50"]
     )
     print(f"where the time goes (p50/max, from the histories): {parts}")
-    print(f"burst p99 under 1 s: {r['p99_s'] < 1.0}")
+    n_all = n * r["rounds"]
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["cpu_s"].items() if k != "machine")
+    print(
+        f"CPU spent during the bursts ({r['wall_s']:.2f} s of wall clock, {os.cpu_count()}"
+        f" cores): {parts}; the machine {r['cpu_s']['machine']:.2f} s"
+        f" ({r['cpu_s']['machine'] / r['wall_s']:.1f} cores busy);"
+        f" {sum(v for k, v in r['cpu_s'].items() if k != 'machine') / n_all * 1000:.0f} ms of CPU"
+        " per create"
+    )
+    print(
+        f"host worker bound: {r['host_concurrency']} at once; burst p99 under 1 s:"
+        f" {r['p99_s'] < 1.0}"
+    )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -274,7 +321,14 @@ async def main(args: argparse.Namespace) -> None:
         )
         client = await connect(settings)
         result = await bench_burst(
-            settings, client, conn, work, vms=args.vms, per_vm=args.per_vm, rounds=args.rounds
+            settings,
+            client,
+            conn,
+            work,
+            vms=args.vms,
+            per_vm=args.per_vm,
+            rounds=args.rounds,
+            server_pid=server.pid,
         )
     finally:
         terminate(server.pid)
