@@ -21,11 +21,13 @@ from .contracts import (
     TakeRequest,
     VmSnapshotOperation,
     VmSnapshotTaken,
+    VolumeRef,
 )
 from .errors import SnapshotDeleted, converts_errors
 from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
 from .names import (
+    CHECK_VOLUME,
     DELETE_VM_SNAPSHOT,
     DISCARD_SNAPSHOT,
     RELEASE_PRIMARY,
@@ -113,6 +115,11 @@ class HostActivities:
         if operation_id is not None:
             self.receipts.put(kind, operation_id, "{}")
 
+    @activity.defn(name=CHECK_VOLUME)
+    @converts_errors
+    def check_volume(self, volume: VolumeRef) -> None:
+        self.drivers.get(volume.vm.hypervisor).check_volume(volume)
+
     @activity.defn(name=RELEASE_PRIMARY)
     @converts_errors
     def release_primary(self, req: ReleaseRequest) -> None:
@@ -171,6 +178,7 @@ class HostActivities:
         """Every activity a host worker serves."""
         return [
             self.take_snapshot,
+            self.check_volume,
             self.release_primary,
             self.revert_volume,
             self.discard_snapshot,

@@ -8,6 +8,8 @@ TAKE_SNAPSHOT = "take_snapshot"
 RELEASE_PRIMARY = "release_primary"
 # After a take failed for good: remove whatever its attempts left (an overlay, a memory file).
 DISCARD_SNAPSHOT = "discard_snapshot"
+# Before a policy is created: the VM and disk exist on the host (a typo is refused at once).
+CHECK_VOLUME = "check_volume"
 BACKUP_SNAPSHOT = "backup_snapshot"
 RAISE_ALERT = "raise_alert"
 

@@ -12,6 +12,7 @@ read back: ``vm moved`` rewrites it there, so the next tick targets the VM's new
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
@@ -31,11 +32,17 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
     ScheduleUpdateInput,
+    WorkflowFailureError,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
 from snapferry.activities.contracts import PolicyInterval, SnapshotPolicy
-from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.entity import cause_message
+from snapferry.workflows.policy import (
+    CHECK_VOLUME_TIMEOUT,
+    CheckVolumeWorkflow,
+    SnapshotPolicyRunWorkflow,
+)
 from snapferry.workflows.routing import CONTROL_QUEUE, host_queue, policy_schedule_id
 
 from .routing import routed_host
@@ -98,6 +105,22 @@ async def host_worker_polls(client: Client, host: str) -> bool:
         await asyncio.sleep(0.25)
 
 
+async def check_volume_exists(client: Client, policy: SnapshotPolicy) -> None:
+    """The policy's VM and disk exist on its host, as that host's worker sees them."""
+    try:
+        await client.execute_workflow(
+            CheckVolumeWorkflow.run,
+            policy.volume,
+            id=f"check-volume-{uuid.uuid4()}",
+            task_queue=CONTROL_QUEUE,
+            execution_timeout=CHECK_VOLUME_TIMEOUT * 2,
+        )
+    except WorkflowFailureError as err:
+        raise SnapferryClientError(
+            f"policy {policy.policy_id!r} not created: {cause_message(err.cause)}"
+        ) from err
+
+
 async def create_policy(
     client: Client,
     policy: SnapshotPolicy,
@@ -122,6 +145,8 @@ async def create_policy(
             f" (snapferry worker --host {vm.host})"
         )
     policy = policy.model_copy(update={"volume": policy.volume.model_copy(update={"vm": routed})})
+    if require_host:
+        await check_volume_exists(client, policy)
     schedule = schedule_for(policy)
     if spec is not None:
         schedule.spec = spec

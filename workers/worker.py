@@ -33,7 +33,7 @@ from snapferry.activities.settings import Settings
 from snapferry.workers.host_gate import HostGate
 from snapferry.workers.routing import routed_host
 from snapferry.workflows.backup import BackupSnapshotWorkflow
-from snapferry.workflows.policy import SnapshotPolicyRunWorkflow
+from snapferry.workflows.policy import CheckVolumeWorkflow, SnapshotPolicyRunWorkflow
 from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
 from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
 from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
@@ -48,6 +48,7 @@ WORKFLOWS = [
     VmSnapshotWorkflow,
     BackupSnapshotWorkflow,
     SnapshotPolicyRunWorkflow,
+    CheckVolumeWorkflow,
 ]
 
 

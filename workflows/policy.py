@@ -20,10 +20,17 @@ with workflow.unsafe.imports_passed_through():
         SnapshotPolicy,
         SnapshotRequest,
         SnapshotState,
+        VolumeRef,
     )
-    from snapferry.activities.names import APPLY_RETENTION
+    from snapferry.activities.names import APPLY_RETENTION, CHECK_VOLUME
 
-from .routing import CONTROL_QUEUE, SNAPSHOT_POLICY_RUN_WORKFLOW, snapshot_workflow_id
+from .routing import (
+    CHECK_VOLUME_WORKFLOW,
+    CONTROL_QUEUE,
+    SNAPSHOT_POLICY_RUN_WORKFLOW,
+    host_queue,
+    snapshot_workflow_id,
+)
 from .snapshot import VolumeSnapshotWorkflow, search_attributes
 
 
@@ -59,3 +66,27 @@ class SnapshotPolicyRunWorkflow:
             f"took snapshot {req.snapshot_id}; retention deleted {len(deleted)}"
         )
         return deleted
+
+
+# A host worker that polls its queue answers a lookup in well under a second; these bounds
+# only keep a CLI from waiting long on one that is stuck.
+CHECK_VOLUME_TIMEOUT = timedelta(seconds=15)
+
+
+@workflow.defn(name=CHECK_VOLUME_WORKFLOW)
+class CheckVolumeWorkflow:
+    """Ask the VM's host whether the volume exists, before a policy is created for it: the
+    operator hears about a mistyped VM or disk now, not from the first tick. A workflow,
+    since only a host's own worker can look on that host."""
+
+    @workflow.run
+    async def run(self, volume: VolumeRef) -> None:
+        await workflow.execute_activity(
+            CHECK_VOLUME,
+            volume,
+            task_queue=host_queue(volume.vm.host),
+            schedule_to_close_timeout=CHECK_VOLUME_TIMEOUT,
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=200), maximum_attempts=3
+            ),
+        )

@@ -50,6 +50,7 @@ VOLUME_SNAPSHOT_WORKFLOW = "VolumeSnapshot"
 VM_SNAPSHOT_WORKFLOW = "VmSnapshot"
 SNAPSHOT_POLICY_RUN_WORKFLOW = "SnapshotPolicyRun"
 BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
+CHECK_VOLUME_WORKFLOW = "CheckVolume"
 
 
 def volume_id(vm: str, disk: str) -> str:

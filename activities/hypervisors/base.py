@@ -46,6 +46,12 @@ class HypervisorDriver(ABC):
         """A reader of the snapshot's guest-visible bytes, for the copy engine. For a delta
         plan, its data extents are the ranges that changed since ``plan.base_image``."""
 
+    def check_volume(self, volume: VolumeRef) -> None:
+        """Raise VmNotFound or DiskNotFound (non-retryable, naming it) when the volume does
+        not exist on this host, before anything recurring is set up for it. The default
+        checks nothing: a driver whose lookup is cheap overrides it."""
+        return None
+
     def source_intact(self, source: PrimarySnapshot) -> bool:
         """Whether ``source`` still holds the snapshot's bytes, checked again when a backup
         is about to be published (a stale attempt may have read while a delete merged its

@@ -384,6 +384,11 @@ class KvmDriver(HypervisorDriver):
                 vm_was_running=running,
             )
 
+    def check_volume(self, volume: VolumeRef) -> None:
+        """The domain exists and has this file-backed disk (read-only: no lock needed)."""
+        vm = volume.vm.name
+        self._active_source(self._domain(vm), vm, volume.disk)
+
     # -- backup source ---------------------------------------------------------------------
     def plan_backup(
         self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None

@@ -49,7 +49,7 @@ def policy(vm: str, host: str, settings: Settings, **kw: object) -> SnapshotPoli
 
 
 async def test_schedule_calendars_follow_interval_and_timezone(
-    client: Client, settings: Settings, workers: None, host_name: str
+    client: Client, settings: Settings, workers: None, make_vm, host_name: str
 ) -> None:
     cases = {
         "hourly": (dict(interval="hourly", minute=15), timedelta(hours=1)),
@@ -61,7 +61,7 @@ async def test_schedule_calendars_follow_interval_and_timezone(
     }
     for name, (kw, gap) in cases.items():
         p = policy(f"vm-{name}", host_name, settings, **kw)
-        await create_policy(client, p)
+        await create_policy(client, p, require_host=False)  # calendars only: no VM needed
         desc = await client.get_schedule_handle(policy_schedule_id(p.policy_id)).describe()
         times = desc.info.next_action_times[:3]
         assert len(times) == 3 and times[1] - times[0] in (
@@ -79,7 +79,9 @@ async def test_schedule_calendars_follow_interval_and_timezone(
     assert ids == {"vm-hourly-vda-hourly", "vm-daily-vda-daily", "vm-weekly-vda-weekly"}
     with pytest.raises(SnapferryClientError, match="already exists"):
         await create_policy(
-            client, policy("vm-hourly", host_name, settings, interval="hourly", minute=15)
+            client,
+            policy("vm-hourly", host_name, settings, interval="hourly", minute=15),
+            require_host=False,
         )
     bad_tz = await snapferry_cli(
         "policy",
@@ -97,13 +99,14 @@ async def test_schedule_calendars_follow_interval_and_timezone(
     )
     assert bad_tz.returncode == 1 and "not a known timezone" in bad_tz.stderr
     # A policy's own snapshot.delta.max rides in its backup options to every snapshot.
+    own_vm = make_vm(size=MIB, data_bytes=0, start=False)
     own = await snapferry_cli(
-        *("policy", "create", "--vm", "vm-own", "--disk", "vda", "--interval", "daily"),
+        *("policy", "create", "--vm", own_vm.name, "--disk", "vda", "--interval", "daily"),
         *("--delta-max", "4", "--host", host_name),
     )
     assert own.returncode == 0, own.stderr
     rows = {r["policy"]["policy_id"]: r["policy"] for r in await list_policies(client)}
-    assert rows["vm-own-vda-daily"]["backup"]["delta_max"] == 4
+    assert rows[f"{own_vm.name}-vda-daily"]["backup"]["delta_max"] == 4
     negative = await snapferry_cli(
         *("policy", "create", "--vm", "vm-neg", "--disk", "vda", "--interval", "daily"),
         *("--delta-max", "-1", "--host", host_name),
@@ -170,11 +173,11 @@ async def test_a_firing_schedule_holds_retention_at_n(
     assert await list_policies(client) == []
 
 
-async def test_a_policy_no_host_worker_can_serve_is_refused_and_nothing_is_created(
-    client: Client, settings: Settings, workers: None, host_name: str
+async def test_a_policy_no_host_knows_is_refused_and_nothing_is_created(
+    client: Client, settings: Settings, workers: None, make_vm, host_name: str
 ) -> None:
     """The default --host is the machine the CLI runs on; a VM elsewhere, or a typo in
-    --host, would otherwise only show up at the first tick, hours later."""
+    --host, --vm or --disk, would otherwise only show up at the first tick, hours later."""
     refused = await snapferry_cli(
         *("policy", "create", "--vm", "web01", "--disk", "vda", "--interval", "daily"),
         *("--host", "no-such-host"),
@@ -184,34 +187,47 @@ async def test_a_policy_no_host_worker_can_serve_is_refused_and_nothing_is_creat
     assert "not created" in refused.stderr
     assert [s.id async for s in await client.list_schedules()] == []
     assert [wf.id async for wf in client.list_workflows()] == []
-    # The same VM on a host whose worker runs is accepted.
+    # A host whose worker runs, but no such VM on it, or no such disk: refused, naming it.
+    vm = make_vm(size=MIB, data_bytes=0, start=False)
+    for vm_name, disk, named in (("web01", "vda", "VM 'web01'"), (vm.name, "vdz", "'vdz'")):
+        unknown = await snapferry_cli(
+            *("policy", "create", "--vm", vm_name, "--disk", disk, "--interval", "daily"),
+            *("--host", host_name),
+        )
+        assert unknown.returncode == 1, unknown.stdout
+        assert "not created" in unknown.stderr and named in unknown.stderr, unknown.stderr
+    assert [s.id async for s in await client.list_schedules()] == []
+    # A VM its host knows is accepted.
     ok = await snapferry_cli(
-        *("policy", "create", "--vm", "web01", "--disk", "vda", "--interval", "daily"),
+        *("policy", "create", "--vm", vm.name, "--disk", "vda", "--interval", "daily"),
         *("--host", host_name),
     )
     assert ok.returncode == 0, ok.stderr
-    assert [r["policy"]["policy_id"] for r in await list_policies(client)] == ["web01-vda-daily"]
+    assert [r["policy"]["policy_id"] for r in await list_policies(client)] == [
+        f"{vm.name}-vda-daily"
+    ]
 
 
 async def test_after_vm_moved_a_policys_next_tick_targets_the_new_host(
-    client: Client, settings: Settings, workers: None, host_name: str
+    client: Client, settings: Settings, workers: None, make_vm, host_name: str
 ) -> None:
-    for vm in ("sf-moving", "sf-staying"):
+    moving, staying = (make_vm(size=MIB, data_bytes=0, start=False).name for _ in range(2))
+    for vm in (moving, staying):
         made = await snapferry_cli(
             *("policy", "create", "--vm", vm, "--disk", "vda", "--interval", "daily"),
             *("--host", host_name),
         )
         assert made.returncode == 0, made.stderr
-    moved = await snapferry_cli("vm", "moved", "--vm", "sf-moving", "--host", "h-new")
+    moved = await snapferry_cli("vm", "moved", "--vm", moving, "--host", "h-new")
     assert moved.returncode == 0, moved.stderr
-    assert "1 policy(ies) of sf-moving" in moved.stdout and "sf-moving-vda-daily" in moved.stdout
+    assert f"1 policy(ies) of {moving}" in moved.stdout and f"{moving}-vda-daily" in moved.stdout
     hosts = {
         r["policy"]["policy_id"]: r["policy"]["volume"]["vm"]["host"]
         for r in await list_policies(client)
     }
-    assert hosts == {"sf-moving-vda-daily": "h-new", "sf-staying-vda-daily": host_name}
+    assert hosts == {f"{moving}-vda-daily": "h-new", f"{staying}-vda-daily": host_name}
 
-    ran = await snapferry_cli("policy", "run-now", "sf-moving-vda-daily")
+    ran = await snapferry_cli("policy", "run-now", f"{moving}-vda-daily")
     assert ran.returncode == 0, ran.stderr
     take_queue = None
     for _ in range(100):  # the tick starts the snapshot, whose take waits on h-new's queue
