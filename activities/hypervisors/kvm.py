@@ -49,7 +49,6 @@ import contextlib
 import glob
 import json
 import os
-import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -73,7 +72,6 @@ from ..errors import (
     ChainBusy,
     DiskNotFound,
     HypervisorUnavailable,
-    ImageUnreadable,
     InvalidInput,
     SourceGone,
     VmNotFound,
@@ -150,6 +148,13 @@ def memory_path(active: str, snapshot_id: str) -> str:
     return overlay_path(active, snapshot_id, vm_snapshot=True).removesuffix(".qcow2") + ".mem"
 
 
+def memory_paths(active: str, snapshot_id: str) -> list[str]:
+    """Where a VM snapshot's RAM is now, and where an older version put it (without the
+    kind in its name)."""
+    older = overlay_path(active, snapshot_id).removesuffix(".qcow2") + ".mem"
+    return [memory_path(active, snapshot_id), older]
+
+
 def snapshot_of_overlay(path: str) -> str | None:
     name = Path(path).name
     if OVERLAY_TAG not in name or not name.endswith(".qcow2"):
@@ -177,6 +182,12 @@ def _libvirt_error(exc: libvirt.libvirtError, *, vm: str) -> Exception:
     if code in (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE, libvirt.VIR_ERR_OPERATION_INVALID):
         return ChainBusy(f"VM {vm!r}: {exc.get_error_message()}")
     return HypervisorUnavailable(f"libvirt error on VM {vm!r}: {exc.get_error_message()}")
+
+
+def _stamp(path: str) -> list[int]:
+    """What changes when anyone writes a file: its modification time and size."""
+    st = os.stat(path)
+    return [st.st_mtime_ns, st.st_size]
 
 
 def _keep_size(base: ImageLayer, size: int) -> None:
@@ -300,43 +311,39 @@ class KvmDriver(HypervisorDriver):
         definition at ``base`` and before it checked that nobody had started the VM on
         ``top`` meanwhile (:meth:`_commit_offline`).
 
+        The intent records each file's modification stamp right after the commit, when both
+        read the same; whichever changed since is where the guest wrote after it:
+
         - ``top`` gone: the merge finished.
-        - Running on ``top``: the VM was started in that window; the persistent definition
-          goes back to ``top`` (the next release commits it live).
-        - Stopped, defined on ``base``: if ``top`` and ``base`` read the same, nothing was
-          written on ``top`` after the commit, and ``top`` is a merged leftover. If they
-          differ, the VM ran on ``top`` after the commit (and stopped): its writes are
-          there only, so the definition goes back to ``top`` and the merge starts over.
+        - Only ``top`` changed (the VM ran on it), or it runs on ``top`` now: the
+          persistent definition goes back to ``top`` (the next release merges again).
+        - ``top`` unchanged: ``base`` is the disk (the VM never ran, or ran on ``base``
+          as defined); ``top`` is a merged leftover.
+        - Both changed: the VM ran on each in turn, so each holds writes the other lacks.
+          That is refused, for good, naming both files, until an operator chooses.
+
+        A managed-saved domain is left alone: its saved definition (inside the image) names
+        the layer it will resume on, which it tells once it runs.
         """
         path = self._intent_path(vm)
-        if not path.exists():
+        if not path.exists() or (not dom.isActive() and dom.hasManagedSaveImage(0)):
             return
         intent = json.loads(path.read_text())
         disk, top, top_fmt = intent["disk"], intent["top"], intent["top_format"]
-        base, base_fmt = intent["base"], intent["base_format"]
+        base = intent["base"]
         if Path(top).exists() and disk in self._disks(dom):
-            if dom.isActive():
-                live, _ = self._active_source(dom, vm, disk)
-                back_to_top = live == top
-            else:
-                defined = self._disks(dom, inactive=True)[disk].find("source")
-                on_base = defined is not None and defined.get("file") == base
-                back_to_top = on_base and not self._same_guest_view(top, top_fmt, base, base_fmt)
-            if back_to_top:
+            top_changed = _stamp(top) != intent["top_stamp"]
+            running_on_top = bool(dom.isActive()) and self._active_source(dom, vm, disk)[0] == top
+            if top_changed and not running_on_top and _stamp(base) != intent["base_stamp"]:
+                raise InvalidInput(
+                    f"VM {vm!r} disk {disk!r} ran on {top} and then on {base} after an"
+                    f" interrupted merge: each holds guest writes the other lacks. Compare"
+                    f" them, point the disk at the one to keep (virsh edit), then remove"
+                    f" {path}"
+                )
+            if top_changed or running_on_top:
                 self._redefine_disk(dom, vm, disk, source=top, fmt=top_fmt)
         path.unlink()
-
-    @staticmethod
-    def _same_guest_view(a: str, a_fmt: str, b: str, b_fmt: str) -> bool:
-        """``qemu-img compare`` (formats given, never probed): 0 same, 1 different."""
-        proc = subprocess.run(
-            ["qemu-img", "compare", "-q", "-f", a_fmt, "-F", b_fmt, a, b],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode not in (0, 1):
-            raise ImageUnreadable(f"qemu-img compare {a} {b} failed: {proc.stderr.strip()}")
-        return proc.returncode == 0
 
     # -- take ------------------------------------------------------------------------------
     def _create_external(
@@ -517,6 +524,10 @@ class KvmDriver(HypervisorDriver):
         worker's, see :meth:`_settle_block_job`), so that no plan is ever made from qcow2
         headers a job is still changing."""
         for _ in range(256):
+            if not dom.isActive() and dom.hasManagedSaveImage(0):
+                # The saved guest's definition (inside the image) may name layers the
+                # persistent one does not: nothing is merged or removed until it runs.
+                return
             self._settle_block_job(dom, vm, disk)
             layers = self._chain(dom, vm, disk)
             chain = chain_paths(layers)
@@ -525,8 +536,11 @@ class KvmDriver(HypervisorDriver):
             if run is None:
                 return
             top, below = run
-            if not dom.isActive() and dom.hasManagedSaveImage(0):
-                return  # the saved guest's definition names these layers: merge once it runs
+            if top > 0 and dom.isActive() and layers[below].virtual_size > layers[top].virtual_size:
+                # A middle merge must shrink the base to the merged layer's size, or the
+                # layer above reads the base's old tail where it read zeros; a backing file
+                # in use cannot be resized, so this run waits for the VM to stop.
+                return
             if top == 0 and dom.isActive():
                 self._commit_live(dom, vm, disk, chain[below], size=layers[0].virtual_size)
             elif top == 0:
@@ -697,8 +711,8 @@ class KvmDriver(HypervisorDriver):
         _keep_size(base, top.virtual_size)
         # The intent is durable before the definition changes: a worker killed between
         # the redefinition and the check below leaves it for the next operation to settle.
-        intent = {"disk": disk, "top": top.path, "top_format": top.format}
-        intent |= {"base": base.path, "base_format": base.format}
+        intent = {"disk": disk, "top": top.path, "top_format": top.format, "base": base.path}
+        intent |= {"top_stamp": _stamp(top.path), "base_stamp": _stamp(base.path)}
         atomic_write(self._intent_path(vm), json.dumps(intent))
         self._redefine_disk(dom, vm, disk, source=base.path, fmt=base.format)
         started_on_top = False
@@ -738,6 +752,7 @@ class KvmDriver(HypervisorDriver):
         run_qemu_img("commit", "-q", "-f", top.format, "-b", base.path, top.path)
         if dom.isActive():
             return False
+        _keep_size(base, top.virtual_size)
         run_qemu_img(
             "rebase",
             "-q",
@@ -907,12 +922,17 @@ class KvmDriver(HypervisorDriver):
         every retry). The overlay's name follows from the snapshot ID, so it is found, released
         and merged like any other; a DiskAndMemory take's memory file is removed."""
         vm = req.vm.name
+        kinds = [False, True] if req.vm_snapshot is None else [req.vm_snapshot]
+
+        def overlays(active: str) -> list[str]:  # the failed take's kind only (or either)
+            made = [overlay_path(active, req.snapshot_id, vm_snapshot=k) for k in kinds]
+            older_vm_take = overlay_path(active, req.snapshot_id)  # no kind in its name
+            if req.vm_snapshot and marked(older_vm_take, VM_SUFFIX):
+                made.append(older_vm_take)
+            return made
 
         # The marks first, outside the lock (see _mark_released): a discard that fails
         # for good still leaves the layers to the next release on each disk.
-        def overlays(active: str) -> list[str]:  # the take was of either kind
-            return [overlay_path(active, req.snapshot_id, vm_snapshot=k) for k in (False, True)]
-
         for active in self._file_disks(self._domain(vm), vm).values():
             for overlay in overlays(active):
                 self._mark_released(overlay)
@@ -921,8 +941,9 @@ class KvmDriver(HypervisorDriver):
             for disk, active in actives.items():
                 if any(marked(o, RELEASED_SUFFIX) for o in overlays(active)):
                     self._consolidate(dom, vm, disk)
-            for active in actives.values():
-                Path(memory_path(active, req.snapshot_id)).unlink(missing_ok=True)
+            for active in actives.values() if req.vm_snapshot is not False else ():
+                for memory in memory_paths(active, req.snapshot_id):
+                    Path(memory).unlink(missing_ok=True)
 
     # -- VM snapshots ----------------------------------------------------------------------
     def _file_disks(self, dom: libvirt.virDomain, vm: str) -> dict[str, str]:
@@ -944,6 +965,9 @@ class KvmDriver(HypervisorDriver):
             overlays = {
                 d: overlay_path(a, op.snapshot_id, vm_snapshot=True) for d, a in actives.items()
             }
+            older = {d: overlay_path(a, op.snapshot_id) for d, a in actives.items()}
+            if any(marked(o, VM_SUFFIX) for o in older.values()):
+                overlays = older  # a retry of a take an older version started
             first = next(iter(actives.values()))
             memory = memory_path(first, op.snapshot_id) if with_memory else None
             present = [d for d in actives if overlays[d] in chain_paths(self._chain(dom, vm, d))]
