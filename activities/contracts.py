@@ -376,10 +376,16 @@ class TakeRequest(_Model):
 
 
 class DiscardRequest(_Model):
-    """Undo what a take that failed for good may have left on primary (of either kind)."""
+    """Undo what a take that failed for good may have left on primary."""
 
     snapshot_id: SnapshotId
     vm: VmRef
+    vm_snapshot: bool | None = Field(
+        None,
+        description="The kind of take that failed (a caller may give a VM snapshot and a"
+        " volume snapshot one ID: only this kind's leftovers go); None, from a workflow"
+        " started by an older version, means either kind",
+    )
 
 
 class ReleaseRequest(_Model):

@@ -99,12 +99,13 @@ DISCARD_RETRY = RetryPolicy(
 DISCARD_FAILED = "what the failed take left on primary could not be removed"
 
 
-async def discard_take(snapshot_id: str, vm: VmRef) -> None:
-    """Remove what a failed take left on primary (idempotent: a no-op when nothing was
-    made). Raises the ActivityError when it cannot: a delete that runs it fails with it."""
+async def discard_take(snapshot_id: str, vm: VmRef, *, vm_snapshot: bool) -> None:
+    """Remove what a failed take of this kind left on primary (idempotent: a no-op when
+    nothing was made). Raises the ActivityError when it cannot: a delete that runs it fails
+    with it."""
     await workflow.execute_activity(
         DISCARD_SNAPSHOT,
-        DiscardRequest(snapshot_id=snapshot_id, vm=vm),
+        DiscardRequest(snapshot_id=snapshot_id, vm=vm, vm_snapshot=vm_snapshot),
         task_queue=host_queue(vm.host),
         heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
         start_to_close_timeout=timedelta(minutes=30),
@@ -112,13 +113,13 @@ async def discard_take(snapshot_id: str, vm: VmRef) -> None:
     )
 
 
-async def discard_failed_take(snapshot_id: str, vm: VmRef) -> str:
+async def discard_failed_take(snapshot_id: str, vm: VmRef, *, vm_snapshot: bool) -> str:
     """Remove what a failed take left on primary; '' when done, else why it could not be.
 
     Never raises: the take already failed, and the alert that follows must still be sent
     (with this outcome in it)."""
     try:
-        await discard_take(snapshot_id, vm)
+        await discard_take(snapshot_id, vm, vm_snapshot=vm_snapshot)
     except ActivityError as err:
         return f"; {DISCARD_FAILED}: {cause_message(err)}"
     return ""

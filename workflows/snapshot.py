@@ -260,7 +260,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             self._set_state(SnapshotState.ERROR)
             left = ""
             if workflow.patched(DISCARD_PATCH):
-                left = await discard_failed_take(req.snapshot_id, req.volume.vm)
+                left = await discard_failed_take(req.snapshot_id, req.volume.vm, vm_snapshot=False)
                 self.record.error += left
             resend = ""
             if left and workflow.patched(DISCARD_ON_DELETE_PATCH):
@@ -554,7 +554,7 @@ class VolumeSnapshotWorkflow(EntityWorkflow):
             # A take that failed and whose leftovers could not be removed then (only such
             # a snapshot without a primary copy passes the validator): remove them now.
             self.failed_step = DISCARD_FAILED
-            await discard_take(self.req.snapshot_id, self.req.volume.vm)
+            await discard_take(self.req.snapshot_id, self.req.volume.vm, vm_snapshot=False)
             self.failed_step = None
         if self.record.primary is not None:
             # Whatever a backup left (finished, or cancelled mid-way), by the store's

@@ -155,7 +155,9 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     self.destroyed = True
                     return self.record
                 self.record.error = cause_message(err)
-                self.record.error += await discard_failed_take(req.snapshot_id, req.vm)
+                self.record.error += await discard_failed_take(
+                    req.snapshot_id, req.vm, vm_snapshot=True
+                )
                 self._set_state(VmSnapshotState.ERROR)
                 await raise_alert(
                     Alert(
