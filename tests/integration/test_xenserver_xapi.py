@@ -1,7 +1,7 @@
 """The XenServer driver against what real XAPI does (issue 12), through the real XenAPI client
 and tests/xapi_sim, which answers as xen-api's source says: differencing VHD deltas chosen by
 allocation, no Content-Length, errors after the 200 in the export's task, 302s to the host
-of a local SR, VBD.device "" until boot, VM.revert refused for a running VM, and a
+of a local SR, VBD.device "" until boot, VM.revert shutting a running VM down itself, and a
 checkpoint's memory in its suspend_VDI."""
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ def test_a_vm_that_never_booted_has_its_disks_by_userdevice(xapi: Xapi) -> None:
 
 
 def test_a_disk_and_memory_revert_of_a_running_vm(xapi: Xapi) -> None:
-    """Issue 12 item 5: VM.revert of a running VM fails (VM_REVERT_FAILED) and leaves it
-    Halted; the driver stops it first, and resumes it after."""
+    """XAPI's VM.revert hard-shuts a running VM down itself (message_forwarding.ml); a
+    checkpoint revert leaves it Suspended, and the driver resumes it."""
     d = driver(xapi)
     create_vm(xapi.port, "mem01", [4 * MIB])
     guest_write(xapi.port, "mem01", 0, b"before")

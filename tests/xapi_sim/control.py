@@ -30,17 +30,20 @@ def create_vm(
     *,
     allow_duplicate: bool = False,
     host: int = 1,
+    shared: bool = False,
 ) -> dict[str, Any]:
     """Create a VM with zero-filled disks (userdevice 0, 1, ...; device xvda, ... once it
     runs, "" while it never ran); returns ref, uuid and disks. A second live VM of one name
     is refused unless ``allow_duplicate`` (XAPI allows it). ``host=2`` puts its disks on the
-    pool member's local SR, so the master answers their exports with a 302."""
+    pool member's local SR, so the master answers their exports with a 302; ``shared``
+    puts them on the shared (NFS) SR, which both hosts serve."""
     body = {
         "name": name,
         "disks": disks,
         "power": power,
         "allow_duplicate": allow_duplicate,
         "host": host,
+        "shared": shared,
     }
     return _call(port, "POST", "/sim/vms", body)
 
@@ -125,3 +128,26 @@ def set_revert_mode(port: int, mode: str) -> None:
     """``xapi`` (the default: new VDIs, as XAPI does) or ``in-place`` (the VM keeps its
     VDI refs: the project's first model, kept for the self-check)."""
     _call(port, "POST", "/sim/revert-mode", {"mode": mode})
+
+
+def datapaths(port: int) -> dict[str, Any]:
+    """dom0's datapaths held per VDI, and how many attaches were refused
+    (``Illegal_transition``) so far."""
+    return _call(port, "GET", "/sim/datapaths")
+
+
+def set_attach_linger(port: int, seconds: float) -> None:
+    """How long a dropped export keeps its RO datapath (default 1 s)."""
+    _call(port, "POST", "/sim/attach-linger", {"seconds": seconds})
+
+
+def set_sr_type(port: int, sr: str, sr_type: str) -> None:
+    """The type of the master's local SR (``local``), the member's (``member``) or the
+    shared one: ``lvm`` and ``linstor`` change the parent names a delta's header carries."""
+    _call(port, "POST", "/sim/sr-type", {"sr": sr, "type": sr_type})
+
+
+def set_image_format(port: int, vdi: str, image_format: str) -> None:
+    """A VDI's ``sm_config['image-format']`` (``qcow2``, ``raw``): no delta can be computed
+    against it or from it; its snapshots inherit it."""
+    _call(port, "POST", "/sim/image-format", {"vdi": vdi, "format": image_format})

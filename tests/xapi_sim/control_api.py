@@ -29,6 +29,8 @@ class ControlHandler(ReplyHandler):
                 return self._json(200, {"vms": [_vm_info(store, v) for v in store.vms.values()]})
             if what == "vdis":
                 return self._json(200, {"vdis": [_vdi_info(v) for v in store.vdis.values()]})
+            if what == "datapaths":
+                return self._json(200, store.datapaths.snapshot())
             if what == "faults":
                 faults = {m: [f.__dict__ for f in fs] for m, fs in store.faults.items() if fs}
                 return self._json(200, {"faults": faults})
@@ -48,6 +50,7 @@ class ControlHandler(ReplyHandler):
                         template=template,
                         allow_duplicate=bool(req.get("allow_duplicate", False)),
                         host=int(req.get("host", 1)),
+                        shared=bool(req.get("shared", False)),
                     )
                 except ValueError as exc:
                     return self._json(409, {"error": str(exc)})
@@ -69,6 +72,19 @@ class ControlHandler(ReplyHandler):
             if what == "task-delay":
                 store.task_delay = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.task_delay})
+            if what == "sr-type":  # {"sr": "local" | "member" | "shared", "type": ...}
+                sr = {"local": store.sr, "member": store.sr2, "shared": store.shared_sr}
+                sr[str(req.get("sr", "local"))].type = str(req["type"])
+                return self._json(200, {"type": req["type"]})
+            if what == "image-format":  # {"vdi": ref or uuid, "format": "qcow2" | "raw"}
+                vdi = store.vdi_by_ref_or_uuid(str(req["vdi"]))
+                if vdi is None:
+                    return self._json(404, {"error": "no such vdi"})
+                vdi.image_format = str(req["format"])
+                return self._json(200, {"format": vdi.image_format})
+            if what == "attach-linger":
+                store.datapaths.linger_s = max(float(req.get("seconds") or 0), 0.0)
+                return self._json(200, {"seconds": store.datapaths.linger_s})
             if what == "revert-mode":
                 if req.get("mode") not in ("in-place", "xapi"):
                     return self._json(400, {"error": "mode must be in-place or xapi"})

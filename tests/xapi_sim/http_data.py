@@ -29,6 +29,7 @@ broken upload never half-writes a VDI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -39,9 +40,9 @@ from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from .disks import CHUNK, data_blocks, read_at, write_at
+from .dom0 import error_page
 from .httpbase import ReplyHandler
 from .model import BLOCK, SR, VDI, Store, Task, XapiError
-from .ops import running_vm_of
 from .vhd import _VHD_EPOCH, Parent, apply_vhd, iter_vhd, plan_vhd, stream_vhd
 from .xmlrpc_api import finish_task
 
@@ -63,22 +64,6 @@ class DataHandler(ReplyHandler):
     def _session(self, q: dict[str, str]) -> str:
         morsel = SimpleCookie(self.headers.get("Cookie") or "").get("session_id")
         return q.get("session_id") or (morsel.value if morsel else "")
-
-    def _resolve(self, q: dict[str, str], endpoint: str) -> tuple[VDI, str, Task | None]:
-        """Auth, injected faults, VDI and format; raises HttpError like XAPI would."""
-        store = self.store
-        task = store.tasks.get(q.get("task_id", ""))
-        if not store.session_valid(self._session(q)):
-            raise HttpError(401, "SESSION_INVALID")
-        if fault := store.take_fault(endpoint):
-            raise HttpError(500, " ".join(fault.description))
-        vdi = store.vdi_by_ref_or_uuid(q.get("vdi", ""))
-        if vdi is None:
-            raise HttpError(404, f"HANDLE_INVALID VDI {q.get('vdi', '')}")
-        fmt = q.get("format", "raw")
-        if fmt not in ("raw", "vhd"):
-            raise HttpError(400, f"unsupported format {fmt}")
-        return vdi, fmt, task
 
     @property
     def store(self) -> Store:
@@ -103,8 +88,8 @@ class DataHandler(ReplyHandler):
             if vdi is None:  # Db.VDI.get_by_uuid raises before any header: a 500
                 return self._reply(500, f"UUID_INVALID VDI {q.get('vdi', '')}".encode())
             sr = store.srs[vdi.sr]
-            if sr.host != self.server.host_ref:
-                return self._redirect(store.host_address[sr.host])
+            if not store.sr_visible(sr, self.server.host_ref):  # export_raw_vdi.ml l.130-135
+                return self._redirect(store.host_address[store.host_for_sr(sr)])
             fmt = q.get("format", "raw")
             if fmt not in ("raw", "vhd"):  # localhost_handler: `Unknown -> 404, task failed
                 if task is not None:
@@ -119,16 +104,28 @@ class DataHandler(ReplyHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         files: list[BinaryIO] = []
+        host, held, dropped = self.server.host_ref, [], False
         try:
             with store.lock:
                 pieces, at_byte, fault = self._export_pieces(q, vdi, fmt, files)
+                # with_block_attached_device ... `RO (export_raw_vdi.ml l.94-101): the
+                # VDI, and the base, on a dom0 datapath each for as long as vhd-tool runs.
+                if files:  # the export got as far as vhd-tool
+                    base = store.vdi_by_ref_or_uuid(q["base"]) if q.get("base") else None
+                    for one in [vdi] + ([base] if base is not None else []):
+                        held.append((one.ref, store.datapaths.attach(host, one.ref, "RO")))
             self._write_throttled(pieces, at_byte)
             if fault is not None:
                 raise fault
-        except XapiError as exc:  # after the 200: the task says why, the body is short
+        except XapiError as exc:
+            # After the 200: TaskHelper.failed, then the exception reaches Http_svr, which
+            # writes its 500 page into the body (export_raw_vdi.ml l.117-120; dom0.py).
             if task is not None:
                 finish_task(task, "failure", error=exc.description)
+            with contextlib.suppress(OSError):
+                self.wfile.write(error_page(exc))
         except (BrokenPipeError, ConnectionResetError):
+            dropped = True
             if task is not None:
                 finish_task(task, "failure", error=["CLIENT_ERROR", "export aborted"])
         else:
@@ -137,6 +134,8 @@ class DataHandler(ReplyHandler):
         finally:
             for f in files:
                 f.close()
+            for ref, dp in held:
+                store.datapaths.release(host, ref, dp, linger=dropped)
 
     def _redirect(self, address: str) -> None:
         self.send_response(302)
@@ -159,6 +158,15 @@ class DataHandler(ReplyHandler):
                 return iter(()), 0, XapiError("UUID_INVALID", "VDI", q["base"])
             if base.size != vdi.size:  # vhd-tool fails: VDI_IO_ERROR
                 return iter(()), 0, XapiError("VDI_IO_ERROR", "Device I/O errors")
+            if "vhd" not in (vdi.image_format, base.image_format) or vdi.image_format != "vhd":
+                # vhd_tool_wrapper.ml send, l.159-174: a base given and a source that is no
+                # VHD (raw, QCOW2, NBD-only) -> failwith, which XAPI reports as
+                # INTERNAL_ERROR (ExnHelper); after the 200, as every send error.
+                msg = "Cannot compute differences on non-VHD images"
+                return iter(()), 0, XapiError("INTERNAL_ERROR", msg)
+            if base.image_format != "vhd":  # l.175-189: the base is no VHD
+                msg = "Vhd_tool_wrapper.send: base VDI is not a vhd; cannot compute differences"
+                return iter(()), 0, XapiError("INTERNAL_ERROR", msg)
         files.append(open(vdi.path, "rb"))  # noqa: SIM115 - closed by the caller
         if base is None:
             blocks, parent = vdi.allocated(), None
@@ -193,47 +201,86 @@ class DataHandler(ReplyHandler):
     # ----- import ----------------------------------------------------------------
 
     def import_raw_vdi(self) -> None:
-        q, task, tmp = self.query(), None, None
+        """``import_raw_vdi.ml``: the checks, the 302, then ``200 OK`` *before* any byte of
+        the body is read (l.172-179), then the RW attach and vhd-tool (l.188-205). A failure
+        after the 200 fails the task (``task_id=`` is adopted: ``xapi_http.ml``
+        ``with_context``) and is re-raised (l.228-232), so Http_svr writes its 500 page into
+        the body and closes, the rest of the body unread. Success completes the task with
+        the VDI's ref (l.220). XAPI never answers 409: a running VM's VDI can be imported
+        into, as dom0's VBDs are exempt from the sharing check (``xapi_vbd_helpers.ml``
+        l.288-319)."""
+        q, store, host = self.query(), self.store, self.server.host_ref
+        self.close_connection = True  # req.Request.close <- true (l.40)
+        with store.lock:
+            task = store.tasks.get(q.get("task_id", ""))
+            if not store.session_valid(self._session(q)):
+                return self._reply(401, b"SESSION_INVALID")
+            vdi = store.vdi_by_ref_or_uuid(q.get("vdi", ""))
+            if vdi is None:
+                return self._fail(HttpError(404, f"HANDLE_INVALID VDI {q.get('vdi', '')}"), task)
+            sr = store.srs[vdi.sr]
+            if not store.sr_visible(sr, host):  # import, l.256-262: before the body is read
+                return self._redirect(store.host_address[store.host_for_sr(sr)])
+            fmt = q.get("format", "raw")
+            if fmt not in ("raw", "vhd"):  # l.48-65: task failed, 404
+                return self._fail(HttpError(404, f"INTERNAL_ERROR Unknown format {fmt}"), task)
+        self.send_response(200)
+        if task is not None:
+            self.send_header("task-id", task.ref)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        fault = store.take_fault("import_raw_vdi")
+        stop_at = store.fault_at_byte.get("import_raw_vdi", 0) if fault else None
+        dp, tmp = None, None
         try:
-            with self.store.lock:
-                vdi, fmt, task = self._resolve(q, "import_raw_vdi")
-                host = self.store.srs[vdi.sr].host
-                if host != self.server.host_ref:
-                    # import_raw_vdi.ml (import): an SR this host cannot see -> a 302 to
-                    # the host that can, before the body is read.
-                    self.close_connection = True
-                    return self._redirect(self.store.host_address[host])
-                self._check_not_in_use(vdi)
-            tmp, received = self._spool(vdi.path.parent)
-            with self.store.lock:
-                self._check_not_in_use(vdi)
-                if vdi.ref not in self.store.vdis:
-                    raise HttpError(404, f"HANDLE_INVALID VDI {vdi.ref}")
-                if fmt == "raw":
-                    tmp = _apply_raw(tmp, received, vdi)
-                else:
-                    _apply_vhd_checked(tmp, vdi)
-        except HttpError as exc:
-            return self._fail(exc, task)
+            dp = store.datapaths.attach(host, vdi.ref, "RW")
+            try:
+                tmp, received = self._spool(vdi.path.parent, stop_at)
+            except HttpError as exc:  # vhd-tool meets the end of the body early
+                raise XapiError("VDI_IO_ERROR", exc.text) from None
+            with store.lock:
+                if vdi.ref not in store.vdis:
+                    raise XapiError("HANDLE_INVALID", "VDI", vdi.ref)
+                if fault is not None:  # vhd-tool wrote what it had read, then failed
+                    if fmt == "raw":
+                        _apply_raw(tmp, min(received, vdi.size), vdi)
+                    raise fault
+                try:
+                    if fmt == "raw":
+                        tmp = _apply_raw(tmp, received, vdi)
+                    else:
+                        _apply_vhd_checked(tmp, vdi)
+                except HttpError as exc:
+                    raise XapiError("VDI_IO_ERROR", exc.text) from None
+        except XapiError as exc:
+            if task is not None:
+                finish_task(task, "failure", error=exc.description)
+            with contextlib.suppress(OSError):
+                self.wfile.write(error_page(exc))
+        else:
+            if task is not None:
+                finish_task(task, "success", result=f"<value>{vdi.ref}</value>")
         finally:
+            if dp is not None:
+                store.datapaths.release(host, vdi.ref, dp)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-        if task is not None:
-            finish_task(task, "success")
-        self._reply(200, b"")
 
-    def _check_not_in_use(self, vdi: VDI) -> None:
-        vm = running_vm_of(self.store, vdi)
-        if vm is not None:
-            raise HttpError(409, f"VDI_IN_USE {vdi.ref} import (attached to running {vm.ref})")
-
-    def _spool(self, directory: Path) -> tuple[Path, int]:
-        """Copy the request body to a sparse temp file; returns ``(path, bytes received)``."""
+    def _spool(self, directory: Path, stop_at: int | None = None) -> tuple[Path, int]:
+        """Copy the request body (its first ``stop_at`` bytes) to a sparse temp file;
+        returns ``(path, bytes received)``."""
         fd, name = tempfile.mkstemp(dir=directory, prefix=".import-")
         received = 0
         with os.fdopen(fd, "wb") as f:
             try:
                 for chunk in self._body_chunks():
+                    if stop_at is not None and received + len(chunk) >= stop_at:
+                        chunk = chunk[: stop_at - received]
+                        f.write(chunk)
+                        received += len(chunk)
+                        break
                     if chunk.count(0) == len(chunk):
                         f.seek(len(chunk), os.SEEK_CUR)
                     else:
@@ -293,13 +340,20 @@ def changed_blocks(vdi: VDI, base: VDI) -> set[int]:
 
 
 def _parent_of(sr: SR, base: VDI) -> Parent:
-    """The base's leaf VHD as vhd-tool sees it: its uid, file name and mtime (f.ml l.3004)."""
+    """The base's leaf VHD as vhd-tool sees it: its uid, file name and mtime (f.ml l.3004).
+    The name is the path tapdisk has open: ``/var/run/sr-mount/<sr>/<uuid>.vhd`` on file
+    SRs (ext, nfs: SM FileSR), ``/dev/VG_XenStorage-<sr>/VHD-<uuid>`` on LVHD (SM LVHDSR),
+    and ``/dev/drbd/by-res/xcp-volume-<random uuid>/0`` on XOSTOR/LINSTOR, whose volume
+    name carries no VDI UUID (xcp-ng/sm drivers/linstorvolumemanager.py l.619-650,
+    2000-2014)."""
     mtime = int(base.path.stat().st_mtime) if base.path.exists() else _VHD_EPOCH
-    return Parent(
-        uid=base.chain[0].uid,
-        filename=f"/var/run/sr-mount/{sr.uuid}/{base.uuid}.vhd",
-        time_stamp=max(mtime - _VHD_EPOCH, 0),
-    )
+    if sr.type in ("lvm", "lvmoiscsi", "lvmohba"):
+        name = f"/dev/VG_XenStorage-{sr.uuid}/VHD-{base.uuid}"
+    elif sr.type == "linstor":
+        name = f"/dev/drbd/by-res/{base.volume_name}/0"
+    else:
+        name = f"/var/run/sr-mount/{sr.uuid}/{base.uuid}.vhd"
+    return Parent(uid=base.chain[0].uid, filename=name, time_stamp=max(mtime - _VHD_EPOCH, 0))
 
 
 def _apply_raw(tmp: Path, received: int, vdi: VDI) -> Path | None:

@@ -18,7 +18,7 @@ from typing import Any
 NULL_REF = "OpaqueRef:NULL"
 EPOCH = "19700101T00:00:00Z"
 # XAPI class names exactly as they appear in method names and HANDLE_INVALID.
-CLASSES = ("VM", "VBD", "VDI", "SR", "task", "host", "pool")
+CLASSES = ("VM", "VBD", "VDI", "SR", "PBD", "task", "host", "pool")
 HOST_NAME = "xapi-sim"  # the master's name_label (and its dom0's label, below)
 HOST2_NAME = "xapi-sim-2"  # a pool member: only its local SR, no VMs run there
 BLOCK = 2 << 20  # a VHD block (vhd-tool's default_block_size_sectors_shift = 12)
@@ -52,6 +52,21 @@ class SR:
     name_label: str
     path: Path
     host: str = ""  # the host whose local SR it is (a VDI here is exported by that host)
+    shared: bool = False  # every host has an attached PBD (an NFS SR)
+    type: str = "ext"
+
+
+@dataclass
+class PBD:
+    """An SR's plug on one host. ``Xapi_vm_helpers.assert_can_see_specified_SRs`` (the
+    check of ``Importexport.check_sr_availability`` and ``find_host_for_sr``) asks for a
+    ``currently_attached`` PBD of the SR on the host."""
+
+    ref: str
+    uuid: str
+    host: str
+    sr: str
+    currently_attached: bool = True
 
 
 @dataclass(eq=False)
@@ -81,6 +96,11 @@ class VDI:
     other_config: dict[str, str] = field(default_factory=dict)
     chain: list[Layer] = field(default_factory=lambda: [Layer()])  # leaf first
     type: str = "user"  # or "suspend" (a memory image)
+    # sm_config['image-format'] on XCP-ng 8.3 ("vhd", "qcow2"; "raw" for a raw VDI)
+    image_format: str = "vhd"
+    # XOSTOR/LINSTOR names a volume by a random UUID of its own, not the VDI's (xcp-ng/sm
+    # drivers/linstorvolumemanager.py, create_volume -> _find_free_volume_name, gen_uuid)
+    volume_name: str = field(default_factory=lambda: f"xcp-volume-{uuid.uuid4()}")
 
     def allocated(self) -> set[int]:
         """Blocks allocated anywhere on the chain (vhd-tool's ``in_any_bat``)."""
@@ -163,6 +183,10 @@ class Store:
         self.vbds: dict[str, VBD] = {}
         self.vdis: dict[str, VDI] = {}
         self.srs: dict[str, SR] = {}
+        self.pbds: dict[str, PBD] = {}
+        from .dom0 import Datapaths  # noqa: PLC0415 - dom0 imports XapiError from here
+
+        self.datapaths = Datapaths()
         self.tasks: dict[str, Task] = {}
         self.faults: dict[str, list[Fault]] = {}
         self.fault_at_byte: dict[str, int] = {}  # where an injected export fault cuts the body
@@ -197,6 +221,18 @@ class Store:
         sr2.path.mkdir(parents=True, exist_ok=True)
         self.srs[sr2.ref] = sr2
         self.sr2 = sr2
+        # A shared SR (NFS): attached on both hosts, so either serves its VDIs.
+        shared_uuid = new_uuid()
+        shared = SR(new_ref(), shared_uuid, "NFS virtual disk storage", root / shared_uuid)
+        shared.shared, shared.type = True, "nfs"
+        shared.path.mkdir(parents=True, exist_ok=True)
+        self.srs[shared.ref] = shared
+        self.shared_sr = shared
+        for one, hosts in ((sr, [self.host_ref]), (sr2, [self.host2_ref])):
+            for h in hosts:
+                self._plug(one, h)
+        for h in (self.host_ref, self.host2_ref):
+            self._plug(shared, h)
         # Every host has its dom0 in the VM table (create_misc.ml,
         # create_domain_zero_record): "Control domain on host: <hostname>", Running,
         # domid 0, is_control_domain = true, not a template. VM.get_all and
@@ -204,6 +240,24 @@ class Store:
         dom0 = VM(new_ref(), new_uuid(), f"Control domain on host: {HOST_NAME}", "Running")
         dom0.is_control_domain = True
         self.vms[dom0.ref] = dom0
+
+    def _plug(self, sr: SR, host: str) -> None:
+        pbd = PBD(new_ref(), new_uuid(), host, sr.ref)
+        self.pbds[pbd.ref] = pbd
+
+    def sr_visible(self, sr: SR, host: str) -> bool:
+        """``check_sr_availability``: the SR has an attached PBD on ``host``."""
+        return any(
+            p.sr == sr.ref and p.host == host and p.currently_attached for p in self.pbds.values()
+        )
+
+    def host_for_sr(self, sr: SR) -> str:
+        """``Importexport.find_host_for_sr`` (importexport.ml l.208-212): a host that sees
+        the SR (``choose_host``, the master first here)."""
+        for host in (self.host_ref, self.host2_ref):
+            if self.sr_visible(sr, host):
+                return host
+        raise XapiError("SR_NOT_ATTACHED", sr.ref)
 
     def live_vm(self, vm: VM) -> bool:
         """A VM a guest runs in: not a template, a snapshot or a control domain."""
@@ -217,6 +271,7 @@ class Store:
             "VBD": self.vbds,
             "VDI": self.vdis,
             "SR": self.srs,
+            "PBD": self.pbds,
             "task": self.tasks,
         }
         return tables[cls]

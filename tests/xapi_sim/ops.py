@@ -58,6 +58,7 @@ def new_vdi(
             # gets the source's name_label (the caller passes it), name_description, type
             # and other_config.
             vdi.name_description, vdi.type = copy_of.name_description, copy_of.type
+            vdi.image_format = copy_of.image_format  # the SR makes its snapshots alike
             vdi.other_config = dict(copy_of.other_config)
             frozen = list(copy_of.chain)
             copy_of.chain = [Layer(), *frozen]
@@ -108,6 +109,7 @@ def create_vm(
     allow_duplicate: bool = False,
     host: int = 1,
     memory: int = 256 << 20,
+    shared: bool = False,
 ) -> VM:
     """A VM (or a template: Halted, ``is_a_template``) with zero-filled disks.
 
@@ -123,7 +125,7 @@ def create_vm(
             raise ValueError(f"a VM named {name!r} already exists")
         vm = VM(new_ref(), new_uuid(), name, power, is_a_template=template, memory=memory)
         store.vms[vm.ref] = vm
-        sr = store.sr2 if host == 2 else store.sr
+        sr = store.shared_sr if shared else store.sr2 if host == 2 else store.sr
         for i, size in enumerate(disks):
             add_vbd(store, vm, new_vdi(store, f"{name} disk {i}", int(size), sr=sr), i)
         return vm
@@ -303,13 +305,14 @@ def vm_revert(store: Store, ref: str) -> None:
         if snap.snapshot_of not in store.vms:  # XAPI re-creates the VM: not modelled
             raise XapiError("VM_REVERT_FAILED", snap.ref, snap.snapshot_of)
         vm = store.vms[snap.snapshot_of]
-        if vm.power_state == "Running":
-            # xapi_vm_snapshot.ml (revert): update_vifs_vbds_vgpus_and_vusbs destroys the
-            # VM's VBDs, which VBD.destroy refuses while they are attached; the handler
-            # then force_state_reset's the VM to Halted and raises VM_REVERT_FAILED
-            # [snapshot, vm]. (The real VM's domain is left to xenopsd; here it stops.)
+        if vm.power_state != "Halted":
+            # message_forwarding.ml (VM.revert, l.2462-2471): "first of all, destroy the
+            # domain if needed": a VM that is not Halted is hard-shut down by XAPI itself
+            # (Client.VM.hard_shutdown) before Xapi_vm_snapshot.revert_vm_fields runs.
             vm.power_state = "Halted"
-            raise XapiError("VM_REVERT_FAILED", snap.ref, vm.ref)
+            if vm.suspend_vdi in store.vdis:  # xapi_vm.ml hard_shutdown, l.376-385
+                vdi_destroy(store, vm.suspend_vdi)
+            vm.suspend_vdi = NULL_REF
         mine = {store.vbds[r].userdevice: store.vbds[r] for r in vm.vbds}
         for snap_vbd in (store.vbds[r] for r in snap.vbds):
             src = store.vdis[snap_vbd.vdi]

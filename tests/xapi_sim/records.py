@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .disks import allocated_bytes
-from .model import HOST2_NAME, HOST_NAME, NULL_REF, SR, VBD, VDI, VM, Store, Task, XapiError
+from .model import HOST2_NAME, HOST_NAME, NULL_REF, PBD, SR, VBD, VDI, VM, Store, Task, XapiError
 
 
 def wire(value: Any) -> Any:
@@ -107,7 +107,7 @@ def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
         "snapshot_of": vdi.snapshot_of,
         "snapshots": [v.ref for v in store.vdis.values() if v.snapshot_of == vdi.ref],
         "snapshot_time": vdi.snapshot_time,
-        "sm_config": {"vdi_type": "vhd"},
+        "sm_config": {"vdi_type": vdi.image_format, "image-format": vdi.image_format},
         "other_config": vdi.other_config,
         "xenstore_data": {},
         "on_boot": "persist",
@@ -125,14 +125,25 @@ def _sr(store: Store, sr: SR) -> dict[str, Any]:
         "uuid": sr.uuid,
         "name_label": sr.name_label,
         "name_description": "",
-        "type": "ext",
+        "type": sr.type,
         "content_type": "user",
-        "shared": False,
+        "shared": sr.shared,
         "VDIs": [v.ref for v in store.vdis.values() if v.sr == sr.ref],
-        "PBDs": [],
+        "PBDs": [p.ref for p in store.pbds.values() if p.sr == sr.ref],
         "other_config": {},
         "sm_config": {},
         "tags": [],
+    }
+
+
+def _pbd(store: Store, pbd: PBD) -> dict[str, Any]:
+    return {
+        "uuid": pbd.uuid,
+        "host": pbd.host,
+        "SR": pbd.sr,
+        "device_config": {},
+        "currently_attached": pbd.currently_attached,
+        "other_config": {},
     }
 
 
@@ -193,6 +204,7 @@ _BUILDERS: dict[str, Callable[[Store, Any], dict[str, Any]]] = {
     "VBD": _vbd,
     "VDI": _vdi,
     "SR": _sr,
+    "PBD": _pbd,
     "task": _task,
 }
 

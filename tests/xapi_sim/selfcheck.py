@@ -279,9 +279,7 @@ def check_vm_semantics(x: Any, port: int, vm: str, vdi: str, vdi1: str) -> None:
     check(err == ["VM_BAD_POWER_STATE", vm, "running", "halted"], "VM_BAD_POWER_STATE")
     x.VM.start(vm, False, False)
     check(x.VM.get_power_state(vm) == "Running", "VM.start")
-    err = failure(x.VM.revert, cp_b)
-    check(err == ["VM_REVERT_FAILED", cp_b, vm], "revert of a running VM -> VM_REVERT_FAILED")
-    check(x.VM.get_power_state(vm) == "Halted", "... and XAPI force-resets it to Halted")
+    # message_forwarding.ml l.2462-2471: XAPI hard-shuts a running VM itself, then reverts
     task = x.Async.VM.revert(cp_b)
     check(wait_task(x, task) == "success" and x.task.get_result(task) == "", "Async.VM.revert")
     check(x.VM.get_power_state(vm) == "Running", "revert to checkpoint -> Running")
@@ -337,7 +335,9 @@ def check_import(
     check(sim.vdi_path(port, vhd_dst).read_bytes() == want, "full + delta import == snap2")
     live = x.VBD.get_VDI(x.VM.get_VBDs(vm)[0])  # after the xapi-mode revert: a new VDI
     q = f"session_id={session.handle}&vdi={live}&format=raw"
-    check(http_put(port, q, b"\0" * 512) == 409, "import into a Running VM's disk -> 409")
+    # xapi_vbd_helpers.ml l.288-319: dom0's VBD is exempt from the sharing check; no 409
+    head = sim.vdi_path(port, live).read_bytes()[:512]
+    check(http_put(port, q, head) == 200, "import into a Running VM's disk is not refused")
 
 
 def check_lookup(x: Any, port: int, vm: str) -> None:

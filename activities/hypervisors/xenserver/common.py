@@ -1,0 +1,90 @@
+"""Names, marks and XAPI error codes shared by the XenServer driver's modules."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+from typing import Any
+
+import XenAPI
+
+from ...errors import (
+    ChainBusy,
+    CredentialsRejected,
+    HypervisorUnavailable,
+    InvalidInput,
+    SourceGone,
+    UnsupportedImage,
+)
+
+VOLUME_PREFIX = "snapferry-"
+VM_PREFIX = "snapferry-vm-"
+RELEASED = "snapferry: released"
+TAKE_KEY = "snapferry-take"  # on a VDI's other_config while a take snapshots it
+TASK_POLL_S = 0.05  # the first poll of a task; then doubling up to TASK_POLL_MAX_S
+TASK_POLL_MAX_S = 1.0
+IO_CHUNK = 8 * 1024 * 1024
+NULL_REF = "OpaqueRef:NULL"
+
+_VOLUME_LABEL = re.compile(VOLUME_PREFIX + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+_UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)
+
+_vm_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+def _failure_error(exc: XenAPI.Failure, what: str) -> Exception:
+    """XAPI's error codes as our typed errors: gone and refused are permanent, busy retries."""
+    code, *params = [str(x) for x in exc.details] or ["UNKNOWN"]
+    message = f"{what}: {code} {params}"
+    if code == "SESSION_AUTHENTICATION_FAILED":
+        return CredentialsRejected(f"XenServer rejected the credentials ({what})")
+    if code in ("HANDLE_INVALID", "UUID_INVALID"):
+        return SourceGone(message)
+    # SR_BACKEND_FAILURE_109: the VHD chain is too long (SM's limit is 30) until the SR's
+    # garbage collector coalesces it; like a busy VDI, that passes with time.
+    if code in (
+        "VDI_IN_USE",
+        "OTHER_OPERATION_IN_PROGRESS",
+        "SR_BACKEND_FAILURE_46",
+        "SR_BACKEND_FAILURE_109",
+    ):
+        return ChainBusy(message)
+    if code == "INTERNAL_ERROR" and "cannot compute differences" in message.lower():
+        # vhd_tool_wrapper.ml send: a delta from or against a VDI that is no VHD (QCOW2 on
+        # XCP-ng 8.3, raw VDIs, NBD-only): it can never succeed; a full backup can.
+        return UnsupportedImage(
+            f"{message}: this VDI cannot have VHD deltas; back it up in full"
+            " (SNAPFERRY_SNAPSHOT_DELTA_MAX=0)"
+        )
+    if code == "INTERNAL_ERROR" and "Illegal_transition" in message:
+        # dom0's attach automaton refused a datapath (vdi_automaton.ml: RW asked while
+        # another datapath holds the VDI RO, e.g. another client's export): it passes.
+        return ChainBusy(message)
+    if code == "VDI_TOO_LARGE":  # a VHD export above 2040 GiB (export_raw_vdi.ml)
+        return UnsupportedImage(message)
+    if code == "VM_BAD_POWER_STATE":
+        return InvalidInput(message)
+    return HypervisorUnavailable(message)
+
+
+_DEVICE = re.compile(r"(?:xvd|hd|sd|vd)([a-p])")
+
+
+def _userdevice(disk: str) -> str | None:
+    """The VBD slot a disk name means: ``xvdb``/``hdb``/``sdb`` -> "1", "1" -> "1"."""
+    if disk.isdigit():
+        return str(int(disk))
+    match = _DEVICE.fullmatch(disk)
+    return str(ord(match.group(1)) - ord("a")) if match else None
+
+
+def _not_a_vm(record: dict[str, Any]) -> str:
+    """What a VM record is when it is no VM to act on ('' when it is one)."""
+    if record.get("is_a_snapshot"):
+        return "a VM snapshot"
+    if record.get("is_a_template"):
+        return "a template"
+    if record.get("is_control_domain"):
+        return "a control domain"
+    return ""

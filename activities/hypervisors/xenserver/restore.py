@@ -1,0 +1,204 @@
+"""Restores: a rebuilt raw image written into a VDI with ``PUT /import_raw_vdi``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import time
+from pathlib import Path
+
+import XenAPI
+
+from ...contracts import (
+    RestoreRequest,
+    RestoreResult,
+    RevertRequest,
+)
+from ...errors import ChainBusy, HypervisorUnavailable, InvalidInput, SourceGone
+from ..endpoint import Endpoint
+from .common import IO_CHUNK, TASK_POLL_MAX_S, TASK_POLL_S, _failure_error, _vm_locks
+from .core import XenCore
+from .session import XapiSession, _redirect_target
+
+IMPORT_TASK_WAIT_S = 300.0  # for the import's task to end once its body is sent
+
+
+class RestoreOps(XenCore):
+    """``PUT /import_raw_vdi`` as XAPI serves it (``import_raw_vdi.ml``): ``200 OK`` comes
+    before the body is read and before the VDI is attached, so the status says nothing; a
+    later failure fails the request's task (``task_id=``, adopted and completed or failed
+    by XAPI) and cuts the connection after a 500 page in the body. The task decides."""
+
+    def _import(self, vdi: str, raw: Path) -> None:
+        """Write ``raw`` from offset 0 and zeros up to the VDI's size (a disk that grew
+        since the backup, or one the SR rounded up, reads as the backup then zeros), then
+        read the whole VDI back and compare SHA-256."""
+        uuid = str(self._api("VDI.get_uuid", vdi))
+        size = int(self._api("VDI.get_virtual_size", vdi))
+        length = raw.stat().st_size
+        if length > size:
+            raise InvalidInput(
+                f"the backup ({length} bytes) is larger than VDI {uuid} ({size} bytes)"
+            )
+        endpoint = self._data_host(vdi)
+        sent = ""
+        for attempt in range(2):
+            task = str(self._api("task.create", "snapferry import", f"import into VDI {uuid}"))
+            try:
+                url = self.session.url("import_raw_vdi", vdi=uuid, format="raw", task_id=task)
+                status, location, sent = _put(endpoint, url, raw, size)
+                if status == 401 and attempt == 0:  # XenAPI re-logs in for XML-RPC only
+                    self.session.relogin()
+                    continue
+                if status in (301, 302, 303, 307) and attempt == 0:
+                    endpoint = _redirect_target(self.session, location, uuid)[0]
+                    continue
+                self._import_outcome(task, uuid, status)
+                break
+            finally:
+                with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                    self._api("task.destroy", task)
+        status, back = endpoint.get_sha256(
+            self.session.url("export_raw_vdi", vdi=uuid, format="raw"), {}
+        )
+        if status != 200 or back != sent:
+            raise ChainBusy(f"VDI {uuid} did not read back as written (HTTP {status})")
+
+    def _import_outcome(self, task: str, uuid: str, status: int | None) -> None:
+        """The import's task, once it has ended: success, or its error as ours."""
+        from ...storage.liveness import alive
+
+        what = f"import into VDI {uuid}"
+        deadline = time.monotonic() + IMPORT_TASK_WAIT_S
+        delay = TASK_POLL_S
+        while (state := self._api("task.get_status", task)) in ("pending", "cancelling"):
+            if time.monotonic() > deadline:
+                raise HypervisorUnavailable(f"{what}: its task is still {state}")
+            alive()
+            time.sleep(delay)
+            delay = min(delay * 2, TASK_POLL_MAX_S)
+        if state == "success":
+            if status not in (None, 200):
+                raise HypervisorUnavailable(f"{what}: HTTP {status}")
+            return
+        info = self._api("task.get_error_info", task) or ["UNKNOWN"]
+        raise _failure_error(XenAPI.Failure(info), what)
+
+    def _data_host(self, vdi: str) -> Endpoint:
+        """Where XAPI serves a VDI's data, by its own rule (``Importexport.find_host_for_sr``
+        via ``check_sr_availability``): any host of a shared SR, so the master we talk to;
+        else the host with the SR's attached PBD, at its ``Host.address``. Nothing is
+        probed: an export started and dropped would hold the VDI RO in dom0 for a while,
+        and the import's RW attach would meet ``Illegal_transition``."""
+        sr = self._api("VDI.get_SR", vdi)
+        if self._api("SR.get_shared", sr):
+            return self.session.endpoint
+        master = self._api("pool.get_master", self._api("pool.get_all")[0])
+        for pbd in self._api("SR.get_PBDs", sr):
+            if not self._api("PBD.get_currently_attached", pbd):
+                continue
+            host = self._api("PBD.get_host", pbd)
+            if host == master:
+                return self.session.endpoint  # the address we already reach it by
+            return _host_endpoint(self.session, str(self._api("host.get_address", host)))
+        raise HypervisorUnavailable(
+            f"SR {self._api('SR.get_uuid', sr)} is plugged into no host (no attached PBD)"
+        )
+
+    def revert(self, req: RevertRequest) -> None:
+        """Rebuild full + deltas and import them into the halted VM's VDI."""
+        from ...storage.secondary import SecondaryStore
+
+        vm_name, disk = req.volume.vm.name, req.volume.disk
+        if req.manifest_path is None:
+            raise InvalidInput(
+                f"snapshot {req.snapshot_id} is not backed up yet; on XenServer a volume is"
+                " reverted from its backup chain"
+            )
+        manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+        vm = self._vm(vm_name)
+        with _vm_locks[vm], SecondaryStore.materialized(manifest) as raw:
+            if self._power(vm) != "Halted":
+                raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
+            self._import(self._vdi(vm, vm_name, disk), raw)
+
+    def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult:
+        """A new VDI on the source VDI's SR, named after the volume, filled by import."""
+        vm_name = req.volume.vm.name
+        vm = self._vm(vm_name)
+        source = self._vdi(vm, vm_name, req.volume.disk)
+        sr = self._api("VDI.get_SR", source)
+        size = os.path.getsize(raw_backup)
+        existing = self._api("VDI.get_by_name_label", req.name)
+        if existing:
+            raise InvalidInput(f"volume {req.name!r} already exists on XenServer")
+        record = {
+            "name_label": req.name,
+            "name_description": f"snapferry: from snapshot {req.snapshot_id}",
+            "SR": sr,
+            "virtual_size": str(size),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+        vdi = self._api("VDI.create", record)
+        try:
+            self._import(vdi, Path(raw_backup))
+        except BaseException:
+            self._api("VDI.destroy", vdi)
+            raise
+        uuid = self._api("VDI.get_uuid", vdi)
+        return RestoreResult(path=f"xapi:VDI/{uuid}", virtual_size=size, format="vdi")
+
+
+def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
+    """A pool host at its ``Host.address``, reached as XAPI's own 302 would send us
+    (``Importexport.return_302_redirect``: the master's scheme, the address, no port)."""
+    scheme = session.endpoint.scheme
+    host, port = address, 443 if scheme == "https" else 80
+    if address.startswith("["):  # [IPv6]:port
+        host, _, rest = address[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else port
+    elif address.count(":") == 1:  # name or IPv4 with a port
+        host, _, number = address.partition(":")
+        port = int(number)
+    return Endpoint(scheme, host, port, session.endpoint.verify_tls)
+
+
+def _put(endpoint: Endpoint, url: str, raw: Path, size: int) -> tuple[int | None, str, str]:
+    """``PUT`` the file and zeros up to ``size``: (status or None when no answer came,
+    Location, SHA-256 of what was sent). XAPI may cut the connection while the body is
+    on its way (a failed attach): that is no error here; the task says what happened."""
+    from ...storage.liveness import alive
+
+    digest = hashlib.sha256()
+    conn = endpoint.connection()
+    try:
+        conn.putrequest("PUT", url)
+        conn.putheader("Content-Length", str(size))
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.endheaders()
+        left = size
+        with contextlib.suppress(OSError), open(raw, "rb") as f:
+            while left > 0:
+                block = f.read(min(IO_CHUNK, left)) or bytes(min(IO_CHUNK, left))
+                digest.update(block)
+                conn.send(block)
+                left -= len(block)
+                alive()
+        if left:  # cut short: what was sent is not the image
+            digest.update(b"\0incomplete")
+        try:
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            return None, "", digest.hexdigest()
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            resp.read(4096)  # a 500 page, if any: the task has the error itself
+        return resp.status, resp.getheader("Location") or "", digest.hexdigest()
+    except (OSError, http.client.HTTPException) as exc:
+        raise HypervisorUnavailable(f"PUT {url.split('?')[0]} failed: {exc}") from exc
+    finally:
+        conn.close()

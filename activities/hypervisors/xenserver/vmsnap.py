@@ -1,0 +1,102 @@
+"""VM snapshots: ``VM.snapshot``/``VM.checkpoint``, ``VM.revert``, and their delete."""
+
+from __future__ import annotations
+
+from ...contracts import (
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VmSnapshotType,
+)
+from ...errors import (
+    InvalidInput,
+    SourceGone,
+)
+from .common import (
+    NULL_REF,
+    VM_PREFIX,
+    _vm_locks,
+)
+from .core import XenCore
+
+
+class VmSnapshotOps(XenCore):
+    # -- VM snapshots --------------------------------------------------------------------------
+    def _vm_snapshot(self, vm: str | None, snapshot_id: str) -> str | None:
+        """Our snapshot VM ``snapferry-vm-<id>`` (of ``vm`` when given): only a VM snapshot,
+        never a VM or template that happens to carry the label."""
+        label = VM_PREFIX + snapshot_id
+        found = []
+        for ref in self._api("VM.get_by_name_label", label):
+            rec = self._api("VM.get_record", ref)
+            if rec.get("is_a_snapshot") and vm in (None, rec.get("snapshot_of")):
+                found.append(str(ref))
+        if len(found) > 1:
+            raise InvalidInput(f"{len(found)} VM snapshots are labelled {label!r}: {found}")
+        return found[0] if found else None
+
+    def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
+        vm_name = op.vm.name
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
+            running = self._power(vm) == "Running"
+            memory = op.type == VmSnapshotType.DISK_AND_MEMORY
+            if memory and not running:
+                raise InvalidInput(
+                    f"VM {vm_name!r} is stopped: a DiskAndMemory snapshot needs a running VM"
+                    " (take a Disk snapshot instead)"
+                )
+            label = VM_PREFIX + op.snapshot_id
+            if self._vm_snapshot(vm, op.snapshot_id) is None:
+                if memory:
+                    self._api("VM.checkpoint", vm, label)
+                else:
+                    self._api("VM.snapshot", vm, label)
+            return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
+
+    def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        vm_name = op.vm.name
+        vm = self._vm(vm_name)
+        with _vm_locks[vm]:
+            snap = self._vm_snapshot(vm, op.snapshot_id)
+            if snap is None:
+                raise SourceGone(f"VM snapshot {op.snapshot_id} is gone from {vm_name!r}")
+            if op.type == VmSnapshotType.DISK and self._power(vm) != "Halted":
+                raise InvalidInput(
+                    f"VM {vm_name!r} is running; stop it before reverting to Disk snapshot"
+                    f" {op.snapshot_id}"
+                )
+            # A running VM is hard-shut down by XAPI's VM.revert itself ("first of all,
+            # destroy the domain if needed", message_forwarding.ml): a checkpoint replaces
+            # its memory anyway, so nothing is lost that the revert would keep.
+            self._api("VM.revert", snap)
+            # XAPI leaves a VM reverted to a checkpoint Suspended (its memory restored):
+            # resume it, so that it ends running as on the other hypervisors.
+            state = self._power(vm)
+            if op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Suspended":
+                self._api("VM.resume", vm, False, False)
+            elif op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Halted":
+                self._api("VM.start", vm, False, False)
+
+    def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
+        """By the snapshot's own label: it is deleted even when its VM is gone or renamed."""
+        snap = self._vm_snapshot(None, op.snapshot_id)
+        if snap is None:
+            return
+        with _vm_locks[str(self._api("VM.get_snapshot_of", snap))]:
+            self._destroy_vm_snapshot(None, op.snapshot_id)
+
+    def _destroy_vm_snapshot(self, vm: str | None, snapshot_id: str) -> None:
+        """The snapshot VM, the snapshot VDIs its VBDs hold and its memory image."""
+        snap = self._vm_snapshot(vm, snapshot_id)
+        if snap is None:
+            return
+        vdis = list(self._vdis(snap).values())
+        # A checkpoint's memory image (RAM-sized) is its suspend_VDI; VM.destroy leaves it,
+        # as it leaves every VDI (CloudStack's CitrixDeleteVMSnapshotCommandWrapper too
+        # destroys it).
+        memory = self._api("VM.get_suspend_VDI", snap)
+        if memory and memory != NULL_REF:
+            vdis.append(memory)
+        self._api("VM.destroy", snap)
+        for vdi in vdis:
+            self._api("VDI.destroy", vdi)
