@@ -1,7 +1,8 @@
 """``make bench``: answer time vs time to BackedUp, and backup throughput vs cp / qemu-img;
 a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
 the KVM delta against its full (delta_bench.py); answers under a burst of creates
-(burst_bench.py).
+(burst_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
+(large_delta_bench.py).
 
 Everything is measured in one run on this machine, against baselines measured on the same
 source file in the same run, because these machines are noisy. It uses the real stack: a
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
+from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
 
 from snapferry.activities.contracts import SnapshotState  # noqa: E402
 from snapferry.activities.settings import Settings  # noqa: E402
@@ -449,6 +451,7 @@ async def main(sizes: list[float]) -> None:
             snapshot_request=snapshot_request,
         )
         burst = await bench_burst(settings, client, conn, work, server_pid=server.pid)
+        large_delta = bench_large_delta(work / "large-delta")
     finally:
         terminate(server.pid)
         shutil.rmtree(work, ignore_errors=True)
@@ -496,6 +499,7 @@ async def main(sizes: list[float]) -> None:
     )
     print_delta(delta)
     print_burst(burst)
+    print_large_delta(large_delta)
 
 
 if __name__ == "__main__":
