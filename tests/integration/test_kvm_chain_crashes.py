@@ -333,3 +333,93 @@ def test_a_merge_killed_at_any_step_converges_on_the_next_release(
             assert killer.steps >= 2  # every step of a real merge was tried
             return
         kill_at += 1
+
+
+def kill_after_redefinition_onto_the_base(
+    monkeypatch: pytest.MonkeyPatch, dom: libvirt.virDomain, *, start_after_commit: bool
+) -> None:
+    """The offline top merge dies right after it pointed the definition at the base; with
+    ``start_after_commit`` an operator started the VM (on the old top) just before."""
+    from snapferry.activities.hypervisors import kvm
+
+    real_commit, real_redefine = kvm.run_qemu_img, KvmDriver._redefine_disk
+
+    def commit(*args: str) -> str:
+        out = real_commit(*args)
+        if start_after_commit and args[0] == "commit":
+            dom.create()
+        return out
+
+    def redefine_then_die(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_redefine(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(kvm, "run_qemu_img", commit)
+    monkeypatch.setattr(KvmDriver, "_redefine_disk", redefine_then_die)
+
+
+def test_a_vm_started_on_the_base_after_an_interrupted_merge_keeps_those_writes(
+    settings: Settings,
+    make_vm,
+    host_name: str,
+    libvirt_conn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the kill the definition names the base, so the operator's start runs there:
+    its writes, over ranges the old top also holds, are the disk, not the top's."""
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=False)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(settings)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid, snap = take(driver, volume)
+    assert snap.overlay
+    offline_write(snap.overlay, pattern=0x55, offset=MIB, length=MIB)
+    patch_reference(guest.expected, guest.expected, pattern=0x55, offset=MIB, length=MIB)
+    dom = libvirt_conn.lookupByName(vm.name)
+    with monkeypatch.context() as patch:
+        kill_after_redefinition_onto_the_base(patch, dom, start_after_commit=False)
+        with pytest.raises(Killed):
+            driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    dom.create()
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    guest.write(pattern=0x77, offset=MIB, length=MIB)
+    dom.destroy()
+    driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    assert_converged(dom, guest)
+
+
+def test_a_vm_managed_saved_on_the_old_top_after_an_interrupted_merge_still_resumes(
+    settings: Settings,
+    make_vm,
+    host_name: str,
+    libvirt_conn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The VM runs on the old top (started between commit and redefinition) and is then
+    managed-saved (libvirt-guests at host shutdown): its saved definition names the top,
+    which must survive every later operation until the VM has resumed on it."""
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=False)
+    guest = GuestDisk(vm, tmp_path)
+    driver = KvmDriver(settings)
+    volume = VolumeRef(vm=VmRef(name=vm.name, host=host_name), disk="vda")
+    sid, snap = take(driver, volume)
+    assert snap.overlay
+    offline_write(snap.overlay, pattern=0x55, offset=MIB, length=MIB)
+    patch_reference(guest.expected, guest.expected, pattern=0x55, offset=MIB, length=MIB)
+    dom = libvirt_conn.lookupByName(vm.name)
+    with monkeypatch.context() as patch:
+        kill_after_redefinition_onto_the_base(patch, dom, start_after_commit=True)
+        with pytest.raises(Killed):
+            driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    assert disk_source(libvirt_conn, vm.name) == snap.overlay
+    dom.managedSave(0)
+    driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    assert Path(snap.overlay).exists()
+    dom.create()  # resumes from the managed save, on the top
+    assert dom.isActive() and disk_source(libvirt_conn, vm.name) == snap.overlay
+    driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
+    assert disk_source(libvirt_conn, vm.name) == str(vm.disk)
+    assert_converged(dom, guest)
