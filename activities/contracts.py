@@ -134,6 +134,11 @@ class PrimarySnapshot(_Model):
     overlay: str | None = None
     virtual_size: int = Field(ge=0)
     vm_was_running: bool
+    handle: str | None = Field(
+        None,
+        description="The hypervisor's own id of the object that holds the snapshot, which"
+        " survives renames and moves (VMware: the clone's managed object id)",
+    )
 
 
 class BackupPlan(_Model):

@@ -93,6 +93,20 @@ class SourceGone(SnapferryError):
     non_retryable = True
 
 
+class PermissionDenied(SnapferryError):
+    """The hypervisor manager's login lacks a privilege (named in the message): an operator
+    must grant it, retrying cannot help."""
+
+    non_retryable = True
+
+
+class PrimaryStoreFull(SnapferryError):
+    """Primary storage (a datastore) has no room for the snapshot's copy: permanent until an
+    operator frees space, and each retry would copy the disk again first."""
+
+    non_retryable = True
+
+
 class SnapshotDeleted(SnapferryError):
     """A take run again (by a reset) for a snapshot that was deleted: not taken again."""
 
@@ -116,6 +130,8 @@ ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     CredentialsRejected,
     SourceGone,
     SnapshotDeleted,
+    PermissionDenied,
+    PrimaryStoreFull,
 )
 
 NON_RETRYABLE_ERROR_TYPES: list[str] = [c.__name__ for c in ALL_ERRORS if c.non_retryable]

@@ -29,11 +29,18 @@ list_vms = simulator.list_vms
 
 
 def create_vm(
-    port: int, name: str, disks: list[int], power: str = "poweredOn", folder: str = ""
+    port: int,
+    name: str,
+    disks: list[int],
+    power: str = "poweredOn",
+    folder: str = "",
+    **kind: object,
 ) -> str:
     """Create a VM with zero-filled disks of the given byte sizes, in VM folder ``folder``
-    (``a/b``, made if new; default the datacenter's ``vm`` folder); returns its moid."""
-    body = {"name": name, "disks": disks, "power": power, "folder": folder}
+    (``a/b``, made if new; default the datacenter's ``vm`` folder); returns its moid.
+    ``kind``: ``encrypted=True``, ``disk_mode="independent_persistent"``,
+    ``backing="rdm"`` or ``"sesparse"``."""
+    body = {"name": name, "disks": disks, "power": power, "folder": folder, "kind": kind}
     return _call(port, "POST", "/sim/vms", body)["moid"]
 
 
@@ -68,15 +75,34 @@ def set_inventory(
     api_type: str | None = None,
     capacity_in_bytes: bool | None = None,
     clone_removes_disks: bool | None = None,
+    clone_listed: str | None = None,
+    interrupt_clones: int | None = None,
+    clone_copies_removed_disks: bool | None = None,
+    leave_deltas: bool | None = None,
+    consolidate_fails: int | None = None,
+    clone_fault: str | None = None,
 ) -> None:
     """``api_type="HostAgent"``: a standalone ESXi host (no CloneVM_Task);
     ``capacity_in_bytes=False``: disks set only capacityInKB, as older inventories do;
     ``clone_removes_disks=False``: a clone that leaves disks out answers NotSupported (a
-    test control for the driver's fallback, not a behaviour seen on vSphere)."""
+    test control for the driver's fallback, not a behaviour seen on vSphere);
+    ``clone_listed="end"``: a clone is registered only when its copy is done;
+    ``interrupt_clones=n``: the next n clone tasks fail half-way and leave their folder;
+    ``clone_copies_removed_disks=True``: disks a clone removes are copied, then detached
+    (govmomi's reading); ``leave_deltas=True``: a snapshot removal leaves its redo logs
+    (consolidationNeeded) until ConsolidateVMDisks_Task; ``consolidate_fails=n``: the next
+    n consolidations fail with FileLocked; ``clone_fault="NoPermission"`` or
+    ``"NoDiskSpace"``: the next clone is refused for that."""
     body = {
         "api_type": api_type,
         "capacity_in_bytes": capacity_in_bytes,
         "clone_removes_disks": clone_removes_disks,
+        "clone_listed": clone_listed,
+        "interrupt_clones": interrupt_clones,
+        "clone_copies_removed_disks": clone_copies_removed_disks,
+        "leave_deltas": leave_deltas,
+        "consolidate_fails": consolidate_fails,
+        "clone_fault": clone_fault,
     }
     _call(port, "POST", "/sim/inventory", {k: v for k, v in body.items() if v is not None})
 
@@ -86,6 +112,12 @@ def list_tasks(port: int) -> list[dict]:
     return _call(port, "GET", "/sim/tasks")["tasks"]
 
 
-def set_task_delay(port: int, seconds: float) -> None:
-    """Make CloneVM_Task stay 'running' for ``seconds`` before it does its work."""
-    _call(port, "POST", "/sim/task-delay", {"seconds": seconds})
+def set_task_delay(port: int, seconds: float, method: str = "CloneVM_Task") -> None:
+    """Make ``method``'s tasks (CloneVM_Task, CreateSnapshot_Task, RemoveSnapshot_Task)
+    stay 'running' for ``seconds`` before they do their work."""
+    _call(port, "POST", "/sim/task-delay", {"seconds": seconds, "method": method})
+
+
+def soap_calls(port: int) -> dict[str, int]:
+    """How many times each SOAP method was called since the simulator started."""
+    return _call(port, "POST", "/sim/calls", {})["calls"]

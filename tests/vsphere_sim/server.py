@@ -208,7 +208,7 @@ class Handler(BaseHTTPRequestHandler):
         # Stricter than vSphere on purpose: a restore must replace a whole disk of a
         # powered-off VM (vSphere would refuse the running VM's locked file anyway).
         inv = self.server.inv
-        vm = inv.vm_by_name(path.parent.name)
+        vm = inv.vm_by_dir(path.parent.name)
         disks = [inv.disk_file(vm, i) for i in range(len(vm.disks))] if vm else []
         if vm and path in disks:
             if vm.power == "poweredOn":
@@ -257,6 +257,8 @@ class Handler(BaseHTTPRequestHandler):
                     "disk_keys": list(vm.keys),
                     "copied": vm.copied,
                     "current_snapshot": vm.current and inv.snaps[vm.current].name,
+                    "dir": vm.dir,
+                    "consolidation_needed": vm.consolidation_needed,
                 }
                 for vm in inv.vms.values()
             ]
@@ -272,6 +274,7 @@ class Handler(BaseHTTPRequestHandler):
                         req["disks"],
                         req.get("power", "poweredOff"),
                         req.get("folder", ""),
+                        **req.get("kind", {}),
                     )
                 except ValueError as exc:
                     return self._json(409, {"error": str(exc)})
@@ -302,12 +305,25 @@ class Handler(BaseHTTPRequestHandler):
                 inv.clone_removes_disks = bool(
                     req.get("clone_removes_disks", inv.clone_removes_disks)
                 )
+                inv.clone_listed = str(req.get("clone_listed", inv.clone_listed))
+                inv.leave_deltas = bool(req.get("leave_deltas", inv.leave_deltas))
+                inv.clone_fault = req.get("clone_fault", inv.clone_fault)
+                inv.consolidate_fails = int(req.get("consolidate_fails", inv.consolidate_fails))
+                inv.interrupt_clones = int(req.get("interrupt_clones", inv.interrupt_clones))
+                inv.clone_copies_removed_disks = bool(
+                    req.get("clone_copies_removed_disks", inv.clone_copies_removed_disks)
+                )
                 return self._json(
                     200,
                     {
                         "api_type": inv.api_type,
                         "capacity_in_bytes": inv.capacity_in_bytes,
                         "clone_removes_disks": inv.clone_removes_disks,
+                        "clone_listed": inv.clone_listed,
+                        "leave_deltas": inv.leave_deltas,
+                        "consolidate_fails": inv.consolidate_fails,
+                        "interrupt_clones": inv.interrupt_clones,
+                        "clone_copies_removed_disks": inv.clone_copies_removed_disks,
                     },
                 )
             if what == "range":
@@ -319,6 +335,12 @@ class Handler(BaseHTTPRequestHandler):
                 gets, inv.folder_gets = inv.folder_gets, []
                 return self._json(200, {"gets": len(gets), "connections": len(set(gets))})
             if what == "task-delay":
-                inv.clone_delay = float(req["seconds"])
-                return self._json(200, {"seconds": inv.clone_delay})
+                method = req.get("method", "CloneVM_Task")
+                if method == "CloneVM_Task":
+                    inv.clone_delay = float(req["seconds"])
+                else:
+                    inv.task_delays[method] = float(req["seconds"])
+                return self._json(200, {"seconds": float(req["seconds"]), "method": method})
+            if what == "calls":
+                return self._json(200, {"calls": dict(inv.calls)})
         self._json(404, {"error": f"unknown control endpoint {what}"})

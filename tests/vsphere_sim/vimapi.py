@@ -15,7 +15,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from . import soap
-from .inventory import SEARCH_INDEX, SI, Inventory, Snap, now
+from .inventory import FILE_MANAGER, SEARCH_INDEX, SI, Inventory, Snap, now
 
 # Methods that may run before Login (pyVim calls them to bootstrap a connection).
 _UNAUTHENTICATED_OK = {"RetrieveServiceContent", "Login"}
@@ -58,6 +58,7 @@ class VimService:
         with self.inv.lock:
             try:
                 req = soap.parse_request(body, version)
+                self.inv.calls[req.method] = self.inv.calls.get(req.method, 0) + 1
                 session = self.sessions.get(session_key or "")
                 if session is None and req.method not in _UNAUTHENTICATED_OK:
                     raise vim.fault.NotAuthenticated(msg="The session is not authenticated.")
@@ -132,6 +133,16 @@ class VimService:
             if a.get("datacenter") is not None or not a.get("vmSearch"):
                 raise vmodl.fault.NotSupported(msg="simulator: FindByUuid of VMs, all DCs")
             return inv.find_by_uuid(a["uuid"], bool(a.get("instanceUuid"))), rtype
+        if m == "DeleteDatastoreFile_Task" and this._moId == FILE_MANAGER._moId:
+            name = a["name"]
+            return inv.run_task(
+                None, "FileManager.deleteFile", lambda: inv.delete_datastore_file(name)
+            ), rtype
+        if m == "MoveIntoFolder_Task" and isinstance(this, vim.Folder):
+            inv.resolve(this, vim.Folder)
+            entities = list(a["list"])
+            work = lambda: inv.move_into_folder(this._moId, entities)  # noqa: E731
+            return inv.run_task(this, "Folder.moveInto", work), rtype
         return self._start_task(m, this, a), rtype
 
     def _start_task(self, m: str, this: Any, a: dict[str, Any]) -> vim.Task:
@@ -158,6 +169,13 @@ class VimService:
                         msg="The operation is not supported on the object."
                     )
                 inv.resolve(a["folder"], vim.Folder)  # a bad folder is a call-time fault
+                if inv.clone_fault == "NoPermission":
+                    inv.clone_fault = None
+                    raise vim.fault.NoPermission(
+                        object=this,
+                        privilegeId="VirtualMachine.Provisioning.Clone",
+                        msg="Permission to perform this operation was denied.",
+                    )
                 try:  # the clone is listed at once; its bytes come when the task ends
                     clone = inv.begin_clone(rec, a["name"], a["spec"], a["folder"]._moId)
                 except vmodl.MethodFault as exc:
@@ -179,11 +197,15 @@ class VimService:
                     lambda: inv.set_power(rec, "poweredOff"),
                 ),
                 "Destroy_Task": ("VirtualMachine.destroy", lambda: inv.destroy(rec)),
+                "ConsolidateVMDisks_Task": (
+                    "VirtualMachine.consolidateDisks",
+                    lambda: inv.consolidate_disks(rec),
+                ),
             }
         if m not in tasks:
             raise vmodl.fault.NotSupported(msg=f"simulator does not implement {m} on {this}")
         entity = vim.VirtualMachine(rec.vm) if isinstance(rec, Snap) else this
-        delay = inv.clone_delay if m == "CloneVM_Task" else 0.0
+        delay = inv.clone_delay if m == "CloneVM_Task" else inv.task_delays.get(m, 0.0)
         return inv.run_task(entity, tasks[m][0], tasks[m][1], delay)
 
     def _retrieve(self, specs: list[Any], api: str, session: Any) -> list[Any]:

@@ -22,6 +22,8 @@ TASK_POLL_MAX_S = 2.0  # and never slower than this (nor than a quarter heartbea
 # -flat.vmdk there and answers 404 (OpenNebula/one#7788, libguestfs/virt-v2v#29).
 FLAT_FILE_DATASTORES = {"VMFS", "NFS", "NFS41", "CIFS"}
 # A delta's descriptor: <base>-00000N.vmdk (the pattern virt-v2v strips, v2v/vCenter.ml).
+MAX_NAME = 80  # vCenter's limit for VM and folder names (see clone_name)
+UNSAFE_NAME_RE = re.compile(r"[%/\\]")  # characters vCenter counts as three (escaped)
 DELTA_RE = re.compile(r"-\d{6}\.vmdk$")
 MOREF_RE = re.compile(r"vm-\d+")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
@@ -47,8 +49,18 @@ def vm_lock(vm: str) -> Iterator[None]:
         lock.release()
 
 
-def clone_name(vm: str, snapshot_id: str) -> str:
-    return f"{vm}{CLONE_TAG}{snapshot_id}"
+def clone_name(vm_name: str, snapshot_id: str) -> str:
+    """``<vm>-snapferry-<snapshot id>``, within vCenter's 80 characters for VM and folder
+    names ("The name is too long. Up to 80 characters may be used (fewer if the characters
+    %, \\ or / are used)", VMware KB 2051649; terraform-provider-vsphere validates
+    StringLenBetween(1, 80)). ``vm_name`` is the VM's own name, as vCenter reports it, not
+    what the operator typed (a moref or a 36-character UUID); its ``%``, ``/`` and ``\\``
+    become ``_``, since vCenter counts them escaped (CloneVM_Task: "Any % (percent)
+    character used in this name parameter must be escaped"), and it is cut to leave room
+    for the snapshot id, which makes the name unique and findable on a retry."""
+    tail = CLONE_TAG + snapshot_id
+    head = UNSAFE_NAME_RE.sub("_", vm_name)[: max(0, MAX_NAME - len(tail))]
+    return head + tail
 
 
 def flat_path(backing_file: str) -> tuple[str, str]:

@@ -11,10 +11,13 @@ from typing import Any
 from pyVmomi import vim, vmodl
 from temporalio import activity
 
+from ...alerts import alert_logger, format_alert
+from ...contracts import Alert, AlertSeverity
 from ...errors import (
     DiskNotFound,
     HypervisorUnavailable,
     InvalidInput,
+    SnapferryError,
     SourceGone,
     UnsupportedImage,
     VmNotFound,
@@ -42,6 +45,7 @@ class VsphereOps(HypervisorDriver):
         if settings.vcenter is None:
             raise InvalidInput("VMware needs SNAPFERRY_VCENTER_URL (and user and password)")
         self.config = settings.vcenter
+        self.settings = settings
         self.session = VsphereSession(settings.vcenter)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -160,6 +164,44 @@ class VsphereOps(HypervisorDriver):
                 f" {', '.join(sorted(FLAT_FILE_DATASTORES))}); nothing was taken"
             )
 
+    def _refuse_unreadable_disk(self, vm: Any, device: Any, what: str) -> None:
+        """Refuse, before anything is made, a disk whose snapshot a backup could not read
+        as the guest's bytes at one point in time:
+
+        - VM Encryption (``config.keyId``, or the backing's ``keyId``): "Data in an
+          encrypted virtual disk (VMDK) file is not written in cleartext to storage"
+          (vSphere Security); the -flat.vmdk read over ``/folder`` is ciphertext, and a
+          clone would need Cryptographer.Clone and carry the key with it.
+        - An independent disk (``diskMode`` ``independent_persistent`` or
+          ``independent_nonpersistent``): "not affected by snapshots" (VirtualDiskMode,
+          vSphere API reference), so the clone would read a disk still being written.
+        - A base backing that is not ``VirtualDiskFlatVer2BackingInfo`` (an RDM, a
+          SEsparse or other sparse disk): only a flat disk has the raw ``-flat.vmdk``
+          extent the backup reads."""
+        backing = device.backing
+        key = self.session.call(lambda _si: vm.config.keyId, "reading the VM's encryption")
+        key = key or getattr(backing, "keyId", None)
+        if key is not None:
+            raise UnsupportedImage(
+                f"{what} is encrypted (VM Encryption, key {key.keyId!r}): its -flat.vmdk"
+                " holds ciphertext, which a backup over the datastore file protocol would"
+                " copy as it is and a restore could not use; nothing was taken"
+            )
+        mode = getattr(backing, "diskMode", None) or "persistent"
+        if mode.startswith("independent"):
+            raise UnsupportedImage(
+                f"{what} is in disk mode {mode}: an independent disk is not affected by"
+                " snapshots, so no snapshot can freeze it for a backup; make it a dependent"
+                " (persistent) disk to snapshot it; nothing was taken"
+            )
+        base = base_backing(backing)
+        if not isinstance(base, vim.vm.device.VirtualDisk.FlatVer2BackingInfo):
+            raise UnsupportedImage(
+                f"{what} has a {type(base).__name__.rpartition('.')[2]} backing"
+                f" ({base.fileName}): snapferry backs up flat disks (FlatVer2) only, whose"
+                " -flat.vmdk holds the guest's bytes as they are; nothing was taken"
+            )
+
     def _disk(self, vm: Any, vm_name: str, disk: str) -> Any:
         disks = self._disks(vm)
         if disk not in disks:
@@ -190,18 +232,92 @@ class VsphereOps(HypervisorDriver):
     def _task_info(self, task: Any) -> Any:
         return self.session.call(lambda _si: task.info, "reading a task")
 
-    def _wait_for_clones(self, vm: Any, vm_name: str) -> None:
-        """Wait out any clone of ``vm`` still running: a retried take can find its clone
-        listed before the copy is complete (the first attempt's task goes on in vCenter
-        after that attempt was given up), and must not take it for finished."""
+    def _wait_for_tasks(self, vm: Any, vm_name: str) -> None:
+        """Wait out every task of ``vm`` still queued or running before a take or discard
+        looks at what is there. An earlier attempt's worker may have died while vCenter ran
+        its snapshot, its clone or its snapshot removal; those go on without it. A clone is
+        listed perhaps only when its copy is done, a snapshot only when it is made: reading
+        the tree or the folder meanwhile would start a second snapshot or a second full
+        clone. ``ManagedEntity.recentTask``: "The set of recent tasks operating on this
+        managed entity" (vSphere API reference)."""
         tasks = self.session.call(lambda _si: list(vm.recentTask or []), "reading tasks")
         for task in tasks:
-            info = self._task_info(task)
-            running = info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running)
-            if info.descriptionId == "VirtualMachine.clone" and running:
-                log.info("waiting for a clone of %s that is still running (%s)", vm_name, info.key)
+            try:
+                info = self._task_info(task)
+            except SourceGone:  # a finished task vCenter has dropped meanwhile
+                continue
+            if info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+                log.info(
+                    "waiting for a task on %s still running (%s, %s)",
+                    vm_name,
+                    info.descriptionId,
+                    info.key,
+                )
                 with contextlib.suppress(SourceGone, HypervisorUnavailable, InvalidInput):
-                    self._wait(task, f"a running clone of {vm_name!r}")
+                    self._wait(task, f"a running {info.descriptionId} of {vm_name!r}")
+
+    def _datacenter(self) -> Any:
+        dc = self.config.datacenter
+        found = self.session.call(
+            lambda si: si.RetrieveContent().searchIndex.FindByInventoryPath(dc),
+            f"finding datacenter {dc!r}",
+        )
+        if found is None:
+            raise InvalidInput(f"vCenter has no datacenter {dc!r} (SNAPFERRY_VCENTER_DATACENTER)")
+        return found
+
+    def _datastore_names(self, entity: Any) -> list[str]:
+        """The names of the datastores a VM (or the datacenter) uses."""
+        return self.session.call(
+            lambda _si: sorted({d.name for d in entity.datastore or []}), "reading datastores"
+        )
+
+    def _delete_datastore_path(self, ds: str, path: str, what: str) -> bool:
+        """``FileManager.DeleteDatastoreFile_Task`` of ``[ds] path``: "Deletes the specified
+        file or folder from the datastore [...] Folder deletes are always recursive"
+        (vSphere API reference). False if it was not there (FileNotFound)."""
+        name = f"[{ds}] {path}"
+        dc = self._datacenter()
+        try:
+            task = self.session.call(
+                lambda si: si.RetrieveContent().fileManager.DeleteDatastoreFile_Task(
+                    name=name, datacenter=dc
+                ),
+                f"deleting {name} ({what})",
+            )
+            self._wait(task, f"deleting {name} ({what})")
+        except SourceGone as exc:
+            if isinstance(exc.__cause__, vim.fault.FileNotFound):
+                return False
+            raise
+        log.info("deleted %s (%s)", name, what)
+        return True
+
+    def _vm_by_moref(self, moref: str, name: str) -> Any:
+        """The VM ``moref``, if it still exists and is still called ``name``: morefs stay
+        stable while a VM is registered (moves between folders keep them), but one freed by
+        a VM's removal could in principle be reused, so the name is checked too."""
+
+        def get(si: Any) -> Any:
+            vm = vim.VirtualMachine(moref, si._stub)
+            try:
+                return vm if vm.name == name else None
+            except vmodl.fault.ManagedObjectNotFound:
+                return None
+
+        return self.session.call(get, f"finding VM {moref} ({name!r})")
+
+    def _find_anywhere(self, name: str) -> Any:
+        """A VM by exact name anywhere under the datacenter's VM folder (one property read
+        per folder): for a clone whose source VM moved or is gone."""
+        dc = self.config.datacenter
+
+        def find(si: Any) -> Any:
+            root = si.RetrieveContent().searchIndex.FindByInventoryPath(f"{dc}/vm")
+            found = self._search_folders(si, root, name) if root is not None else []
+            return found[0] if found else None
+
+        return self.session.call(find, f"finding VM {name!r}")
 
     def _run(self, start: Callable[[], Any], what: str) -> Any:
         return self._wait(self.session.call(lambda _si: start(), what), what)
@@ -217,9 +333,52 @@ class VsphereOps(HypervisorDriver):
     def _snapshot_named(self, vm: Any, name: str) -> Any | None:
         return next((n.snapshot for n in self._snapshots(vm) if n.name == name), None)
 
-    def _remove_snapshot(self, snap: Any, what: str) -> None:
-        """Remove one vSphere snapshot; its children stay (re-parented), as do the disks."""
+    def _remove_snapshot(self, vm: Any, vm_name: str, snap: Any, what: str) -> None:
+        """Remove one vSphere snapshot; its children stay (re-parented), as do the disks.
+        Then the VM's disks are consolidated if the removal left redo logs behind."""
         self._run(lambda: snap.RemoveSnapshot_Task(removeChildren=False), what)
+        self._settle_consolidation(vm, vm_name, what)
+
+    def _needs_consolidation(self, vm: Any) -> bool:
+        needed = self.session.call(
+            lambda _si: vm.runtime.consolidationNeeded, "reading runtime.consolidationNeeded"
+        )
+        return bool(needed)
+
+    def _settle_consolidation(self, vm: Any, vm_name: str, what: str) -> bool:
+        """Consolidate the VM's disks if vSphere says they need it; True if they do not
+        (any more). A snapshot removal merges its redo log only "if possible"
+        (RemoveSnapshot_Task's ``consolidate``, vSphere API reference): under a lock (a
+        backup proxy's hot-add, for one) the snapshot leaves the tree while the VM keeps
+        running on its delta, which grows and is never merged, and
+        ``runtime.consolidationNeeded`` turns true. ``ConsolidateVMDisks_Task`` merges it.
+        If that fails too, an alert (``VMWARE.CONSOLIDATION.NEEDED``) names the VM, and
+        the operation that removed the snapshot is not failed for it: what it made (a
+        clone, a removed VM snapshot) is complete."""
+        if not self._needs_consolidation(vm):
+            return True
+        error = "consolidationNeeded is still set"
+        try:
+            self._run(vm.ConsolidateVMDisks_Task, f"consolidating the disks of {vm_name!r}")
+            if not self._needs_consolidation(vm):
+                log.info("consolidated the disks of %s after %s", vm_name, what)
+                return True
+        except SnapferryError as exc:
+            error = str(exc)
+        alert = Alert(
+            event="VMWARE.CONSOLIDATION.NEEDED",
+            severity=AlertSeverity.WARNING,
+            vm=vm_name,
+            message=f"the disks of VM {vm_name!r} need consolidation after {what}, and"
+            f" ConsolidateVMDisks_Task did not do it ({error}): the VM runs on a redo log"
+            " that keeps growing; consolidate it in vCenter (Snapshots > Consolidate)",
+        )
+        log.warning(format_alert(alert))
+        logger = alert_logger(self.settings)
+        logger.warning(format_alert(alert))
+        for handler in logger.handlers:
+            handler.flush()
+        return False
 
     def _powered_on(self, vm: Any) -> bool:
         state = self.session.call(lambda _si: vm.runtime.powerState, "reading power state")

@@ -20,8 +20,14 @@ class RestoreOps(VsphereOps):
         """Write the verified backup over the powered-off VM's disk, then read it back.
 
         Refused while the VM has vSphere snapshots: their redo logs are based on that disk,
-        so rewriting it underneath them would corrupt every one of them."""
-        from ..storage.secondary import SecondaryStore
+        so rewriting it underneath them would corrupt every one of them. Refused too while
+        the disk is still on a redo log that no snapshot holds (a removal that could not
+        consolidate, ``runtime.consolidationNeeded``), unless a consolidation now brings it
+        back to its base: the VM reads through the redo log, so a backup written to the
+        base would not be what it reads, and one written to the log's name would be a new
+        file it never reads. The checks come before the backup is read, so a refusal
+        costs nothing and changes nothing."""
+        from ...storage.secondary import SecondaryStore
 
         vm_name, disk = req.volume.vm.name, req.volume.disk
         if req.manifest_path is None:
@@ -29,8 +35,7 @@ class RestoreOps(VsphereOps):
                 f"snapshot {req.snapshot_id} is not backed up yet; on VMware a volume is"
                 " reverted from its backup"
             )
-        manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-        with vm_lock(vm_name), SecondaryStore.materialized(manifest) as raw:
+        with vm_lock(vm_name):
             vm = self._vm(vm_name)
             if self._powered_on(vm):
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
@@ -40,8 +45,21 @@ class RestoreOps(VsphereOps):
                     f"VM {vm_name!r} has vSphere snapshots {held}: rewriting {disk!r} under"
                     " them would corrupt them; revert to or delete them first"
                 )
-            ds, path = flat_path(self._disk(vm, vm_name, disk).backing.fileName)
-            sent = self._upload(ds, path, raw)
+            device = self._disk(vm, vm_name, disk)
+            if getattr(device.backing, "parent", None) is not None or self._needs_consolidation(vm):
+                self._settle_consolidation(vm, vm_name, f"reverting {disk!r}")
+                device = self._disk(vm, vm_name, disk)
+            if getattr(device.backing, "parent", None) is not None:
+                raise InvalidInput(
+                    f"disk {disk!r} of VM {vm_name!r} is still on the redo log"
+                    f" {device.backing.fileName} (over {device.backing.parent.fileName}) and"
+                    " its consolidation failed: consolidate the VM's disks in vCenter"
+                    " (Snapshots > Consolidate), then revert again; nothing was written"
+                )
+            ds, path = flat_path(device.backing.fileName)
+            manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
+            with SecondaryStore.materialized(manifest) as raw:
+                sent = self._upload(ds, path, raw)
             if self._download_digest(ds, path) != sent:
                 raise ChainBusy(f"{disk!r} on {vm_name!r} did not read back as written")
 

@@ -16,6 +16,8 @@ from ...errors import (
     CredentialsRejected,
     HypervisorUnavailable,
     InvalidInput,
+    PermissionDenied,
+    PrimaryStoreFull,
     SourceGone,
 )
 from ...settings import VcenterConfig
@@ -23,10 +25,36 @@ from ..endpoint import Endpoint
 
 
 def fault_error(fault: Any, what: str) -> Exception:
-    """A vSphere fault as our typed error: missing files are permanent, the rest transient."""
+    """A vSphere fault as our typed error: missing files, missing privileges and full
+    datastores are permanent (an operator must act; a retry of a clone would copy the disk
+    again only to fail the same way), the rest transient.
+
+    ``NoPermission`` carries ``privilegeId``, "The privilege identifier required" (vSphere
+    API reference, vim.fault.NoPermission), which the error names; ``NoDiskSpace`` ("an
+    operation fails because of insufficient disk space") its ``datastore``."""
     message = getattr(fault, "msg", None) or type(fault).__name__
     if isinstance(fault, vim.fault.InvalidLogin):
         return CredentialsRejected(f"vCenter rejected the credentials: {message}")
+    if isinstance(fault, vim.fault.NoPermission):
+        missing = [
+            p for m in getattr(fault, "missingPrivileges", None) or [] for p in m.privileges or []
+        ]
+        names = [getattr(fault, "privilegeId", None), *missing]
+        privileges = ", ".join(dict.fromkeys(n for n in names if n))
+        on = getattr(getattr(fault, "object", None), "_moId", None)
+        return PermissionDenied(
+            f"{what}: the vCenter login lacks the privilege {privileges or '(not named)'}"
+            f"{f' on {on}' if on else ''}: grant it to the login's role ({message})"
+        )
+    if isinstance(
+        fault,
+        vim.fault.NoDiskSpace | vim.fault.InsufficientDisks | vim.fault.InsufficientStorageSpace,
+    ):
+        where = getattr(fault, "datastore", None)
+        return PrimaryStoreFull(
+            f"{what}: {type(fault).__name__}: {message}"
+            f"{f' (datastore {where})' if where else ''}: free space there, then try again"
+        )
     if isinstance(fault, vim.fault.FileNotFound | vim.fault.NotFound):
         return SourceGone(f"{what}: {type(fault).__name__}: {message}")
     if isinstance(fault, vim.fault.InvalidPowerState):

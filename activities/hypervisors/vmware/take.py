@@ -29,19 +29,21 @@ class TakeOps(VsphereOps):
 
     # -- take --------------------------------------------------------------------------------
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
-        vm_name, disk = volume.vm.name, volume.disk
-        with vm_lock(vm_name):
+        typed, disk = volume.vm.name, volume.disk
+        with vm_lock(typed):
             self._refuse_standalone_host()
-            vm = self._vm(vm_name)
-            source_disk = self._disk(vm, vm_name, disk)
-            self._check_flat_datastore(vm, source_disk, f"disk {disk!r} of VM {vm_name!r}")
+            vm = self._vm(typed)
+            vm_name = self.session.call(lambda _si: vm.name, "reading the VM's name")
+            source_disk = self._disk(vm, typed, disk)
+            self._refuse_unreadable_disk(vm, source_disk, f"disk {disk!r} of VM {typed!r}")
+            self._check_flat_datastore(vm, source_disk, f"disk {disk!r} of VM {typed!r}")
             running = self._powered_on(vm)
             name = clone_name(vm_name, snapshot_id)
             snap_name = VOLUME_SNAPSHOT_PREFIX + snapshot_id
+            # An earlier attempt's snapshot, clone or removal may still be running in
+            # vCenter after its worker died: wait for them before deciding what to make.
+            self._wait_for_tasks(vm, typed)
             clone = self._find_clone(vm, name)  # a retried take finds its clone
-            if clone is not None:  # perhaps still being copied by the first attempt's task
-                self._wait_for_clones(vm, vm_name)
-                clone = self._find_clone(vm, name)  # gone again if that clone failed
             if clone is None:
                 snap = self._snapshot_named(vm, snap_name) or self._run(
                     lambda: vm.CreateSnapshot_Task(
@@ -50,8 +52,9 @@ class TakeOps(VsphereOps):
                         memory=False,
                         quiesce=False,
                     ),
-                    f"snapshotting VM {vm_name!r}",
+                    f"snapshotting VM {typed!r}",
                 )
+                self._remove_orphans(vm, name, f"an interrupted clone for {snapshot_id}")
                 parent = self.session.call(lambda _si: vm.parent, "reading the VM folder")
                 devices = self.session.call(lambda _si: vm.config.hardware.device, "reading disks")
                 others = [
@@ -59,10 +62,12 @@ class TakeOps(VsphereOps):
                     for d in devices
                     if isinstance(d, vim.vm.device.VirtualDisk) and d.key != source_disk.key
                 ]
-                clone = self._clone(vm, parent, name, snap, others, f"{vm_name!r}", snapshot_id)
+                clone = self._clone(vm, parent, name, snap, others, f"{typed!r}", snapshot_id)
             leftover = self._snapshot_named(vm, snap_name)
             if leftover is not None:  # the clone holds the bytes now; the VM goes free
-                self._remove_snapshot(leftover, f"removing temporary snapshot of {vm_name!r}")
+                self._remove_snapshot(
+                    vm, vm_name, leftover, f"removing temporary snapshot of {typed!r}"
+                )
             cloned = {d.key: d for d in self._disks(clone).values()}
             if len(cloned) > 1:  # a clone made before, or a vCenter that kept them
                 log.warning(
@@ -90,7 +95,18 @@ class TakeOps(VsphereOps):
                 overlay=name,
                 virtual_size=capacity(source_disk),
                 vm_was_running=running,
+                handle=clone._moId,
             )
+
+    def _remove_orphans(self, vm: Any, name: str, what: str) -> None:
+        """Delete the datastore folders ``[ds] <clone name>`` that no registered clone owns:
+        what a clone interrupted by a vpxd restart or a host failure leaves (vCenter does
+        not register it, and would give the next clone ``<name>_1``). Called only when no
+        clone of that name is registered and no task on the VM is still running, on every
+        datastore the VM uses (the clone's folder goes to the VM's home datastore). The
+        name carries the snapshot's id: the folder is this snapshot's alone."""
+        for ds in self._datastore_names(vm):
+            self._delete_datastore_path(ds, name, what)
 
     def _clone(
         self, vm: Any, folder: Any, name: str, snap: Any, others: list[Any], what: str, sid: str
@@ -164,29 +180,68 @@ class TakeOps(VsphereOps):
         source: PrimarySnapshot,
         backed_up: bool = True,
     ) -> None:
-        """Destroy the clone (idempotent: a clone already gone is fine). It touches only the
-        clone, a VM of its own, so it takes no lock on the source VM and never waits for
-        (or fails on) a take of that VM that is still cloning."""
-        clone = self._clone_of(volume.vm.name, snapshot_id)
-        if clone is not None:
-            self._destroy(clone, f"clone of snapshot {snapshot_id}")
+        """Destroy the clone, then delete its datastore folder (idempotent: a clone and a
+        folder already gone are fine). It touches only the clone, a VM of its own, so it
+        takes no lock on the source VM and never waits for (or fails on) a take of that VM
+        that is still cloning.
 
-    def _clone_of(self, vm_name: str, snapshot_id: str, source: Any = None) -> Any:
-        """A snapshot's clone: in its source VM's folder, or anywhere if that VM is gone."""
-        source = source or self._find_vm(vm_name)
-        name = clone_name(vm_name, snapshot_id)
-        return self._find_clone(source, name) if source is not None else self._find_vm(name)
+        The clone is found by the moref the record keeps, so a source VM moved to another
+        folder (or renamed) does not hide it; records without one are searched by name.
+        ``Destroy_Task`` deletes the VM's own files only: a disk file the clone does not use
+        (one it removed at clone time, if vCenter copied it before detaching it) stays, with
+        the folder (CloudStack's worker VMs left "the clone VM folder with volume VMDK
+        inside", apache/cloudstack#5333). The folder is snapferry's alone (named after the
+        snapshot), so it goes as a whole."""
+        name = source.overlay or clone_name(volume.vm.name, snapshot_id)
+        clone = self._vm_by_moref(source.handle, name) if source.handle else None
+        if clone is None:
+            clone = self._clone_by_name(volume.vm.name, name)
+        folders = {self._image_folder(source.image)}
+        if clone is not None:
+            folders.add(self._home_folder(clone))
+            self._destroy(clone, f"clone of snapshot {snapshot_id}")
+        for ds, folder in sorted(f for f in folders if f is not None):
+            if folder == name or folder.startswith(f"{name}_"):
+                self._delete_datastore_path(ds, folder, f"the clone of snapshot {snapshot_id}")
+
+    @staticmethod
+    def _image_folder(image: str) -> tuple[str, str] | None:
+        """``[ds1] dir/x-flat.vmdk`` -> (``ds1``, ``dir``)."""
+        ds, _, path = image.partition("] ")
+        folder = path.rpartition("/")[0]
+        return (ds.lstrip("["), folder) if folder and "/" not in folder else None
+
+    def _home_folder(self, vm: Any) -> tuple[str, str] | None:
+        """The datastore folder of a VM's configuration (``config.files.vmPathName``)."""
+        vmx = self.session.call(lambda _si: vm.config.files.vmPathName, "reading VM files")
+        return self._image_folder(vmx or "")
+
+    def _clone_by_name(self, vm_name: str, name: str) -> Any:
+        """A clone by name: in its source VM's folder, else anywhere in the datacenter (the
+        VM moved, or is gone)."""
+        source = self._find_vm(vm_name)
+        clone = self._find_clone(source, name) if source is not None else None
+        return clone if clone is not None else self._find_anywhere(name)
 
     def discard(self, req: DiscardRequest) -> None:
-        """A failed take may have left its temporary vSphere snapshot and a clone."""
+        """A failed take may have left its temporary vSphere snapshot, a clone, and the
+        folder of an interrupted clone."""
         with vm_lock(req.vm.name):
             vm = self._find_vm(req.vm.name)
+            vm_name = req.vm.name
             if vm is not None:
-                self._wait_for_clones(vm, req.vm.name)  # a clone still copying holds both
+                vm_name = self.session.call(lambda _si: vm.name, "reading the VM's name")
+                self._wait_for_tasks(vm, req.vm.name)  # a clone still copying holds both
                 for prefix in (VOLUME_SNAPSHOT_PREFIX, VM_SNAPSHOT_PREFIX):
                     snap = self._snapshot_named(vm, prefix + req.snapshot_id)
                     if snap is not None:
-                        self._remove_snapshot(snap, f"removing what take {req.snapshot_id} left")
-            clone = self._clone_of(req.vm.name, req.snapshot_id, vm)
+                        self._remove_snapshot(
+                            vm, vm_name, snap, f"removing what take {req.snapshot_id} left"
+                        )
+            name = clone_name(vm_name, req.snapshot_id)
+            clone = self._clone_by_name(req.vm.name, name)
             if clone is not None:
                 self._destroy(clone, f"clone of failed snapshot {req.snapshot_id}")
+            where = vm if vm is not None else self._datacenter()
+            for ds in self._datastore_names(where):
+                self._delete_datastore_path(ds, name, f"what take {req.snapshot_id} left")

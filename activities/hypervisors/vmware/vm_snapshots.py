@@ -64,4 +64,6 @@ class VmSnapshotOps(VsphereOps):
             vm = self._find_vm(op.vm.name)
             snap = self._vm_snapshot(vm, op) if vm is not None else None
             if snap is not None:
-                self._remove_snapshot(snap, f"deleting VM snapshot {op.snapshot_id}")
+                self._remove_snapshot(
+                    vm, op.vm.name, snap, f"deleting VM snapshot {op.snapshot_id}"
+                )
