@@ -647,7 +647,14 @@ class KvmDriver(HypervisorDriver):
                 return
             kind = info.get("type")
             if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT:
+                # Bounded like the lock: a throttled or paused job is not held the lock for.
+                deadline = time.monotonic() + self.lock_timeout_s
                 while dom.blockJobInfo(disk, 0):
+                    if time.monotonic() > deadline:
+                        raise ChainBusy(
+                            f"VM {vm!r} disk {disk!r}: a block commit still runs after"
+                            f" {self.lock_timeout_s:g} s; retrying later"
+                        )
                     time.sleep(0.02)
                 return
             job = self._running_job_target(dom, disk)
@@ -711,8 +718,12 @@ class KvmDriver(HypervisorDriver):
         _keep_size(base, top.virtual_size)
         # The intent is durable before the definition changes: a worker killed between
         # the redefinition and the check below leaves it for the next operation to settle.
-        intent = {"disk": disk, "top": top.path, "top_format": top.format, "base": base.path}
-        intent |= {"top_stamp": _stamp(top.path), "base_stamp": _stamp(base.path)}
+        intent: dict[str, object] = {"disk": disk, "top": top.path, "top_format": top.format}
+        intent |= {
+            "base": base.path,
+            "top_stamp": _stamp(top.path),
+            "base_stamp": _stamp(base.path),
+        }
         atomic_write(self._intent_path(vm), json.dumps(intent))
         self._redefine_disk(dom, vm, disk, source=base.path, fmt=base.format)
         started_on_top = False
@@ -905,7 +916,7 @@ class KvmDriver(HypervisorDriver):
         if layer.active_format == "qcow2":
             fsync_replace(layer.partial, layer.active)
             return layer.active
-        target = f"{layer.active}.qcow2"
+        target = layer.partial.removesuffix(".partial") + ".qcow2"  # this revert's own name
         fsync_replace(layer.partial, target)
         if define:
             try:
@@ -1028,15 +1039,12 @@ class KvmDriver(HypervisorDriver):
                     Path(layer.partial).unlink(missing_ok=True)
             if op.taken.memory is not None:
                 try:
-                    # The persistent definition, which the swaps may have changed; a
-                    # transient domain has none left, and its live XML (expanded CPU
-                    # checks) does not match the image's: the image's own, then.
-                    definition = (
-                        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-                        if persistent
-                        else self._connection().saveImageGetXMLDesc(
-                            op.taken.memory, libvirt.VIR_DOMAIN_XML_SECURE
-                        )
+                    # The image's own definition, with the reverted disks: libvirt checks
+                    # a restore's XML for ABI stability against the one in the image
+                    # (qemuSaveImageUpdateDef), which an inactive or live definition (an
+                    # expanded CPU, say) can fail; a transient domain has no other left.
+                    definition = self._connection().saveImageGetXMLDesc(
+                        op.taken.memory, libvirt.VIR_DOMAIN_XML_SECURE
                     )
                     self._connection().restoreFlags(
                         op.taken.memory,

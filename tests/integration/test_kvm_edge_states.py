@@ -278,3 +278,24 @@ def test_a_revert_to_before_a_resize_keeps_the_snapshots_size_through_every_merg
         dom.destroy()
     dom.create()  # and after a restart, the guest sees s1's size
     assert dom.blockInfo("vda", 0)[0] == 16 * MIB
+
+
+def test_a_failed_volume_take_is_discarded_without_the_vm_snapshot_of_that_id(
+    settings: Settings, make_vm, host_name: str, libvirt_conn, tmp_path: Path
+) -> None:
+    from snapferry.activities.contracts import DiscardRequest
+
+    vm = make_vm(size=16 * MIB, data_bytes=2 * MIB)
+    driver = KvmDriver(settings)
+    shared_id = new_snapshot_id()
+    ref = VmRef(name=vm.name, host=host_name)
+    taken = driver.take_vm_snapshot(
+        VmSnapshotOperation(snapshot_id=shared_id, vm=ref, type="DiskAndMemory")
+    )
+    assert taken.memory
+    vm.guest_write(pattern=0x7E, offset=3 * MIB, length=MIB)
+    # The volume snapshot with that ID failed to take; its workflow discards its leftovers.
+    driver.discard(DiscardRequest(snapshot_id=shared_id, vm=ref, vm_snapshot=False))
+    assert taken.overlays["vda"] in chain_of(disk_source(libvirt_conn, vm.name))
+    assert Path(taken.memory).exists()
+    assert not Path(taken.overlays["vda"] + kvm.RELEASED_SUFFIX).exists()
