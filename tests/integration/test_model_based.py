@@ -142,7 +142,7 @@ async def test_random_sequences_keep_every_snapshot_exact(
             files = list(Path(original).parent.glob(Path(original).name + ".snapferry-*"))
         for p in files:
             if p.suffix == ".mem":
-                sid = p.name.split(".snapferry-")[1].removesuffix(".mem")
+                sid = p.name.split(".snapferry-")[1].removesuffix(".mem").removeprefix("vm-")
                 assert sid in model.vm_snapshots, (p.name, log)
                 continue
             layer = str(p).removesuffix(".released").removesuffix(".base").removesuffix(".vm")
