@@ -11,8 +11,8 @@
 // Usage: govmomi_sim --port P --user U --password-file F; prints "ready <port>" and serves
 // until SIGTERM.
 //
-// The model is simulator.VPX() (datacenter DC0, one cluster of one host, datastore
-// LocalDS_0) without VMs: the tests create theirs with CreateVM_Task. The simulator's known
+// The model is simulator.VPX() (datacenter DC0, one cluster of one host) with two local
+// datastores, LocalDS_0 and LocalDS_1 (a VM's disks may sit on either), without VMs: the tests create theirs with CreateVM_Task. The simulator's known
 // defects are worked around here, each where it is handled below, and listed in the
 // README's VMware section. Nothing is bent in the driver for them.
 package main
@@ -72,6 +72,7 @@ func main() {
 	model := simulator.VPX()
 	model.Machine = 0
 	model.ClusterHost = 1
+	model.Datastore = 2
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
 	}

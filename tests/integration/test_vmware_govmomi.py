@@ -27,7 +27,7 @@ from snapferry.activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from snapferry.activities.errors import CredentialsRejected
+from snapferry.activities.errors import CredentialsRejected, InvalidInput
 from snapferry.activities.hypervisors.vmware import VmwareDriver
 from snapferry.activities.settings import Settings
 from tests.govmomi_sim.control import GovmomiSimulator, missing
@@ -56,11 +56,13 @@ class Govmomi:
             protocol="http", host="127.0.0.1", port=self.port, user=USER, pwd=PASSWORD
         )
 
-    def folder(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def folder(
+        self, method: str, path: str, body: bytes | None = None, ds: str = "LocalDS_0"
+    ) -> tuple[int, bytes]:
         """The datastore file protocol, as a user (or the guest's writes) would use it."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request(method, f"/folder/{path}?dcPath=DC0&dsName={DS}", body)
+            conn.request(method, f"/folder/{path}?dcPath=DC0&dsName={ds}", body)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
@@ -85,8 +87,9 @@ def wait(task: Any) -> Any:
     return task.info.result
 
 
-def create_vm(si: Any, name: str, *sizes: int) -> Any:
-    """A VM with thin disks of these sizes, made as a vSphere user would (CreateVM_Task)."""
+def create_vm(si: Any, name: str, *sizes: int, datastores: tuple[str, ...] = ()) -> Any:
+    """A VM with thin disks of these sizes, made as a vSphere user would (CreateVM_Task),
+    its home on LocalDS_0 and each disk on ``datastores[i]`` (default LocalDS_0 too)."""
     content = si.RetrieveContent()
     dc = content.searchIndex.FindByInventoryPath("DC0")
     pool = dc.hostFolder.childEntity[0].resourcePool
@@ -98,7 +101,9 @@ def create_vm(si: Any, name: str, *sizes: int) -> Any:
             unitNumber=i,
             capacityInKB=size // 1024,
             backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                fileName=f"[{DS}]", diskMode="persistent", thinProvisioned=True
+                fileName=f"[{datastores[i] if datastores else DS}]",
+                diskMode="persistent",
+                thinProvisioned=True,
             ),
         )
         for i, size in enumerate(sizes)
@@ -209,12 +214,12 @@ def clone_folder_files(si: Any, clone: str) -> list[str]:
     return sorted(f.path for f in result.file)
 
 
-def folder_gone(si: Any, folder: str) -> bool:
-    """Whether ``[LocalDS_0] folder`` is gone: SearchDatastore_Task answers FileNotFound."""
+def folder_gone(si: Any, folder: str, name: str = DS) -> bool:
+    """Whether ``[<name>] folder`` is gone: SearchDatastore_Task answers FileNotFound."""
     dc = si.RetrieveContent().searchIndex.FindByInventoryPath("DC0")
-    ds = next(d for d in dc.datastore if d.name == DS)
+    ds = next(d for d in dc.datastore if d.name == name)
     spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
-    task = ds.browser.SearchDatastore_Task(datastorePath=f"[{DS}] {folder}", searchSpec=spec)
+    task = ds.browser.SearchDatastore_Task(datastorePath=f"[{name}] {folder}", searchSpec=spec)
     while task.info.state not in ("success", "error"):
         time.sleep(0.05)
     return task.info.state == "error" and isinstance(task.info.error, vim.fault.FileNotFound)
@@ -281,4 +286,42 @@ def test_release_finds_the_clone_by_moref_after_the_vm_moved(govmomi: Govmomi) -
     driver.release(volume=volume, snapshot_id=sid, source=primary)
     assert index.FindByInventoryPath(f"DC0/vm/{primary.overlay}") is None
     assert folder_gone(si, primary.overlay)
+    Disconnect(si)
+
+
+def test_two_disks_with_one_stem_on_two_datastores(govmomi: Govmomi) -> None:
+    """govmomi names a new disk after its VM in the VM's folder on the datastore it goes
+    to, so a VM with a disk on each datastore has ``[LocalDS_0] gd01/gd01.vmdk`` and
+    ``[LocalDS_1] gd01/gd01.vmdk``. The bare ``gd01`` is refused, naming both; each is
+    taken by ``gd01.<datastore>`` and reads back as itself. govmomi's CloneVM_Task ignores
+    disk locators (it reads spec.location.datastore only), so the clone's disk lands on the
+    clone's home, LocalDS_0, a VMFS datastore the driver accepts; the release leaves no
+    folder on either datastore."""
+    si = govmomi.connect()
+    vm = create_vm(si, "gd01", 4 * MIB, 6 * MIB, datastores=("LocalDS_0", "LocalDS_1"))
+    assert disk_files(vm) == ["[LocalDS_0] gd01/gd01.vmdk", "[LocalDS_1] gd01/gd01.vmdk"]
+    data = [random.Random(34 + i).randbytes(n) for i, n in enumerate((4 * MIB, 6 * MIB))]
+    for ds, content in zip(("LocalDS_0", "LocalDS_1"), data, strict=True):
+        assert govmomi.folder("PUT", "gd01/gd01-flat.vmdk", content, ds=ds)[0] in (200, 201)
+    driver = VmwareDriver(govmomi.settings)
+    ref = VmRef(name="gd01", host="vc1", hypervisor=HypervisorType.VMWARE)
+    with pytest.raises(InvalidInput, match=r"gd01\.LocalDS_0.*gd01\.LocalDS_1"):
+        driver.take(volume=VolumeRef(vm=ref, disk="gd01"), snapshot_id=new_snapshot_id())
+    for index, ds in enumerate(("LocalDS_0", "LocalDS_1")):
+        volume, sid = VolumeRef(vm=ref, disk=f"gd01.{ds}"), new_snapshot_id()
+        primary = driver.take(volume=volume, snapshot_id=sid)
+        assert primary.virtual_size == len(data[index])
+        print(f"\ngovmomi: the clone of the disk on {ds} is {primary.image}")
+        reader = driver.open_reader(primary, BackupPlan())
+        (extent,) = reader.data_extents()
+        got = bytearray(reader.virtual_size)
+        for offset in range(0, reader.virtual_size, 2 * MIB):
+            reader.read_range(extent, offset, memoryview(got)[offset : offset + 2 * MIB])
+        reader.close()
+        assert bytes(got) == data[index]
+        driver.release(volume=volume, snapshot_id=sid, source=primary)
+        assert folder_gone(si, primary.overlay or "", "LocalDS_0")
+        assert folder_gone(si, primary.overlay or "", "LocalDS_1")
+    for ds, content in zip(("LocalDS_0", "LocalDS_1"), data, strict=True):
+        assert govmomi.folder("GET", "gd01/gd01-flat.vmdk", ds=ds) == (200, content)
     Disconnect(si)

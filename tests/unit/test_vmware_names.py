@@ -30,3 +30,34 @@ def test_a_clone_name_fits_80_escaped_characters_and_carries_the_snapshot(vm_nam
 
 def test_a_short_name_is_kept_whole() -> None:
     assert clone_name("web01", "s1") == "web01-snapferry-s1"
+
+
+def _disk(key: int, file_name: str) -> object:
+    from pyVmomi import vim
+
+    backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=file_name)
+    return vim.vm.device.VirtualDisk(key=key, backing=backing)
+
+
+def test_disk_names_are_unique_per_datastore_and_safe_file_names() -> None:
+    """Two disks with one stem on two datastores have only their qualified names, the
+    datastore's unsafe characters made ``_`` (vCenter calls a second local datastore
+    ``datastore1 (1)``); a stem no other disk has is also its name alone."""
+    from snapferry.activities.contracts import VolumeRef
+    from snapferry.activities.hypervisors.vmware.common import disk_keys, simplest_disk_names
+
+    devices = [
+        _disk(2000, "[datastore1] web01/web01.vmdk"),
+        _disk(2001, "[datastore1 (1)] web01/web01.vmdk"),
+        _disk(2002, "[datastore1] web01/web01_1.vmdk"),
+    ]
+    names = disk_keys(devices)
+    assert {n: d.key for n, d in names.items()} == {
+        "web01.datastore1": 2000,
+        "web01.datastore1__1_": 2001,
+        "web01_1.datastore1": 2002,
+        "web01_1": 2002,
+    }
+    assert simplest_disk_names(devices) == ["web01.datastore1", "web01.datastore1__1_", "web01_1"]
+    for name in names:  # each is a disk name the API accepts
+        VolumeRef.model_validate({"vm": {"name": "web01", "host": "h"}, "disk": name})

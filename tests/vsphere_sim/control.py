@@ -39,7 +39,9 @@ def create_vm(
     """Create a VM with zero-filled disks of the given byte sizes, in VM folder ``folder``
     (``a/b``, made if new; default the datacenter's ``vm`` folder); returns its moid.
     ``kind``: ``encrypted=True``, ``disk_mode="independent_persistent"``,
-    ``backing="rdm"`` or ``"sesparse"``."""
+    ``backing="rdm"`` or ``"sesparse"``; ``home_ds="ds2"`` (where its configuration is),
+    ``disk_ds=["ds1", "ds2"]`` (each disk's datastore), ``bases=["web01", "web01"]`` (each
+    disk's file stem; equal stems on two datastores are allowed, as on vSphere)."""
     body = {"name": name, "disks": disks, "power": power, "folder": folder, "kind": kind}
     return _call(port, "POST", "/sim/vms", body)["moid"]
 
@@ -48,9 +50,10 @@ def set_datastore_gone(port: int, gone: bool) -> None:
     _call(port, "POST", "/sim/datastore", {"gone": gone})
 
 
-def set_datastore_type(port: int, ds_type: str) -> None:
-    """DatastoreSummary.type of ds1 (``VMFS``; ``vsan``/``VVOL`` serve no -flat.vmdk)."""
-    _call(port, "POST", "/sim/datastore", {"type": ds_type})
+def set_datastore_type(port: int, ds_type: str, name: str = "ds1") -> None:
+    """DatastoreSummary.type of ``name`` (ds1 or ds2; ``VMFS``; ``vsan``/``VVOL`` serve no
+    -flat.vmdk)."""
+    _call(port, "POST", "/sim/datastore", {"type": ds_type, "name": name})
 
 
 def set_ignore_range(port: int, ignore: bool) -> None:
@@ -81,6 +84,7 @@ def set_inventory(
     leave_deltas: bool | None = None,
     consolidate_fails: int | None = None,
     clone_fault: str | None = None,
+    ignore_disk_locators: bool | None = None,
 ) -> None:
     """``api_type="HostAgent"``: a standalone ESXi host (no CloneVM_Task);
     ``capacity_in_bytes=False``: disks set only capacityInKB, as older inventories do;
@@ -92,7 +96,9 @@ def set_inventory(
     (govmomi's reading); ``leave_deltas=True``: a snapshot removal leaves its redo logs
     (consolidationNeeded) until ConsolidateVMDisks_Task; ``consolidate_fails=n``: the next
     n consolidations fail with FileLocked; ``clone_fault="NoPermission"`` or
-    ``"NoDiskSpace"``: the next clone is refused for that."""
+    ``"NoDiskSpace"``: the next clone is refused for that; ``ignore_disk_locators=True``: a
+    clone puts every disk on its home datastore, whatever spec.location.disk says
+    (govmomi's reading)."""
     body = {
         "api_type": api_type,
         "capacity_in_bytes": capacity_in_bytes,
@@ -103,8 +109,15 @@ def set_inventory(
         "leave_deltas": leave_deltas,
         "consolidate_fails": consolidate_fails,
         "clone_fault": clone_fault,
+        "ignore_disk_locators": ignore_disk_locators,
     }
     _call(port, "POST", "/sim/inventory", {k: v for k, v in body.items() if v is not None})
+
+
+def reverse_devices(port: int, vm: str, reverse: bool = True) -> None:
+    """List the VM's disks last first in config.hardware.device (a test control: the API
+    promises no device order)."""
+    _call(port, "POST", "/sim/vm-devices", {"vm": vm, "reverse": reverse})
 
 
 def list_tasks(port: int) -> list[dict]:

@@ -35,11 +35,17 @@ ROOT_FOLDER = vim.Folder("group-d1")
 DATACENTER = vim.Datacenter("datacenter-2")
 VM_FOLDER = vim.Folder("group-v3")
 DATASTORE = vim.Datastore("datastore-11")
+# A second datastore, so that a VM can have its home on one and a disk on another, and
+# two disks may have the same file name on two datastores (base names are unique per
+# datastore, not per VM).
+DS2 = "ds2"
+DATASTORE2 = vim.Datastore("datastore-12")
+DATASTORES = {DS: DATASTORE, DS2: DATASTORE2}
 PROPERTY_COLLECTOR = vmodl.query.PropertyCollector("propertyCollector")
 SESSION_MANAGER = vim.SessionManager("SessionManager")
 SEARCH_INDEX = vim.SearchIndex("SearchIndex")
 FILE_MANAGER = vim.FileManager("FileManager")
-_FIXED = {m._moId: m for m in (SI, ROOT_FOLDER, DATACENTER, VM_FOLDER, DATASTORE)}
+_FIXED = {m._moId: m for m in (SI, ROOT_FOLDER, DATACENTER, VM_FOLDER, DATASTORE, DATASTORE2)}
 _FIXED |= {m._moId: m for m in (PROPERTY_COLLECTOR, SESSION_MANAGER, SEARCH_INDEX, FILE_MANAGER)}
 # Names of VMs and folders: "The name is too long. Up to 80 characters may be used (fewer
 # if the characters %, \ or / are used)" (vCenter 6.7's answer, VMware KB 2051649;
@@ -207,7 +213,10 @@ class Vm:
     # source disks it copied (the driver finds its disk in the clone by key).
     keys: list[int] = field(default_factory=list)
     copied: int = 0  # test control: disk bytes its clone task wrote (the clone's cost)
-    dir: str = ""  # its folder on ds1: its name, or <name>_1 when that folder was taken
+    dir: str = ""  # its folder on each datastore: its name, or <name>_1 if that was taken
+    home_ds: str = DS  # the datastore of its configuration (config.files.vmPathName)
+    disk_ds: list[str] = field(default_factory=list)  # per disk: its datastore
+    bases: list[str] = field(default_factory=list)  # per disk: its base file's stem
     consolidation_needed: bool = False  # runtime.consolidationNeeded
     # What its disks are (every disk alike). ``encrypted``: VM Encryption, config.keyId and
     # each backing's keyId set ("Data in an encrypted virtual disk (VMDK) file is not
@@ -219,10 +228,21 @@ class Vm:
     encrypted: bool = False
     disk_mode: str = "persistent"
     backing: str = "flat"
+    # Test control: config.hardware.device lists its disks last first. The vSphere API
+    # reference promises no order for VirtualHardware.device, and a reconfigure (a disk
+    # removed and added back) changes it; a disk's name must not depend on it.
+    reverse_devices: bool = False
 
     def __post_init__(self) -> None:
         self.dir = self.dir or self.name
-        self.chains = DiskChains([disk_base(self.name, i) for i in range(len(self.disks))])
+        self.disk_ds = self.disk_ds or [self.home_ds] * len(self.disks)
+        self.bases = self.bases or [disk_base(self.name, i) for i in range(len(self.disks))]
+        # Chain names are per VM; two disks with one stem (on two datastores) get their
+        # datastore as a prefix there, which the backings' file names leave out.
+        clash = len(set(self.bases)) < len(self.bases)
+        self.chains = DiskChains(
+            [f"{d}/{b}" if clash else b for d, b in zip(self.disk_ds, self.bases, strict=True)]
+        )
         self.keys = self.keys or [2000 + i for i in range(len(self.disks))]
 
 
@@ -230,9 +250,12 @@ class Inventory:
     """All state and vSphere operations; callers hold ``lock`` around every call."""
 
     def __init__(self, root: Path, user: str) -> None:
-        self.ds_dir = root / DS
-        self.ds_dir.mkdir(parents=True, exist_ok=True)
-        self.ds_dir = self.ds_dir.resolve()
+        self.ds_dirs: dict[str, Path] = {}
+        for name in DATASTORES:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            self.ds_dirs[name] = (root / name).resolve()
+        self.ds_dir = self.ds_dirs[DS]
+        self.ds_types = {name: "VMFS" for name in DATASTORES}
         self.user = user
         self.lock = threading.RLock()
         self.vms: dict[str, Vm] = {}
@@ -273,6 +296,10 @@ class Inventory:
         # device (simulator/virtual_machine.go, CloneVMTask). Off: a removed disk is not
         # copied at all. Whether vCenter copies it is not documented.
         self.clone_copies_removed_disks = False
+        # govmomi's reading of a clone's placement: CloneVMTask reads spec.location's
+        # datastore only, never its disk locators (simulator/virtual_machine.go, 0.24.2),
+        # so every disk goes to the clone's home. On: this simulator does the same.
+        self.ignore_disk_locators = False
         # Test control: RemoveSnapshot_Task takes the snapshot out of the tree but leaves
         # its redo logs ("the virtual disk associated with this snapshot will be merged with
         # other disk if possible", RemoveSnapshot_Task's consolidate, vSphere API
@@ -290,9 +317,14 @@ class Inventory:
     # ----- files -------------------------------------------------------------------
 
     def disk_file(self, vm: Vm, index: int, snap: Snap | None = None) -> Path:
-        base = disk_base(vm.name, index)
+        base = vm.bases[index]
         suffix = f"-snap{snap.id}" if snap else ""
-        return self.ds_dir / vm.dir / f"{base}{suffix}-flat.vmdk"
+        return self.ds_dirs[vm.disk_ds[index]] / vm.dir / f"{base}{suffix}-flat.vmdk"
+
+    def vm_folders(self, vm: Vm) -> list[Path]:
+        """The VM's folder on each datastore that holds its files (home first)."""
+        names = dict.fromkeys([vm.home_ds, *vm.disk_ds])
+        return [self.ds_dirs[n] / vm.dir for n in names]
 
     def _check_datastore(self, what: str) -> None:
         if self.datastore_gone:
@@ -300,7 +332,9 @@ class Inventory:
 
     def _write_disks(self, vm: Vm, sources: list[Path] | None) -> None:
         """Create a VM's flat files (copies of ``sources`` or zero-filled) and descriptors."""
-        (self.ds_dir / vm.dir).mkdir(parents=True, exist_ok=False)
+        (self.ds_dirs[vm.home_ds] / vm.dir).mkdir(parents=True, exist_ok=False)
+        for folder in self.vm_folders(vm):
+            folder.mkdir(parents=True, exist_ok=True)
         for i, size in enumerate(vm.disks):
             flat = self.disk_file(vm, i)
             if sources:
@@ -308,7 +342,7 @@ class Inventory:
             else:
                 with open(flat, "wb") as f:
                     f.truncate(size)
-            base = disk_base(vm.name, i)
+            base = vm.bases[i]
             (flat.parent / f"{base}.vmdk").write_text(
                 '# Disk DescriptorFile\nversion=1\nencoding="UTF-8"\nCID=fffffffe\n'
                 'parentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\n'
@@ -367,7 +401,7 @@ class Inventory:
         ``disk_mode``, ``backing`` (see Vm)."""
         if self.vm_by_name(name) or any(s % 512 for s in disks):
             raise ValueError("duplicate name or disk size not a multiple of 512")
-        if set(kind) - {"encrypted", "disk_mode", "backing"}:
+        if set(kind) - {"encrypted", "disk_mode", "backing", "home_ds", "disk_ds", "bases"}:
             raise ValueError(f"unknown VM options {sorted(kind)}")
         vm = Vm(self.new_moid("vm"), name, list(disks), power, folder=self.folder(folder), **kind)
         self._write_disks(vm, None)
@@ -403,7 +437,7 @@ class Inventory:
             props = {"name": "Datacenters", "childEntity": vim.ManagedEntity.Array([DATACENTER])}
         elif rec is DATACENTER:
             props = {"name": DC, "parent": ROOT_FOLDER, "vmFolder": VM_FOLDER}
-            props["datastore"] = vim.Datastore.Array([DATASTORE])
+            props["datastore"] = vim.Datastore.Array(list(DATASTORES.values()))
         elif rec is VM_FOLDER or isinstance(rec, tuple):
             moid = mo._moId
             name, parent = ("vm", DATACENTER) if rec is VM_FOLDER else (rec[0], vim.Folder(rec[1]))
@@ -411,25 +445,34 @@ class Inventory:
             children += [vim.VirtualMachine(m) for m, v in self.vms.items() if v.folder == moid]
             props = {"name": name, "parent": parent}
             props["childEntity"] = vim.ManagedEntity.Array(children)
-        elif rec is DATASTORE:
-            props = {"name": DS, "parent": DATACENTER, "summary": self._ds_summary()}
+        elif isinstance(rec, vim.Datastore) and rec._moId in {d._moId for d in DATASTORES.values()}:
+            name = next(n for n, d in DATASTORES.items() if d._moId == rec._moId)
+            props = {"name": name, "parent": DATACENTER, "summary": self._ds_summary(name)}
         elif rec is SESSION_MANAGER:
             props = {"currentSession": session}
         else:
             props = {}
         return props
 
-    def _ds_summary(self) -> vim.Datastore.Summary:
+    @property
+    def ds_type(self) -> str:
+        return self.ds_types[DS]
+
+    @ds_type.setter
+    def ds_type(self, value: str) -> None:
+        self.ds_types[DS] = value
+
+    def _ds_summary(self, name: str = DS) -> vim.Datastore.Summary:
         """DatastoreSummary as vSphere fills it; ``type`` is what a take checks (vsan and
         VVOL datastores hold no ``-flat.vmdk``, see NO_FLAT_FILES)."""
-        usage = shutil.disk_usage(self.ds_dir)
+        usage = shutil.disk_usage(self.ds_dirs[name])
         return vim.Datastore.Summary(
-            datastore=DATASTORE,
-            name=DS,
-            url=f"ds:///vmfs/volumes/{DS}/",
+            datastore=DATASTORES[name],
+            name=name,
+            url=f"ds:///vmfs/volumes/{name}/",
             capacity=usage.total,
             freeSpace=usage.free,
-            type=self.ds_type,
+            type=self.ds_types[name],
             accessible=not self.datastore_gone,
             multipleHostAccess=True,
             maintenanceMode="normal",
@@ -485,7 +528,9 @@ class Inventory:
             "runtime": runtime,
             "config": self._config(vm),
             "snapshot": self._snapshot_info(vm),
-            "datastore": vim.Datastore.Array([DATASTORE]),
+            "datastore": vim.Datastore.Array(
+                [DATASTORES[n] for n in dict.fromkeys([vm.home_ds, *vm.disk_ds])]
+            ),
             "recentTask": vim.Task.Array(recent),
         }
 
@@ -505,31 +550,32 @@ class Inventory:
             )
         for i, size in enumerate(vm.disks):
             backing: Any = None
-            for name in reversed(vm.chains.chain(i)):  # base first: each delta's parent
+            for qualified in reversed(vm.chains.chain(i)):  # base first: a delta's parent
+                name = qualified.rpartition("/")[2]
                 if vm.backing == "rdm":
                     backing = vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo(
-                        fileName=f"[{DS}] {vm.dir}/{name}",
+                        fileName=f"[{vm.disk_ds[i]}] {vm.dir}/{name}",
                         compatibilityMode="physicalMode",
                         diskMode=vm.disk_mode,
                         lunUuid="0200000000600508b1001c",
                         deviceName="/vmfs/devices/disks/naa.600508b1001c",
-                        datastore=DATASTORE,
+                        datastore=DATASTORES[vm.disk_ds[i]],
                     )
                     break  # physical RDMs take no snapshots
                 if vm.backing == "sesparse":
                     backing = vim.vm.device.VirtualDisk.SeSparseBackingInfo(
-                        fileName=f"[{DS}] {vm.dir}/{name}",
+                        fileName=f"[{vm.disk_ds[i]}] {vm.dir}/{name}",
                         diskMode=vm.disk_mode,
-                        datastore=DATASTORE,
+                        datastore=DATASTORES[vm.disk_ds[i]],
                         parent=backing,
                         keyId=key_id,
                     )
                     continue
                 backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                    fileName=f"[{DS}] {vm.dir}/{name}",
+                    fileName=f"[{vm.disk_ds[i]}] {vm.dir}/{name}",
                     diskMode=vm.disk_mode,
                     thinProvisioned=True,
-                    datastore=DATASTORE,
+                    datastore=DATASTORES[vm.disk_ds[i]],
                     parent=backing,
                     deltaDiskFormat="seSparseFormat" if backing is not None else None,
                     keyId=key_id,
@@ -545,6 +591,8 @@ class Inventory:
                     deviceInfo=vim.Description(label=f"Hard disk {i + 1}", summary=f"{size} B"),
                 )
             )
+        if vm.reverse_devices:
+            devices = [controller, *reversed(devices[1:])]
         return vim.vm.ConfigInfo(
             changeVersion=str(time.time_ns()),
             modified=now(),
@@ -557,7 +605,7 @@ class Inventory:
             template=False,
             guestId="otherLinux64Guest",
             alternateGuestName="",
-            files=vim.vm.FileInfo(vmPathName=f"[{DS}] {vm.dir}/{vm.name}.vmx"),
+            files=vim.vm.FileInfo(vmPathName=f"[{vm.home_ds}] {vm.dir}/{vm.name}.vmx"),
             flags=vim.vm.FlagInfo(),
             defaultPowerOps=vim.vm.DefaultPowerOpInfo(),
             hardware=vim.vm.VirtualHardware(numCPU=1, memoryMB=512, device=devices),
@@ -755,7 +803,7 @@ class Inventory:
         if self.consolidate_fails > 0:
             self.consolidate_fails -= 1
             raise vim.fault.FileLocked(
-                file=f"[{DS}] {vm.dir}/{vm.chains.top[0]}",
+                file=f"[{vm.disk_ds[0]}] {vm.dir}/{vm.chains.top[0]}",
                 msg="Unable to access file since it is locked",
             )
         vm.chains.consolidate([s.frozen for s in self.snaps.values() if s.vm == vm.moid])
@@ -776,7 +824,14 @@ class Inventory:
         (createNewChildDiskBacking, moveChildMostDiskBacking) are not modelled.
 
         Disks that ``spec.config.deviceChange`` removes are neither copied nor part of the
-        clone (see ``_clone_removals``); the kept ones keep their device keys."""
+        clone (see ``_clone_removals``); the kept ones keep their device keys.
+
+        Placement: the clone's home is ``spec.location.datastore``, else the source's home
+        datastore ("If not specified, the current datastore is used", RelocateSpec.datastore,
+        vSphere API reference); a disk goes where a ``spec.location.disk`` DiskLocator with
+        its device key says, else to the clone's home datastore, whatever datastore the
+        source disk was on (users see disks from two datastores land on one,
+        vmware/pyvmomi-community-samples#593)."""
         self._check_datastore(src.name)
         if self.clone_fault == "NoDiskSpace":
             self.clone_fault = None
@@ -794,11 +849,19 @@ class Inventory:
         # The clone's folder is named after it; a folder of that name already on the
         # datastore (an earlier clone's orphan) makes vCenter pick <name>_1, <name>_2...
         # (as it numbers a new VM's folder; the orphan is left alone).
+        loc = spec.location or vim.vm.RelocateSpec()
+        names = {d._moId: n for n, d in DATASTORES.items()}
+        home_ds = names.get(loc.datastore._moId, "?") if loc.datastore else src.home_ds
+        placed = {d.diskId: names.get(d.datastore._moId, "?") for d in loc.disk or []}
+        if self.ignore_disk_locators:
+            placed = {}
+        if "?" in [home_ds, *placed.values()]:
+            raise vim.fault.InvalidDatastore(msg="no such datastore")
         home, n = name, 0
-        while (self.ds_dir / home).exists():
+        while (self.ds_dirs[home_ds] / home).exists():
             n += 1
             home = f"{name}_{n}"
-        move = spec.location.diskMoveType if spec.location else None
+        move = loc.diskMoveType
         if move not in (None, "moveAllDiskBackingsAndDisallowSharing"):
             raise vmodl.fault.NotSupported(msg=f"simulator does not model diskMoveType {move}")
         removed = self._clone_removals(src, spec.config)
@@ -816,6 +879,8 @@ class Inventory:
             complete=False,
             keys=[src.keys[i] for i in kept],
             dir=home,
+            home_ds=home_ds,
+            disk_ds=[placed.get(src.keys[i], home_ds) for i in kept],
         )
         self._write_disks(vm, None)
         if self.clone_listed == "start":
@@ -829,7 +894,8 @@ class Inventory:
             sources = [self.disk_file(src, i, frozen) for i in kept]
             snapshot_gone = snap is not None and snap.moid not in self.snaps
             if snapshot_gone or not all(f.exists() for f in sources):
-                shutil.rmtree(self.ds_dir / home, ignore_errors=True)
+                for path in self.vm_folders(vm):
+                    shutil.rmtree(path, ignore_errors=True)
                 self.vms.pop(vm.moid, None)
                 raise vim.fault.FileNotFound(file=f"[{DS}] {src.name}", msg="source is gone")
             if interrupted:  # half the copy made, then the clone is lost to vCenter
@@ -843,7 +909,7 @@ class Inventory:
                 for i, key in enumerate(src.keys):
                     if key in removed:  # copied, then only detached: in no disk of the clone
                         base = f"{name}_detached{key}"
-                        target = self.ds_dir / home / f"{base}-flat.vmdk"
+                        target = self.ds_dirs[home_ds] / home / f"{base}-flat.vmdk"
                         vm.copied += sparse_copy(self.disk_file(src, i, snap), target)
                         (target.parent / f"{base}.vmdk").write_text("# Disk DescriptorFile\n")
             vm.complete = True
@@ -913,16 +979,16 @@ class Inventory:
         # descriptors and configuration. A file in its folder that no disk of the VM uses
         # stays, and so does the folder then: CloudStack's worker VM was "destroy[ed] which
         # leaves the clone VM folder with volume VMDK inside" (apache/cloudstack#5333).
-        folder = self.ds_dir / vm.dir
         for i in range(len(vm.disks)):
-            base = disk_base(vm.name, i)
+            base, folder = vm.bases[i], self.disk_file(vm, i).parent
             for f in [*folder.glob(f"{base}-snap*-flat.vmdk"), self.disk_file(vm, i)]:
                 f.unlink(missing_ok=True)
             (folder / f"{base}.vmdk").unlink(missing_ok=True)
-        for f in folder.glob(".upload-*"):
-            f.unlink()
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for folder in self.vm_folders(vm):
+            for f in folder.glob(".upload-*"):
+                f.unlink()
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         for moid in [m for m, s in self.snaps.items() if s.vm == vm.moid]:
             del self.snaps[moid]
         del self.vms[vm.moid]
@@ -934,8 +1000,9 @@ class Inventory:
         simulator/file_manager.go)."""
         ds, _, rel = name.partition("] ")
         self._check_datastore(name)
-        target = (self.ds_dir / rel).resolve()
-        if ds.lstrip("[") != DS or not rel or not target.is_relative_to(self.ds_dir):
+        root = self.ds_dirs.get(ds.lstrip("["))
+        target = (root / rel).resolve() if root else None
+        if root is None or target is None or not rel or not target.is_relative_to(root):
             raise vim.fault.InvalidDatastore(name=ds.lstrip("["), msg=f"no datastore path {name}")
         if not target.exists():
             raise vim.fault.FileNotFound(file=name, msg=f"File {name} was not found")

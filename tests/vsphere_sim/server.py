@@ -129,10 +129,11 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         rel = unquote(url.path[len("/folder/") :])
         inv = self.server.inv
-        if inv.datastore_gone or q.get("dsName") != DS or q.get("dcPath", DC).strip("/") != DC:
+        root = inv.ds_dirs.get(q.get("dsName", ""))
+        if inv.datastore_gone or root is None or q.get("dcPath", DC).strip("/") != DC:
             return None
-        target = (inv.ds_dir / rel).resolve()
-        return target if target.is_relative_to(inv.ds_dir.resolve()) and rel else None
+        target = (root / rel).resolve()
+        return target if target.is_relative_to(root) and rel else None
 
     def _datastore_get(self) -> None:
         if not self._authenticated():
@@ -140,7 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         path = self._datastore_file()
         if path is None or not path.is_file():
             return self._send(404, b"file not found")
-        if self.server.inv.ds_type in NO_FLAT_FILES and path.name.endswith("-flat.vmdk"):
+        ds_name = parse_qs(urlsplit(self.path).query).get("dsName", [""])[0]
+        ds_type = self.server.inv.ds_types.get(ds_name, "")
+        if ds_type in NO_FLAT_FILES and path.name.endswith("-flat.vmdk"):
             # vSAN/vVols keep disks as objects, not flat extents: /folder has no such file
             # (OpenNebula/one#7788, libguestfs/virt-v2v#29).
             return self._send(404, b"file not found")
@@ -258,6 +261,8 @@ class Handler(BaseHTTPRequestHandler):
                     "copied": vm.copied,
                     "current_snapshot": vm.current and inv.snaps[vm.current].name,
                     "dir": vm.dir,
+                    "home_ds": vm.home_ds,
+                    "disk_ds": list(vm.disk_ds),
                     "consolidation_needed": vm.consolidation_needed,
                 }
                 for vm in inv.vms.values()
@@ -296,9 +301,10 @@ class Handler(BaseHTTPRequestHandler):
                     return self._json(400, {"error": str(exc)})
                 return self._json(200, {"written": len(data)})
             if what == "datastore":
+                name = req.get("name", DS)
                 inv.datastore_gone = bool(req.get("gone", inv.datastore_gone))
-                inv.ds_type = str(req.get("type", inv.ds_type))
-                return self._json(200, {"gone": inv.datastore_gone, "type": inv.ds_type})
+                inv.ds_types[name] = str(req.get("type", inv.ds_types[name]))
+                return self._json(200, {"gone": inv.datastore_gone, "type": inv.ds_types[name]})
             if what == "inventory":
                 inv.api_type = str(req.get("api_type", inv.api_type))
                 inv.capacity_in_bytes = bool(req.get("capacity_in_bytes", inv.capacity_in_bytes))
@@ -313,6 +319,9 @@ class Handler(BaseHTTPRequestHandler):
                 inv.clone_copies_removed_disks = bool(
                     req.get("clone_copies_removed_disks", inv.clone_copies_removed_disks)
                 )
+                inv.ignore_disk_locators = bool(
+                    req.get("ignore_disk_locators", inv.ignore_disk_locators)
+                )
                 return self._json(
                     200,
                     {
@@ -324,8 +333,15 @@ class Handler(BaseHTTPRequestHandler):
                         "consolidate_fails": inv.consolidate_fails,
                         "interrupt_clones": inv.interrupt_clones,
                         "clone_copies_removed_disks": inv.clone_copies_removed_disks,
+                        "ignore_disk_locators": inv.ignore_disk_locators,
                     },
                 )
+            if what == "vm-devices":
+                vm = inv.vm_by_name(req["vm"])
+                if vm is None:
+                    return self._json(404, {"error": "no such vm"})
+                vm.reverse_devices = bool(req["reverse"])
+                return self._json(200, {"reverse": vm.reverse_devices})
             if what == "range":
                 inv.ignore_range = bool(req.get("ignore", inv.ignore_range))
                 if "cut_after" in req:

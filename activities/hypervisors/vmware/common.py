@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ FLAT_FILE_DATASTORES = {"VMFS", "NFS", "NFS41", "CIFS"}
 MAX_NAME = 80  # vCenter's limit for VM and folder names (see clone_name)
 UNSAFE_NAME_RE = re.compile(r"[%/\\]")  # characters vCenter counts as three (escaped)
 DELTA_RE = re.compile(r"-\d{6}\.vmdk$")
+SAFE_DS_RE = re.compile(r"[^A-Za-z0-9_-]")  # what a datastore's name keeps in a disk name
 MOREF_RE = re.compile(r"vm-\d+")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
@@ -85,9 +86,49 @@ def base_backing(backing: Any) -> Any:
     return backing
 
 
+def disk_datastore(device: Any) -> str:
+    """The name of the datastore that holds a disk's base file (``[ds1] ...`` -> ``ds1``)."""
+    return str(base_backing(device.backing).fileName.partition("] ")[0].lstrip("["))
+
+
+def disk_keys(devices: list[Any]) -> dict[str, Any]:
+    """A VM's disks by every name that means one of them: ``<stem>.<datastore>`` always
+    (``web01.ds2``), and the bare stem (``web01``) where no other disk of the VM has it.
+
+    Base file names are unique per datastore, not per VM: ``[ds1] web01/web01.vmdk`` and
+    ``[ds2] web01/web01.vmdk`` can be two disks of one VM (vCenter names a disk after the
+    VM in the VM's folder on the datastore it is put on; CloudStack finds a disk by base
+    name *and* datastore, ``getDiskInfoByBackingFileBaseName(volumePath, dsName)``). A
+    bare stem two disks share names neither, so that no device order decides which. A
+    datastore's characters outside ``[A-Za-z0-9_-]`` (``datastore1 (1)``, vCenter's
+    default for a second local datastore) become ``_`` in the name, which must be a safe
+    file name on secondary storage (``datastore1__1_``)."""
+    stems = Counter(disk_name(d) for d in devices)
+    out: dict[str, Any] = {}
+    for d in devices:
+        out[qualified_disk_name(d)] = d
+        if stems[disk_name(d)] == 1:
+            out[disk_name(d)] = d
+    return out
+
+
+def qualified_disk_name(device: Any) -> str:
+    """``<stem>.<datastore>``, the datastore made safe (see ``disk_keys``)."""
+    return f"{disk_name(device)}.{SAFE_DS_RE.sub('_', disk_datastore(device))}"
+
+
+def simplest_disk_names(devices: list[Any]) -> list[str]:
+    """Each disk's shortest name: its stem, or ``<stem>.<datastore>`` if another has it."""
+    stems = Counter(disk_name(d) for d in devices)
+    return sorted(
+        disk_name(d) if stems[disk_name(d)] == 1 else qualified_disk_name(d) for d in devices
+    )
+
+
 def disk_name(device: Any) -> str:
-    """A disk's snapferry name: its *base* file's stem (``web01``, ``web01_1``), which is
-    unique per VM, a safe name unlike its label ("Hard disk 1"), and stays the same while
+    """A disk's stem: its *base* file's stem (``web01``, ``web01_1``), which is unique per
+    datastore (see ``disk_keys`` for two disks with one stem on two datastores), a
+    safe name unlike its label ("Hard disk 1"), and stays the same while
     VM snapshots put deltas on top. A delta name without a parent (an inventory that does
     not fill ``parent``) loses its ``-00000N`` suffix, as virt-v2v does."""
     base = base_backing(device.backing)

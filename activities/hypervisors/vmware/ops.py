@@ -31,7 +31,10 @@ from .common import (
     TASK_POLL_S,
     UUID_RE,
     base_backing,
+    disk_keys,
     disk_name,
+    qualified_disk_name,
+    simplest_disk_names,
 )
 from .session import VsphereSession, fault_error
 
@@ -137,10 +140,13 @@ class VsphereOps(HypervisorDriver):
                 " point SNAPFERRY_VCENTER_URL at the vCenter that manages this host"
             )
 
-    def _disks(self, vm: Any) -> dict[str, Any]:
-        """The VM's disks by base name (``web01``), also while snapshots stand on them."""
+    def _disk_devices(self, vm: Any) -> list[Any]:
         devices = self.session.call(lambda _si: vm.config.hardware.device, "reading disks")
-        return {disk_name(d): d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)}
+        return [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+
+    def _disks(self, vm: Any) -> dict[str, Any]:
+        """The VM's disks by name (see ``disk_keys``), also while snapshots stand on them."""
+        return disk_keys(self._disk_devices(vm))
 
     def _check_flat_datastore(self, vm: Any, device: Any, what: str) -> None:
         """Refuse before answering when the disk's datastore holds no ``-flat.vmdk``: the
@@ -203,10 +209,19 @@ class VsphereOps(HypervisorDriver):
             )
 
     def _disk(self, vm: Any, vm_name: str, disk: str) -> Any:
-        disks = self._disks(vm)
-        if disk not in disks:
-            raise DiskNotFound(f"VM {vm_name!r} has no disk {disk!r} (it has {sorted(disks)})")
-        return disks[disk]
+        devices = self._disk_devices(vm)
+        disks = disk_keys(devices)
+        if disk in disks:
+            return disks[disk]
+        shared = sorted(qualified_disk_name(d) for d in devices if disk_name(d) == disk)
+        if shared:
+            raise InvalidInput(
+                f"VM {vm_name!r} has {len(shared)} disks named {disk!r}, on different"
+                f" datastores: name one of {shared}"
+            )
+        raise DiskNotFound(
+            f"VM {vm_name!r} has no disk {disk!r} (it has {simplest_disk_names(devices)})"
+        )
 
     def _wait(self, task: Any, what: str) -> Any:
         """Poll the task's info (pyVim's WaitForTask needs property-collector filters),
@@ -265,6 +280,13 @@ class VsphereOps(HypervisorDriver):
         if found is None:
             raise InvalidInput(f"vCenter has no datacenter {dc!r} (SNAPFERRY_VCENTER_DATACENTER)")
         return found
+
+    def _datastore_named(self, entity: Any, name: str) -> Any:
+        """The datastore ``name`` among those a VM (or the datacenter) uses, or None."""
+        return self.session.call(
+            lambda _si: next((d for d in entity.datastore or [] if d.name == name), None),
+            f"finding datastore {name!r}",
+        )
 
     def _datastore_names(self, entity: Any) -> list[str]:
         """The names of the datastores a VM (or the datacenter) uses."""

@@ -13,8 +13,10 @@ from ...errors import HypervisorUnavailable, UnsupportedImage
 from .common import (
     VM_SNAPSHOT_PREFIX,
     VOLUME_SNAPSHOT_PREFIX,
+    base_backing,
     capacity,
     clone_name,
+    disk_datastore,
     flat_path,
     vm_lock,
 )
@@ -62,13 +64,15 @@ class TakeOps(VsphereOps):
                     for d in devices
                     if isinstance(d, vim.vm.device.VirtualDisk) and d.key != source_disk.key
                 ]
-                clone = self._clone(vm, parent, name, snap, others, f"{typed!r}", snapshot_id)
+                clone = self._clone(
+                    vm, parent, name, snap, others, source_disk, f"{typed!r}", snapshot_id
+                )
             leftover = self._snapshot_named(vm, snap_name)
             if leftover is not None:  # the clone holds the bytes now; the VM goes free
                 self._remove_snapshot(
                     vm, vm_name, leftover, f"removing temporary snapshot of {typed!r}"
                 )
-            cloned = {d.key: d for d in self._disks(clone).values()}
+            cloned = {d.key: d for d in self._disk_devices(clone)}
             if len(cloned) > 1:  # a clone made before, or a vCenter that kept them
                 log.warning(
                     "clone %s holds %d disks; only %s was asked for (the others were copied too)",
@@ -81,6 +85,9 @@ class TakeOps(VsphereOps):
                 raise HypervisorUnavailable(
                     f"clone {name!r} has no disk like {disk!r} (key {source_disk.key})"
                 )
+            # Where the clone's disk really went (a vCenter that ignored the locator): the
+            # backup reads its -flat.vmdk, so the same datastore check as the source's.
+            self._check_flat_datastore(clone, target, f"the clone {name!r} of disk {disk!r}")
             if getattr(target.backing, "parent", None) is not None:
                 # A full clone (moveAllDiskBackingsAndDisallowSharing) has flat disks; a
                 # delta's -flat.vmdk would not hold the guest's bytes.
@@ -109,7 +116,15 @@ class TakeOps(VsphereOps):
             self._delete_datastore_path(ds, name, what)
 
     def _clone(
-        self, vm: Any, folder: Any, name: str, snap: Any, others: list[Any], what: str, sid: str
+        self,
+        vm: Any,
+        folder: Any,
+        name: str,
+        snap: Any,
+        others: list[Any],
+        disk: Any,
+        what: str,
+        sid: str,
     ) -> Any:
         """A full clone of ``vm`` at ``snap`` without the disks in ``others``: the take
         of one volume copies that volume only (issue 13, item 5; CloudStack exported every
@@ -125,7 +140,17 @@ class TakeOps(VsphereOps):
         vCenter's own REST clone leaves disks out the same way (vSphere Automation API,
         VM.CloneSpec.disks_to_remove: "If unset, all disks will be copied"). A vCenter
         that refuses the removal (InvalidDeviceSpec, NotSupported, InvalidArgument) gets
-        the clone of every disk instead, as before: costlier, never wrong."""
+        the clone of every disk instead, as before: costlier, never wrong.
+
+        The kept disk is pinned to its source's datastore with a ``DiskLocator``: without
+        one it would go to the clone's home, the VM's home datastore ("If not specified,
+        the current datastore is used", RelocateSpec.datastore; users see the disks of two
+        datastores land on one, vmware/pyvmomi-community-samples#593). That home may be a
+        vSAN or vVols datastore with no ``-flat.vmdk`` while the disk sits on VMFS, or too
+        small for the copy."""
+        base = base_backing(disk.backing)
+        target = base.datastore or self._datastore_named(vm, disk_datastore(disk))
+        locator = [vim.vm.RelocateSpec.DiskLocator(diskId=disk.key, datastore=target)]
 
         def spec(removing: list[Any]) -> Any:
             config = None
@@ -138,7 +163,10 @@ class TakeOps(VsphereOps):
                 )
             return vim.vm.CloneSpec(
                 snapshot=snap,
-                location=vim.vm.RelocateSpec(diskMoveType="moveAllDiskBackingsAndDisallowSharing"),
+                location=vim.vm.RelocateSpec(
+                    diskMoveType="moveAllDiskBackingsAndDisallowSharing",
+                    disk=locator if target is not None else None,
+                ),
                 config=config,
                 powerOn=False,
                 template=False,
