@@ -251,6 +251,40 @@ def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> N
     raw_full = get(port, f"{q}&vdi={snap}&format=raw")
     check(raw_full.body == snap_bytes, "conformance: raw export = the VDI's bytes")
     run_import(check, x, port, session, work)
+    run_sizes(check, x, port, session)
+
+
+def run_sizes(check: Check, x: Any, port: int, session: str) -> None:
+    """SM's sizes (``vhdutil.validate_and_round_vhd_size``: at least 2 MiB, whole 2 MiB
+    blocks, at ``VDI.create`` and ``VDI.resize``; no shrinking, ``FileVDI.resize``) and a
+    delta across a resize (f.ml l.2820: the target's BAT, the base looked up per block)."""
+    from . import control as sim
+
+    sr = x.pool.get_default_SR(x.pool.get_all()[0])
+    record = {"name_label": "conf-size", "SR": sr, "virtual_size": str(5 * BLOCK // 2 + 1)}
+    made = x.VDI.create({**record, "type": "user", "sharable": False, "read_only": False})
+    check(x.VDI.get_virtual_size(made) == str(3 * BLOCK), "conformance: VDI.create rounds up")
+    tiny = x.VDI.create({**record, "virtual_size": "4096"})
+    check(x.VDI.get_virtual_size(tiny) == str(BLOCK), "conformance: ... to at least 2 MiB")
+    x.VDI.destroy(tiny)
+    vm = sim.create_vm(port, "conf-size", [4 * BLOCK], power="Halted")
+    vdi = vm["disks"][0]["vdi"]
+    base = x.VDI.snapshot(vdi, {})
+    x.VDI.resize(vdi, str(6 * BLOCK + 7))
+    check(x.VDI.get_virtual_size(vdi) == str(7 * BLOCK), "conformance: VDI.resize rounds up")
+    try:
+        x.VDI.resize(vdi, str(BLOCK))
+        shrunk = "allowed"
+    except Exception as exc:  # noqa: BLE001 - XenAPI.Failure, not imported here
+        shrunk = str(exc)
+    check("SR_BACKEND_FAILURE_79" in shrunk, f"conformance: no shrinking ({shrunk})")
+    snap = x.VDI.snapshot(vdi, {})
+    q = f"/export_raw_vdi?session_id={session}&format=vhd"
+    delta = get(port, f"{q}&vdi={snap}&base={x.VDI.get_uuid(base)}")
+    check(delta.body[:8] == b"conectix", "conformance: a delta across a resize is exported")
+    check(parse_vhd(delta.body).current_size == 7 * BLOCK, "conformance: ... at the new size")
+    for one in (snap, base, made):
+        x.VDI.destroy(one)
 
 
 @dataclass

@@ -178,11 +178,50 @@ def vdi_create(store: Store, record: dict[str, Any]) -> str:
         if size <= 0:
             raise XapiError("FIELD_TYPE_ERROR", "virtual_size")
         vdi = new_vdi(
-            store, str(record.get("name_label", "")), size, sr=store.get("SR", record["SR"])
+            store,
+            str(record.get("name_label", "")),
+            vhd_size(size),
+            sr=store.get("SR", record["SR"]),
         )
         vdi.name_description = str(record.get("name_description", ""))
         vdi.other_config = dict(record.get("other_config") or {})
         return vdi.ref
+
+
+MIN_VHD_SIZE = 2 << 20  # SM libs/sm/vhdutil.py l.27
+MAX_VHD_SIZE = 2040 << 30  # l.28
+
+
+def vhd_size(size: int) -> int:
+    """The size SM gives a VHD VDI (``vhdutil.validate_and_round_vhd_size``, l.409-424,
+    called by ``FileSR.create`` l.564 and ``FileVDI.resize`` l.659, and LVHDSR alike):
+    at least 2 MiB, rounded up to a whole 2 MiB block. ``VDI.virtual_size`` then says
+    the rounded size (``update_vdi_db`` from the SM's answer)."""
+    if size < 0 or size > MAX_VHD_SIZE:
+        raise XapiError("SR_BACKEND_FAILURE_79", "", "VDI Invalid size", "")
+    return -(-max(size, MIN_VHD_SIZE) // BLOCK) * BLOCK
+
+
+def vdi_resize(store: Store, ref: str, size_text: object) -> None:
+    """``VDI.resize`` (xapi_vdi.ml l.1049-1067 -> SM ``FileVDI.resize``, l.639-674): not
+    while a running VM has it plugged (resize is no live operation, xapi_vdi.ml
+    ``operation_can_be_performed_live`` l.223-235: ``VDI_IN_USE``); a smaller size is
+    ``VDISize`` (SR_BACKEND_FAILURE_79, "shrinking not allowed"); the new size is rounded
+    as at create. The new tail reads as zeros and is allocated nowhere."""
+    with store.lock:
+        vdi = store.get("VDI", ref)
+        size = _int(size_text, "size")
+        if running_vm_of(store, vdi) is not None:
+            raise XapiError("VDI_IN_USE", vdi.ref, "resize")
+        if size < vdi.size:
+            raise XapiError(
+                "SR_BACKEND_FAILURE_79", "", "VDI Invalid size [opterr=shrinking not allowed]", ""
+            )
+        if size == vdi.size:
+            return
+        vdi.size = vhd_size(size)
+        with open(vdi.path, "r+b") as f:
+            f.truncate(vdi.size)
 
 
 def vdi_destroy(store: Store, ref: str) -> None:

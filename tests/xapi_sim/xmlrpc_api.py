@@ -53,6 +53,7 @@ class XapiService:
             "VDI.copy": lambda vdi, sr: ops.vdi_copy(s, vdi, sr),
             "VDI.create": lambda rec: ops.vdi_create(s, rec),
             "VDI.destroy": lambda vdi: ops.vdi_destroy(s, vdi),
+            "VDI.resize": lambda vdi, size: ops.vdi_resize(s, vdi, size),
             "VBD.create": lambda rec: ops.vbd_create(s, rec),
             "VBD.destroy": lambda vbd: ops.vbd_destroy(s, vbd),
             "task.create": self._task_create,

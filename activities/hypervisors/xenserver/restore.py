@@ -151,7 +151,10 @@ class RestoreOps(XenCore):
             self._api("VDI.destroy", vdi)
             raise
         uuid = self._api("VDI.get_uuid", vdi)
-        return RestoreResult(path=f"xapi:VDI/{uuid}", virtual_size=size, format="vdi")
+        # SM rounds a VHD VDI up to whole 2 MiB blocks (vhdutil.validate_and_round_vhd_size):
+        # the volume is that large, its tail beyond the backup zeros (written by _import).
+        made = int(self._api("VDI.get_virtual_size", vdi))
+        return RestoreResult(path=f"xapi:VDI/{uuid}", virtual_size=made, format="vdi")
 
 
 def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
