@@ -144,12 +144,26 @@ def guest_write(store: Store, vm: VM, disk: int, offset: int, data: bytes) -> No
 # ----- VDI -------------------------------------------------------------------------
 
 
-def vdi_snapshot(store: Store, ref: str, driver_params: object = None) -> str:
+def vdi_record_at_start(store: Store, ref: str) -> dict[str, str]:
+    """What ``snapshot_and_clone`` reads of the source before the SM call (xapi_vdi.ml
+    l.817, ``Db.VDI.get_record``) and copies onto the snapshot after it (l.836-851): the
+    snapshot carries the source's other_config as it was when the call *began*."""
+    with store.lock:
+        src = store.get("VDI", ref)
+        return {"name_label": src.name_label, **{f"oc:{k}": v for k, v in src.other_config.items()}}
+
+
+def vdi_snapshot(
+    store: Store, ref: str, driver_params: object = None, *, at_start: dict[str, str] | None = None
+) -> str:
     with store.lock:
         src = store.get("VDI", ref)
         snap = new_vdi(
             store, src.name_label, src.size, copy_of=src, snapshot_of=src.ref, share_chain=True
         )
+        if at_start is not None:
+            snap.name_label = at_start["name_label"]
+            snap.other_config = {k[3:]: v for k, v in at_start.items() if k.startswith("oc:")}
         return snap.ref
 
 

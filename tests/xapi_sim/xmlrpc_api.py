@@ -104,11 +104,11 @@ class XapiService:
             return self._start_task(method[len("Async.") :], args)
         return self.invoke(method, args)
 
-    def invoke(self, method: str, args: list[Any]) -> Any:
+    def invoke(self, method: str, args: list[Any], fn: Method | None = None) -> Any:
         """Run one (sync) method: injected fault first, then the implementation."""
         if fault := self.store.take_fault(method):
             raise fault
-        fn = self._resolve(method, args)
+        fn = fn or self._resolve(method, args)
         s = self.store
         if s.call_latency:
             with s.lock:
@@ -187,22 +187,33 @@ class XapiService:
         with self.store.lock:
             ref = self._task_create(f"Async.{inner}")
             task, delay = self.store.tasks[ref], self.store.task_delay
+        fn: Method | None = None
+        if inner == "VDI.snapshot" and args:
+            # The source's record is read when the call begins, its other_config copied
+            # onto the snapshot when the call ends (xapi_vdi.ml snapshot_and_clone).
+            at_start = ops.vdi_record_at_start(self.store, str(args[0]))
+
+            def fn(vdi: str, params: object = None) -> str:
+                return ops.vdi_snapshot(self.store, vdi, params, at_start=at_start)
+
         if delay > 0:
             threading.Thread(
-                target=self._run_task, args=(task, inner, args, delay), daemon=True
+                target=self._run_task, args=(task, inner, args, delay, fn), daemon=True
             ).start()
         else:
-            self._run_task(task, inner, args, 0.0)
+            self._run_task(task, inner, args, 0.0, fn)
         return ref
 
-    def _run_task(self, task: Task, inner: str, args: list[Any], delay: float) -> None:
+    def _run_task(
+        self, task: Task, inner: str, args: list[Any], delay: float, fn: Method | None = None
+    ) -> None:
         if delay:
             time.sleep(delay)
         with self.store.lock:
             if task.status != "pending":  # cancelled while waiting
                 return
         try:
-            value = self.invoke(inner, args)
+            value = self.invoke(inner, args, fn)
         except XapiError as exc:
             finish_task(task, "failure", error=exc.description)
         except Exception as exc:  # noqa: BLE001

@@ -18,7 +18,7 @@ from .common import (
     _UUID,
     _VOLUME_LABEL,
     NULL_REF,
-    TAKE_KEY,
+    SNAPSHOT_KEY,
     TASK_POLL_MAX_S,
     TASK_POLL_S,
     VOLUME_PREFIX,
@@ -119,38 +119,42 @@ class XenCore:
             raise DiskNotFound(f"VM {vm_name!r} has no disk {disk!r} (it has: {have or 'none'})")
         return disks[slot]
 
-    def _wait(self, task: str, what: str) -> str:
-        """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``."""
+    def _wait(self, task: str, what: str, *, keep: bool = False) -> str:
+        """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``.
+        The task is destroyed once its end has been read, and only then: when a poll fails
+        (the connection broke), the task goes on in XAPI and stays for a retry to wait for
+        (XAPI removes a pending task after 24 h, an ended one after 65 min). ``keep``
+        keeps a successful task too, for the caller to destroy once it holds the result
+        durably."""
         delay = TASK_POLL_S
-        try:
-            # "cancelling" is a task state too (datamodel: pending, success, failure,
-            # cancelling, cancelled): the task has not ended yet.
-            while (status := self._api("task.get_status", task)) in ("pending", "cancelling"):
-                time.sleep(delay)
-                delay = min(delay * 2, TASK_POLL_MAX_S)
-            if status != "success":
-                info = self._api("task.get_error_info", task)
-                raise _failure_error(XenAPI.Failure(info), what)
-            result = self._api("task.get_result", task)
-        finally:
+        # "cancelling" is a task state too (datamodel: pending, success, failure,
+        # cancelling, cancelled): the task has not ended yet.
+        while (status := self._api("task.get_status", task)) in ("pending", "cancelling"):
+            time.sleep(delay)
+            delay = min(delay * 2, TASK_POLL_MAX_S)
+        if status != "success":
+            info = self._api("task.get_error_info", task)
+            self._api("task.destroy", task)
+            raise _failure_error(XenAPI.Failure(info), what)
+        result = self._api("task.get_result", task)
+        if not keep:
             self._api("task.destroy", task)
         match = re.search(r"<value>(.*?)</value>", result or "")
         return match.group(1) if match else str(result)
 
     def _snapshot_vdis(self, vdi: str) -> dict[str, str]:
-        """Our volume snapshots of one VDI: label ``snapferry-<uuid>`` -> ref. A snapshot
-        whose take stopped before it was labelled is found by the ``TAKE_KEY`` it
-        inherited from its VDI's other_config (``xapi_vdi.ml`` ``snapshot_and_clone``
-        copies it), and labelled now."""
+        """Our volume snapshots of one VDI: label ``snapferry-<uuid>`` -> ref, each marked
+        ``SNAPSHOT_KEY = <uuid>`` (older ones carry only the label). Nothing is adopted
+        here: a snapshot of the VDI that is not labelled ours may be another tool's, even
+        when it inherited a take's mark (see ``XenServerDriver.take``)."""
         found = {}
         for snap in self._api("VDI.get_snapshots", vdi):
             label = self._api("VDI.get_name_label", snap)
             if not _VOLUME_LABEL.fullmatch(label):
-                taken = self._api("VDI.get_other_config", snap).get(TAKE_KEY, "")
-                if not _UUID.fullmatch(taken) or VOLUME_PREFIX + taken in found:
-                    continue
-                label = VOLUME_PREFIX + taken
-                self._api("VDI.set_name_label", snap, label)
+                continue
+            marked = self._api("VDI.get_other_config", snap).get(SNAPSHOT_KEY)
+            if marked not in (None, label[len(VOLUME_PREFIX) :]):
+                continue
             found[label] = snap
         return found
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from ...contracts import (
     BackupPlan,
@@ -18,13 +19,17 @@ from ...storage.secondary import Manifest
 from ..base import HypervisorDriver
 from .common import (
     RELEASED,
+    SNAPSHOT_KEY,
     TAKE_KEY,
+    TAKE_TASK_KEY,
     VOLUME_PREFIX,
     _vm_locks,
 )
 from .export import VhdExportReader
 from .restore import RestoreOps
 from .vmsnap import VmSnapshotOps
+
+log = logging.getLogger(__name__)
 
 
 class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
@@ -37,20 +42,25 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         with _vm_locks[vm]:
             vdi = self._vdi(vm, vm_name, volume.disk)
             label = VOLUME_PREFIX + snapshot_id
-            snap = self._snapshot_vdis(vdi).get(label)  # a retry finds it
+            what = f"snapshot of {vm_name}/{volume.disk}"
+            snap = self._snapshot_vdis(vdi).get(label)  # a retry after the label was set
+            task = None
             if snap is None:
-                # Mark the source first: the snapshot inherits its other_config at the
-                # instant it is made, so a take that stops before the label is set still
-                # finds its snapshot on the retry (see _snapshot_vdis).
-                self._api("VDI.remove_from_other_config", vdi, TAKE_KEY)
-                self._api("VDI.add_to_other_config", vdi, TAKE_KEY, snapshot_id)
-                try:
-                    task = self._api("Async.VDI.snapshot", vdi, {})
-                    snap = self._wait(task, f"snapshot of {vm_name}/{volume.disk}")
-                finally:
-                    with contextlib.suppress(HypervisorUnavailable, SourceGone):
-                        self._api("VDI.remove_from_other_config", vdi, TAKE_KEY)
-                self._api("VDI.set_name_label", snap, label)
+                snap, task = self._unfinished_take(vdi, snapshot_id, what)
+            if snap is None:
+                snap, task = self._snapshot_marked(vdi, snapshot_id, what)
+            # Ours from here on: marked on the snapshot itself, as Xen Orchestra marks its
+            # snapshots after it made them (_AbstractXapi.mjs, _snapshot), and labelled.
+            # Until then the source's marks and the task stay, for a retry to finish.
+            self._api("VDI.set_name_label", snap, label)
+            self._api("VDI.remove_from_other_config", snap, SNAPSHOT_KEY)
+            self._api("VDI.add_to_other_config", snap, SNAPSHOT_KEY, snapshot_id)
+            self._unmark(snap)
+            self._unmark(vdi)
+            if task is not None:
+                with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                    self._api("task.destroy", task)
+            self._unmark_inherited(vdi, snapshot_id)
             size = int(self._api("VDI.get_virtual_size", snap))
             return PrimarySnapshot(
                 image=str(self._api("VDI.get_uuid", snap)),
@@ -59,6 +69,96 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
                 virtual_size=size,
                 vm_was_running=self._power(vm) == "Running",
             )
+
+    def _snapshot_marked(self, vdi: str, snapshot_id: str, what: str) -> tuple[str, str]:
+        """``Async.VDI.snapshot`` with the source marked ``TAKE_KEY = <id>`` and
+        ``TAKE_TASK_KEY = <task>`` for as long as its outcome is unknown, so that a take
+        that stops before it has its snapshot in hand (a crash, a broken poll) is finished
+        by its retry: the task names the snapshot. The marks are inherited by any snapshot
+        made of the VDI meanwhile, ours or another client's (``xapi_vdi.ml``
+        ``snapshot_and_clone`` copies the other_config it read when it began); they are
+        hints for the retry only, never a reason to adopt or destroy a VDI."""
+        self._unmark(vdi)
+        self._api("VDI.add_to_other_config", vdi, TAKE_KEY, snapshot_id)
+        task = str(self._api("Async.VDI.snapshot", vdi, {}))
+        try:
+            with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                self._api("VDI.add_to_other_config", vdi, TAKE_TASK_KEY, task)
+            snap = self._wait(task, what, keep=True)
+        except BaseException:
+            if not self._task_pending(task):  # it failed for sure: nothing to finish
+                with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                    self._unmark(vdi)
+            raise
+        return snap, task
+
+    def _task_pending(self, task: str) -> bool:
+        """Whether a task still exists and has not ended (True when XAPI cannot be asked:
+        the retry will look)."""
+        try:
+            return self._api("task.get_status", task) in ("pending", "cancelling")
+        except SourceGone:
+            return False
+        except HypervisorUnavailable:
+            return True
+
+    def _unfinished_take(
+        self, vdi: str, snapshot_id: str, what: str
+    ) -> tuple[str | None, str | None]:
+        """The snapshot of a take of ``snapshot_id`` that stopped before it had it in hand:
+        the one its task (still on the source's marks) made, waited for if still running.
+        When the task is gone (XAPI keeps an ended task 65 minutes), a snapshot that
+        inherited the mark is taken only if it is the only one, belongs to no VM snapshot
+        (a VM snapshot's disks have VBDs) and is no one else's: two candidates could be
+        ours and another tool's, and neither is touched."""
+        marks = self._api("VDI.get_other_config", vdi)
+        if marks.get(TAKE_KEY) != snapshot_id:
+            return None, None
+        snap: str | None = None
+        task = marks.get(TAKE_TASK_KEY)
+        if task:
+            try:
+                snap = self._wait(task, what, keep=True)
+            except SourceGone:
+                snap = task = None  # the task is gone; look at what inherited the mark
+            except BaseException:
+                if not self._task_pending(task):
+                    self._unmark(vdi)  # that snapshot failed: take a new one
+                raise
+        if snap is None:
+            candidates = [
+                one
+                for one in self._api("VDI.get_snapshots", vdi)
+                if self._api("VDI.get_other_config", one).get(TAKE_KEY) == snapshot_id
+                and SNAPSHOT_KEY not in self._api("VDI.get_other_config", one)
+                and not self._api("VDI.get_VBDs", one)
+            ]
+            if len(candidates) == 1:
+                snap = candidates[0]
+            elif candidates:
+                log.warning(
+                    "%s: %d snapshots inherited the mark of take %s and its task is gone;"
+                    " none is adopted (one may be another tool's)",
+                    what,
+                    len(candidates),
+                    snapshot_id,
+                )
+        if snap is None:
+            self._unmark(vdi)
+        return snap, task
+
+    def _unmark(self, vdi: str) -> None:
+        for key in (TAKE_KEY, TAKE_TASK_KEY):
+            self._api("VDI.remove_from_other_config", vdi, key)
+
+    def _unmark_inherited(self, vdi: str, snapshot_id: str) -> None:
+        """Another client's snapshot taken while this take ran (Xen Orchestra, XenCenter,
+        a VM snapshot) inherited its marks: they go, so that nothing reads them later."""
+        for one in self._api("VDI.get_snapshots", vdi):
+            marks = self._api("VDI.get_other_config", one)
+            if marks.get(TAKE_KEY) == snapshot_id and SNAPSHOT_KEY not in marks:
+                with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                    self._unmark(one)
 
     # -- backup --------------------------------------------------------------------------------
     def _exists(self, vdi_uuid: str) -> bool:
