@@ -64,13 +64,21 @@ class GovmomiSimulator:
         self.port = 0
         self._password_file: str | None = None
 
-    def start(self, user: str, password: str, timeout: float = 30.0) -> int:
+    def start(
+        self, user: str, password: str, timeout: float = 30.0, *, idle_timeout: float = 0.0
+    ) -> int:
+        """``idle_timeout``: seconds after its last SOAP call that a session ends (0:
+        never), govmomi's own SessionIdleTimeout."""
         binary = build()
         fd, self._password_file = tempfile.mkstemp(prefix="govmomi-pw-")  # mode 0600
         with os.fdopen(fd, "w") as f:
             f.write(password)
         self.proc = subprocess.Popen(
-            [str(binary), "--port", "0", "--user", user, "--password-file", self._password_file],
+            [
+                str(binary),
+                *("--port", "0", "--user", user, "--password-file", self._password_file),
+                f"--session-idle-timeout={idle_timeout}s",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -8,8 +8,8 @@
 //
 //	GOPATH=<dir>:/usr/share/gocode GO111MODULE=off GOPROXY=off go build -o <bin> .
 //
-// Usage: govmomi_sim --port P --user U --password-file F; prints "ready <port>" and serves
-// until SIGTERM.
+// Usage: govmomi_sim --port P --user U --password-file F [--session-idle-timeout D]; prints
+// "ready <port>" and serves until SIGTERM.
 //
 // The model is simulator.VPX() (datacenter DC0, one cluster of one host) with two local
 // datastores, LocalDS_0 and LocalDS_1 (a VM's disks may sit on either), without VMs: the tests create theirs with CreateVM_Task. The simulator's known
@@ -59,7 +59,12 @@ func main() {
 	port := flag.Int("port", 0, "TCP port on 127.0.0.1 (0: any free port)")
 	user := flag.String("user", "administrator@vsphere.local", "the only login accepted")
 	passwordFile := flag.String("password-file", "", "file holding its password")
+	idle := flag.Duration("session-idle-timeout", 0, "end a session this long after its last SOAP call (0: never)")
 	flag.Parse()
+	// The simulator's own knob: a session expires SessionIdleTimeout after its
+	// LastActiveTime, which each /sdk request sets (simulator/session_manager.go,
+	// expiredSession, SetSession); /folder requests carry no session here.
+	simulator.SessionIdleTimeout = *idle
 	password := "pass"
 	if *passwordFile != "" {
 		data, err := os.ReadFile(*passwordFile)

@@ -325,3 +325,56 @@ def test_two_disks_with_one_stem_on_two_datastores(govmomi: Govmomi) -> None:
     for ds, content in zip(("LocalDS_0", "LocalDS_1"), data, strict=True):
         assert govmomi.folder("GET", "gd01/gd01-flat.vmdk", ds=ds) == (200, content)
     Disconnect(si)
+
+
+@pytest.fixture
+def govmomi_idle(tmp_path: Path) -> Iterator[Govmomi]:
+    """govmomi's simulator ending each session 1 s after its last SOAP call."""
+    sim = GovmomiSimulator()
+    port = sim.start(USER, PASSWORD, idle_timeout=1.0)
+    vcenter = vcenter_config(port, tmp_path, user=USER, password=PASSWORD, datacenter="DC0")
+    try:
+        yield Govmomi(port, replace(Settings.from_env(), vcenter=vcenter))
+    finally:
+        sim.stop()
+
+
+def others_sessions(govmomi: Govmomi) -> int:
+    """Live sessions other than this look's own (SessionManager.sessionList, "The list of
+    currently active sessions"), as an administrator would count them."""
+    si = govmomi.connect()
+    try:
+        manager = si.RetrieveContent().sessionManager
+        own = manager.currentSession.key
+        return len([s for s in manager.sessionList if s.key != own])
+    finally:
+        Disconnect(si)
+
+
+def test_an_expired_session_is_renewed_under_the_objects_the_driver_holds(
+    govmomi_idle: Govmomi,
+) -> None:
+    """govmomi ends the driver's session while it holds the VM's managed object (between
+    the find and its next read, and between a take and its release). The driver logs in
+    again on the same stub, so the object it holds works on; a renewal of a session that
+    is still live logs that one out first (govmomi refuses a Login on a live session,
+    validLogin), and the driver never holds more than one session."""
+    si = govmomi_idle.connect()
+    create_vm(si, "gi01", 4 * MIB)
+    Disconnect(si)
+    driver = VmwareDriver(govmomi_idle.settings)
+    vm = driver._vm("gi01")
+    time.sleep(2.5)  # govmomi's idle watch runs every SessionIdleTimeout
+    assert driver.session.call(lambda _si: vm.name, "reading the held VM's name") == "gi01"
+    assert driver.session.renewals == 1
+    ref = VmRef(name="gi01", host="vc1", hypervisor=HypervisorType.VMWARE)
+    volume, sid = VolumeRef(vm=ref, disk="gi01"), new_snapshot_id()
+    primary = driver.take(volume=volume, snapshot_id=sid)
+    time.sleep(2.5)
+    driver.release(volume=volume, snapshot_id=sid, source=primary)
+    assert others_sessions(govmomi_idle) == 1
+    driver.session.renew(driver.session.cookie())  # a live session replaced
+    assert driver.session.call(lambda _si: vm.name, "reading the held VM's name") == "gi01"
+    assert others_sessions(govmomi_idle) == 1
+    driver.session.close()
+    assert others_sessions(govmomi_idle) == 0

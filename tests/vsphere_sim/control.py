@@ -131,6 +131,22 @@ def set_task_delay(port: int, seconds: float, method: str = "CloneVM_Task") -> N
     _call(port, "POST", "/sim/task-delay", {"seconds": seconds, "method": method})
 
 
+def set_session_timeout(port: int, seconds: float) -> None:
+    """Sessions end ``seconds`` after their last SOAP call (0: never), /folder or not."""
+    _call(port, "POST", "/sim/sessions", {"idle_timeout": seconds})
+
+
+def expire_sessions(port: int) -> None:
+    """End every session now (a vpxd restart, or TerminateSession of each)."""
+    _call(port, "POST", "/sim/sessions", {"expire": True})
+
+
+def session_stats(port: int, *, reset: bool = False) -> dict[str, int]:
+    """Logins, logouts, expired sessions, live sessions now, and the most live at once
+    (since the last reset, which starts it at the live count)."""
+    return _call(port, "POST", "/sim/sessions", {"reset": reset})
+
+
 def soap_calls(port: int) -> dict[str, int]:
     """How many times each SOAP method was called since the simulator started."""
     return _call(port, "POST", "/sim/calls", {})["calls"]

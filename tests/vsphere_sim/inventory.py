@@ -418,7 +418,11 @@ class Inventory:
     # ----- properties ----------------------------------------------------------------
 
     def properties(
-        self, mo: Any, api_version: str = "", session: vim.UserSession | None = None
+        self,
+        mo: Any,
+        api_version: str = "",
+        session: vim.UserSession | None = None,
+        sessions: list[vim.UserSession] | None = None,
     ) -> dict[str, Any]:
         """Every *modelled* property of an object; unset ones map to None."""
         rec = self.resolve(mo)
@@ -449,7 +453,9 @@ class Inventory:
             name = next(n for n, d in DATASTORES.items() if d._moId == rec._moId)
             props = {"name": name, "parent": DATACENTER, "summary": self._ds_summary(name)}
         elif rec is SESSION_MANAGER:
-            props = {"currentSession": session}
+            # sessionList: "The list of currently active sessions" (vSphere API reference,
+            # SessionManager), which a test reads to count what a driver holds.
+            props = {"currentSession": session, "sessionList": list(sessions or [])}
         else:
             props = {}
         return props

@@ -61,7 +61,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authenticated(self) -> bool:
         morsel = SimpleCookie(self.headers.get("Cookie") or "").get(COOKIE)
-        return morsel is not None and morsel.value in self.server.vim.sessions
+        with self.server.inv.lock:
+            return morsel is not None and self.server.vim.live_session(morsel.value) is not None
 
     def do_GET(self) -> None:  # noqa: N802
         path = urlsplit(self.path).path
@@ -357,6 +358,16 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     inv.task_delays[method] = float(req["seconds"])
                 return self._json(200, {"seconds": float(req["seconds"]), "method": method})
+            if what == "sessions":
+                service = self.server.vim
+                if "idle_timeout" in req:
+                    service.idle_timeout = float(req["idle_timeout"])
+                if req.get("expire"):
+                    service.expire_all()
+                live = len(service.live_sessions())
+                if req.get("reset"):
+                    service.stats = {"logins": 0, "logouts": 0, "expired": 0, "max_live": live}
+                return self._json(200, {**service.stats, "live": live})
             if what == "calls":
                 return self._json(200, {"calls": dict(inv.calls)})
         self._json(404, {"error": f"unknown control endpoint {what}"})

@@ -7,6 +7,7 @@ pretending, so a driver that needs more than is modelled fails loudly.
 
 from __future__ import annotations
 
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,16 @@ class VimService:
     def __init__(self, inv: Inventory, user: str, password: str) -> None:
         self.inv, self.user, self.password = inv, user, password
         self.sessions: dict[str, vim.UserSession] = {}
+        # Idle sessions expire: a session ends ``idle_timeout`` seconds after its last
+        # SOAP call (0: never), as govmomi's simulator ends one SessionIdleTimeout after
+        # its LastActiveTime, which each /sdk request sets (simulator/session_manager.go,
+        # expiredSession and SetSession). Datastore transfers (/folder) do not keep it
+        # alive here: nothing documents that they do on vCenter, and virt-v2v renews its
+        # cookie during long /folder reads because "VMware authentication expires after
+        # 30 minutes" (input/vCenter.ml). vCenter's default is 30 minutes.
+        self.idle_timeout = 0.0
+        self.last_active: dict[str, float] = {}
+        self.stats = {"logins": 0, "logouts": 0, "expired": 0, "max_live": 0}
 
     def handle(
         self, body: bytes, soapaction: str | None, session_key: str | None, user_agent: str
@@ -59,7 +70,11 @@ class VimService:
             try:
                 req = soap.parse_request(body, version)
                 self.inv.calls[req.method] = self.inv.calls.get(req.method, 0) + 1
-                session = self.sessions.get(session_key or "")
+                session = self.live_session(session_key)
+                if session is not None:
+                    self.last_active[session.key] = time.monotonic()
+                    session.lastActiveTime = now()
+                    session.callCount = (session.callCount or 0) + 1
                 if session is None and req.method not in _UNAUTHENTICATED_OK:
                     raise vim.fault.NotAuthenticated(msg="The session is not authenticated.")
                 if req.method == "Login":
@@ -73,6 +88,28 @@ class VimService:
                 traceback.print_exc()
                 fault = vmodl.RuntimeFault(msg=f"simulator bug: {exc!r}")
                 return 500, soap.fault(fault, version), None
+
+    def live_session(self, key: str | None) -> vim.UserSession | None:
+        """The session of this cookie, unless it has idled past ``idle_timeout`` (then it
+        is ended, as vCenter ends it). Reading it does not keep it alive."""
+        session = self.sessions.get(key or "")
+        if session is None:
+            return None
+        idle = time.monotonic() - self.last_active.get(session.key, 0.0)
+        if self.idle_timeout and idle > self.idle_timeout:
+            del self.sessions[session.key]
+            self.stats["expired"] += 1
+            return None
+        return session
+
+    def live_sessions(self) -> list[vim.UserSession]:
+        return [s for key in list(self.sessions) if (s := self.live_session(key)) is not None]
+
+    def expire_all(self) -> None:
+        """Every session ends at once (a vpxd restart, or an administrator's
+        SessionManager.TerminateSession of each)."""
+        self.stats["expired"] += len(self.sessions)
+        self.sessions.clear()
 
     def _login(self, args: dict[str, Any], user_agent: str) -> vim.UserSession:
         if (args.get("userName"), args.get("password")) != (self.user, self.password):
@@ -93,6 +130,9 @@ class VimService:
             userAgent=user_agent,
             callCount=0,
         )
+        self.last_active[key] = time.monotonic()
+        self.stats["logins"] += 1
+        self.stats["max_live"] = max(self.stats["max_live"], len(self.live_sessions()))
         return self.sessions[key]
 
     def _call(self, req: soap.SoapRequest, api: str, session: Any) -> tuple[Any, type]:
@@ -101,7 +141,7 @@ class VimService:
         info = soap.method_info(m)
         rtype = info.result if info else object
         if m == "Fetch":  # how pyvmomi reads ``vm.name`` etc. (StubAdapterAccessorImpl)
-            props = inv.properties(this, api, session)
+            props = inv.properties(this, api, session, self.live_sessions())
             if isinstance(this, vim.Task) and a["prop"] == "info":
                 inv.task_reads[this._moId] = inv.task_reads.get(this._moId, 0) + 1
             try:
@@ -124,6 +164,7 @@ class VimService:
             return session, rtype
         if m == "Logout":
             self.sessions.pop(session.key, None)
+            self.stats["logouts"] += 1
             return None, rtype
         if m == "FindByInventoryPath" and this._moId == SEARCH_INDEX._moId:
             return inv.find_by_inventory_path(a["inventoryPath"]), rtype
@@ -218,7 +259,7 @@ class VimService:
                     raise vmodl.fault.NotSupported(msg="simulator has no traversal specs")
                 if ospec.skip:
                     continue
-                props = self.inv.properties(ospec.obj, api, session)
+                props = self.inv.properties(ospec.obj, api, session, self.live_sessions())
                 found = []
                 for pspec in spec.propSet:
                     if not isinstance(ospec.obj, pspec.type):

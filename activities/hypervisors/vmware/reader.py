@@ -38,7 +38,10 @@ class DatastoreReader:
     (PegaProx/project-pegaprox#438). Then the reader keeps that one response and reads it
     forward, chunk after chunk; a resumed copy reads and drops the bytes before its
     checkpoint (logged as it goes), as the XenServer export reader does. The network
-    repeats what the store already has; the store does not."""
+    repeats what the store already has; the store does not.
+
+    A GET answered 401 (the session expired under a long transfer) logs in again and is
+    sent again at once (see ``_get``): the copy goes on in the same attempt."""
 
     def __init__(
         self,
@@ -64,20 +67,31 @@ class DatastoreReader:
         return [DataExtent(start=0, length=self.virtual_size, path=self.path, host_offset=0)]
 
     def _get(self, headers: dict[str, str]) -> http.client.HTTPResponse:
-        if self._conn is None:
-            self._conn = self.session.connection()
-        headers = {"Cookie": self.session.cookie(), **headers}
-        self.requests += 1
-        self._conn.request("GET", self.session.file_url(self.ds, self.path), None, headers)
-        resp = self._conn.getresponse()
-        if resp.status == 404:
+        """One GET; a 401 logs in again and asks once more, inline. The session may have
+        expired during the transfer (nothing documents that ``/folder`` traffic keeps it
+        alive, and the copy of a large disk outlives vCenter's 30 idle minutes), and the
+        copy must not lose its attempt for that."""
+        url = self.session.file_url(self.ds, self.path)
+        for renewed in (False, True):
+            if self._conn is None:
+                self._conn = self.session.connection()
+            cookie = self.session.cookie()
+            self.requests += 1
+            self._conn.request("GET", url, None, {"Cookie": cookie, **headers})
+            resp = self._conn.getresponse()
+            if resp.status == 404:
+                resp.read()
+                raise SourceGone(f"[{self.ds}] {self.path} is gone from the datastore")
+            if resp.status != 401:
+                return resp
             resp.read()
-            raise SourceGone(f"[{self.ds}] {self.path} is gone from the datastore")
-        if resp.status == 401:
-            resp.read()
-            self.session.service(fresh=True)
-            raise HypervisorUnavailable("datastore session expired; logging in again")
-        return resp
+            if renewed:
+                break
+            log.info("[%s] %s: the vCenter session expired; logging in again", self.ds, self.path)
+            self.session.renew(cookie)
+        raise HypervisorUnavailable(
+            f"datastore GET of [{self.ds}] {self.path} answered 401 after a new login"
+        )
 
     def read_range(self, extent: DataExtent, guest_offset: int, view: memoryview) -> None:
         done, failed = 0, False

@@ -87,18 +87,21 @@ class RestoreOps(VsphereOps):
         return RestoreResult(path=f"[{ds}] {descriptor}", virtual_size=size, format="vmdk")
 
     def _exists(self, ds: str, path: str) -> bool:
-        conn = self.session.connection()
-        try:
-            conn.request(
-                "HEAD", self.session.file_url(ds, path), None, {"Cookie": self.session.cookie()}
-            )
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status == 200
-        except (OSError, http.client.HTTPException) as exc:
-            raise HypervisorUnavailable(f"datastore HEAD of [{ds}] {path} failed: {exc}") from exc
-        finally:
-            conn.close()
+        def head(cookie: str) -> int:
+            conn = self.session.connection()
+            try:
+                conn.request("HEAD", self.session.file_url(ds, path), None, {"Cookie": cookie})
+                resp = conn.getresponse()
+                resp.read()
+                return resp.status
+            except (OSError, http.client.HTTPException) as exc:
+                raise HypervisorUnavailable(
+                    f"datastore HEAD of [{ds}] {path} failed: {exc}"
+                ) from exc
+            finally:
+                conn.close()
+
+        return bool(self.session.transfer(head, lambda status: status) == 200)
 
     def _upload_bytes(self, ds: str, path: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile() as tmp:
@@ -107,9 +110,16 @@ class RestoreOps(VsphereOps):
             self._upload(ds, path, Path(tmp.name))
 
     def _upload(self, ds: str, path: str, source: Path) -> str:
-        status, body, sent = self.session.endpoint.put_file(
-            self.session.file_url(ds, path), source, {"Cookie": self.session.cookie()}
-        )
+        """PUT ``source``; with a session checked alive just before (a 401 would come only
+        after the whole body), and sent again after a new login if it still meets one."""
+        url = self.session.file_url(ds, path)
+        cookie = self.session.live_cookie()
+        status, body, sent = self.session.endpoint.put_file(url, source, {"Cookie": cookie})
+        if status == 401:
+            self.session.renew(cookie)
+            status, body, sent = self.session.endpoint.put_file(
+                url, source, {"Cookie": self.session.cookie()}
+            )
         if status not in (200, 201, 204):
             raise HypervisorUnavailable(
                 f"datastore PUT of [{ds}] {path} answered {status}: {body!r}"
@@ -117,9 +127,11 @@ class RestoreOps(VsphereOps):
         return sent
 
     def _download_digest(self, ds: str, path: str) -> str:
-        status, digest = self.session.endpoint.get_sha256(
-            self.session.file_url(ds, path), {"Cookie": self.session.cookie()}
+        url = self.session.file_url(ds, path)
+        status, digest = self.session.transfer(
+            lambda cookie: self.session.endpoint.get_sha256(url, {"Cookie": cookie}),
+            lambda answer: int(answer[0]),
         )
         if status != 200:
             raise SourceGone(f"[{ds}] {path}: datastore GET answered {status}")
-        return digest
+        return str(digest)

@@ -3,7 +3,9 @@ as the project's typed errors."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import logging
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from ...errors import (
 )
 from ...settings import VcenterConfig
 from ..endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 
 def fault_error(fault: Any, what: str) -> Exception:
@@ -65,45 +69,102 @@ def fault_error(fault: Any, what: str) -> Exception:
 
 
 class VsphereSession:
-    """One logged-in pyvmomi connection per process, re-established when it drops."""
+    """One logged-in pyvmomi connection per process: one stub, logged in again in place
+    when vCenter drops its session.
+
+    vCenter ends a session after it has been idle for a while (30 minutes by default:
+    virt-v2v renews its cookie because "VMware authentication expires after 30 minutes",
+    input/vCenter.ml; govmomi's simulator expires a session ``SessionIdleTimeout`` after
+    its last SOAP call, simulator/session_manager.go ``expiredSession``), when vpxd
+    restarts, or when an administrator terminates it. A pyvmomi managed object is bound
+    to the stub it came from (``ManagedObject.__init__(self, moId, stub=None, ...)``,
+    pyVmomi/VmomiSupport.py), so a new ``SmartConnect`` would leave every object the
+    operation holds (its VM, its clone task) on the dead session. The login goes again
+    over the *same* stub instead, which takes the new session's cookie from the answer's
+    ``Set-Cookie`` (SoapStubAdapter.InvokeMethod), so every object bound to it works on;
+    pyVim's own ``VimSessionOrientedStub`` logs in again the same way
+    (``makeUserLoginMethod``: ``si.content.sessionManager.Login`` on the same soapStub).
+    That class is not used: it also re-sends a call after a socket error, which for a
+    ``CloneVM_Task`` whose answer was lost would start a second full clone.
+
+    The session being replaced is logged out first (``SessionManager.Logout``; a no-op
+    fault when it has already expired), so that vpxd, whose sessions are a bounded
+    resource, never holds two of this process's. Several threads that meet the same dead
+    session renew it once: a renewal asked for with a cookie that is no longer the
+    current one only means the caller should use the new one."""
 
     def __init__(self, config: VcenterConfig) -> None:
         self.config = config
         self.endpoint = Endpoint.from_url(config.url, verify_tls=config.verify_tls)
         self._si: Any = None
         self._lock = threading.Lock()
+        self.renewals = 0  # logins after the first (tests and logs count them)
 
-    def service(self, *, fresh: bool = False) -> Any:
+    def service(self) -> Any:
         with self._lock:
-            if self._si is None or fresh:
-                try:
-                    self._si = SmartConnect(
-                        protocol=self.endpoint.scheme,
-                        host=self.endpoint.host,
-                        port=self.endpoint.port,
-                        user=self.config.user,
-                        pwd=self.config.password(),
-                        disableSslCertValidation=not self.config.verify_tls,
-                    )
-                except vim.fault.InvalidLogin as exc:
-                    raise CredentialsRejected(
-                        f"vCenter {self.config.url} rejected user {self.config.user!r}"
-                    ) from exc
-                except OSError as exc:
-                    raise HypervisorUnavailable(
-                        f"cannot reach vCenter at {self.config.url}: {exc}"
-                    ) from exc
+            if self._si is None:
+                self._si = self._connect()
             return self._si
+
+    def _connect(self) -> Any:
+        try:
+            return SmartConnect(
+                protocol=self.endpoint.scheme,
+                host=self.endpoint.host,
+                port=self.endpoint.port,
+                user=self.config.user,
+                pwd=self.config.password(),
+                disableSslCertValidation=not self.config.verify_tls,
+            )
+        except vim.fault.InvalidLogin as exc:
+            raise CredentialsRejected(
+                f"vCenter {self.config.url} rejected user {self.config.user!r}"
+            ) from exc
+        except OSError as exc:
+            raise HypervisorUnavailable(
+                f"cannot reach vCenter at {self.config.url}: {exc}"
+            ) from exc
+
+    def renew(self, stale_cookie: str | None) -> None:
+        """Log in again on the same stub, unless the session that failed with
+        ``stale_cookie`` was already replaced (by another thread): see the class."""
+        with self._lock:
+            si = self._si
+            if si is None:
+                self._si = self._connect()
+                return
+            if stale_cookie is not None and str(si._stub.cookie) != stale_cookie:
+                return
+            try:
+                manager = si.RetrieveContent().sessionManager  # needs no session
+                with contextlib.suppress(vmodl.MethodFault):
+                    manager.Logout()  # NotAuthenticated once it has expired
+                manager.Login(userName=self.config.user, password=self.config.password())
+            except vim.fault.InvalidLogin as exc:
+                raise CredentialsRejected(
+                    f"vCenter {self.config.url} rejected user {self.config.user!r} when its"
+                    " session was renewed (was the password changed?)"
+                ) from exc
+            except vmodl.MethodFault as fault:
+                raise fault_error(fault, "logging in to vCenter again") from fault
+            except OSError as exc:
+                raise HypervisorUnavailable(
+                    f"cannot reach vCenter at {self.config.url}: {exc}"
+                ) from exc
+            self.renewals += 1
+            log.info("vCenter session renewed (%d so far)", self.renewals)
 
     def call(self, fn: Callable[[Any], Any], what: str) -> Any:
         """Run ``fn(service_instance)``; log in again once if the session expired."""
         for attempt in (0, 1):
-            si = self.service(fresh=attempt == 1)
+            si = self.service()
+            seen = str(si._stub.cookie)
             try:
                 return fn(si)
             except vim.fault.NotAuthenticated:
                 if attempt:
                     raise HypervisorUnavailable(f"{what}: vCenter session keeps expiring") from None
+                self.renew(seen)
             except vmodl.MethodFault as fault:
                 raise fault_error(fault, what) from fault
             except OSError as exc:
@@ -111,7 +172,32 @@ class VsphereSession:
         raise AssertionError("unreachable")
 
     def cookie(self) -> str:
+        """The session cookie for a datastore transfer (``/folder``), which sends it as
+        its ``Cookie`` header (pyVmomi sends the same value, SoapAdapter.InvokeMethod)."""
         return str(self.service()._stub.cookie)
+
+    def live_cookie(self) -> str:
+        """The cookie of a session known to be alive now: before a transfer that cannot be
+        sent twice cheaply (a PUT of a whole disk), whose 401 would come only after its
+        body. ``SessionManager.currentSession`` is unset, or NotAuthenticated, once the
+        session has expired (pyVim's makeUserLoginMethod logs in when it is unset)."""
+        current = self.call(
+            lambda si: si.RetrieveContent().sessionManager.currentSession,
+            "checking the vCenter session",
+        )
+        if current is None:
+            self.renew(self.cookie())
+        return self.cookie()
+
+    def transfer(self, send: Callable[[str], Any], status: Callable[[Any], int]) -> Any:
+        """``send(cookie)`` over ``/folder``; if it answers 401 (the session expired since,
+        whatever the transfer), log in again and send it once more with the new cookie."""
+        cookie = self.cookie()
+        answer = send(cookie)
+        if status(answer) != 401:
+            return answer
+        self.renew(cookie)
+        return send(self.cookie())
 
     def connection(self) -> http.client.HTTPConnection:
         return self.endpoint.connection()
@@ -123,5 +209,6 @@ class VsphereSession:
     def close(self) -> None:
         with self._lock:
             if self._si is not None:
-                Disconnect(self._si)
+                with contextlib.suppress(Exception):
+                    Disconnect(self._si)
                 self._si = None
