@@ -151,3 +151,9 @@ def set_image_format(port: int, vdi: str, image_format: str) -> None:
     """A VDI's ``sm_config['image-format']`` (``qcow2``, ``raw``): no delta can be computed
     against it or from it; its snapshots inherit it."""
     _call(port, "POST", "/sim/image-format", {"vdi": vdi, "format": image_format})
+
+
+def set_restricted_features(port: int, features: list[str]) -> None:
+    """Licensed features the pool lacks (``Checkpoint``): their calls answer
+    ``LICENCE_RESTRICTION [feature]``, as ``Pool_features.assert_enabled``."""
+    _call(port, "POST", "/sim/licence", {"restricted": features})

@@ -82,6 +82,9 @@ class ControlHandler(ReplyHandler):
                     return self._json(404, {"error": "no such vdi"})
                 vdi.image_format = str(req["format"])
                 return self._json(200, {"format": vdi.image_format})
+            if what == "licence":  # {"restricted": ["Checkpoint"]}: features not licensed
+                store.restricted = {str(f) for f in req.get("restricted", [])}
+                return self._json(200, {"restricted": sorted(store.restricted)})
             if what == "attach-linger":
                 store.datapaths.linger_s = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.datapaths.linger_s})

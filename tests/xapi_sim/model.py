@@ -200,6 +200,7 @@ class Store:
         self.call_latency = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.restricted: set[str] = set()  # licensed features the pool lacks ("Checkpoint")
         self.revert_mode = "xapi"  # XAPI's (xapi_vm_snapshot.ml), or "in-place" (old model)
         sr_uuid = new_uuid()
         self.host_ref, self.pool_ref = new_ref(), new_ref()

@@ -248,6 +248,12 @@ def vdi_destroy(store: Store, ref: str) -> None:
             del store.vbds[vbd.ref]
         del store.vdis[vdi.ref]
         vdi.path.unlink(missing_ok=True)
+        # xapi_vdi.ml destroy_and_data_destroy_common l.1011-1027: the VDI's VBDs (none
+        # attached: VDI_IN_USE above) are destroyed with it, and a VM whose suspend_VDI
+        # it was gets the null ref.
+        for vm in store.vms.values():
+            if vm.suspend_vdi == vdi.ref:
+                vm.suspend_vdi = NULL_REF
 
 
 # ----- VBD -------------------------------------------------------------------------
@@ -308,6 +314,10 @@ def vm_snapshot(
 ) -> str:
     with store.lock:
         vm = store.get("VM", ref)
+        if memory and "Checkpoint" in store.restricted:
+            # xapi_vm.ml checkpoint l.786: Pool_features.assert_enabled Features.Checkpoint
+            # -> LICENCE_RESTRICTION [feature name] (pool_features.ml l.33-37)
+            raise XapiError("LICENCE_RESTRICTION", "Checkpoint")
         if memory and vm.power_state != "Running":
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, "running", vm.power_state.lower())
         _refuse_non_vm(vm, "checkpoint" if memory else "snapshot")

@@ -14,6 +14,7 @@ from ...errors import (
     CredentialsRejected,
     HypervisorUnavailable,
     InvalidInput,
+    PermissionDenied,
     SourceGone,
     UnsupportedImage,
 )
@@ -67,7 +68,33 @@ def _failure_error(exc: XenAPI.Failure, what: str) -> Exception:
         return UnsupportedImage(message)
     if code == "VM_BAD_POWER_STATE":
         return InvalidInput(message)
+    if code == "RBAC_PERMISSION_DENIED":
+        return PermissionDenied(message)
+    if code in _NEVER or code.startswith("VM_LACKS_FEATURE"):
+        # Refusals no wait changes: an unlicensed feature (Pool_features.assert_enabled:
+        # Checkpoint, CBT), a VM that cannot be suspended (no PV drivers, PCI, vGPU,
+        # VUSB), an SR or VDI that does not support the operation, an operation an
+        # operator blocked (VM.blocked_operations), a template.
+        return InvalidInput(f"{message}: XAPI refuses this for good")
     return HypervisorUnavailable(message)
+
+
+_NEVER = frozenset(
+    {
+        "LICENCE_RESTRICTION",
+        "FEATURE_RESTRICTED",
+        "VM_HAS_PCI_ATTACHED",
+        "VM_HAS_VGPU",
+        "VM_HAS_VUSBS",
+        "SR_OPERATION_NOT_SUPPORTED",
+        "VDI_INCOMPATIBLE_TYPE",
+        "VDI_IS_SHARABLE",
+        "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION",
+        "UNIMPLEMENTED_IN_SM_BACKEND",
+        "OPERATION_BLOCKED",
+        "VM_IS_TEMPLATE",
+    }
+)
 
 
 _DEVICE = re.compile(r"(?:xvd|hd|sd|vd)([a-p])")

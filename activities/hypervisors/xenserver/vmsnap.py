@@ -86,7 +86,11 @@ class VmSnapshotOps(XenCore):
             self._destroy_vm_snapshot(None, op.snapshot_id)
 
     def _destroy_vm_snapshot(self, vm: str | None, snapshot_id: str) -> None:
-        """The snapshot VM, the snapshot VDIs its VBDs hold and its memory image."""
+        """The snapshot VDIs its VBDs hold, its memory image, then the snapshot VM: VDIs
+        first, because the snapshot VM is the only thing that leads to them. VM.destroy
+        leaves every VDI (xapi_vm_helpers.ml), so a VM destroyed first would orphan the
+        VDIs that a failed VDI.destroy left. Each VDI.destroy takes its VBDs with it and
+        nulls the suspend_VDI that named it (xapi_vdi.ml), so a retry finds the rest."""
         snap = self._vm_snapshot(vm, snapshot_id)
         if snap is None:
             return
@@ -97,6 +101,6 @@ class VmSnapshotOps(XenCore):
         memory = self._api("VM.get_suspend_VDI", snap)
         if memory and memory != NULL_REF:
             vdis.append(memory)
-        self._api("VM.destroy", snap)
         for vdi in vdis:
             self._api("VDI.destroy", vdi)
+        self._api("VM.destroy", snap)
