@@ -376,8 +376,23 @@ class KvmDriver(HypervisorDriver):
         with self._locked_domain(vm) as dom:
             self._refuse_managed_save(dom, vm, "a snapshot")
             running = bool(dom.isActive())
-            active, _fmt = self._active_source(dom, vm, disk)
+            active, fmt = self._active_source(dom, vm, disk)
             overlay = overlay_path(active, snapshot_id)
+            if not Path(overlay).exists():
+                # The first attempt: the active image is what freezes. Only it is read
+                # (one qemu-img info, whatever the chain's depth, so that a VM whose
+                # snapshots wait for their backups answers as fast as a new one, and a
+                # burst of takes is not a burst of chain walks); the frozen image's chain
+                # is walked, every format checked, when its backup is planned.
+                size = int(image_info(active, fmt)["virtual-size"])
+                self._create_external(dom, vm, {disk: overlay}, None)
+                return PrimarySnapshot(
+                    image=active,
+                    image_format=fmt,
+                    overlay=overlay,
+                    virtual_size=size,
+                    vm_was_running=running,
+                )
             # A retried activity finds the overlay its first attempt made in the chain.
             if overlay not in chain_paths(self._chain(dom, vm, disk)):
                 self._create_external(dom, vm, {disk: overlay}, None)
