@@ -1,4 +1,4 @@
-"""KVM incremental backups (issue 14): a delta's size and time against the full's.
+"""KVM incremental backups: a delta's size and time against the full's.
 
 A 4 GiB volume holding 2 GiB of random data is backed up in full; the guest then rewrites
 1 % of the volume (64 KiB writes at random cluster-aligned offsets, through the running VM's

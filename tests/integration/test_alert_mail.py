@@ -1,4 +1,4 @@
-"""Alerts by mail (issue 15, item 5), against a real SMTP server the test starts (aiosmtpd on
+"""Alerts by mail, against a real SMTP server the test starts (aiosmtpd on
 127.0.0.1, with login): the mail arrives with the alert, the password is read from its file
 and appears in no history, and a retry for another sink's failure does not mail twice."""
 

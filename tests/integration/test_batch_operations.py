@@ -1,4 +1,4 @@
-"""Batch operations for operators after an outage (issue 15, item 3): ``snapshot list
+"""Batch operations for operators after an outage: ``snapshot list
 --stuck`` finds what waits, ``backup retry --all-failed [--vm]`` retries it all at a bounded
 rate, and says what it did."""
 

@@ -1,6 +1,6 @@
 """Real continue-as-new on the dev server (a small history limit makes Temporal suggest it):
 the record is carried for both kinds of snapshot, listing shows each snapshot once, and
-retention counts live snapshots, not runs (issue 10, items 8 and 9)."""
+retention counts live snapshots, not runs."""
 
 from __future__ import annotations
 

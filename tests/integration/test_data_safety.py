@@ -1,4 +1,4 @@
-"""Issue 10 on the real stack (real libvirtd/QEMU, the real Temporal dev server): no guest
+"""Data safety on the real stack (real libvirtd/QEMU, the real Temporal dev server): no guest
 data taken for image metadata, no silent wrong revert, no foreign block job pivoted, crash-
 safe reverts, private files, and operations that follow a migrated VM."""
 

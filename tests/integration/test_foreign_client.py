@@ -1,7 +1,7 @@
 """A non-Python client (the Go ``temporal`` CLI) drives snapferry with nothing but the
 exported JSON Schemas and the published names, as CloudStack's Java management server would:
 create → answer → BackedUp → delete, and malformed payloads that fail fast with the bad
-field named instead of leaving a workflow Running forever (issue 15, item 2)."""
+field named instead of leaving a workflow Running forever."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KVM incremental backups (issue 14), on real libvirtd/QEMU: keep one layer.
+"""KVM incremental backups, on real libvirtd/QEMU: keep one layer.
 
 The newest backed-up snapshot's overlay stays in the chain as the next delta's base; the next
 snapshot's frozen image then holds, above the base's frozen image, exactly the clusters the

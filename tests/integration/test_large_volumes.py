@@ -1,4 +1,4 @@
-"""Large volumes (issue 11), through the real stack: a thin 256 GiB volume costs what its data
+"""Large volumes, through the real stack: a thin 256 GiB volume costs what its data
 costs, a stalled store delays a backup without failing it, a killed backup worker's backup
 moves again within seconds of a new worker, and failures still wait backup.retry.interval.
 

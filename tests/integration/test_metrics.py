@@ -1,4 +1,4 @@
-"""Prometheus metrics of a real worker process (issue 15, item 1): the Temporal SDK's and
+"""Prometheus metrics of a real worker process: the Temporal SDK's and
 snapferry's own, with the hypervisor as a label, scraped over HTTP and parsed with the
 reference parser (prometheus_client)."""
 

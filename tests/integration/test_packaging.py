@@ -1,4 +1,4 @@
-"""The install is clean (issue 15, item 7): the wheel holds one package root, ``snapferry``,
+"""The install is clean: the wheel holds one package root, ``snapferry``,
 and installs into a fresh venv beside an unrelated package named ``workers``; there the CLI
 answers and a workflow runs end to end on the time-skipping server."""
 

@@ -1,4 +1,4 @@
-"""``temporal workflow reset`` of a snapshot, the operator's replay tool (issue 15, item 4):
+"""``temporal workflow reset`` of a snapshot, the operator's replay tool:
 to the first workflow task, to the last, or to just after the take, on a snapshot that is
 live (BackedUp) and on one that was deleted. None takes a second snapshot, none runs a
 second backup for a round, and the record stays what it was."""

@@ -258,7 +258,7 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
     client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
     """Four levels of each kind, interleaved, each volume snapshot taken while the VM
-    snapshots make the disk a delta chain (issue 13: vSphere shows ``app02-00000N.vmdk``
+    snapshots make the disk a delta chain (vSphere shows ``app02-00000N.vmdk``
     with ``parent`` down to ``app02.vmdk``), each backup byte-identical; reverts of both VM
     snapshot types; deletes of both kinds in the middle; a volume revert refused (with why)
     while vSphere snapshots stand on the disk, then done from secondary; a new volume from a

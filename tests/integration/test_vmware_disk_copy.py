@@ -1,11 +1,11 @@
 """What the VMware driver copies, against tests/vsphere_sim, through the driver's own calls
 (no Temporal, so these run in about a second each):
 
-- issue 13, item 5: the take of one volume of a two-disk VM clones that disk only (the
+- the take of one volume of a two-disk VM clones that disk only (the
   others are removed from the clone's config), counted in bytes the simulator's clone
   wrote and in files in the clone's folder, and the backup reads back byte-identical; a
   vCenter that refused the removal still gets a correct (full) clone;
-- issue 11, item 6: the datastore reader sends one ranged GET per window over one
+- the datastore reader sends one ranged GET per window over one
   kept-alive connection, reopens at the asked offset for a non-contiguous read, and
   reopens where it got to after a connection cut mid-body; a server that ignores Range
   is still read correctly.

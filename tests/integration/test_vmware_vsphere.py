@@ -1,4 +1,4 @@
-"""VMware against what real vSphere does and tests/vsphere_sim now models (issue 13): vSAN
+"""VMware against what real vSphere does and tests/vsphere_sim now models: vSAN
 datastores without -flat.vmdk, /folder without Range, clones that take long and report
 progress, several VMs at once on one vCenter worker, a clone listed before it is complete."""
 

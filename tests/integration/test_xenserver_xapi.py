@@ -1,4 +1,4 @@
-"""The XenServer driver against what real XAPI does (issue 12), through the real XenAPI client
+"""The XenServer driver against what real XAPI does, through the real XenAPI client
 and tests/xapi_sim, which answers as xen-api's source says: differencing VHD deltas chosen by
 allocation, no Content-Length, errors after the 200 in the export's task, 302s to the host
 of a local SR, VBD.device "" until boot, VM.revert shutting a running VM down itself, and a
@@ -71,7 +71,7 @@ def take(d: XenServerDriver, vm: str, disk: str = "xvda") -> PrimarySnapshot:
 async def test_a_full_and_four_deltas_restore_byte_identical_at_every_point(
     client: Client, xapi: Xapi, host_name: str
 ) -> None:
-    """Issue 12 item 1: every backup after the first is a differencing VHD (type 4), which
+    """Every backup after the first is a differencing VHD (type 4), which
     the driver used to refuse. One full and four deltas, each rebuilt from its chain, equal
     the VDI at its snapshot time; the last is reverted into the VM and reads back equal. A
     block rewritten with its own bytes is still in the delta (XAPI picks by allocation)."""
@@ -131,7 +131,7 @@ def test_a_delta_export_is_differencing_and_names_its_base(xapi: Xapi) -> None:
 
 
 def test_close_does_not_read_the_rest_of_an_export_without_content_length(xapi: Xapi) -> None:
-    """Issue 12 item 2: the body has no length; close() used to read it to the end."""
+    """The body has no length; close() used to read it to the end."""
     d = driver(xapi)
     create_vm(xapi.port, "slow01", [64 * MIB])
     for offset in range(0, 64 * MIB, BLOCK):
@@ -151,7 +151,7 @@ def test_close_does_not_read_the_rest_of_an_export_without_content_length(xapi: 
 
 
 def test_a_short_body_reads_the_tasks_error(xapi: Xapi) -> None:
-    """Issue 12 item 3: XAPI fails after its 200; the export's task says why."""
+    """XAPI fails after its 200; the export's task says why."""
     d = driver(xapi)
     create_vm(xapi.port, "short01", [16 * MIB])
     guest_write(xapi.port, "short01", 3 * BLOCK, b"\x44" * 9000)
@@ -185,7 +185,7 @@ def test_a_vdi_on_another_hosts_local_sr_is_exported_through_the_redirect(xapi: 
 
 
 def test_a_vm_that_never_booted_has_its_disks_by_userdevice(xapi: Xapi) -> None:
-    """Issue 12 item 4: VBD.device is "" until the VM boots; both disks used to collapse
+    """VBD.device is "" until the VM boots; both disks used to collapse
     into one "" key and neither was found."""
     d = driver(xapi)
     create_vm(xapi.port, "cold02", [4 * MIB, 6 * MIB], power="Halted")
@@ -215,7 +215,7 @@ def test_a_disk_and_memory_revert_of_a_running_vm(xapi: Xapi) -> None:
 
 
 def test_deleting_a_checkpoint_leaves_no_vdi(xapi: Xapi) -> None:
-    """Issue 12 item 6: a DiskAndMemory snapshot's memory image (its suspend_VDI) goes too."""
+    """A DiskAndMemory snapshot's memory image (its suspend_VDI) goes too."""
     d = driver(xapi)
     create_vm(xapi.port, "mem02", [4 * MIB, 2 * MIB])
     before = {v["uuid"] for v in list_vdis(xapi.port)}
@@ -282,7 +282,7 @@ def test_a_restore_into_a_vdi_on_another_hosts_local_sr_follows_the_redirect(
 
 
 def test_a_take_interrupted_before_its_label_is_found_by_the_retry(xapi: Xapi) -> None:
-    """Issue 12 item 8: the label is set after Async.VDI.snapshot; a take that stops in
+    """The label is set after Async.VDI.snapshot; a take that stops in
     between used to leave an unlabelled snapshot that the retry never found (a second
     snapshot, the first leaked). The source's other_config mark, which the snapshot
     inherits, finds it."""
@@ -303,7 +303,7 @@ def test_a_take_interrupted_before_its_label_is_found_by_the_retry(xapi: Xapi) -
 
 
 def test_concurrent_xapi_calls_of_one_worker_overlap(xapi: Xapi) -> None:
-    """Issue 12 item 8: no process-wide lock serialises a worker's XAPI calls. Each thread
+    """No process-wide lock serialises a worker's XAPI calls. Each thread
     has its own XML-RPC proxy on the one shared session, so two slow calls are served at
     once (the simulator counts the calls in flight), and the session is logged in once."""
     import threading

@@ -1,4 +1,4 @@
-"""The CLI explains itself (issue 15, item 6): every option has help, defaults are shown,
+"""The CLI explains itself: every option has help, defaults are shown,
 exit codes are documented, and libvirt's default handler prints nothing raw."""
 
 from __future__ import annotations

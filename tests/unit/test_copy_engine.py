@@ -177,7 +177,7 @@ def test_chunk_size_must_be_block_aligned() -> None:
         CopyEngine(chunk_size=1000)
 
 
-# -- issue 11: cost in proportion to the data, a verify that reads the medium, stalls ------
+# -- cost in proportion to the data, a verify that reads the medium, stalls ------
 class ThinReader:
     """A reader of a large thin disk that holds no bytes: data chunks are generated from
     their offset, and its extents are a generator that records how far it was consumed."""

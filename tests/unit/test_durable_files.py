@@ -1,4 +1,4 @@
-"""Durable, private files (issue 10, items 4, 5 and 9): fsync before every publishing
+"""Durable, private files: fsync before every publishing
 rename, owner-only modes whatever the umask, atomic small files, and a host-wide domain lock
 that serialises processes."""
 

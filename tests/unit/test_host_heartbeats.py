@@ -1,4 +1,4 @@
-"""Long host operations heartbeat while they run (issue 11 item 3), so that a killed host
+"""Long host operations heartbeat while they run, so that a killed host
 worker is noticed within the workflows' heartbeat timeout, not at a 12-hour bound."""
 
 from __future__ import annotations

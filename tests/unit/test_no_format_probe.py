@@ -1,5 +1,5 @@
 """Formats are never probed: a guest's forged image header cannot make the host read
-another file (issue 10, item 1)."""
+another file."""
 
 from __future__ import annotations
 

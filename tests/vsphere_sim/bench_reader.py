@@ -1,4 +1,4 @@
-"""Throughput of the VMware DatastoreReader against this simulator (issue 11, item 6).
+"""Throughput of the VMware DatastoreReader against this simulator.
 
 ``python -m tests.vsphere_sim.bench_reader [--gib 1] [--rounds 3]`` from the repo root:
 one VM with a disk of random data, read end to end in the copy engine's 8 MiB chunks

@@ -822,8 +822,8 @@ class Inventory:
         that copies them. The source is only read.
 
         The clone is listed (FindByInventoryPath finds it) from the start, with zero disks,
-        and its bytes arrive only when the task completes: the worst case issue 13 asks a
-        retried take to survive ("if vCenter lists a clone before its copy is complete").
+        and its bytes arrive only when the task completes: the worst case for a
+        retried take (a review: "if vCenter lists a clone before its copy is complete").
         A full clone's disks are flat files named after the clone, whatever chain the
         source had (RelocateSpec.diskMoveType moveAllDiskBackingsAndDisallowSharing, the
         default for a clone: "Move all disks, create new disk files"). Linked clones

@@ -1,4 +1,4 @@
-"""Issue 10, items 3, 5 and 8 on the workflows (mock activities under the real names): a
+"""Data safety on the workflows (mock activities under the real names): a
 failed delete can be sent again, an undeliverable alert never fails a snapshot, a moved VM's
 operations follow it, and no caller can inject a record."""
 

@@ -127,7 +127,7 @@ class TakeOps(VsphereOps):
         sid: str,
     ) -> Any:
         """A full clone of ``vm`` at ``snap`` without the disks in ``others``: the take
-        of one volume copies that volume only (issue 13, item 5; CloudStack exported every
+        of one volume copies that volume only (CloudStack exported every
         disk for a one-volume snapshot, apache/cloudstack#5498, and its fix, #5510, exports
         only the required disk).
 
