@@ -14,6 +14,9 @@ class ReplyHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 with Content-Length on every reply, because XenAPI.py keeps connections."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle's algorithm the second waits for
+    # the client's delayed ACK (40 ms on Linux) on every call. XAPI's replies do not.
+    disable_nagle_algorithm = True
     server: SimServer
 
     def log_message(self, format: str, *args: Any) -> None:
