@@ -252,6 +252,7 @@ def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> N
     check(raw_full.body == snap_bytes, "conformance: raw export = the VDI's bytes")
     run_import(check, x, port, session, work)
     run_sizes(check, x, port, session)
+    run_chains(check, x, port)
 
 
 def run_sizes(check: Check, x: Any, port: int, session: str) -> None:
@@ -381,3 +382,41 @@ def run_import(check: Check, x: Any, port: int, session: str, work: Path) -> Non
     local = srs[f"Local storage on {x.host.get_name_label(member)}"]
     (pbd,) = x.SR.get_PBDs(local)
     check(x.PBD.get_host(pbd) == member and x.PBD.get_currently_attached(pbd), "local PBD")
+
+
+def run_chains(check: Check, x: Any, port: int) -> None:
+    """SM's VHD chains (``chains.py``): base copies (``managed`` false) named by
+    ``sm_config['vhd-parent']``, ``SR_BACKEND_FAILURE_109`` at 30 VHDs (``vhdutil.py``
+    l.30, ``FileSR._snapshot`` l.772-777), and the GC coalescing what has one child."""
+    from . import control as sim
+
+    def depth(vdi: str) -> tuple[int, list[dict[str, Any]]]:
+        chain = [x.VDI.get_record(vdi)]
+        while parent := chain[-1]["sm_config"].get("vhd-parent"):
+            chain.append(x.VDI.get_record(x.VDI.get_by_uuid(parent)))
+        return len(chain), chain
+
+    vdi = sim.create_vm(port, "conf-chain", [BLOCK], power="Halted")["disks"][0]["vdi"]
+    check(depth(vdi)[0] == 1, "conformance: a new VDI is one VHD (no vhd-parent)")
+    sim.set_gc(port, stalled=True)
+    for _ in range(29):
+        x.VDI.destroy(x.VDI.snapshot(vdi, {}))
+    deep, chain = depth(vdi)
+    check(deep == 30, f"conformance: 29 snapshots later the chain is 30 deep ({deep})")
+    bases = chain[1:]
+    check(all(not b["managed"] and b["name_label"] == "base copy" for b in bases), "base copies")
+    sr = x.VDI.get_SR(vdi)
+    check(set(x.SR.get_VDIs(sr)) >= {x.VDI.get_by_uuid(b["uuid"]) for b in bases}, "in SR.VDIs")
+    try:
+        x.VDI.snapshot(vdi, {})
+        refused = "allowed"
+    except Exception as exc:  # noqa: BLE001 - XenAPI.Failure, not imported here
+        refused = str(exc)
+    check("SR_BACKEND_FAILURE_109" in refused, f"conformance: 109 at depth 30 ({refused})")
+    check(sim.set_gc(port, stalled=False) == 28, "conformance: the GC coalesces 28 base copies")
+    check(depth(vdi)[0] == 2, "conformance: ... the leaf on the original (no leaf-coalesce)")
+    kept = [x.VDI.snapshot(vdi, {}) for _ in range(28)]
+    check(depth(vdi)[0] == 30, "conformance: 28 kept snapshots: 30 deep again")
+    for one in kept:
+        x.VDI.destroy(one)
+    check(depth(vdi)[0] == 2, "conformance: their delete lets the GC shorten it")

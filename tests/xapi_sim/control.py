@@ -157,3 +157,10 @@ def set_restricted_features(port: int, features: list[str]) -> None:
     """Licensed features the pool lacks (``Checkpoint``): their calls answer
     ``LICENCE_RESTRICTION [feature]``, as ``Pool_features.assert_enabled``."""
     _call(port, "POST", "/sim/licence", {"restricted": features})
+
+
+def set_gc(port: int, *, stalled: bool) -> int:
+    """Stall SM's garbage collector (an LVHD SR too full to coalesce), or let it run: it
+    runs at once then, and after every ``VDI.destroy``; returns how many base copies it
+    coalesced."""
+    return int(_call(port, "POST", "/sim/gc", {"stalled": stalled})["coalesced"])

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from . import ops
+from .chains import coalesce
 from .httpbase import ReplyHandler
 from .model import VDI, VM, Store
 
@@ -85,6 +86,9 @@ class ControlHandler(ReplyHandler):
             if what == "licence":  # {"restricted": ["Checkpoint"]}: features not licensed
                 store.restricted = {str(f) for f in req.get("restricted", [])}
                 return self._json(200, {"restricted": sorted(store.restricted)})
+            if what == "gc":  # {"stalled": bool}: SM's GC cannot run; unstalled, it runs
+                store.gc_stalled = bool(req.get("stalled", False))
+                return self._json(200, {"stalled": store.gc_stalled, "coalesced": coalesce(store)})
             if what == "attach-linger":
                 store.datapaths.linger_s = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.datapaths.linger_s})
@@ -174,5 +178,6 @@ def _vdi_info(vdi: VDI) -> dict[str, Any]:
         "size": vdi.size,
         "vhd_uid": vdi.chain[0].uid.hex(),  # the footer uid of its leaf VHD (not in XAPI)
         "allocated": sorted(vdi.allocated()),  # blocks its chain's BATs allocate
+        "depth": len(vdi.chain),  # VHDs in its chain, its own included (vhd-util query -d)
         "path": str(vdi.path),
     }

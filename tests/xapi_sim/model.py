@@ -79,6 +79,12 @@ class Layer:
 
     uid: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
     blocks: set[int] = field(default_factory=set)
+    # Once frozen as a parent, the layer is a "base copy" VDI of its own (see chains.py):
+    # its ref and uuid, the SR and the virtual size it had then.
+    ref: str = ""
+    uuid: str = ""
+    sr: str = ""
+    size: int = 0
 
 
 @dataclass
@@ -201,6 +207,7 @@ class Store:
         self.in_flight = 0
         self.max_in_flight = 0
         self.restricted: set[str] = set()  # licensed features the pool lacks ("Checkpoint")
+        self.gc_stalled = False  # SM's GC cannot coalesce (chains.py; POST /sim/gc)
         self.revert_mode = "xapi"  # XAPI's (xapi_vm_snapshot.ml), or "in-place" (old model)
         sr_uuid = new_uuid()
         self.host_ref, self.pool_ref = new_ref(), new_ref()

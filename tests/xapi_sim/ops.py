@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .chains import check_depth, coalesce, freeze_leaf
 from .disks import copy_sparse_to, create_sparse, write_at
 from .model import (
     BLOCK,
@@ -60,6 +61,8 @@ def new_vdi(
             vdi.name_description, vdi.type = copy_of.name_description, copy_of.type
             vdi.image_format = copy_of.image_format  # the SR makes its snapshots alike
             vdi.other_config = dict(copy_of.other_config)
+            check_depth(copy_of)  # SM FileSR._snapshot l.772-777 (chains.py)
+            freeze_leaf(copy_of)
             frozen = list(copy_of.chain)
             copy_of.chain = [Layer(), *frozen]
             vdi.chain = [Layer(), *frozen]
@@ -254,6 +257,7 @@ def vdi_destroy(store: Store, ref: str) -> None:
         for vm in store.vms.values():
             if vm.suspend_vdi == vdi.ref:
                 vm.suspend_vdi = NULL_REF
+        coalesce(store)  # SM kicks its GC after a delete (chains.py)
 
 
 # ----- VBD -------------------------------------------------------------------------
@@ -321,6 +325,11 @@ def vm_snapshot(
         if memory and vm.power_state != "Running":
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, "running", vm.power_state.lower())
         _refuse_non_vm(vm, "checkpoint" if memory else "snapshot")
+        for vbd in (store.vbds[r] for r in vm.vbds):
+            # Every disk's VDI.snapshot checks its chain (SM FileSR._snapshot l.772-777);
+            # checked up front here so that a refusal leaves no half-made snapshot.
+            if vbd.vdi not in (ignore_vdis or []):
+                check_depth(store.vdis[vbd.vdi])
         # xapi_vm_clone.ml (copy_vm_record): the snapshot VM's name_label is exactly the
         # new_name the caller passed (nothing added: "xe vm-snapshot new-name-label=web01"
         # gives a second "web01"), is_a_template = is_a_snapshot = true, snapshot_of = vm.
@@ -368,6 +377,10 @@ def vm_revert(store: Store, ref: str) -> None:
         if snap.snapshot_of not in store.vms:  # XAPI re-creates the VM: not modelled
             raise XapiError("VM_REVERT_FAILED", snap.ref, snap.snapshot_of)
         vm = store.vms[snap.snapshot_of]
+        for snap_vbd in (store.vbds[r] for r in snap.vbds):
+            # the revert clones each snapshot disk (xapi_vm_snapshot.ml, VDI.clone ->
+            # SM _snapshot l.772-777): a chain at the limit fails the revert (l.674)
+            check_depth(store.vdis[snap_vbd.vdi])
         if vm.power_state != "Halted":
             # message_forwarding.ml (VM.revert, l.2462-2471): "first of all, destroy the
             # domain if needed": a VM that is not Halted is hard-shut down by XAPI itself
@@ -400,6 +413,7 @@ def vm_revert(store: Store, ref: str) -> None:
         else:
             vm.power_state = "Halted"
         vm.parent = snap.ref
+        coalesce(store)  # the VM's old VDIs were destroyed
 
 
 def _revert_by_clone(store: Store, vm: VM, src: VDI, target: VBD | None, snap_vbd: VBD) -> None:

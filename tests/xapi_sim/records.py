@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .chains import base_copies, base_copy_record, parent_uuid
 from .disks import allocated_bytes
 from .model import HOST2_NAME, HOST_NAME, NULL_REF, PBD, SR, VBD, VDI, VM, Store, Task, XapiError
 
@@ -107,7 +108,7 @@ def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
         "snapshot_of": vdi.snapshot_of,
         "snapshots": [v.ref for v in store.vdis.values() if v.snapshot_of == vdi.ref],
         "snapshot_time": vdi.snapshot_time,
-        "sm_config": {"vdi_type": vdi.image_format, "image-format": vdi.image_format},
+        "sm_config": _sm_config(vdi),
         "other_config": vdi.other_config,
         "xenstore_data": {},
         "on_boot": "persist",
@@ -120,6 +121,15 @@ def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
     }
 
 
+def _sm_config(vdi: VDI) -> dict[str, str]:
+    """SM's keys: the image format, and on a VHD SR the parent VHD's uuid (``vhd-parent``,
+    absent for a chain's root: SM FileVDI.load l.488/539, chains.py)."""
+    config = {"vdi_type": vdi.image_format, "image-format": vdi.image_format}
+    if vdi.image_format == "vhd" and (parent := parent_uuid(vdi.chain, 0)) is not None:
+        config["vhd-parent"] = parent
+    return config
+
+
 def _sr(store: Store, sr: SR) -> dict[str, Any]:
     return {
         "uuid": sr.uuid,
@@ -128,7 +138,8 @@ def _sr(store: Store, sr: SR) -> dict[str, Any]:
         "type": sr.type,
         "content_type": "user",
         "shared": sr.shared,
-        "VDIs": [v.ref for v in store.vdis.values() if v.sr == sr.ref],
+        "VDIs": [v.ref for v in store.vdis.values() if v.sr == sr.ref]
+        + [ref for ref, (layer, _, _) in base_copies(store).items() if layer.sr == sr.ref],
         "PBDs": [p.ref for p in store.pbds.values() if p.sr == sr.ref],
         "other_config": {},
         "sm_config": {},
@@ -214,6 +225,8 @@ def all_refs(store: Store, cls: str) -> list[str]:
         return [store.host_ref, store.host2_ref]
     if cls == "pool":
         return [store.pool_ref]
+    if cls == "VDI":  # base copies are VDIs in XAPI's database too (chains.py)
+        return [*store.vdis, *base_copies(store)]
     return list(store.table(cls))
 
 
@@ -223,6 +236,9 @@ def record(store: Store, cls: str, ref: object) -> dict[str, Any]:
         if ref not in all_refs(store, cls):
             raise XapiError("HANDLE_INVALID", cls, ref)
         return _host(store, str(ref)) if cls == "host" else _pool(store)
+    base = base_copy_record(store, ref) if cls == "VDI" and ref not in store.vdis else None
+    if base is not None:
+        return base
     return _BUILDERS[cls](store, store.get(cls, ref))
 
 

@@ -48,6 +48,7 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
             if snap is None:
                 snap, task = self._unfinished_take(vdi, snapshot_id, what)
             if snap is None:
+                self._assert_chain_room(vdi, what)
                 snap, task = self._snapshot_marked(vdi, snapshot_id, what)
             # Ours from here on: marked on the snapshot itself, as Xen Orchestra marks its
             # snapshots after it made them (_AbstractXapi.mjs, _snapshot), and labelled.

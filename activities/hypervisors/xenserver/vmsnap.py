@@ -11,15 +11,15 @@ from ...errors import (
     InvalidInput,
     SourceGone,
 )
+from .chain import ChainCheck
 from .common import (
     NULL_REF,
     VM_PREFIX,
     _vm_locks,
 )
-from .core import XenCore
 
 
-class VmSnapshotOps(XenCore):
+class VmSnapshotOps(ChainCheck):
     # -- VM snapshots --------------------------------------------------------------------------
     def _vm_snapshot(self, vm: str | None, snapshot_id: str) -> str | None:
         """Our snapshot VM ``snapferry-vm-<id>`` (of ``vm`` when given): only a VM snapshot,
@@ -47,6 +47,8 @@ class VmSnapshotOps(XenCore):
                 )
             label = VM_PREFIX + op.snapshot_id
             if self._vm_snapshot(vm, op.snapshot_id) is None:
+                for vdi in self._vdis(vm).values():  # VM.snapshot snapshots every disk
+                    self._assert_chain_room(vdi, f"VM snapshot of {vm_name}")
                 if memory:
                     self._api("VM.checkpoint", vm, label)
                 else:
