@@ -1,0 +1,178 @@
+"""The blob index: which pack holds a blob, in sorted files looked up without loading them.
+
+A writer adds an index file for the packs it has published (at every checkpoint); once there
+are more than ``COMPACT_AT`` files, one process merges them (a streaming k-way merge, under
+the index lock). Each file is::
+
+    b"SFIDX001" | count (u64 LE) | records sorted by blob ID (RECORD)
+
+Lookups bisect each file through ``mmap``, so memory stays flat however many blobs the
+repository holds (restic keeps its whole index in memory; a TiB of 64 KiB chunks would be
+16 million entries). A blob found twice (two writers stored it at once) is found once: any
+copy will do. Index files hold blob IDs (keyed when encrypted) and pack names only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import heapq
+import mmap
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ..files import atomic_write, fsync_dir, make_dirs
+from .packs import BlobLocation
+
+MAGIC = b"SFIDX001"
+HEADER = struct.Struct("<8sQ")
+RECORD = struct.Struct("<32s32sQIB")  # blob id, pack name (raw), offset, length, kind
+COMPACT_AT = 16
+
+
+def _record(loc: BlobLocation) -> bytes:
+    return RECORD.pack(loc.blob_id, bytes.fromhex(loc.pack), loc.offset, loc.length, loc.kind)
+
+
+def _location(raw: bytes | memoryview) -> BlobLocation:
+    blob_id, pack, offset, length, kind = RECORD.unpack(raw)
+    return BlobLocation(blob_id, kind, pack.hex(), offset, length)
+
+
+def write_index_file(directory: Path, locations: Iterable[BlobLocation]) -> Path | None:
+    records = sorted(_record(loc) for loc in locations)
+    if not records:
+        return None
+    make_dirs(directory)
+    path = directory / f"{uuid.uuid4().hex}.idx"
+    atomic_write(path, HEADER.pack(MAGIC, len(records)) + b"".join(records))
+    return path
+
+
+class _IndexFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        magic, self.count = HEADER.unpack_from(self.map, 0)
+        if magic != MAGIC or HEADER.size + self.count * RECORD.size != len(self.map):
+            raise ValueError(f"{path} is not a snapferry index file")
+
+    def _id_at(self, i: int) -> bytes:
+        start = HEADER.size + i * RECORD.size
+        return self.map[start : start + 32]
+
+    def find(self, blob_id: bytes) -> BlobLocation | None:
+        lo, hi = 0, self.count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._id_at(mid) < blob_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.count and self._id_at(lo) == blob_id:
+            start = HEADER.size + lo * RECORD.size
+            return _location(self.map[start : start + RECORD.size])
+        return None
+
+    def records(self) -> Iterator[bytes]:
+        for i in range(self.count):
+            start = HEADER.size + i * RECORD.size
+            yield self.map[start : start + RECORD.size]
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class BlobIndex:
+    """The index files of one repository as they were when opened (plus ``refresh``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.directory = root / "index"
+        self.lock_path = root / "locks" / "index"
+        self.files: dict[Path, _IndexFile] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        present = set(self.directory.glob("*.idx")) if self.directory.is_dir() else set()
+        for path in list(self.files):
+            if path not in present:
+                self.files.pop(path).close()
+        for path in sorted(present - set(self.files)):
+            with contextlib.suppress(FileNotFoundError):  # compacted away meanwhile
+                self.files[path] = _IndexFile(path)
+
+    def find(self, blob_id: bytes) -> BlobLocation | None:
+        for f in self.files.values():
+            found = f.find(blob_id)
+            if found is not None:
+                return found
+        return None
+
+    def add(self, locations: list[BlobLocation]) -> None:
+        path = write_index_file(self.directory, locations)
+        if path is not None:
+            self.files[path] = _IndexFile(path)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        make_dirs(self.lock_path.parent)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def sorted_records(self) -> Iterator[BlobLocation]:
+        """Every entry, in blob-ID order, duplicates once (streaming: flat memory)."""
+        last = None
+        for raw in heapq.merge(*(f.records() for f in self.files.values())):
+            blob_id = raw[:32]
+            if blob_id != last:
+                last = blob_id
+                yield _location(raw)
+
+    def rewrite(self, *, drop_packs: frozenset[str] = frozenset()) -> None:
+        """Merge every file into one, leaving out entries of ``drop_packs`` (gone after gc)."""
+        with self.locked():
+            self.refresh()
+            old = list(self.files)
+            if len(old) <= 1 and not drop_packs:
+                return
+            make_dirs(self.directory)
+            tmp = self.directory / f".{uuid.uuid4().hex}.merging"
+            count = 0
+            with open(tmp, "wb") as out:
+                out.write(HEADER.pack(MAGIC, 0))
+                for loc in self.sorted_records():
+                    if loc.pack not in drop_packs:
+                        out.write(_record(loc))
+                        count += 1
+                out.seek(0)
+                out.write(HEADER.pack(MAGIC, count))
+                out.flush()
+                os.fsync(out.fileno())
+            final = self.directory / f"{uuid.uuid4().hex}.idx"
+            os.replace(tmp, final)
+            fsync_dir(self.directory)
+            for path in old:
+                self.files.pop(path).close()
+                path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
+            if count:
+                self.files[final] = _IndexFile(final)
+            else:
+                final.unlink()
+
+    def maybe_compact(self) -> None:
+        if len(self.files) > COMPACT_AT:
+            self.rewrite()
