@@ -277,3 +277,24 @@ def test_a_thin_terabyte_disk_costs_its_data_not_its_size(tmp_path):
     reader = repo.reader(manifest)
     assert reader.read(300 << 30, MIB) == payload and reader.read(5 << 30, 4096) == bytes(4096)
     assert store_bytes(tmp_path / "repo") < 3 * MIB + 9 * MIB  # data + an 8 MiB index
+
+
+def test_cli_creates_a_key_and_runs_the_jobs(tmp_path, monkeypatch, capsys):
+    from snapferry.workers.cli import run
+
+    monkeypatch.setenv("SNAPFERRY_SECONDARY", str(tmp_path / "sec"))
+    assert run(["repository", "status"]) == 1
+    assert "not a snapferry repository" in capsys.readouterr().err
+    assert run(["repository", "key", "create", str(tmp_path / "k")]) == 0
+    monkeypatch.setenv("SNAPFERRY_REPOSITORY_KEY_FILE", str(tmp_path / "k"))
+    repo = Repository(tmp_path / "sec" / "repository", load_key_file(tmp_path / "k"))
+    backup(repo, os.urandom(2 * MIB), "s1")
+    assert run(["repository", "verify"]) == 0
+    assert run(["repository", "sync", "--to", str(tmp_path / "copy")]) == 0
+    assert run(["repository", "gc"]) == 0
+    capsys.readouterr()
+    assert run(["repository", "status", "--json"]) == 0
+    assert '"backups": 1' in capsys.readouterr().out
+    monkeypatch.delenv("SNAPFERRY_REPOSITORY_KEY_FILE")
+    assert run(["repository", "verify"]) == 1
+    assert "SNAPFERRY_REPOSITORY_KEY_FILE" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any
 from snapferry.activities.settings import Settings
 
 from .. import starter
-from . import policies, processes, snapshots, vms
+from . import policies, processes, repository, snapshots, vms
 from .common import EPILOG, explain, web_ui_link
 
 __all__ = ["build_parser", "main", "run", "web_ui_link"]
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     vms.register(sub, add)
     snapshots.register_backups(sub, add)
     policies.register(sub, add)
+    repository.register(sub, add)
     processes.register_tools(sub, add)
     explain(p)
     return p
