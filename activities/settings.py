@@ -195,7 +195,7 @@ class Settings:
     # CloudStack's snapshot.delta.max: deltas before a new full (XenServer and KVM); a
     # snapshot's own BackupOptions.delta_max (a policy's) overrides it.
     delta_max: int = 16
-    # KVM incremental backups (keep one layer, see hypervisors/kvm.py); off = every KVM
+    # KVM incremental backups (keep one layer, see hypervisors/kvm/); off = every KVM
     # backup is a full and the chain is merged back onto the original file after each.
     kvm_incremental: bool = True
     host_concurrency: int = 16

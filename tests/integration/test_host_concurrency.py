@@ -23,7 +23,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from snapferry.activities.contracts import SnapshotState
-from snapferry.activities.hypervisors import kvm
+from snapferry.activities.hypervisors.kvm import connection
 from snapferry.activities.settings import Settings
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
@@ -48,7 +48,7 @@ class LockSpy:
         self.holding: dict[str, int] = {}
         self.most = 0
         self.cond = threading.Condition()
-        real = kvm.domain_lock
+        real = connection.domain_lock
 
         @contextlib.contextmanager
         def spied(lock_dir: Path, vm: str, *, timeout_s: float) -> Iterator[None]:
@@ -69,7 +69,7 @@ class LockSpy:
                             del self.holding[vm]
                         self.holds.append((vm, start, time.monotonic()))
 
-        monkeypatch.setattr(kvm, "domain_lock", spied)
+        monkeypatch.setattr(connection, "domain_lock", spied)
 
     def overlaps_within_one_vm(self) -> list[tuple[str, float, float]]:
         found = []

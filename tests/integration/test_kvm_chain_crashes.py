@@ -211,7 +211,7 @@ def test_a_vm_started_while_an_offline_merge_redefines_keeps_its_writes(
     base, and the host worker dies right after that redefinition: the VM runs on the old
     top while its persistent definition names the base. Its writes land in the top only;
     the next operation must not lose them, whether the VM still runs or was stopped."""
-    from snapferry.activities.hypervisors import kvm
+    from snapferry.activities.hypervisors.kvm import merge
 
     vm = make_vm(size=16 * MIB, data_bytes=2 * MIB, start=False)
     guest = GuestDisk(vm, tmp_path)
@@ -222,7 +222,7 @@ def test_a_vm_started_while_an_offline_merge_redefines_keeps_its_writes(
     offline_write(snap.overlay, pattern=0x55, offset=MIB, length=MIB)
     patch_reference(guest.expected, guest.expected, pattern=0x55, offset=MIB, length=MIB)
     dom = libvirt_conn.lookupByName(vm.name)
-    real_commit, real_redefine = kvm.run_qemu_img, KvmDriver._redefine_disk
+    real_commit, real_redefine = merge.run_qemu_img, KvmDriver._redefine_disk
 
     def commit_then_operator_starts(*args: str) -> str:
         out = real_commit(*args)
@@ -234,7 +234,7 @@ def test_a_vm_started_while_an_offline_merge_redefines_keeps_its_writes(
         real_redefine(self, *args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(kvm, "run_qemu_img", commit_then_operator_starts)
+    monkeypatch.setattr(merge, "run_qemu_img", commit_then_operator_starts)
     monkeypatch.setattr(KvmDriver, "_redefine_disk", redefine_then_die)
     with pytest.raises(Killed):
         driver.release(volume=volume, snapshot_id=sid, source=snap, backed_up=False)
@@ -265,7 +265,7 @@ class StepKiller:
     step started goes on in libvirt, as it does when the real worker dies."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
-        from snapferry.activities.hypervisors import kvm
+        from snapferry.activities.hypervisors.kvm import intent, merge
 
         self.kill_at, self.steps = kill_at, 0
 
@@ -279,8 +279,8 @@ class StepKiller:
 
             return wrapper
 
-        monkeypatch.setattr(kvm, "run_qemu_img", step(kvm.run_qemu_img))
-        monkeypatch.setattr(kvm, "atomic_write", step(kvm.atomic_write))
+        monkeypatch.setattr(merge, "run_qemu_img", step(merge.run_qemu_img))
+        monkeypatch.setattr(intent, "atomic_write", step(intent.atomic_write))
         monkeypatch.setattr(KvmDriver, "_redefine_disk", step(KvmDriver._redefine_disk))
         monkeypatch.setattr(KvmDriver, "_forget", staticmethod(step(KvmDriver._forget)))
         for name in ("blockCommit", "blockJobAbort"):
@@ -340,9 +340,9 @@ def kill_after_redefinition_onto_the_base(
 ) -> None:
     """The offline top merge dies right after it pointed the definition at the base; with
     ``start_after_commit`` an operator started the VM (on the old top) just before."""
-    from snapferry.activities.hypervisors import kvm
+    from snapferry.activities.hypervisors.kvm import merge
 
-    real_commit, real_redefine = kvm.run_qemu_img, KvmDriver._redefine_disk
+    real_commit, real_redefine = merge.run_qemu_img, KvmDriver._redefine_disk
 
     def commit(*args: str) -> str:
         out = real_commit(*args)
@@ -354,7 +354,7 @@ def kill_after_redefinition_onto_the_base(
         real_redefine(self, *args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(kvm, "run_qemu_img", commit)
+    monkeypatch.setattr(merge, "run_qemu_img", commit)
     monkeypatch.setattr(KvmDriver, "_redefine_disk", redefine_then_die)
 
 

@@ -23,9 +23,9 @@ from snapferry.activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
-from snapferry.activities.errors import ImageUnreadable, InvalidInput
-from snapferry.activities.hypervisors import kvm
-from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.errors import HypervisorUnavailable, ImageUnreadable, InvalidInput
+from snapferry.activities.hypervisors.kvm import RELEASED_SUFFIX, KvmDriver
+from snapferry.activities.hypervisors.kvm import revert as kvm_revert
 from snapferry.activities.settings import Settings
 from snapferry.workers.demo_vm import MIB, domain_xml
 
@@ -136,10 +136,10 @@ def test_a_raw_disk_revert_that_fails_to_redefine_leaves_the_disk_raw_and_whole(
         driver = KvmDriver(settings)
 
         def libvirt_down(*_a: object, **_k: object) -> None:
-            raise kvm.HypervisorUnavailable("injected: libvirtd is restarting")
+            raise HypervisorUnavailable("injected: libvirtd is restarting")
 
         monkeypatch.setattr(KvmDriver, "_redefine_disk", libvirt_down)
-        with pytest.raises(kvm.HypervisorUnavailable):
+        with pytest.raises(HypervisorUnavailable):
             driver._revert_disk(dom, name, "vda", "t1", source=str(other), source_fmt="raw")
         monkeypatch.undo()
         source, fmt = disk_driver(libvirt_conn, name)
@@ -175,14 +175,14 @@ def test_a_disk_and_memory_revert_that_fails_leaves_the_vm_running(
     driver = KvmDriver(settings)
     op = _vm_snapshot_then_volume_snapshot(driver, vm.name, host_name)
     before = chain_of(disk_source(libvirt_conn, vm.name))
-    real = kvm.run_qemu_img
+    real = kvm_revert.run_qemu_img
 
     def convert_fails(*args: str) -> str:
         if args[0] == "convert":
             raise ImageUnreadable("injected: primary storage full")
         return real(*args)
 
-    monkeypatch.setattr(kvm, "run_qemu_img", convert_fails)
+    monkeypatch.setattr(kvm_revert, "run_qemu_img", convert_fails)
     with pytest.raises(ImageUnreadable):
         driver.revert_vm_snapshot(op)
     dom = libvirt_conn.lookupByName(vm.name)
@@ -229,7 +229,7 @@ def test_a_vm_snapshot_delete_after_the_domain_vanished_finishes(
     # Its layers stay (the disk files may be defined again) but are marked released, so a
     # release on a domain defined on them again merges them.
     overlay = taken.overlays["vda"]
-    assert Path(overlay + kvm.RELEASED_SUFFIX).exists()
+    assert Path(overlay + RELEASED_SUFFIX).exists()
     subprocess.run(["qemu-img", "info", "-f", "qcow2", overlay], check=True, capture_output=True)
 
 
@@ -298,4 +298,4 @@ def test_a_failed_volume_take_is_discarded_without_the_vm_snapshot_of_that_id(
     driver.discard(DiscardRequest(snapshot_id=shared_id, vm=ref, vm_snapshot=False))
     assert taken.overlays["vda"] in chain_of(disk_source(libvirt_conn, vm.name))
     assert Path(taken.memory).exists()
-    assert not Path(taken.overlays["vda"] + kvm.RELEASED_SUFFIX).exists()
+    assert not Path(taken.overlays["vda"] + RELEASED_SUFFIX).exists()

@@ -1,0 +1,150 @@
+"""Take: one disk's external disk-only snapshot; and the frozen image as a backup's source
+(full or delta, while its layer is intact)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from ...contracts import BackupPlan, PrimarySnapshot, VolumeRef
+from ...errors import SourceGone
+from ...storage.reader import QemuImageReader, image_chain, image_info
+from ...storage.secondary import Manifest
+from .common import (
+    RELEASED_SUFFIX,
+    chain_paths,
+    is_base,
+    libvirt_error,
+    overlay_path,
+    snapshot_of_overlay,
+)
+from .intent import RedefinitionIntent
+
+_SNAPSHOT_FLAGS = (
+    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+)
+
+
+class TakeOps(RedefinitionIntent):
+    """Volume snapshots taken, and read back by their backups."""
+
+    def _create_external(
+        self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
+    ) -> None:
+        """One atomic libvirt external snapshot: the named disks get the named overlays
+        (every other disk is left alone), and with ``memory`` the guest's RAM is saved there
+        in libvirt's save-image format, which ``restoreFlags`` can resume later."""
+        spec = ET.Element("domainsnapshot")
+        if memory is not None:
+            ET.SubElement(spec, "memory", snapshot="external", file=memory)
+        disks_el = ET.SubElement(spec, "disks")
+        for name in self._disks(dom):
+            if name in overlays:
+                d = ET.SubElement(disks_el, "disk", name=name, snapshot="external")
+                ET.SubElement(d, "driver", type="qcow2")
+                ET.SubElement(d, "source", file=overlays[name])
+            else:
+                ET.SubElement(disks_el, "disk", name=name, snapshot="no")
+        flags = _SNAPSHOT_FLAGS
+        if memory is not None:
+            flags &= ~libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        try:
+            dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
+        except libvirt.libvirtError as exc:
+            raise libvirt_error(exc, vm=vm) from exc
+
+    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        vm, disk = volume.vm.name, volume.disk
+        with self._locked_domain(vm) as dom:
+            self._refuse_managed_save(dom, vm, "a snapshot")
+            running = bool(dom.isActive())
+            active, fmt = self._active_source(dom, vm, disk)
+            overlay = overlay_path(active, snapshot_id)
+            if not Path(overlay).exists():
+                # The first attempt: the active image is what freezes. Only it is read
+                # (one qemu-img info, whatever the chain's depth, so that a VM whose
+                # snapshots wait for their backups answers as fast as a new one, and a
+                # burst of takes is not a burst of chain walks); the frozen image's chain
+                # is walked, every format checked, when its backup is planned.
+                size = int(image_info(active, fmt)["virtual-size"])
+                self._create_external(dom, vm, {disk: overlay}, None)
+                return PrimarySnapshot(
+                    image=active,
+                    image_format=fmt,
+                    overlay=overlay,
+                    virtual_size=size,
+                    vm_was_running=running,
+                )
+            # A retried activity finds the overlay its first attempt made in the chain.
+            if overlay not in chain_paths(self._chain(dom, vm, disk)):
+                self._create_external(dom, vm, {disk: overlay}, None)
+            layers = self._chain(dom, vm, disk)
+            frozen = layers[chain_paths(layers).index(overlay) + 1]
+            return PrimarySnapshot(
+                image=frozen.path,
+                image_format=frozen.format,
+                overlay=overlay,
+                virtual_size=frozen.virtual_size,
+                vm_was_running=running,
+            )
+
+    def check_volume(self, volume: VolumeRef) -> None:
+        """The domain exists and has this file-backed disk (read-only: no lock needed)."""
+        vm = volume.vm.name
+        self._active_source(self._domain(vm), vm, volume.disk)
+
+    # -- backup source ---------------------------------------------------------------------
+    def plan_backup(
+        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+    ) -> BackupPlan:
+        """A delta against the base snapshot (the ``.base`` layer in this snapshot's chain)
+        while its backup is visible on secondary and the chain of deltas is short enough
+        (``snapshot.delta.max``); else a full, saying why. Any doubt means a full."""
+        limit = self.delta_max if delta_max is None else delta_max
+        if not self.incremental:
+            return BackupPlan(reason="KVM incremental backups are off (SNAPFERRY_KVM_INCREMENTAL)")
+        if not backups:
+            return BackupPlan(reason="the volume's first backup")
+        if limit == 0:
+            return BackupPlan(reason="delta max is 0: every backup is a full one")
+        chain = chain_paths(image_chain(source.image, source.image_format))
+        base = next((layer for layer in chain if is_base(layer)), None)
+        if base is None:
+            return BackupPlan(
+                reason="change tracking lost: no layer on primary holds what changed since"
+                " the last backup (the base snapshot was deleted, or its layer merged or"
+                " removed outside snapferry)"
+            )
+        parent = snapshot_of_overlay(base)
+        manifest = next((m for m in backups if m.snapshot_id == parent), None)
+        if manifest is None:
+            return BackupPlan(reason=f"the base snapshot {parent}'s backup was deleted")
+        if manifest.depth + 1 > limit:
+            return BackupPlan(
+                reason=f"{manifest.depth} deltas since the last full (delta max {limit})"
+            )
+        return BackupPlan(parent=parent, base_image=base, depth=manifest.depth + 1)
+
+    def source_intact(self, source: PrimarySnapshot) -> bool:
+        """The overlay exists and is not marked released: no merge has touched the frozen
+        image (``.released`` is written before any merge)."""
+        return source.overlay is None or (
+            Path(source.overlay).exists() and not Path(source.overlay + RELEASED_SUFFIX).exists()
+        )
+
+    def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> QemuImageReader:
+        """The frozen image, only while it still is the snapshot: its overlay must exist
+        and be unreleased (see :meth:`_intact_frozen`). A backup run again after the layer
+        was merged away (a reset of a deleted snapshot, say) would otherwise copy today's
+        bytes under the snapshot's name. A delta reads only what changed above its base
+        layer; that layer gone raises :class:`SourceGone`, and the backup starts over full."""
+        if source.overlay is not None and not self.source_intact(source):
+            raise SourceGone(
+                f"the snapshot's layer {Path(source.overlay).name} was merged away or deleted:"
+                " its point in time is no longer on primary, so it cannot be backed up again"
+            )
+        return QemuImageReader(source.image, source.image_format, changed_above=plan.base_image)
