@@ -253,6 +253,7 @@ def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> N
     run_import(check, x, port, session, work)
     run_sizes(check, x, port, session)
     run_chains(check, x, port)
+    run_blocked(check, x, port)
 
 
 def run_sizes(check: Check, x: Any, port: int, session: str) -> None:
@@ -420,3 +421,35 @@ def run_chains(check: Check, x: Any, port: int) -> None:
     for one in kept:
         x.VDI.destroy(one)
     check(depth(vdi)[0] == 2, "conformance: their delete lets the GC shorten it")
+
+
+def run_blocked(check: Check, x: Any, port: int) -> None:
+    """``VM.blocked_operations``: checked first, before the power state
+    (xapi_vm_lifecycle.ml ``check_operation_error`` l.495-510); a map key added twice is
+    MAP_DUPLICATE_KEY (db_cache_impl.ml l.375, exnHelper.ml l.47)."""
+    from . import control as sim
+
+    def error(fn: Callable[..., Any], *args: Any) -> list[str]:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - XenAPI.Failure, not imported here
+            return [str(d) for d in getattr(exc, "details", [exc])]
+        return []
+
+    vm = sim.create_vm(port, "conf-blocked", [BLOCK])["ref"]  # Running
+    x.VM.add_to_blocked_operations(vm, "start", "held by a test")
+    got = error(x.VM.start, vm, False, False)
+    check(got == ["OPERATION_BLOCKED", vm, "held by a test"], f"conformance: blocked first {got}")
+    got = error(x.VM.add_to_blocked_operations, vm, "start", "again")
+    check(got[:1] == ["MAP_DUPLICATE_KEY"], f"conformance: a key twice {got}")
+    x.VM.hard_shutdown(vm)
+    for op in ("start_on", "resume"):
+        x.VM.add_to_blocked_operations(vm, op, "held")
+    check(
+        error(x.VM.start_on, vm, x.host.get_all()[0], False, False)[:1] == ["OPERATION_BLOCKED"],
+        "start_on",
+    )
+    check(x.VM.get_blocked_operations(vm)["resume"] == "held", "conformance: the map is read")
+    x.VM.remove_from_blocked_operations(vm, "start")
+    x.VM.start(vm, False, False)
+    check(x.VM.get_power_state(vm) == "Running", "conformance: unblocked, it starts")

@@ -147,6 +147,9 @@ class VM:
     name_description: str = ""
     other_config: dict[str, str] = field(default_factory=dict)
     suspend_vdi: str = NULL_REF  # a checkpoint's memory image (xapi_vm_snapshot.ml)
+    # operation -> the error text its refusal carries (datamodel_vm.ml, set by operators
+    # and tools: VM.add_to_blocked_operations)
+    blocked_operations: dict[str, str] = field(default_factory=dict)
     memory: int = 256 << 20  # memory_static_max: the size of a suspend image
 
 

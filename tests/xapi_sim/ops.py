@@ -308,6 +308,25 @@ def _refuse_non_vm(vm: VM, op: str) -> None:
         )
 
 
+def refuse_blocked(vm: VM, op: str) -> None:
+    """xapi_vm_lifecycle.ml ``check_operation_error`` l.495-502, the first check of every
+    VM operation, before its power state: an operation in ``blocked_operations`` is
+    ``OPERATION_BLOCKED [vm, the entry's value]``."""
+    if op in vm.blocked_operations:
+        raise XapiError("OPERATION_BLOCKED", vm.ref, vm.blocked_operations[op])
+
+
+def add_blocked(store: Store, ref: str, op: str, value: str) -> None:
+    """``VM.add_to_blocked_operations`` (xapi_vm.ml l.1667 -> the database's map add): a
+    key already there is ``MAP_DUPLICATE_KEY [VM, blocked_operations, ref, key]``
+    (db_cache_impl.ml l.375, exnHelper.ml l.47)."""
+    with store.lock:
+        vm = store.get("VM", ref)
+        if op in vm.blocked_operations:
+            raise XapiError("MAP_DUPLICATE_KEY", "VM", "blocked_operations", vm.ref, op)
+        vm.blocked_operations[str(op)] = str(value)
+
+
 def vm_snapshot(
     store: Store,
     ref: str,
@@ -318,6 +337,7 @@ def vm_snapshot(
 ) -> str:
     with store.lock:
         vm = store.get("VM", ref)
+        refuse_blocked(vm, "checkpoint" if memory else "snapshot")
         if memory and "Checkpoint" in store.restricted:
             # xapi_vm.ml checkpoint l.786: Pool_features.assert_enabled Features.Checkpoint
             # -> LICENCE_RESTRICTION [feature name] (pool_features.ml l.33-37)
@@ -446,14 +466,15 @@ def vm_destroy(store: Store, ref: str) -> None:
 def vm_set_power(store: Store, ref: str, expected: str, new: str, op: str) -> None:
     with store.lock:
         vm = store.get("VM", ref)
-        if vm.power_state != expected:  # XAPI checks the power state first
+        refuse_blocked(vm, op)  # before the power state (xapi_vm_lifecycle.ml l.495-510)
+        if vm.power_state != expected:  # then the power state
             raise XapiError("VM_BAD_POWER_STATE", vm.ref, expected.lower(), vm.power_state.lower())
         _refuse_non_vm(vm, op)
         vm.power_state = new
         if new == "Running":
             for r in vm.vbds:  # plugged: xenopsd names the device
                 store.vbds[r].boot()
-        if op == "resume" and vm.suspend_vdi in store.vdis:
+        if op in ("resume", "resume_on") and vm.suspend_vdi in store.vdis:
             # xapi_xenops.ml resume: the suspend image is destroyed once the VM runs.
             vdi_destroy(store, vm.suspend_vdi)
             vm.suspend_vdi = NULL_REF

@@ -60,6 +60,7 @@ def _vm(store: Store, vm: VM) -> dict[str, Any]:
         "tags": [],
         "allowed_operations": [],
         "current_operations": {},
+        "blocked_operations": vm.blocked_operations,
     }
 
 

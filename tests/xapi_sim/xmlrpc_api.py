@@ -42,6 +42,20 @@ class XapiService:
             "VM.resume": lambda vm, paused=False, force=False: ops.vm_set_power(
                 s, vm, "Suspended", "Running", "resume"
             ),
+            # start_on/resume_on: on this host (the member runs no VMs here)
+            "VM.start_on": lambda vm, host, paused=False, force=False: ops.vm_set_power(
+                s, vm, "Halted", "Running", "start_on"
+            ),
+            "VM.resume_on": lambda vm, host, paused=False, force=False: ops.vm_set_power(
+                s, vm, "Suspended", "Running", "resume_on"
+            ),
+            "VM.add_to_blocked_operations": lambda vm, op, value: ops.add_blocked(s, vm, op, value),
+            "VM.remove_from_blocked_operations": lambda vm, op: (
+                s.get("VM", vm).blocked_operations.pop(str(op), None) and ""
+            ),
+            "VM.set_blocked_operations": lambda vm, value: setattr(
+                s.get("VM", vm), "blocked_operations", {str(k): str(v) for k, v in value.items()}
+            ),
             "VM.hard_shutdown": lambda vm: ops.vm_set_power(
                 s, vm, "Running", "Halted", "hard_shutdown"
             ),

@@ -25,6 +25,10 @@ RELEASED = "snapferry: released"
 TAKE_KEY = "snapferry-take"  # on a VDI's other_config while a take snapshots it
 TAKE_TASK_KEY = "snapferry-take-task"  # beside it: that take's Async.VDI.snapshot task
 SNAPSHOT_KEY = "snapferry-snapshot"  # on our snapshot VDI's other_config: its snapshot ID
+# VM.blocked_operations entries a restore adds (their value starts with RESTORE_BLOCK):
+# XAPI refuses these with OPERATION_BLOCKED [vm, value] before it looks at anything else.
+RESTORE_BLOCKED_OPS = ("start", "start_on", "resume", "resume_on")
+RESTORE_BLOCK = "snapferry: a restore is writing this VM's disk"
 TASK_POLL_S = 0.05  # the first poll of a task; then doubling up to TASK_POLL_MAX_S
 TASK_POLL_MAX_S = 1.0
 IO_CHUNK = 8 * 1024 * 1024

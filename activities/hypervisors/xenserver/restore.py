@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import XenAPI
@@ -18,7 +19,15 @@ from ...contracts import (
 )
 from ...errors import ChainBusy, HypervisorUnavailable, InvalidInput, SourceGone
 from ..endpoint import Endpoint
-from .common import IO_CHUNK, TASK_POLL_MAX_S, TASK_POLL_S, _failure_error, _vm_locks
+from .common import (
+    IO_CHUNK,
+    RESTORE_BLOCK,
+    RESTORE_BLOCKED_OPS,
+    TASK_POLL_MAX_S,
+    TASK_POLL_S,
+    _failure_error,
+    _vm_locks,
+)
 from .core import XenCore
 from .session import XapiSession, _redirect_target
 
@@ -119,10 +128,48 @@ class RestoreOps(XenCore):
             )
         manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
         vm = self._vm(vm_name)
-        with _vm_locks[vm], SecondaryStore.materialized(manifest) as raw:
+        what = f"{disk} from snapshot {req.snapshot_id}"
+        with (
+            _vm_locks[vm],
+            SecondaryStore.materialized(manifest) as raw,
+            self._start_blocked(vm, what),
+        ):
+            # checked once the block holds: a start just before it is seen here
             if self._power(vm) != "Halted":
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
             self._import(self._vdi(vm, vm_name, disk), raw)
+
+    @contextlib.contextmanager
+    def _start_blocked(self, vm: str, what: str) -> Iterator[None]:
+        """The VM cannot start or resume while the restore writes its disk: XAPI lets it
+        (VBD.plug's sharing check exempts dom0's own VBD, xapi_vbd_helpers.ml), so
+        ``start``, ``start_on``, ``resume`` and ``resume_on`` go into
+        ``VM.blocked_operations``, refused there before anything else
+        (xapi_vm_lifecycle.ml ``check_operation_error``). An entry already there is the
+        operator's (or an earlier attempt's, by its value) and is left as it is; only
+        entries whose value is ours are taken out, on success and on failure. When
+        taking them out fails, the restore fails (retryable): its retry finds them and
+        takes them out."""
+        blocked = self._api("VM.get_blocked_operations", vm)
+        value = (
+            f"{RESTORE_BLOCK} ({what}); if no snapferry restore of this VM runs, remove"
+            " this entry (xe vm-param-remove param-name=blocked-operations param-key=<op>)"
+        )
+        try:
+            for op in RESTORE_BLOCKED_OPS:
+                if op not in blocked:
+                    self._api("VM.add_to_blocked_operations", vm, op, value)
+            yield
+        except BaseException:
+            with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                self._unblock(vm)
+            raise
+        self._unblock(vm)
+
+    def _unblock(self, vm: str) -> None:
+        for op, value in self._api("VM.get_blocked_operations", vm).items():
+            if op in RESTORE_BLOCKED_OPS and str(value).startswith(RESTORE_BLOCK):
+                self._api("VM.remove_from_blocked_operations", vm, op)
 
     def create_volume(self, req: RestoreRequest, raw_backup: str) -> RestoreResult:
         """A new VDI on the source VDI's SR, named after the volume, filled by import."""
