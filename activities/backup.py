@@ -276,6 +276,7 @@ class BackupActivities:
                         extents=extents,
                         on_progress=on_verify,
                         before_publish=source_still_intact,
+                        change_id=req.source.change_id,
                     )
                 except (BackupCorrupt, SourceGone):
                     # Resuming would only re-verify the same bad bytes (or copy a layer that

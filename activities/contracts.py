@@ -139,6 +139,11 @@ class PrimarySnapshot(_Model):
         description="The hypervisor's own id of the object that holds the snapshot, which"
         " survives renames and moves (VMware: the clone's managed object id)",
     )
+    change_id: str | None = Field(
+        None,
+        description="The disk's change-tracking ID at the snapshot (VMware CBT's changeId),"
+        " which the next backup asks for the areas changed since",
+    )
 
 
 class BackupPlan(_Model):

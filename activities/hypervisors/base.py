@@ -8,6 +8,8 @@ backup worker; ``release`` runs on the host again, only after the backup was ver
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
 
 from ..contracts import (
     BackupPlan,
@@ -21,7 +23,29 @@ from ..contracts import (
     VolumeRef,
 )
 from ..storage.reader import SnapshotReader
-from ..storage.secondary import Manifest
+
+
+class BackupHistoryEntry(Protocol):
+    """What a driver may read of a finished backup when it plans the next one: the same in
+    both stores on secondary (a plain file's manifest and a repository backup's)."""
+
+    @property
+    def snapshot_id(self) -> str: ...
+
+    @property
+    def depth(self) -> int:
+        """Incrementals since the last full backup (0: a full)."""
+        ...
+
+    @property
+    def source(self) -> str:
+        """The snapshot's image on primary, as the take named it."""
+        ...
+
+    @property
+    def change_id(self) -> str | None:
+        """The source's change-tracking ID at the snapshot, where the hypervisor has one."""
+        ...
 
 
 class HypervisorDriver(ABC):
@@ -34,7 +58,11 @@ class HypervisorDriver(ABC):
         """
 
     def plan_backup(
-        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+        self,
+        source: PrimarySnapshot,
+        backups: Sequence[BackupHistoryEntry],
+        *,
+        delta_max: int | None = None,
     ) -> BackupPlan:
         """Full or incremental, given the volume's finished, visible backups (oldest first)
         and this snapshot's ``snapshot.delta.max`` (None: the worker's). The default is a

@@ -50,6 +50,7 @@ class Manifest(BaseModel):
     depth: int = 0
     extents: list[tuple[int, int]] | None = None
     full_reason: str | None = None
+    change_id: str | None = None  # the source's change-tracking ID (PrimarySnapshot.change_id)
     created: datetime
 
     @property
@@ -104,6 +105,7 @@ class SecondaryStore:
         extents: list[tuple[int, int]] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         before_publish: Callable[[], None] | None = None,
+        change_id: str | None = None,
     ) -> tuple[Manifest, VerifyReport]:
         """Verify the partial copy (from the medium, data chunks only, against its chunk
         digests and chain checksum), then rename it into place and write the manifest last.
@@ -135,6 +137,7 @@ class SecondaryStore:
             depth=plan.depth if plan else 0,
             extents=extents,
             full_reason=plan.reason if plan and plan.parent is None else None,
+            change_id=change_id,
             created=datetime.now(UTC),
         )
         mpath = self.manifest_path(volume, snapshot_id)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import libvirt
@@ -11,7 +12,7 @@ import libvirt
 from ...contracts import BackupPlan, PrimarySnapshot, VolumeRef
 from ...errors import SourceGone
 from ...storage.reader import QemuImageReader, image_chain, image_info
-from ...storage.secondary import Manifest
+from ..base import BackupHistoryEntry
 from .common import (
     RELEASED_SUFFIX,
     chain_paths,
@@ -99,7 +100,11 @@ class TakeOps(RedefinitionIntent):
 
     # -- backup source ---------------------------------------------------------------------
     def plan_backup(
-        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+        self,
+        source: PrimarySnapshot,
+        backups: Sequence[BackupHistoryEntry],
+        *,
+        delta_max: int | None = None,
     ) -> BackupPlan:
         """A delta against the base snapshot (the ``.base`` layer in this snapshot's chain)
         while its backup is visible on secondary and the chain of deltas is short enough

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from ...contracts import (
     BackupPlan,
@@ -15,8 +16,7 @@ from ...errors import (
     HypervisorUnavailable,
     SourceGone,
 )
-from ...storage.secondary import Manifest
-from ..base import HypervisorDriver
+from ..base import BackupHistoryEntry, HypervisorDriver
 from .common import (
     RELEASED,
     SNAPSHOT_KEY,
@@ -170,7 +170,11 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         return True
 
     def plan_backup(
-        self, source: PrimarySnapshot, backups: list[Manifest], *, delta_max: int | None = None
+        self,
+        source: PrimarySnapshot,
+        backups: Sequence[BackupHistoryEntry],
+        *,
+        delta_max: int | None = None,
     ) -> BackupPlan:
         """A delta on the newest backup while its VDI is on primary and the chain is short
         enough (``snapshot.delta.max``), else a full, saying why."""
