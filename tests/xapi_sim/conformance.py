@@ -254,6 +254,7 @@ def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> N
     run_sizes(check, x, port, session)
     run_chains(check, x, port)
     run_blocked(check, x, port)
+    run_tasks(check, x, port)
 
 
 def run_sizes(check: Check, x: Any, port: int, session: str) -> None:
@@ -453,3 +454,87 @@ def run_blocked(check: Check, x: Any, port: int) -> None:
     x.VM.remove_from_blocked_operations(vm, "start")
     x.VM.start(vm, False, False)
     check(x.VM.get_power_state(vm) == "Running", "conformance: unblocked, it starts")
+
+
+def run_tasks(check: Check, x: Any, port: int) -> None:
+    """``Async.*`` tasks (ocaml/xapi: server_helpers.ml do_dispatch, taskHelper.ml,
+    xapi_task.ml, db_gc_util.ml): the task ref comes back at once, ``pending`` with
+    ``cancel`` allowed; it ends with progress 1 and its result as XML-RPC text
+    (``Xmlrpc.to_string``, taskHelper.ml l.168-175), or with the sync call's error in
+    ``error_info``. ``task.cancel`` is recorded and seen by a cancellable operation
+    (``cancelled``, ``TASK_CANCELLED [task]``); VM.revert is not cancellable and ends as
+    it would have. ``task.destroy`` of a pending task removes it only once it ends."""
+    import time
+
+    from . import control as sim
+
+    def wait(task: str) -> str:
+        deadline = time.monotonic() + 20
+        while (status := x.task.get_status(task)) == "pending" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return str(status)
+
+    def error(fn: Callable[..., Any], *args: Any) -> list[str]:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - XenAPI.Failure, not imported here
+            return [str(d) for d in getattr(exc, "details", [exc])]
+        return []
+
+    vm = sim.create_vm(port, "conf-tasks", [BLOCK])["ref"]  # Running
+    sim.set_task_delay(port, 0.6, "VM.snapshot")
+    t0 = time.monotonic()
+    task = x.Async.VM.snapshot(vm, "conf-async")
+    check(time.monotonic() - t0 < 0.5, "conformance: Async answers its task at once")
+    rec = x.task.get_record(task)
+    check(rec["status"] == "pending", "conformance: ... pending")
+    check(rec["allowed_operations"] == ["cancel"], "conformance: ... cancel allowed")
+    check(wait(task) == "success", "conformance: ... then success")
+    rec = x.task.get_record(task)
+    snap = rec["result"].removeprefix("<value>").removesuffix("</value>")
+    check(rec["result"] == f"<value>{snap}</value>", f"conformance: result {rec['result']!r}")
+    check(x.VM.get_is_a_snapshot(snap), "conformance: ... names the snapshot VM")
+    check(rec["progress"] == 1.0 and rec["allowed_operations"] == [], "conformance: ended")
+    x.task.destroy(task)
+    check(error(x.task.get_status, task)[:2] == ["HANDLE_INVALID", "task"], "ended: destroyed")
+    t0 = time.monotonic()
+    x.VM.snapshot(vm, "conf-sync")
+    check(time.monotonic() - t0 >= 0.6, "conformance: the sync call takes as long")
+    sim.set_task_delay(port, 0, "VM.snapshot")
+
+    # the same error as the sync call, in error_info
+    sync_error = error(x.VM.start, vm, False, False)
+    task = x.Async.VM.start(vm, False, False)
+    check(wait(task) == "failure", "conformance: a failing Async call fails its task")
+    info = x.task.get_error_info(task)
+    check(info == sync_error and info[0] == "VM_BAD_POWER_STATE", f"conformance: {info}")
+    x.task.destroy(task)
+
+    # cancel: seen by a cancellable operation, which then does nothing
+    snapshots = len(x.VM.get_snapshots(vm))
+    sim.stall_tasks(port, "VM.snapshot")
+    task = x.Async.VM.snapshot(vm, "conf-cancelled")
+    x.task.cancel(task)
+    check(wait(task) == "cancelled", "conformance: a cancelled VM.snapshot ends cancelled")
+    check(x.task.get_error_info(task) == ["TASK_CANCELLED", task], "conformance: TASK_CANCELLED")
+    check(len(x.VM.get_snapshots(vm)) == snapshots, "conformance: ... and made nothing")
+    x.task.cancel(task)  # an ended task: recorded, no error
+    check(x.task.get_status(task) == "cancelled", "conformance: a cancel after the end")
+    x.task.destroy(task)
+    sim.stall_tasks(port, "VM.snapshot", False)
+
+    # VM.revert is not cancellable; a pending task's destroy waits for its end
+    snap = x.VM.get_snapshots(vm)[0]
+    sim.stall_tasks(port, "VM.revert")
+    task = x.Async.VM.revert(snap)
+    check(x.task.get_allowed_operations(task) == [], "conformance: VM.revert: no cancel")
+    x.task.cancel(task)
+    x.task.destroy(task)
+    check(x.task.get_status(task) == "pending", "conformance: a pending task outlives destroy")
+    check(x.task.get_current_operations(task).get("task") == "destroy", "... marked destroy")
+    sim.stall_tasks(port, "VM.revert", False)
+    deadline = time.monotonic() + 10
+    while not error(x.task.get_status, task) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check(error(x.task.get_status, task)[:1] == ["HANDLE_INVALID"], "... gone once it ended")
+    check(x.VM.get_power_state(vm) == "Halted", "conformance: ... and the revert was done")

@@ -119,9 +119,30 @@ def max_calls_in_flight(port: int) -> int:
     return int(_call(port, "GET", "/sim/calls")["max_in_flight"])
 
 
-def set_task_delay(port: int, seconds: float) -> None:
-    """Async tasks stay ``pending`` for ``seconds`` before their operation runs."""
-    _call(port, "POST", "/sim/task-delay", {"seconds": seconds})
+def set_task_delay(port: int, seconds: float, method: str | None = None) -> None:
+    """Async tasks stay ``pending`` for ``seconds`` before their operation runs; with a
+    ``method`` (``VM.snapshot``), that method's calls take ``seconds``, sync or Async."""
+    body: dict[str, Any] = {"seconds": seconds}
+    if method is not None:
+        body["method"] = method
+    _call(port, "POST", "/sim/task-delay", body)
+
+
+def stall_tasks(port: int, method: str, stalled: bool = True) -> None:
+    """Calls of ``method`` do not end until released (``stalled=False``); a cancellable
+    Async task of it ends ``cancelled`` once ``task.cancel`` asks."""
+    _call(port, "POST", "/sim/task-delay", {"method": method, "stall": stalled})
+
+
+def list_tasks(port: int) -> list[dict[str, Any]]:
+    """Every task record: ref, name (``Async.VM.snapshot``), status, progress, result,
+    error_info, cancellable, current_operations."""
+    return _call(port, "GET", "/sim/tasks")["tasks"]
+
+
+def async_calls(port: int) -> dict[str, int]:
+    """How many ``Async.<method>`` calls the simulator was asked for, by method."""
+    return dict(_call(port, "GET", "/sim/tasks")["started"])
 
 
 def set_revert_mode(port: int, mode: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from . import ops
 from .chains import coalesce
 from .httpbase import ReplyHandler
-from .model import VDI, VM, Store
+from .model import VDI, VM, Store, Task
 
 
 class ControlHandler(ReplyHandler):
@@ -32,6 +32,9 @@ class ControlHandler(ReplyHandler):
                 return self._json(200, {"vdis": [_vdi_info(v) for v in store.vdis.values()]})
             if what == "datapaths":
                 return self._json(200, store.datapaths.snapshot())
+            if what == "tasks":
+                tasks = [_task_info(t) for t in store.tasks.values()]
+                return self._json(200, {"tasks": tasks, "started": store.async_started})
             if what == "faults":
                 faults = {m: [f.__dict__ for f in fs] for m, fs in store.faults.items() if fs}
                 return self._json(200, {"faults": faults})
@@ -71,8 +74,7 @@ class ControlHandler(ReplyHandler):
                 store.max_in_flight = 0
                 return self._json(200, {"seconds": store.call_latency})
             if what == "task-delay":
-                store.task_delay = max(float(req.get("seconds") or 0), 0.0)
-                return self._json(200, {"seconds": store.task_delay})
+                return self._task_delay(store, req)
             if what == "sr-type":  # {"sr": "local" | "member" | "shared", "type": ...}
                 sr = {"local": store.sr, "member": store.sr2, "shared": store.shared_sr}
                 sr[str(req.get("sr", "local"))].type = str(req["type"])
@@ -98,6 +100,32 @@ class ControlHandler(ReplyHandler):
                 store.revert_mode = req["mode"]
                 return self._json(200, {"mode": store.revert_mode})
         self._json(404, {"error": f"unknown control endpoint {what}"})
+
+    def _task_delay(self, store: Store, req: dict[str, Any]) -> None:
+        """``{"seconds"}``: every Async task waits that long before its operation runs.
+        With ``"method"``: that method's calls, sync or Async, take ``seconds``; with
+        ``"stall": true`` they do not end until ``"stall": false`` (or, for a cancellable
+        task, a task.cancel)."""
+        method = req.get("method")
+        if method is None:
+            store.task_delay = max(float(req.get("seconds") or 0), 0.0)
+            return self._json(200, {"seconds": store.task_delay})
+        method = str(method)
+        if "stall" in req:
+            if req["stall"]:
+                store.stalled.add(method)
+            else:
+                store.stalled.discard(method)
+        if "seconds" in req:
+            store.op_delay[method] = max(float(req.get("seconds") or 0), 0.0)
+        return self._json(
+            200,
+            {
+                "method": method,
+                "seconds": store.op_delay.get(method, 0.0),
+                "stalled": method in store.stalled,
+            },
+        )
 
     def _guest_write(self, store: Store, req: dict[str, Any]) -> None:
         found = _find_vms(store, str(req["vm"]))
@@ -164,6 +192,19 @@ def _vm_info(store: Store, vm: VM) -> dict[str, Any]:
             }
             for b in vbds
         ],
+    }
+
+
+def _task_info(task: Task) -> dict[str, Any]:
+    return {
+        "ref": task.ref,
+        "name": task.name_label,
+        "status": task.status,
+        "progress": task.progress,
+        "result": task.result,
+        "error_info": task.error_info,
+        "cancellable": task.cancellable,
+        "current_operations": dict(task.current_operations),
     }
 
 

@@ -166,6 +166,14 @@ class Task:
     finished: str = EPOCH
     name_description: str = ""
     other_config: dict[str, str] = field(default_factory=dict)
+    # TaskHelper.set_cancellable/set_not_cancellable (taskHelper.ml l.216-225): most
+    # operations advertise ``cancel`` while pending; VM.revert does not
+    # (xapi_vm_snapshot.ml l.653-656: "There's no point advertising cancel").
+    cancellable: bool = True
+    # task.cancel and task.destroy of a pending task are recorded here, keyed by the
+    # calling task (xapi_task.ml l.37-62): "cancel" is seen by the operation at its next
+    # check (TaskHelper.exn_if_cancelling), "destroy" once it has ended.
+    current_operations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -201,6 +209,11 @@ class Store:
         self.fault_at_byte: dict[str, int] = {}  # where an injected export fault cuts the body
         self.export_bps = 0  # 0 = unthrottled
         self.task_delay = 0.0  # seconds an Async task stays pending before it runs
+        # How long one method's calls take, sync or Async (POST /sim/task-delay with a
+        # "method"), and the methods whose calls do not end until released ("stall").
+        self.op_delay: dict[str, float] = {}
+        self.stalled: set[str] = set()
+        self.async_started: dict[str, int] = {}  # Async calls by method (GET /sim/tasks)
         # Latency of every synchronous call (a loaded pool master takes its time), and how
         # many calls were in flight at once at most: the test of a client that does not
         # serialise its calls. XAPI serves each accepted connection on its own thread

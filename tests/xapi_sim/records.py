@@ -175,8 +175,10 @@ def _task(store: Store, task: Task) -> dict[str, Any]:
         "subtask_of": NULL_REF,
         "subtasks": [],
         "other_config": task.other_config,
-        "allowed_operations": ["cancel"] if task.status == "pending" else [],
-        "current_operations": {},
+        # ["cancel"] while a cancellable task is pending; [] once it ended (taskHelper.ml
+        # complete, failed, cancel_this) or for an operation that is not cancellable
+        "allowed_operations": ["cancel"] if task.status == "pending" and task.cancellable else [],
+        "current_operations": dict(task.current_operations),
     }
 
 

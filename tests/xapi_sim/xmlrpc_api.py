@@ -72,7 +72,7 @@ class XapiService:
             "VBD.destroy": lambda vbd: ops.vbd_destroy(s, vbd),
             "task.create": self._task_create,
             "task.cancel": self._task_cancel,
-            "task.destroy": lambda task: s.tasks.pop(s.get("task", task).ref) and "",
+            "task.destroy": self._task_destroy,
         }
 
     # ----- wire ------------------------------------------------------------------
@@ -116,7 +116,12 @@ class XapiService:
                 return ""
         if method.startswith("Async."):
             return self._start_task(method[len("Async.") :], args)
-        return self.invoke(method, args)
+        fn = self._resolve(method, args)
+        # A sync call runs the same operation as its Async form while the caller's
+        # connection waits for the reply (server_helpers.ml do_dispatch l.168-175 against
+        # l.177-197): it takes as long, and nothing can cancel it.
+        self._take_time(method)
+        return self.invoke(method, args, fn)
 
     def invoke(self, method: str, args: list[Any], fn: Method | None = None) -> Any:
         """Run one (sync) method: injected fault first, then the implementation."""
@@ -183,24 +188,49 @@ class XapiService:
         return rec[field]
 
     # ----- tasks -----------------------------------------------------------------
+    # xapi-project/xen-api at e2ee48d688, ocaml/xapi: xapi_task.ml (create, destroy,
+    # cancel), taskHelper.ml (complete, failed, cancel_this, exn_if_cancelling),
+    # server_helpers.ml (do_dispatch: an Async call answers its task ref at once and runs
+    # the operation in a thread of its own), db_gc_util.ml (timeout_tasks).
 
     def _task_create(self, label: str, description: str = "") -> str:
         task = Task(new_ref(), new_uuid(), str(label), name_description=str(description))
         self.store.tasks[task.ref] = task
         return task.ref
 
-    def _task_cancel(self, ref: str) -> None:
+    def _task_cancel(self, ref: str) -> str:
+        """xapi_task.ml cancel (l.46-65): any task of ours may be asked; the request is
+        recorded in ``current_operations`` and the call returns. Nothing is refused: a task
+        that has ended, or one whose operation is not cancellable (VM.revert), just goes
+        on to its own end ("a task may fail to be cancelled and may complete or fail
+        normally", datamodel.ml Task.cancel)."""
         task = self.store.get("task", ref)
-        if task.status != "pending":
-            raise XapiError("OPERATION_NOT_ALLOWED", "task is not pending")
-        finish_task(task, "cancelled", error=["TASK_CANCELLED", task.ref])
+        task.current_operations = {new_ref(): "cancel"}
+        return ""
+
+    def _task_destroy(self, ref: str) -> str:
+        """xapi_task.ml destroy (l.37-44): an ended task is removed; a pending one gets
+        ``destroy`` in ``current_operations`` and stays until it ends, when the DB GC
+        removes it (db_gc_util.ml timeout_tasks l.386-400, on its next pass; here at
+        once)."""
+        task = self.store.get("task", ref)
+        if task.status == "pending":
+            task.current_operations["task"] = "destroy"
+        else:
+            self.store.tasks.pop(task.ref, None)
+        return ""
 
     def _start_task(self, inner: str, args: list[Any]) -> str:
-        """Validate now (like XAPI), run now or after ``task_delay``; return the task ref."""
+        """Validate now (the arguments are unmarshalled before do_dispatch), then run the
+        operation in a thread of its own (now, or after the task's delay); return the ref."""
         self._resolve(inner, args)
         with self.store.lock:
             ref = self._task_create(f"Async.{inner}")
-            task, delay = self.store.tasks[ref], self.store.task_delay
+            task = self.store.tasks[ref]
+            task.cancellable = inner not in _NOT_CANCELLABLE
+            self.store.async_started[inner] = self.store.async_started.get(inner, 0) + 1
+            delay = self.store.task_delay + self.store.op_delay.get(inner, 0.0)
+            stalled = inner in self.store.stalled
         fn: Method | None = None
         if inner == "VDI.snapshot" and args:
             # The source's record is read when the call begins, its other_config copied
@@ -210,30 +240,62 @@ class XapiService:
             def fn(vdi: str, params: object = None) -> str:
                 return ops.vdi_snapshot(self.store, vdi, params, at_start=at_start)
 
-        if delay > 0:
-            threading.Thread(
-                target=self._run_task, args=(task, inner, args, delay, fn), daemon=True
-            ).start()
+        if delay > 0 or stalled:
+            run = threading.Thread(target=self._run_task, args=(task, inner, args, fn))
+            run.daemon = True
+            run.start()
         else:
-            self._run_task(task, inner, args, 0.0, fn)
+            self._run_task(task, inner, args, fn)
         return ref
 
-    def _run_task(
-        self, task: Task, inner: str, args: list[Any], delay: float, fn: Method | None = None
-    ) -> None:
-        if delay:
-            time.sleep(delay)
-        with self.store.lock:
-            if task.status != "pending":  # cancelled while waiting
-                return
-        try:
-            value = self.invoke(inner, args, fn)
-        except XapiError as exc:
-            finish_task(task, "failure", error=exc.description)
-        except Exception as exc:  # noqa: BLE001
-            finish_task(task, "failure", error=["INTERNAL_ERROR", repr(exc)])
+    def _take_time(self, method: str, task: Task | None = None) -> bool:
+        """The time an operation takes (``task_delay`` for Async calls, the method's own
+        delay, a stall until released), its task's progress rising meanwhile. False when a
+        cancellable task was cancelled meanwhile: the operation checks for that as it goes
+        (TaskHelper.exn_if_cancelling, e.g. before each disk of a VM.snapshot,
+        xapi_vm_clone.ml l.198) and ends ``cancelled`` without doing anything."""
+        s = self.store
+        with s.lock:
+            total = s.op_delay.get(method, 0.0) + (s.task_delay if task is not None else 0.0)
+        t0 = time.monotonic()
+        while True:
+            with s.lock:
+                if task is not None and task.cancellable and _cancel_asked(task):
+                    return False
+                elapsed = time.monotonic() - t0
+                if elapsed >= total and method not in s.stalled:
+                    return True
+                if task is not None and total > 0:
+                    task.progress = round(min(elapsed / total, 0.99), 2)
+            time.sleep(0.02)
+
+    def _run_task(self, task: Task, inner: str, args: list[Any], fn: Method | None = None) -> None:
+        if self._take_time(inner, task):
+            try:
+                value = self.invoke(inner, args, fn)
+            except XapiError as exc:
+                finish_task(task, "failure", error=exc.description)
+            except Exception as exc:  # noqa: BLE001
+                finish_task(task, "failure", error=["INTERNAL_ERROR", repr(exc)])
+            else:
+                finish_task(task, "success", result=task_result(value))
         else:
-            finish_task(task, "success", result=task_result(value))
+            # server_helpers.ml exec_with_context l.90-94: TASK_CANCELLED [task] ends the
+            # task cancelled (TaskHelper.cancel, taskHelper.ml l.246-263)
+            finish_task(task, "cancelled", error=["TASK_CANCELLED", task.ref])
+        with self.store.lock:
+            if task.current_operations.get("task") == "destroy":
+                self.store.tasks.pop(task.ref, None)
+
+
+# Operations that say they cannot be cancelled (TaskHelper.set_not_cancellable): VM.revert
+# ("destructive and relatively fast", xapi_vm_snapshot.ml l.653-656).
+_NOT_CANCELLABLE = frozenset({"VM.revert"})
+
+
+def _cancel_asked(task: Task) -> bool:
+    """TaskHelper.is_cancelling (taskHelper.ml l.227-235): ``cancel`` in current_operations."""
+    return "cancel" in task.current_operations.values()
 
 
 def task_result(value: Any) -> str:
@@ -247,5 +309,9 @@ def task_result(value: Any) -> str:
 
 
 def finish_task(task: Task, status: str, result: str = "", error: list[str] | None = None) -> None:
+    """taskHelper.ml complete/failed/cancel_this: a pending task only (an ended one keeps
+    its end); progress 1, finished now, no allowed operations."""
+    if task.status != "pending":
+        return
     task.status, task.result, task.error_info = status, result, list(error or [])
     task.progress, task.finished = 1.0, xapi_time()
