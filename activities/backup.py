@@ -25,15 +25,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from .backup_repository import copy_to_repository, hashing_pool, repository_result
 from .contracts import BackupPlan, BackupProgress, BackupResult, CopyRequest
 from .errors import (
     BackupCorrupt,
@@ -43,12 +45,14 @@ from .errors import (
     classify_os_error,
 )
 from .hypervisors import Drivers
+from .hypervisors.base import BackupHistoryEntry
 from .names import BACKUP_PROGRESS_SIGNAL, BACKUP_SNAPSHOT
 from .progress import signal_interval
 from .settings import Settings
 from .storage import liveness
 from .storage.checksum import VerifyReport
 from .storage.copy_engine import Checkpoint, CopyEngine, StopFlag
+from .storage.repository.store import RepositoryStore
 from .storage.secondary import SecondaryStore
 
 T = TypeVar("T")
@@ -91,14 +95,19 @@ class _Watch:
 
     def __init__(self, resume: Checkpoint | None) -> None:
         self._lock = threading.Lock()
-        self.checkpoint: Checkpoint | None = resume
+        self.checkpoint: BaseModel | None = resume
         self.done = resume.chunks_done * resume.chunk_size if resume else 0
         self.phase = "copy"
         self.last_alive = time.monotonic()
 
-    def on_checkpoint(self, cp: Checkpoint, done: int) -> None:
+    def on_checkpoint(self, cp: BaseModel, done: int) -> None:
         with self._lock:
             self.checkpoint, self.done, self.phase = cp, done, "copy"
+            self.last_alive = time.monotonic()
+
+    def on_copy(self, done: int) -> None:
+        with self._lock:
+            self.done, self.phase = done, "copy"
             self.last_alive = time.monotonic()
 
     def on_verify(self, verified: int, _read: int) -> None:
@@ -152,6 +161,8 @@ class BackupActivities:
         )
         self.executor = executor
         self.drivers = Drivers(settings)
+        self.repository = RepositoryStore(settings.repository, level=settings.repository_zstd_level)
+        self.hashing = hashing_pool(os.cpu_count() or 1)
 
     def _result(self, req: CopyRequest, counters: CopyCounters) -> BackupResult:
         manifest = self.store.read_manifest(self.store.manifest_path(req.volume, req.snapshot_id))
@@ -182,18 +193,28 @@ class BackupActivities:
             return self.engine
         return self.engine.with_chunk_size(DELTA_CHUNK_SIZE)
 
-    def _new_plan(self, driver: Any, req: CopyRequest, *, full_because: str | None) -> BackupPlan:
+    def _new_plan(
+        self,
+        driver: Any,
+        req: CopyRequest,
+        *,
+        full_because: str | None,
+        history: Callable[[], Sequence[BackupHistoryEntry]] | None = None,
+    ) -> BackupPlan:
         """Choose full or delta and keep the choice beside the partial files; under the
         volume's chain lock, so that no delete removes the base being chosen. A full is
-        forced ``full_because`` something (an operator's ``--full``, a lost base)."""
+        forced ``full_because`` something (an operator's ``--full``, a lost base).
+        ``history``: the volume's backups to plan from (default: the plain-file store's)."""
         if full_because is None and req.full:
             full_because = "a full backup was asked for (--full)"
         with self.store.volume_lock(req.volume):
-            history = self.store.completed(req.volume, hidden=False)
+            backups = (
+                history() if history is not None else self.store.completed(req.volume, hidden=False)
+            )
             if full_because is not None:
                 plan = BackupPlan(reason=full_because)
             else:
-                plan = driver.plan_backup(req.source, history, delta_max=req.delta_max)
+                plan = driver.plan_backup(req.source, backups, delta_max=req.delta_max)
             self.store.save_plan(req.volume, req.snapshot_id, plan)
         if plan.parent is None:
             log.info("backup %s is a full backup: %s", req.snapshot_id, plan.reason)
@@ -327,6 +348,8 @@ class BackupActivities:
             ) from exc
 
     async def _backup(self, req: CopyRequest) -> BackupResult:
+        if self.settings.backup_store == "repository":
+            return await self._backup_to_repository(req)
         info = activity.info()
         manifest = self.store.manifest_path(req.volume, req.snapshot_id)
         if manifest.exists():
@@ -369,6 +392,43 @@ class BackupActivities:
                 self.store.discard_partial(self.store.partial_target(req.volume, req.snapshot_id))
             raise
         return self._result(req, counters)
+
+    async def _backup_to_repository(self, req: CopyRequest) -> BackupResult:
+        store = self.repository
+        stop, watch = StopFlag(), _Watch(None)
+
+        def on_verify(verified: int, read: int) -> None:
+            watch.on_verify(verified, read)
+            stop.raise_if_set()
+
+        path = store.manifest_path(req.volume, req.snapshot_id)
+        if path.exists():
+            # Finished before (the manifest is written last): verify instead of copying.
+            manifest = store.read_manifest(path)
+            try:
+                t0 = time.monotonic()
+                _, read = await self._heartbeating(
+                    req, lambda: store.verify(manifest, on_progress=on_verify), watch, stop
+                )
+                counters = CopyCounters(0, req.source.virtual_size, read, time.monotonic() - t0)
+                return repository_result(req, store, manifest, counters)
+            except BackupCorrupt:
+                store.delete(req.volume, req.snapshot_id)  # and copy it again
+        hb = (activity.info().heartbeat_timeout or timedelta(seconds=60)).total_seconds()
+        try:
+            manifest, counters = await self._heartbeating(
+                req,
+                lambda: copy_to_repository(self, req, watch, stop, max(60.0, 3 * hb)),
+                watch,
+                stop,
+            )
+        except asyncio.CancelledError:
+            details = activity.cancellation_details()
+            if details is not None and details.cancel_requested:
+                store.discard_partial(req.volume, req.snapshot_id)
+                self.store.plan_path(req.volume, req.snapshot_id).unlink(missing_ok=True)
+            raise
+        return repository_result(req, store, manifest, counters)
 
     async def _heartbeating(
         self, req: CopyRequest, fn: Callable[[], T], watch: _Watch, stop: StopFlag

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_err
 from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
 from .settings import Settings
+from .storage.backup_image import backup_image
 from .storage.files import FILE_MODE, atomic_write, fsync_replace, make_dirs
+from .storage.repository import BackupManifest
+from .storage.repository.store import RepositoryStore
 from .storage.secondary import Manifest, SecondaryStore
 
 
@@ -95,12 +99,17 @@ class RestoreActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = SecondaryStore(settings.secondary)
+        self.repository = RepositoryStore(settings.repository, level=settings.repository_zstd_level)
         self.drivers = Drivers(settings)
 
-    def _manifest(self, path: str):  # type: ignore[no-untyped-def]
+    def _manifest(self, path: str) -> Manifest | BackupManifest:
+        """A backup's manifest, from the store it names: the repository or plain files
+        (backups in either restore, whichever store new backups go to)."""
         p = Path(path)
         if not p.exists():
             raise InvalidInput(f"backup manifest {path} does not exist")
+        if self.repository.holds(p):
+            return self.repository.read_manifest(p)
         return self.store.read_manifest(p)
 
     @activity.defn(name=VERIFY_BACKUP)
@@ -108,13 +117,17 @@ class RestoreActivities:
     def verify_backup(self, manifest_path: str) -> str:
         """Re-read a backup and check it against its manifest; returns the checksum."""
         manifest = self._manifest(manifest_path)
-        report = self.store.verify(manifest, on_progress=_progress)
+        t0 = time.monotonic()
+        if isinstance(manifest, BackupManifest):
+            _, read = self.repository.verify(manifest, on_progress=_progress)
+        else:
+            read = self.store.verify(manifest, on_progress=_progress).bytes_read
         activity.logger.info(
             "verified %s: read %d of %d bytes in %.2f s",
             manifest_path,
-            report.bytes_read,
+            read,
             manifest.virtual_size,
-            report.seconds,
+            time.monotonic() - t0,
         )
         return manifest.checksum
 
@@ -130,7 +143,7 @@ class RestoreActivities:
         target = self.target_path(req)
         if target.exists():
             raise InvalidInput(f"{req.kind.value} {req.name!r} already exists at {target}")
-        with self.store.materialized(manifest, on_progress=_progress) as raw:  # verified
+        with backup_image(req.manifest_path, on_progress=_progress) as raw:  # verified
             if req.kind == RestoreKind.VOLUME:
                 # A hypervisor with its own primary storage (a datastore, an SR) puts it there.
                 driver = self.drivers.get(req.volume.vm.hypervisor)
@@ -141,7 +154,7 @@ class RestoreActivities:
             return self._restore_qcow2(req, target, raw, manifest)
 
     def _restore_qcow2(
-        self, req: RestoreRequest, target: Path, raw: Path, manifest: Manifest
+        self, req: RestoreRequest, target: Path, raw: Path, manifest: Manifest | BackupManifest
     ) -> RestoreResult:
         """A file-backed qcow2 volume or template, compared before its final name."""
         partial = target.with_name(target.name + ".partial")
@@ -203,6 +216,8 @@ class RestoreActivities:
         depend on is hidden instead, and hidden ancestors left without dependants go too.
         Files go manifest first, so a half-deleted backup never looks whole. Idempotent."""
         try:
+            # A repository backup stands alone: deleting it touches no other backup.
+            self.repository.delete(req.volume, req.snapshot_id)
             return self.store.delete_chain_aware(req.volume, req.snapshot_id)
         except OSError as exc:
             raise classify_os_error(exc, where=str(self.store.directory(req.volume))) from exc

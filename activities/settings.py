@@ -154,6 +154,9 @@ def _positive(name: str, default: str) -> int:
     return number
 
 
+BACKUP_STORES = ("files", "repository")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one process reads from its environment (see :meth:`from_env` for the names).
@@ -200,8 +203,28 @@ class Settings:
     kvm_incremental: bool = True
     host_concurrency: int = 16
     host_long_concurrency: int = 4
+    # Where backups go on secondary: "files" (a sparse raw file, or a delta file, per
+    # snapshot) or "repository" (deduplicated, compressed, encrypted chunks: storage/
+    # repository/). Backups in either restore, whichever is set.
+    backup_store: str = "files"
+    repository_zstd_level: int = 3
+
+    @property
+    def repository(self) -> Path:
+        """The backup repository (``snapferry repository`` works on it too)."""
+        return self.secondary / "repository"
 
     def __post_init__(self) -> None:
+        if self.backup_store not in BACKUP_STORES:
+            raise ValueError(
+                f"SNAPFERRY_BACKUP_STORE={self.backup_store!r} is not one of"
+                f" {', '.join(BACKUP_STORES)}"
+            )
+        if not 1 <= self.repository_zstd_level <= 22:
+            raise ValueError(
+                f"SNAPFERRY_REPOSITORY_ZSTD_LEVEL={self.repository_zstd_level} is not"
+                " within 1..22 (zstd's levels)"
+            )
         if self.host_long_concurrency > self.host_concurrency:
             raise ValueError(
                 f"SNAPFERRY_HOST_LONG_CONCURRENCY={self.host_long_concurrency} is more than"
@@ -257,4 +280,6 @@ class Settings:
             kvm_incremental=_env("SNAPFERRY_KVM_INCREMENTAL", "1") != "0",
             host_concurrency=_positive("SNAPFERRY_HOST_CONCURRENCY", "16"),
             host_long_concurrency=_positive("SNAPFERRY_HOST_LONG_CONCURRENCY", "4"),
+            backup_store=_env("SNAPFERRY_BACKUP_STORE", "files"),
+            repository_zstd_level=_positive("SNAPFERRY_REPOSITORY_ZSTD_LEVEL", "3"),
         )

@@ -123,8 +123,11 @@ def settings(
 ) -> Settings:
     """Settings for one test; also exported to the environment for CLI subprocesses.
     ``@pytest.mark.kvm_full_backups``: KVM incrementals off (SNAPFERRY_KVM_INCREMENTAL=0),
-    for the tests of that mode's merge back onto the original file after every backup."""
+    for the tests of that mode's merge back onto the original file after every backup.
+    ``@pytest.mark.backup_store("repository")``: backups go to the backup repository."""
+    store = request.node.get_closest_marker("backup_store")
     env = {
+        "SNAPFERRY_BACKUP_STORE": store.args[0] if store else "files",
         "SNAPFERRY_KVM_INCREMENTAL": (
             "0" if request.node.get_closest_marker("kvm_full_backups") else "1"
         ),

@@ -20,7 +20,7 @@ from .common import Adder
 
 
 def _root(args: argparse.Namespace, settings: Settings) -> Path:
-    return Path(args.root) if args.root else settings.secondary / "repository"
+    return Path(args.root) if args.root else settings.repository
 
 
 def _open(args: argparse.Namespace, settings: Settings) -> Repository:

@@ -46,10 +46,9 @@ class RevertOps(RedefinitionIntent):
                     dom, vm, disk, req.snapshot_id, source=frozen.path, source_fmt=frozen.format
                 )
             elif req.manifest_path is not None:
-                from ...storage.secondary import SecondaryStore
+                from ...storage.backup_image import backup_image
 
-                manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-                with SecondaryStore.materialized(manifest) as raw:
+                with backup_image(req.manifest_path) as raw:
                     self._revert_disk(
                         dom, vm, disk, req.snapshot_id, source=str(raw), source_fmt="raw"
                     )

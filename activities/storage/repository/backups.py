@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +58,28 @@ class BackupManifest(BaseModel):
     data_bytes: int = 0  # bytes of non-zero chunks: what a restore writes
     new_bytes: int = 0  # stored bytes this backup added to the repository
     index_sha256: str = ""
+    # Where the backup came from, for the next backup's plan (BackupHistoryEntry) and for
+    # operators: the take's image on primary, incrementals since the last full backup.
+    hypervisor: str = ""
+    source: str = ""
+    source_format: str = ""
+    depth: int = 0
+    change_id: str | None = None
+    full_reason: str | None = None
+
+    @property
+    def checksum(self) -> str:
+        """What identifies the backup's content: the SHA-256 of its index, whose segment IDs
+        name (hash, or keyed hash) every byte of the disk."""
+        return f"sfrepo1:{self.index_sha256}"
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    blob_id: bytes
+    found: BlobLocation | None  # where the repository already had it, when prepared
+    stored: bytes | None  # its encoded form, when it was not found
+    plain: bytes
 
 
 class BackupWriter:
@@ -73,7 +96,12 @@ class BackupWriter:
         virtual_size: int,
         parent: BackupManifest | None = None,
         resume: bool = False,
+        meta: dict[str, object] | None = None,
+        on_pack: Callable[[list[BlobLocation]], None] | None = None,
     ) -> None:
+        """``meta``: more manifest fields (hypervisor, source, depth...). ``on_pack(blobs)``
+        is called with what each published pack holds, once it is durable (a verify reads
+        it back from the medium behind the copy)."""
         if virtual_size <= 0:
             raise InvalidInput(f"virtual size {virtual_size} is not positive")
         self.repo = repo
@@ -84,6 +112,9 @@ class BackupWriter:
         self.virtual_size = virtual_size
         self.total_segments = -(-virtual_size // self.seg_bytes)
         self.parent = BackupReader(repo, parent) if parent is not None else None
+        self.meta = dict(meta or {})
+        self._zeros = bytes(self.chunk)
+        self.on_pack = on_pack
         directory = repo.backup_dir(vm, disk)
         make_dirs(directory)
         self.final = directory / f"{snapshot_id}.segments"
@@ -93,10 +124,15 @@ class BackupWriter:
         atomic_write(
             self.writer_file, json.dumps({"snapshot": snapshot_id, "started": time.time()})
         )
+        # How many segments the last checkpoint made durable: segment IDs appended after
+        # it may name blobs of a pack that was never published, so they are not trusted.
+        self.checkpoint_file = directory / f"{snapshot_id}.segments.checkpoint"
+        if not resume:
+            self.checkpoint_file.unlink(missing_ok=True)
         flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_TRUNC)
         self.fd = os.open(self.partial, flags, FILE_MODE)
         done = max(0, os.fstat(self.fd).st_size - len(SEGMENTS_MAGIC)) // ID_BYTES
-        self.segments_done = min(done, self.total_segments)
+        self.segments_done = min(done, self.total_segments, self._checkpointed())
         os.ftruncate(self.fd, len(SEGMENTS_MAGIC) + self.segments_done * ID_BYTES)
         os.pwrite(self.fd, SEGMENTS_MAGIC, 0)
         os.lseek(self.fd, 0, os.SEEK_END)
@@ -107,6 +143,12 @@ class BackupWriter:
         self.cur_seg = -1
         self.cur_ids: list[bytes] = []
         self.new_bytes = 0
+
+    def _checkpointed(self) -> int:
+        try:
+            return int(json.loads(self.checkpoint_file.read_text())["segments"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
 
     @property
     def resume_offset(self) -> int:
@@ -127,7 +169,10 @@ class BackupWriter:
         blob_id = self.repo.codec.blob_id(data)
         if self._known(blob_id):
             return blob_id
-        stored = self.repo.codec.encode(blob_id, data)
+        self._add(blob_id, kind, self.repo.codec.encode(blob_id, data))
+        return blob_id
+
+    def _add(self, blob_id: bytes, kind: int, stored: bytes) -> None:
         if self.pack is None:
             self.pack = PackWriter(self.repo.root, self.repo.codec)
         self.pack.add(blob_id, kind, stored)
@@ -135,12 +180,14 @@ class BackupWriter:
         self.session.add(blob_id)
         if self.pack.full:
             self._publish_pack()
-        return blob_id
 
     def _publish_pack(self) -> None:
         if self.pack is not None:
-            self.published += self.pack.finish()
+            blobs = self.pack.finish()
+            self.published += blobs
             self.pack = None
+            if self.on_pack is not None:
+                self.on_pack(blobs)
 
     # -- segments -------------------------------------------------------------------
     def _chunks_in(self, seg: int) -> int:
@@ -198,22 +245,59 @@ class BackupWriter:
                 ZERO_ID if zero else self._store(CHUNK, piece)
             )
 
+    def put(self, offset: int, chunk: PreparedChunk) -> None:
+        """One chunk prepared on a copy thread (:meth:`prepare`), at ``offset``, in
+        increasing order. A chunk found then but gone now (gc) is encoded here."""
+        if offset % self.chunk or not 0 <= offset < self.virtual_size:
+            raise InvalidInput(f"chunk at {offset} is not chunk-aligned within the disk")
+        c = offset // self.chunk
+        self._advance_to(c // self.cfg.segment_chunks)
+        blob_id = chunk.blob_id
+        if blob_id != ZERO_ID and blob_id not in self.session:
+            if chunk.found is not None and self.repo.touch_pack(chunk.found.pack, self.touched):
+                self.session.add(blob_id)
+            else:
+                stored = chunk.stored or self.repo.codec.encode(blob_id, chunk.plain)
+                self._add(blob_id, CHUNK, stored)
+        self.cur_ids[c % self.cfg.segment_chunks] = blob_id
+
+    def prepare(self, plain: bytes) -> PreparedChunk:
+        """Hash a chunk, look it up, and encode it if the repository lacks it: the costly
+        part of :meth:`write`, safe on any thread (zstd and AES-GCM contexts are per thread,
+        the index is read-only here), so the copy spreads it over the cores."""
+        zeros = self._zeros if len(plain) == self.chunk else bytes(len(plain))
+        if plain != zeros:
+            blob_id = self.repo.codec.blob_id(plain)
+            found = self.repo.find(blob_id)
+            stored = None if found is not None else self.repo.codec.encode(blob_id, plain)
+            return PreparedChunk(blob_id, found, stored, plain)
+        return PreparedChunk(ZERO_ID, None, None, b"")
+
     def checkpoint(self) -> int:
         """Make what is written durable; returns ``resume_offset``."""
         self._publish_pack()
         self.repo.index.add(self.published)
         self.published = []
+        # What this session stored is in the index now: the set stays bounded by what one
+        # checkpoint interval writes, whatever the disk's size.
+        self.session.clear()
         os.fsync(self.fd)
+        atomic_write(self.checkpoint_file, json.dumps({"segments": self.segments_done}))
         os.utime(self.writer_file)  # alive: gc keeps what this writer references
         return self.resume_offset
 
-    def commit(self) -> BackupManifest:
+    def finish_data(self) -> None:
+        """Close the last segment and make everything durable, before the manifest."""
         self._advance_to(self.total_segments)
         self.checkpoint()
+
+    def commit(self) -> BackupManifest:
+        self.finish_data()
         os.close(self.fd)
         self.fd = -1
         sha = _file_sha256(self.partial)
         os.replace(self.partial, self.final)
+        self.checkpoint_file.unlink(missing_ok=True)
         fsync_dir(self.final.parent)
         manifest = BackupManifest(
             snapshot_id=self.snapshot_id,
@@ -228,6 +312,7 @@ class BackupWriter:
             created=datetime.now(UTC),
             new_bytes=self.new_bytes,
             index_sha256=sha,
+            **self.meta,  # type: ignore[arg-type]
         )
         manifest.data_bytes = BackupReader(self.repo, manifest).data_bytes()
         atomic_write(self.final.with_suffix(".json"), manifest.model_dump_json(indent=2))

@@ -123,3 +123,4 @@ class Repository:
         manifest.unlink(missing_ok=True)
         manifest.with_suffix(".segments").unlink(missing_ok=True)
         manifest.with_suffix(".segments.partial").unlink(missing_ok=True)
+        manifest.with_suffix(".segments.checkpoint").unlink(missing_ok=True)
