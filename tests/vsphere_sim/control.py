@@ -150,3 +150,13 @@ def session_stats(port: int, *, reset: bool = False) -> dict[str, int]:
 def soap_calls(port: int) -> dict[str, int]:
     """How many times each SOAP method was called since the simulator started."""
     return _call(port, "POST", "/sim/calls", {})["calls"]
+
+
+def cbt(port: int, vm: str | None = None, **controls: object) -> dict:
+    """Changed Block Tracking controls and state (tests/vsphere_sim/cbt.py): ``page=n`` (the
+    disk bytes one QueryChangedDiskAreas answer covers); for ``vm``: ``supported=False``
+    (capability.changeTrackingSupported, as below hardware version 7), ``reset=True`` (a
+    CBT reset: new tracking UUIDs). Answers ``page``, ``queries`` and, for ``vm``,
+    ``requested``, ``active`` and each disk's ``change_ids``."""
+    body = {**controls, **({"vm": vm} if vm else {})}
+    return _call(port, "POST", "/sim/cbt", body)

@@ -29,6 +29,8 @@ from typing import Any
 from pyVmomi import vim, vmodl
 from pyVmomi.VmomiSupport import ManagedObject
 
+from .cbt import ChangeTracking
+
 DC, DS = "dc1", "ds1"
 SI = vim.ServiceInstance("ServiceInstance")
 ROOT_FOLDER = vim.Folder("group-d1")
@@ -312,6 +314,7 @@ class Inventory:
         # vSphere API reference) or fails for space (in its task: NoDiskSpace, "This fault
         # is thrown when an operation fails because of insufficient disk space").
         self.clone_fault: str | None = None
+        self.cbt = ChangeTracking()  # Changed Block Tracking (see cbt.py)
         self._ids = itertools.count(100)
 
     # ----- files -------------------------------------------------------------------
@@ -414,6 +417,7 @@ class Inventory:
         with open(self.disk_file(vm, disk), "r+b") as f:
             f.seek(offset)
             f.write(data)
+        self.cbt.written(vm, disk, offset, len(data))
 
     # ----- properties ----------------------------------------------------------------
 
@@ -432,6 +436,7 @@ class Inventory:
             props = {
                 "vm": vim.VirtualMachine(rec.vm),
                 "childSnapshot": vim.vm.Snapshot.Array([vim.vm.Snapshot(c) for c in rec.children]),
+                "config": self.cbt.snap_config.get(rec.moid),
             }
         elif isinstance(rec, vim.TaskInfo):
             props = {"info": rec}
@@ -538,6 +543,7 @@ class Inventory:
                 [DATASTORES[n] for n in dict.fromkeys([vm.home_ds, *vm.disk_ds])]
             ),
             "recentTask": vim.Task.Array(recent),
+            "capability": self.cbt.capability(vm),
         }
 
     def _config(self, vm: Vm) -> vim.vm.ConfigInfo:
@@ -599,7 +605,7 @@ class Inventory:
             )
         if vm.reverse_devices:
             devices = [controller, *reversed(devices[1:])]
-        return vim.vm.ConfigInfo(
+        config = vim.vm.ConfigInfo(
             changeVersion=str(time.time_ns()),
             modified=now(),
             name=vm.name,
@@ -616,6 +622,7 @@ class Inventory:
             defaultPowerOps=vim.vm.DefaultPowerOpInfo(),
             hardware=vim.vm.VirtualHardware(numCPU=1, memoryMB=512, device=devices),
         )
+        return self.cbt.show(vm, config)
 
     def _snapshot_info(self, vm: Vm) -> vim.vm.SnapshotInfo | None:
         def tree(snap: Snap) -> vim.vm.SnapshotTree:
@@ -747,6 +754,7 @@ class Inventory:
             parent=vm.current,
         )
         vm.next_snap_id += 1
+        self.cbt.snapshot_taken(vm, snap.moid, self._config(vm))
         for i in range(len(vm.disks)):
             if not vm.disk_mode.startswith("independent"):
                 sparse_copy(self.disk_file(vm, i), self.disk_file(vm, i, snap))
@@ -765,6 +773,7 @@ class Inventory:
                 sparse_copy(self.disk_file(vm, i, snap), self.disk_file(vm, i))
         frozen = {f for s in self.snaps.values() if s.vm == vm.moid for f in s.frozen}
         vm.chains.revert(snap.frozen, frozen)
+        self.cbt.reverted(vm, snap.moid)
         vm.power = "poweredOn" if snap.memory and not suppress_power_on else "poweredOff"
         vm.current = snap.moid
 
@@ -787,8 +796,10 @@ class Inventory:
                 self.snaps[child].parent = snap.parent
                 if siblings is not None:
                     siblings.append(child)
+        self.cbt.stunned(vm)
         for s in doomed:
             del self.snaps[s.moid]
+            self.cbt.snapshot_removed(s.moid)
             for i in range(len(vm.disks)):
                 self.disk_file(vm, i, s).unlink(missing_ok=True)
         if vm.current in {s.moid for s in doomed}:
@@ -972,6 +983,8 @@ class Inventory:
         if state == "poweredOn":
             self._check_datastore(vm.name)
         vm.power = state
+        if state == "poweredOn":
+            self.cbt.stunned(vm)
 
     def destroy(self, vm: Vm) -> None:
         if not vm.complete:
@@ -998,6 +1011,7 @@ class Inventory:
         for moid in [m for m, s in self.snaps.items() if s.vm == vm.moid]:
             del self.snaps[moid]
         del self.vms[vm.moid]
+        self.cbt.forget(vm)
 
     def delete_datastore_file(self, name: str) -> None:
         """FileManager.DeleteDatastoreFile_Task: "Deletes the specified file or folder from

@@ -368,6 +368,8 @@ class Handler(BaseHTTPRequestHandler):
                 if req.get("reset"):
                     service.stats = {"logins": 0, "logouts": 0, "expired": 0, "max_live": live}
                 return self._json(200, {**service.stats, "live": live})
+            if what == "cbt":  # Changed Block Tracking controls (see cbt.py)
+                return self._json(*inv.cbt.control(inv, req))
             if what == "calls":
                 return self._json(200, {"calls": dict(inv.calls)})
         self._json(404, {"error": f"unknown control endpoint {what}"})

@@ -179,6 +179,12 @@ class VimService:
             return inv.run_task(
                 None, "FileManager.deleteFile", lambda: inv.delete_datastore_file(name)
             ), rtype
+        if m == "QueryChangedDiskAreas" and isinstance(this, vim.VirtualMachine):
+            vm = inv.resolve(this, vim.VirtualMachine)
+            found = inv.cbt.query(
+                inv, vm, a.get("snapshot"), a["deviceKey"], a["startOffset"], a["changeId"]
+            )
+            return found, rtype
         if m == "MoveIntoFolder_Task" and isinstance(this, vim.Folder):
             inv.resolve(this, vim.Folder)
             entities = list(a["list"])
@@ -238,6 +244,10 @@ class VimService:
                     lambda: inv.set_power(rec, "poweredOff"),
                 ),
                 "Destroy_Task": ("VirtualMachine.destroy", lambda: inv.destroy(rec)),
+                "ReconfigVM_Task": (
+                    "VirtualMachine.reconfigure",
+                    lambda: inv.cbt.reconfigure(rec, a["spec"]),
+                ),
                 "ConsolidateVMDisks_Task": (
                     "VirtualMachine.consolidateDisks",
                     lambda: inv.consolidate_disks(rec),

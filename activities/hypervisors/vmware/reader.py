@@ -41,7 +41,13 @@ class DatastoreReader:
     repeats what the store already has; the store does not.
 
     A GET answered 401 (the session expired under a long transfer) logs in again and is
-    sent again at once (see ``_get``): the copy goes on in the same attempt."""
+    sent again at once (see ``_get``): the copy goes on in the same attempt.
+
+    A delta's reader is given the areas Changed Block Tracking reports changed (``areas``,
+    sorted ``(start, length)``): those are its data extents, and everything else is
+    unchanged since its parent. Each GET then ends where its area ends (or a window
+    further, whichever is first), and is read to that end, so that the next area's GET goes
+    over the same kept-alive connection and nothing between two areas crosses the wire."""
 
     def __init__(
         self,
@@ -51,6 +57,7 @@ class DatastoreReader:
         size: int,
         *,
         window: int = 0,
+        areas: list[tuple[int, int]] | None = None,
     ) -> None:
         self.session, self.ds, self.path = session, ds, path
         self.virtual_size = size
@@ -62,8 +69,13 @@ class DatastoreReader:
         self.ranges = True  # until the server shows it ignores them
         self.dropped = 0  # bytes read and thrown away to reach a resume point
         self.requests = 0  # GETs sent (the tests and the benchmark count them)
+        self.areas = areas
 
     def data_extents(self) -> list[DataExtent]:
+        if self.areas is not None:
+            return [
+                DataExtent(start=s, length=n, path=self.path, host_offset=s) for s, n in self.areas
+            ]
         return [DataExtent(start=0, length=self.virtual_size, path=self.path, host_offset=0)]
 
     def _get(self, headers: dict[str, str]) -> http.client.HTTPResponse:
@@ -100,7 +112,7 @@ class DatastoreReader:
                 offset = guest_offset + done
                 try:
                     if not self._stream_serves(offset):
-                        self._open(offset)
+                        self._open(offset, extent.start + extent.length)
                     got = self._fill(offset, view[done:])
                 except (OSError, http.client.HTTPException) as exc:
                     self.close()
@@ -131,9 +143,11 @@ class DatastoreReader:
             return self._stream_pos == offset
         return self._stream_pos <= offset < self._stream_end
 
-    def _open(self, offset: int) -> None:
+    def _open(self, offset: int, extent_end: int) -> None:
         self._drop_stream()
         end = min(offset + self.window, self.virtual_size)
+        if self.areas is not None:  # a delta: to the end of this changed area
+            end = min(end, extent_end)
         if not self.ranges:
             resp = self._get({})
             if resp.status != 200:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ...contracts import RestoreRequest, RestoreResult, RevertRequest
 from ...errors import ChainBusy, HypervisorUnavailable, InvalidInput, SourceGone
+from .cbt import CbtOps
 from .common import flat_path, vm_lock
-from .ops import VsphereOps
 
 
-class RestoreOps(VsphereOps):
+class RestoreOps(CbtOps):
     """Reverts and new volumes, written over the datastore file protocol."""
 
     # -- revert a volume (from secondary) ----------------------------------------------------
@@ -26,7 +26,11 @@ class RestoreOps(VsphereOps):
         back to its base: the VM reads through the redo log, so a backup written to the
         base would not be what it reads, and one written to the log's name would be a new
         file it never reads. The checks come before the backup is read, so a refusal
-        costs nothing and changes nothing."""
+        costs nothing and changes nothing.
+
+        The write goes past the VM, so Changed Block Tracking does not see it: CBT is reset
+        first (off, then on), so that the next backup is a full rather than a delta that
+        would miss the reverted areas."""
         from ...storage.secondary import SecondaryStore
 
         vm_name, disk = req.volume.vm.name, req.volume.disk
@@ -57,6 +61,11 @@ class RestoreOps(VsphereOps):
                     " (Snapshots > Consolidate), then revert again; nothing was written"
                 )
             ds, path = flat_path(device.backing.fileName)
+            tracked = self.session.call(
+                lambda _si: bool(vm.config.changeTrackingEnabled), "reading changeTrackingEnabled"
+            )
+            if tracked:
+                self._reset_tracking(vm, f"VM {vm_name!r} (reverting {disk!r})")
             manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
             with SecondaryStore.materialized(manifest) as raw:
                 sent = self._upload(ds, path, raw)

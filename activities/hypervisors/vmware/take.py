@@ -10,6 +10,7 @@ from pyVmomi import vim, vmodl
 
 from ...contracts import BackupPlan, DiscardRequest, PrimarySnapshot, VolumeRef
 from ...errors import HypervisorUnavailable, UnsupportedImage
+from .cbt import CbtOps
 from .common import (
     VM_SNAPSHOT_PREFIX,
     VOLUME_SNAPSHOT_PREFIX,
@@ -20,17 +21,21 @@ from .common import (
     flat_path,
     vm_lock,
 )
-from .ops import VsphereOps
 from .reader import DatastoreReader
 
 log = logging.getLogger(__name__)
 
 
-class TakeOps(VsphereOps):
+class TakeOps(CbtOps):
     """Volume snapshots: take, backup source, release, discard."""
 
     # -- take --------------------------------------------------------------------------------
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+        """A full clone of the disk from a temporary vSphere snapshot. With Changed Block
+        Tracking on (see ``cbt``), the disk's changeId at the snapshot is recorded; if CBT
+        was on before this take, the snapshot stays until release, for the delta's
+        ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made (and CBT
+        is turned on where it can be, for the next take)."""
         typed, disk = volume.vm.name, volume.disk
         with vm_lock(typed):
             self._refuse_standalone_host()
@@ -45,6 +50,7 @@ class TakeOps(VsphereOps):
             # An earlier attempt's snapshot, clone or removal may still be running in
             # vCenter after its worker died: wait for them before deciding what to make.
             self._wait_for_tasks(vm, typed)
+            tracked = self._tracking_on(vm, f"VM {typed!r}")
             clone = self._find_clone(vm, name)  # a retried take finds its clone
             if clone is None:
                 snap = self._snapshot_named(vm, snap_name) or self._run(
@@ -68,7 +74,12 @@ class TakeOps(VsphereOps):
                     vm, parent, name, snap, others, source_disk, f"{typed!r}", snapshot_id
                 )
             leftover = self._snapshot_named(vm, snap_name)
-            if leftover is not None:  # the clone holds the bytes now; the VM goes free
+            # The disk's changeId at the snapshot, for the next backup's delta. The snapshot
+            # itself stays for this backup's QueryChangedDiskAreas if CBT was on before it
+            # (if it was just turned on, this backup is a full anyway).
+            change_id = None if leftover is None else self._change_id_at(leftover, source_disk.key)
+            if leftover is not None and not (tracked and change_id is not None):
+                # The clone holds the bytes now; the VM goes free.
                 self._remove_snapshot(
                     vm, vm_name, leftover, f"removing temporary snapshot of {typed!r}"
                 )
@@ -103,6 +114,7 @@ class TakeOps(VsphereOps):
                 virtual_size=capacity(source_disk),
                 vm_was_running=running,
                 handle=clone._moId,
+                change_id=change_id,
             )
 
     def _remove_orphans(self, vm: Any, name: str, what: str) -> None:
@@ -196,8 +208,12 @@ class TakeOps(VsphereOps):
 
     # -- backup source ---------------------------------------------------------------------
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> DatastoreReader:
+        """The clone's flat disk; for a delta, only the areas Changed Block Tracking says
+        changed since the parent's changeId (``SourceGone`` when it cannot say: the backup
+        becomes a full)."""
         ds, _, path = source.image.partition("] ")
-        return DatastoreReader(self.session, ds.lstrip("["), path, source.virtual_size)
+        areas = self._changed_areas(source, plan) if plan.parent is not None else None
+        return DatastoreReader(self.session, ds.lstrip("["), path, source.virtual_size, areas=areas)
 
     # -- release / discard -------------------------------------------------------------------
     def release(
@@ -221,6 +237,8 @@ class TakeOps(VsphereOps):
         inside", apache/cloudstack#5333). The folder is snapferry's alone (named after the
         snapshot), so it goes as a whole."""
         name = source.overlay or clone_name(volume.vm.name, snapshot_id)
+        if source.change_id is not None:
+            self._remove_kept_snapshot(volume.vm.name, snapshot_id)
         clone = self._vm_by_moref(source.handle, name) if source.handle else None
         if clone is None:
             clone = self._clone_by_name(volume.vm.name, name)
@@ -231,6 +249,14 @@ class TakeOps(VsphereOps):
         for ds, folder in sorted(f for f in folders if f is not None):
             if folder == name or folder.startswith(f"{name}_"):
                 self._delete_datastore_path(ds, folder, f"the clone of snapshot {snapshot_id}")
+
+    def _remove_kept_snapshot(self, vm_name: str, snapshot_id: str) -> None:
+        """The take's temporary vSphere snapshot, kept for Changed Block Tracking."""
+        vm = self._find_vm(vm_name)
+        snap = self._snapshot_named(vm, VOLUME_SNAPSHOT_PREFIX + snapshot_id) if vm else None
+        if snap is not None:
+            name = self.session.call(lambda _si: vm.name, "reading the VM's name")
+            self._remove_snapshot(vm, name, snap, f"removing the CBT snapshot of {snapshot_id}")
 
     @staticmethod
     def _image_folder(image: str) -> tuple[str, str] | None:

@@ -6,11 +6,11 @@ from typing import Any
 
 from ...contracts import VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
 from ...errors import InvalidInput, SourceGone
+from .cbt import CbtOps
 from .common import VM_SNAPSHOT_PREFIX, vm_lock
-from .ops import VsphereOps
 
 
-class VmSnapshotOps(VsphereOps):
+class VmSnapshotOps(CbtOps):
     """Disk and DiskAndMemory VM snapshots: create, revert, delete."""
 
     # -- VM snapshots ------------------------------------------------------------------------
@@ -43,7 +43,13 @@ class VmSnapshotOps(VsphereOps):
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
         """vSphere's own revert; a Disk snapshot needs the VM stopped, as on KVM (vSphere
-        would power it off silently), and a DiskAndMemory one resumes it running."""
+        would power it off silently), and a DiskAndMemory one resumes it running.
+
+        The changeIds given out after the snapshot name other disk states once it is back
+        (VMware's KB on reverting to a pre-existing snapshot with CBT: "do a full VM backup
+        after a snapshot revert operation"), so Changed Block Tracking is turned off after
+        the revert; the next take turns it on again once the VM has no snapshots, and the
+        next backup is a full."""
         vm_name = op.vm.name
         with vm_lock(vm_name):
             vm = self._vm(vm_name)
@@ -56,6 +62,11 @@ class VmSnapshotOps(VsphereOps):
                     f" {op.snapshot_id}"
                 )
             self._run(snap.RevertToSnapshot_Task, f"reverting {vm_name!r}")
+            tracked = self.session.call(
+                lambda _si: bool(vm.config.changeTrackingEnabled), "reading changeTrackingEnabled"
+            )
+            if tracked:
+                self._reset_tracking(vm, f"VM {vm_name!r} (reverted to {op.snapshot_id})")
             if op.type == VmSnapshotType.DISK_AND_MEMORY and not self._powered_on(vm):
                 self._run(vm.PowerOnVM_Task, f"resuming {vm_name!r}")
 
