@@ -538,3 +538,10 @@ def run_tasks(check: Check, x: Any, port: int) -> None:
         time.sleep(0.05)
     check(error(x.task.get_status, task)[:1] == ["HANDLE_INVALID"], "... gone once it ended")
     check(x.VM.get_power_state(vm) == "Halted", "conformance: ... and the revert was done")
+
+    # a task of our own (task.create) that no request ended: destroy, then set_status
+    task = x.task.create("unused", "")
+    x.task.destroy(task)
+    check(x.task.get_status(task) == "pending", "conformance: a created task outlives destroy")
+    x.task.set_status(task, "cancelled")
+    check(error(x.task.get_status, task)[:1] == ["HANDLE_INVALID"], "... until it is ended")

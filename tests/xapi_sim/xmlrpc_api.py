@@ -73,6 +73,7 @@ class XapiService:
             "task.create": self._task_create,
             "task.cancel": self._task_cancel,
             "task.destroy": self._task_destroy,
+            "task.set_status": self._task_set_status,
         }
 
     # ----- wire ------------------------------------------------------------------
@@ -217,6 +218,22 @@ class XapiService:
         if task.status == "pending":
             task.current_operations["task"] = "destroy"
         else:
+            self.store.tasks.pop(task.ref, None)
+        return ""
+
+    def _task_set_status(self, ref: str, value: str) -> str:
+        """xapi_task.ml set_status (l.67-70): the status, as given (an enum of
+        task_status_type, datamodel.ml l.423-431); a task destroyed while pending goes once
+        it is set ended."""
+        task = self.store.get("task", ref)
+        if value not in ("pending", "success", "failure", "cancelling", "cancelled"):
+            # a value outside the enum does not unmarshal (api_errors.ml l.943)
+            raise XapiError("XMLRPC_UNMARSHAL_FAILURE", "task_status_type", value)
+        task.status = str(value)
+        if (
+            value in ("success", "failure", "cancelled")
+            and task.current_operations.get("task") == "destroy"
+        ):
             self.store.tasks.pop(task.ref, None)
         return ""
 

@@ -22,6 +22,12 @@ verified) and written with ``PUT /import_raw_vdi``, then read back and compared.
 VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
 ``snapferry-vm-<id>``; ``VM.revert``; delete destroys the snapshot VM and its VDIs.
 
+Long calls (``VM.snapshot``, ``VM.checkpoint``, ``VM.revert``, ``VM.start``, ``VM.resume``,
+``VDI.snapshot``, ``VDI.destroy``) are made as ``Async.*`` and their task polled: the activity
+heartbeats while one runs, a failed task is the error the synchronous call would give, a
+cancelled activity cancels its task (``task.cancel``; XAPI still ends a ``VM.revert``), and
+every task is destroyed once its end is read.
+
 A VM is named by its UUID or its label. ``VM.get_by_name_label`` answers every VM object
 with that label: templates, snapshots (labelled as their creator chose, possibly like the VM)
 and control domains are dropped, and a label that still names several VMs is refused with

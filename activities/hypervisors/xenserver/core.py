@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import XenAPI
+from temporalio import activity
+from temporalio.exceptions import CancelledError
 
 from ...errors import (
+    ChainBusy,
     DiskNotFound,
+    HypervisorUnavailable,
     InvalidInput,
+    SourceGone,
     VmNotFound,
 )
 from ...settings import Settings
@@ -27,6 +35,12 @@ from .common import (
     _userdevice,
 )
 from .session import XapiSession
+
+log = logging.getLogger(__name__)
+
+# How long a cancelled activity waits for its task to end after task.cancel before it
+# destroys the task anyway (a VM.revert is not cancellable: XAPI ends it as it would have).
+TASK_CANCEL_WAIT_S = 30.0
 
 
 class XenCore:
@@ -119,28 +133,94 @@ class XenCore:
             raise DiskNotFound(f"VM {vm_name!r} has no disk {disk!r} (it has: {have or 'none'})")
         return disks[slot]
 
-    def _wait(self, task: str, what: str, *, keep: bool = False) -> str:
-        """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``.
-        The task is destroyed once its end has been read, and only then: when a poll fails
-        (the connection broke), the task goes on in XAPI and stays for a retry to wait for
-        (XAPI removes a pending task after 24 h, an ended one after 65 min). ``keep``
-        keeps a successful task too, for the caller to destroy once it holds the result
-        durably."""
-        delay = TASK_POLL_S
-        # "cancelling" is a task state too (datamodel: pending, success, failure,
-        # cancelling, cancelled): the task has not ended yet.
-        while (status := self._api("task.get_status", task)) in ("pending", "cancelling"):
-            time.sleep(delay)
-            delay = min(delay * 2, TASK_POLL_MAX_S)
-        if status != "success":
-            info = self._api("task.get_error_info", task)
-            self._api("task.destroy", task)
-            raise _failure_error(XenAPI.Failure(info), what)
-        result = self._api("task.get_result", task)
+    def _run(self, method: str, *args: Any, cancellable: bool = True) -> str:
+        """``Async.<method>``, its task waited for (see ``_wait``), as Xen Orchestra and
+        CloudStack's XenServer plugin make their long calls: a VM.snapshot, checkpoint,
+        revert, start or resume, a VDI.destroy. A synchronous call holds one XML-RPC
+        request open for as long as the operation runs: a connection dropped meanwhile loses
+        its outcome, and nothing heartbeats. ``cancellable=False`` for a call made while
+        the activity already ends (a clean-up after a failure): it is waited for as is."""
+        task = str(self._api(f"Async.{method}", *args))
+        return self._wait(task, method, cancellable=cancellable)
+
+    def _wait(
+        self,
+        task: str,
+        what: str,
+        *,
+        keep: bool = False,
+        cancellable: bool = True,
+        undo: Callable[[str], None] | None = None,
+    ) -> str:
+        """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``
+        (``Xmlrpc.to_string`` of the call's value), its failure ``error_info``, mapped as
+        the synchronous call's failure. The task is destroyed once its end has been read,
+        and only then: when a poll fails (the connection broke), the task goes on in XAPI
+        and stays for a retry to wait for (XAPI removes a pending task after 24 h, an ended
+        one after 65 min). ``keep`` keeps a successful task too, for the caller to destroy
+        once it holds the result durably.
+
+        Inside an activity each poll heartbeats (polls back off to a quarter of the
+        heartbeat timeout at most), so a long task is bounded by liveness, not by a wall
+        clock. When the activity is cancelled the task is cancelled too (``task.cancel``;
+        XAPI may still let it end as it would have, VM.revert always), waited for up to
+        ``TASK_CANCEL_WAIT_S``, and destroyed; a result it made all the same is handed to
+        ``undo``."""
+        delay, cap = TASK_POLL_S, _poll_cap()
+        try:
+            # "cancelling" is a task state too (datamodel: pending, success, failure,
+            # cancelling, cancelled): the task has not ended yet.
+            while (status := self._api("task.get_status", task)) in ("pending", "cancelling"):
+                if activity.in_activity():
+                    activity.heartbeat({"task": what, "status": status})
+                    if cancellable and activity.is_cancelled():
+                        raise CancelledError(f"{what}: the activity was cancelled")
+                time.sleep(delay)
+                delay = min(delay * 2, cap)
+            if status != "success":
+                info = self._api("task.get_error_info", task)
+                self._api("task.destroy", task)
+                raise _failure_error(XenAPI.Failure(info), what)
+            result = self._api("task.get_result", task)
+        except CancelledError:
+            if cancellable:
+                self._cancel_task(task, what, undo)
+            raise
         if not keep:
             self._api("task.destroy", task)
-        match = re.search(r"<value>(.*?)</value>", result or "")
-        return match.group(1) if match else str(result)
+        return _task_value(result)
+
+    def _cancel_task(self, task: str, what: str, undo: Callable[[str], None] | None) -> None:
+        """``task.cancel``, then the task's end (up to ``TASK_CANCEL_WAIT_S``), then
+        ``task.destroy``: XAPI removes a task destroyed while still pending once it ends
+        (xapi_task.ml ``destroy``, db_gc_util.ml ``timeout_tasks``). Shielded from a
+        second cancellation; XAPI errors are logged, not raised (the activity ends
+        cancelled either way)."""
+        shield = activity.shield_thread_cancel_exception if activity.in_activity() else None
+        with shield() if shield is not None else contextlib.nullcontext():
+            status = "pending"
+            try:
+                self._api("task.cancel", task)
+                deadline = time.monotonic() + TASK_CANCEL_WAIT_S
+                while (status := self._api("task.get_status", task)) in (
+                    "pending",
+                    "cancelling",
+                ) and time.monotonic() < deadline:
+                    time.sleep(TASK_POLL_S)
+                if status == "success" and undo is not None:
+                    undo(_task_value(self._api("task.get_result", task)))
+            except (HypervisorUnavailable, SourceGone, ChainBusy, InvalidInput) as exc:
+                log.warning("%s: cancelling its task %s: %s", what, task, exc)
+            if status in ("pending", "cancelling"):
+                log.warning(
+                    "%s: its task %s did not end within %.0f s of its cancel; XAPI goes on"
+                    " with it and removes the task when it ends",
+                    what,
+                    task,
+                    TASK_CANCEL_WAIT_S,
+                )
+            with contextlib.suppress(HypervisorUnavailable, SourceGone):
+                self._api("task.destroy", task)
 
     def _snapshot_vdis(self, vdi: str) -> dict[str, str]:
         """Our volume snapshots of one VDI: label ``snapferry-<uuid>`` -> ref, each marked
@@ -160,3 +240,20 @@ class XenCore:
 
     def _power(self, vm: str) -> str:
         return str(self._api("VM.get_power_state", vm))
+
+
+def _poll_cap() -> float:
+    """The longest pause between two polls of a task: ``TASK_POLL_MAX_S``, and never more
+    than a quarter of the activity's heartbeat timeout."""
+    cap = TASK_POLL_MAX_S
+    if activity.in_activity():
+        timeout = activity.info().heartbeat_timeout
+        if timeout:
+            cap = min(cap, timeout.total_seconds() / 4)
+    return cap
+
+
+def _task_value(result: object) -> str:
+    """The value in a task's result text (``<value>OpaqueRef:…</value>``; '' for void)."""
+    match = re.search(r"<value>(.*?)</value>", str(result or ""), re.DOTALL)
+    return match.group(1) if match else str(result or "")

@@ -85,13 +85,18 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         try:
             with contextlib.suppress(HypervisorUnavailable, SourceGone):
                 self._api("VDI.add_to_other_config", vdi, TAKE_TASK_KEY, task)
-            snap = self._wait(task, what, keep=True)
+            snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled)
         except BaseException:
             if not self._task_pending(task):  # it failed for sure: nothing to finish
                 with contextlib.suppress(HypervisorUnavailable, SourceGone):
                     self._unmark(vdi)
             raise
         return snap, task
+
+    def _destroy_unlabelled(self, snap: str) -> None:
+        """A snapshot the take's task made although the take was cancelled: no one holds
+        it, and nothing labels it ours yet."""
+        self._run("VDI.destroy", snap, cancellable=False)
 
     def _task_pending(self, task: str) -> bool:
         """Whether a task still exists and has not ended (True when XAPI cannot be asked:
@@ -119,7 +124,7 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         task = marks.get(TAKE_TASK_KEY)
         if task:
             try:
-                snap = self._wait(task, what, keep=True)
+                snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled)
             except SourceGone:
                 snap = task = None  # the task is gone; look at what inherited the mark
             except BaseException:
@@ -233,7 +238,7 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
             label = VOLUME_PREFIX + snapshot_id
             if not backed_up:
                 if label in ours:
-                    self._api("VDI.destroy", ours[label])
+                    self._run("VDI.destroy", ours[label])
                 return
             if label in ours:
                 self._api("VDI.set_name_description", ours[label], RELEASED)
@@ -241,7 +246,7 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
                 if other == label:
                     continue
                 if self._api("VDI.get_name_description", ref) == RELEASED:
-                    self._api("VDI.destroy", ref)
+                    self._run("VDI.destroy", ref)
 
     def discard(self, req: DiscardRequest) -> None:
         vm = self._vm(req.vm.name)
@@ -249,5 +254,5 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
             for vdi in self._vdis(vm).values():
                 snap = self._snapshot_vdis(vdi).get(VOLUME_PREFIX + req.snapshot_id)
                 if snap is not None:
-                    self._api("VDI.destroy", snap)
+                    self._run("VDI.destroy", snap)
             self._destroy_vm_snapshot(vm, req.snapshot_id)

@@ -23,7 +23,7 @@ from .common import (
     TASK_POLL_S,
     _failure_error,
 )
-from .session import XapiSession, _redirect_target
+from .session import XapiSession, _drop_task, _redirect_target
 
 
 class VhdExportReader:
@@ -105,8 +105,7 @@ class VhdExportReader:
         """A task for the export to report into (``task_id=``); the old one is destroyed."""
         if self._task is not None:
             old, self._task = self._task, None
-            with contextlib.suppress(Exception):
-                self.session.call(lambda x: x.task.destroy(old), "task.destroy")
+            _drop_task(self.session, old)
         self._task = str(
             self.session.call(
                 lambda x: x.task.create("snapferry export", f"export of VDI {self.vdi}"),
@@ -302,8 +301,7 @@ class VhdExportReader:
         self._drop_connection()
         if self._task is not None:
             task, self._task = self._task, None
-            with contextlib.suppress(Exception):
-                self.session.call(lambda x: x.task.destroy(task), "task.destroy")
+            _drop_task(self.session, task)
 
 
 def _vhd_checksum(buf: bytes, at: int) -> int:

@@ -29,7 +29,7 @@ from .common import (
     _vm_locks,
 )
 from .core import XenCore
-from .session import XapiSession, _redirect_target
+from .session import XapiSession, _drop_task, _redirect_target
 
 IMPORT_TASK_WAIT_S = 300.0  # for the import's task to end once its body is sent
 
@@ -67,8 +67,7 @@ class RestoreOps(XenCore):
                 self._import_outcome(task, uuid, status)
                 break
             finally:
-                with contextlib.suppress(HypervisorUnavailable, SourceGone):
-                    self._api("task.destroy", task)
+                _drop_task(self.session, task)
         status, back = endpoint.get_sha256(
             self.session.url("export_raw_vdi", vdi=uuid, format="raw"), {}
         )
@@ -195,7 +194,7 @@ class RestoreOps(XenCore):
         try:
             self._import(vdi, Path(raw_backup))
         except BaseException:
-            self._api("VDI.destroy", vdi)
+            self._run("VDI.destroy", vdi, cancellable=False)
             raise
         uuid = self._api("VDI.get_uuid", vdi)
         # SM rounds a VHD VDI up to whole 2 MiB blocks (vhdutil.validate_and_round_vhd_size):

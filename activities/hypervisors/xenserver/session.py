@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import threading
@@ -145,3 +146,20 @@ def _redirect_target(session: XapiSession, location: str, vdi: str) -> tuple[End
         extra = urllib.parse.urlencode({"session_id": session.session_ref()})
         parts = parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra)
     return endpoint, f"{parts.path or '/export_raw_vdi'}?{parts.query}"
+
+
+def _drop_task(session: XapiSession, task: str) -> None:
+    """Destroy a task made for an HTTP call (``task_id=``). XAPI removes a task destroyed
+    while pending only once it ends (xapi_task.ml ``destroy``), and a request that failed
+    before it adopted the task (a 500 before the headers, a 401, a 302: those run in a
+    task of their own, export_raw_vdi.ml ``handler``) never ends it; such a task is set
+    ``cancelled`` first (``task.set_status``), so that the destroy removes it. Errors are
+    ignored: XAPI drops a stale task by itself (24 h pending, 65 min ended)."""
+
+    def drop(xenapi: Any) -> None:
+        if xenapi.task.get_status(task) in ("pending", "cancelling"):
+            xenapi.task.set_status(task, "cancelled")
+        xenapi.task.destroy(task)
+
+    with contextlib.suppress(Exception):
+        session.call(drop, "task.destroy")

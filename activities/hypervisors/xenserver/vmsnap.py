@@ -50,9 +50,9 @@ class VmSnapshotOps(ChainCheck):
                 for vdi in self._vdis(vm).values():  # VM.snapshot snapshots every disk
                     self._assert_chain_room(vdi, f"VM snapshot of {vm_name}")
                 if memory:
-                    self._api("VM.checkpoint", vm, label)
+                    self._run("VM.checkpoint", vm, label)
                 else:
-                    self._api("VM.snapshot", vm, label)
+                    self._run("VM.snapshot", vm, label)
             return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
@@ -70,14 +70,14 @@ class VmSnapshotOps(ChainCheck):
             # A running VM is hard-shut down by XAPI's VM.revert itself ("first of all,
             # destroy the domain if needed", message_forwarding.ml): a checkpoint replaces
             # its memory anyway, so nothing is lost that the revert would keep.
-            self._api("VM.revert", snap)
+            self._run("VM.revert", snap)
             # XAPI leaves a VM reverted to a checkpoint Suspended (its memory restored):
             # resume it, so that it ends running as on the other hypervisors.
             state = self._power(vm)
             if op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Suspended":
-                self._api("VM.resume", vm, False, False)
+                self._run("VM.resume", vm, False, False)
             elif op.type == VmSnapshotType.DISK_AND_MEMORY and state == "Halted":
-                self._api("VM.start", vm, False, False)
+                self._run("VM.start", vm, False, False)
 
     def delete_vm_snapshot(self, op: VmSnapshotOperation) -> None:
         """By the snapshot's own label: it is deleted even when its VM is gone or renamed."""
@@ -104,5 +104,5 @@ class VmSnapshotOps(ChainCheck):
         if memory and memory != NULL_REF:
             vdis.append(memory)
         for vdi in vdis:
-            self._api("VDI.destroy", vdi)
+            self._run("VDI.destroy", vdi)
         self._api("VM.destroy", snap)
