@@ -14,6 +14,7 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-uti
               prometheus       # promtool checks deploy/prometheus (config, alert rules)
               # tests/govmomi_sim: govmomi's vCenter simulator (Go library) behind our main
               golang-go golang-github-vmware-govmomi-dev
+              restic           # bench/repository_bench.py measures a backup against it
               chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).

@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +138,8 @@ class BackupWriter:
         os.pwrite(self.fd, SEGMENTS_MAGIC, 0)
         os.lseek(self.fd, 0, os.SEEK_END)
         self.pack: PackWriter | None = None
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repo-seal")
+        self._sealing: list[Future[list[BlobLocation]]] = []
         self.published: list[BlobLocation] = []
         self.session: set[bytes] = set()  # blobs stored or confirmed in this session
         self.touched: set[str] = set()
@@ -182,12 +185,24 @@ class BackupWriter:
             self._publish_pack()
 
     def _publish_pack(self) -> None:
+        """Seal the open pack (fsync, rename) on the sealing thread, so that the copy goes
+        on meanwhile; a checkpoint waits for every seal before it names the pack durable."""
         if self.pack is not None:
-            blobs = self.pack.finish()
-            self.published += blobs
+            self._sealing.append(self._sealer.submit(self._seal, self.pack))
             self.pack = None
-            if self.on_pack is not None:
-                self.on_pack(blobs)
+
+    def _seal(self, pack: PackWriter) -> list[BlobLocation]:
+        blobs = pack.finish()
+        if self.on_pack is not None:
+            self.on_pack(blobs)
+        return blobs
+
+    def _sealed(self) -> None:
+        try:
+            for fut in self._sealing:
+                self.published += fut.result()
+        finally:
+            self._sealing.clear()
 
     # -- segments -------------------------------------------------------------------
     def _chunks_in(self, seg: int) -> int:
@@ -276,6 +291,7 @@ class BackupWriter:
     def checkpoint(self) -> int:
         """Make what is written durable; returns ``resume_offset``."""
         self._publish_pack()
+        self._sealed()
         self.repo.index.add(self.published)
         self.published = []
         # What this session stored is in the index now: the set stays bounded by what one
@@ -293,6 +309,7 @@ class BackupWriter:
 
     def commit(self) -> BackupManifest:
         self.finish_data()
+        self._sealer.shutdown()
         os.close(self.fd)
         self.fd = -1
         sha = _file_sha256(self.partial)
@@ -322,6 +339,7 @@ class BackupWriter:
 
     def abort(self) -> None:
         """Stop without a backup (the partial index stays for a resume; gc frees the rest)."""
+        self._sealer.shutdown(wait=True)  # packs being sealed are whole, or left in tmp/
         if self.pack is not None:
             self.pack.abort()
         if self.fd >= 0:

@@ -10,7 +10,8 @@ repository is encrypted (keys.py). Its stored form is::
 A chunk is stored compressed only when that makes it smaller, so incompressible (random or
 already compressed) data costs one byte, or 29 bytes sealed, per 64 KiB: 0.05 %. The ID is
 the GCM associated data, so a blob moved under another ID fails to open; and whatever the
-key, decoding recomputes the ID from the plaintext, so damage is never returned as data.
+key, damage is never returned as data: a sealed blob's GCM tag covers its ciphertext and its
+ID (computed from the plaintext when it was sealed), an unsealed one's ID is recomputed.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class BlobCodec:
     def blob_id(self, plaintext: bytes | memoryview) -> bytes:
         if self.key is None:
             return hashlib.sha256(plaintext).digest()
-        return hmac.new(self.key.id_key, plaintext, hashlib.sha256).digest()
+        return hmac.digest(self.key.id_key, plaintext, "sha256")  # OpenSSL's one-shot HMAC
 
     def _zstd(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
         pair = getattr(self._local, "pair", None)
@@ -99,6 +100,9 @@ class BlobCodec:
                 raise BackupCorrupt(f"{where}: the blob does not decompress ({err})") from None
         else:
             plaintext = bytes(body)
-        if self.blob_id(plaintext) != blob_id:
+        # A sealed blob opened: its tag authenticated the ciphertext and, as associated
+        # data, the ID it was sealed under, which was computed from this very plaintext.
+        # An unsealed one has only its ID to check it by.
+        if not flags & SEALED and self.blob_id(plaintext) != blob_id:
             raise BackupCorrupt(f"{where}: the blob's content does not match its ID")
         return plaintext

@@ -1,6 +1,6 @@
 """Copy a snapshot into the repository: the backup loop of the repository store.
 
-The reader is read here, in order, one 64 KiB chunk at a time (only the chunks its extents
+The reader is read here, in order, one 4 MiB segment at a time (only the chunks its extents
 touch: a thin volume's holes and a delta's unchanged ranges cost nothing); hashing, the index
 lookup, zstd and AES-GCM run on a pool of threads (each releases the GIL while it works, so
 the copy uses every core); the chunks are stored in order by this thread. A delta's chunk
@@ -40,7 +40,7 @@ from .packs import BlobLocation, pack_path
 # index files and the packs they describe few and large.
 CHECKPOINT_BYTES = 256 * 1024 * 1024
 CHECKPOINT_SECONDS = 5.0
-_IN_FLIGHT = 64  # chunks handed to the pool and not yet stored (4 MiB): memory stays flat
+_IN_FLIGHT = 4  # segments handed to the pool and not yet stored (16 MiB): memory stays flat
 
 
 class RepositoryCheckpoint(BaseModel):
@@ -84,9 +84,13 @@ class _PackVerifier:
         try:
             with contextlib.suppress(OSError):  # fsynced: its pages are clean, dropped here
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # One read of the whole run of blobs (a pack is about 32 MiB), then each opened.
+            first = min(loc.offset for loc in blobs)
+            end = max(loc.offset + loc.length for loc in blobs)
+            data = memoryview(os.pread(fd, end - first, first))
+            read = len(data)
             for loc in blobs:
-                stored = os.pread(fd, loc.length, loc.offset)
-                read += len(stored)
+                stored = data[loc.offset - first : loc.offset - first + loc.length]
                 if len(stored) != loc.length:
                     raise BackupCorrupt(f"pack {loc.pack} is truncated at {loc.offset}")
                 self.repo.codec.decode(
@@ -108,11 +112,11 @@ class _PackVerifier:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _chunks(
-    extents: Iterable[DataExtent], chunk: int, size: int, start: int
+def _segments(
+    extents: Iterable[DataExtent], seg_bytes: int, size: int, start: int
 ) -> Iterator[tuple[int, list[tuple[DataExtent, int, int]]]]:
-    """(chunk offset, [(extent, lo, hi)]) for every chunk the extents touch from ``start``,
-    in order: the guest ranges of each chunk to read (or to zero, for a ``ZeroExtent``)."""
+    """(segment offset, [(extent, lo, hi)]) for every segment the extents touch from
+    ``start``, in order: the guest ranges to read (or to zero, for a ``ZeroExtent``)."""
     current = -1
     parts: list[tuple[DataExtent, int, int]] = []
     last = -1
@@ -122,16 +126,29 @@ def _chunks(
         last = e.start
         lo, end = max(e.start, start), min(e.start + e.length, size)
         while lo < end:
-            c = lo // chunk * chunk
-            hi = min(end, c + chunk)
-            if c != current:
+            s = lo // seg_bytes * seg_bytes
+            hi = min(end, s + seg_bytes)
+            if s != current:
                 if parts:
                     yield current, parts
-                current, parts = c, []
+                current, parts = s, []
             parts.append((e, lo, hi))
             lo = hi
     if parts:
         yield current, parts
+
+
+def _touched(parts: list[tuple[DataExtent, int, int]], seg: int, chunk: int) -> dict[int, int]:
+    """Offsets (within the segment) of the chunks the parts touch, and the bytes they cover."""
+    covered: dict[int, int] = {}
+    for _, lo, hi in parts:
+        pos = lo
+        while pos < hi:
+            c = (pos - seg) // chunk * chunk
+            upto = min(hi, seg + c + chunk)
+            covered[c] = covered.get(c, 0) + upto - pos
+            pos = upto
+    return covered
 
 
 def ingest(
@@ -162,42 +179,54 @@ def ingest(
     parent = writer.parent if delta else None
     verifier = _PackVerifier(writer)
     writer.on_pack = verifier.submit
-    in_flight: collections.deque[tuple[int, Future[PreparedChunk]]] = collections.deque()
+    in_flight: collections.deque[tuple[int, Future[list[tuple[int, PreparedChunk]]]]] = (
+        collections.deque()
+    )
     copied = copied_at_checkpoint = 0
     last_checkpoint = t0 = time.monotonic()
     last_progress = 0.0
     on_checkpoint(RepositoryCheckpoint(offset=resumed_from), resumed_from)
 
+    # Reused segment buffers: one per segment in flight, one being read.
+    buffers = [bytearray(writer.seg_bytes) for _ in range(_IN_FLIGHT + 1)]
+    zeros = bytes(chunk)
+
     def store_oldest() -> None:
-        offset, fut = in_flight.popleft()
-        writer.put(offset, fut.result())
+        seg, fut = in_flight.popleft()
+        for rel, prepared in fut.result():
+            writer.put(seg + rel, prepared)
 
     try:
         todo = reader.data_extents() if extents is None else extents
-        for n, (offset, parts) in enumerate(_chunks(todo, chunk, size, resumed_from)):
+        for n, (seg, parts) in enumerate(_segments(todo, writer.seg_bytes, size, resumed_from)):
             if should_stop():
                 raise stop_error() if stop_error else SnapferryError("backup stopped")
-            clen = min(chunk, size - offset)
-            buf = _base_chunk(parent, offset, clen)
-            view = memoryview(buf)
+            while len(in_flight) >= _IN_FLIGHT:
+                store_oldest()  # which frees its buffer
+            buf = buffers[n % len(buffers)]
+            view = memoryview(buf)[: min(writer.seg_bytes, size - seg)]
+            chunks = _touched(parts, seg, chunk)
+            for rel, covered in chunks.items():
+                clen = min(chunk, len(view) - rel)
+                if covered < clen:  # what the extents do not cover: zeros, or the parent's
+                    view[rel : rel + clen] = zeros[:clen]
+                    if parent is not None:
+                        _parent_chunk(parent, seg + rel, view[rel : rel + clen])
             for e, lo, hi in parts:
                 if isinstance(e, ZeroExtent):
-                    view[lo - offset : hi - offset] = bytes(hi - lo)
+                    view[lo - seg : hi - seg] = bytes(hi - lo)
                 else:
-                    reader.read_range(e, lo, view[lo - offset : hi - offset])
+                    reader.read_range(e, lo, view[lo - seg : hi - seg])
                     copied += hi - lo
-            while len(in_flight) >= _IN_FLIGHT:
-                store_oldest()
-            in_flight.append((offset, pool.submit(writer.prepare, bytes(buf))))
-            if n % 64 == 0:
-                liveness.alive()
+            in_flight.append((seg, pool.submit(_prepare, writer, view, sorted(chunks))))
+            liveness.alive()
             now = time.monotonic()
             if rate_limit_bps:
                 early = copied / rate_limit_bps - (now - t0)
                 if early > 0:
                     sleep(early)
             if now - last_progress >= 0.5:
-                on_progress(offset)
+                on_progress(seg)
                 last_progress = now
             if (
                 now - last_checkpoint >= checkpoint_seconds
@@ -231,18 +260,24 @@ def ingest(
     )
 
 
-def _base_chunk(parent: BackupReader | None, offset: int, length: int) -> bytearray:
-    """What a chunk holds before this backup's changes: zeros for a full backup, the
-    parent's bytes for a delta (whose changes may cover only part of the chunk)."""
-    if parent is None or offset >= parent.manifest.virtual_size:
-        return bytearray(length)
+def _prepare(
+    writer: BackupWriter, view: memoryview, offsets: list[int]
+) -> list[tuple[int, PreparedChunk]]:
+    """One segment's touched chunks, prepared on a pool thread (one task per segment, so
+    that handing work between threads costs little against the hashing)."""
+    return [(rel, writer.prepare(bytes(view[rel : rel + writer.chunk]))) for rel in offsets]
+
+
+def _parent_chunk(parent: BackupReader, offset: int, out: memoryview) -> None:
+    """Fill ``out`` with the parent backup's chunk at ``offset`` (zeros where it has none):
+    a delta's chunk that changed only in part keeps the rest of its bytes."""
+    if offset >= parent.manifest.virtual_size:
+        return
     c = offset // parent.chunk
     seg, j = divmod(c, parent.manifest.segment_chunks)
     ids = parent.chunk_ids(seg)
     if j >= len(ids) or ids[j] == ZERO_ID:
-        return bytearray(length)
+        return
     data = parent.repo.read_blob(ids[j], where=f"the parent backup at offset {offset}")
-    out = bytearray(length)
-    n = min(length, len(data))
+    n = min(len(out), len(data))
     out[:n] = data[:n]
-    return out

@@ -4,7 +4,7 @@
 
     <root>/config.json                          format version, chunk and segment sizes,
                                                 the key's fingerprint (or none)
-    <root>/packs/<aa>/<sha256>.pack             blobs (packs.py)
+    <root>/packs/<aa>/<name>.pack               blobs (packs.py), a random 256-bit name
     <root>/packs/tmp/<uuid>.partial             a pack being written
     <root>/index/<uuid>.idx                     blob ID -> pack, offset (index.py)
     <root>/backups/<vm>/<disk>/<snapshot>.segments   the backup's index (backups.py)
