@@ -24,9 +24,7 @@ chain-depth limit, and the garbage collector's coalesce (xapi-project/sm at 471c
 
 from __future__ import annotations
 
-from typing import Any
-
-from .model import BLOCK, NULL_REF, VDI, Layer, Store, XapiError, new_ref, new_uuid
+from .model import VDI, Layer, Store, XapiError, new_ref, new_uuid
 
 MAX_CHAIN_SIZE = 30  # SM libs/sm/vhdutil.py l.30
 
@@ -61,46 +59,6 @@ def base_copies(store: Store) -> dict[str, tuple[Layer, list[Layer], int]]:
             if layer.ref and layer.ref not in found:
                 found[layer.ref] = (layer, vdi.chain, i)
     return found
-
-
-def base_copy_record(store: Store, ref: object) -> dict[str, Any] | None:
-    """The VDI record SM introduced for a base copy (``FileSR._snapshot`` l.857-868)."""
-    entry = base_copies(store).get(ref) if isinstance(ref, str) else None
-    if entry is None:
-        return None
-    layer, chain, i = entry
-    sm_config = {"vdi_type": "vhd"}
-    if (parent := parent_uuid(chain, i)) is not None:
-        sm_config["vhd-parent"] = parent
-    return {
-        "uuid": layer.uuid,
-        "name_label": "base copy",
-        "name_description": "",
-        "SR": layer.sr,
-        "VBDs": [],
-        "virtual_size": layer.size,
-        "physical_utilisation": len(layer.blocks) * BLOCK,
-        "type": "user",
-        "sharable": False,
-        "read_only": True,
-        "managed": False,
-        "missing": False,
-        "location": layer.uuid,
-        "is_a_snapshot": False,
-        "snapshot_of": NULL_REF,
-        "snapshots": [],
-        "snapshot_time": "19700101T00:00:00Z",
-        "sm_config": sm_config,
-        "other_config": {},
-        "xenstore_data": {},
-        "on_boot": "persist",
-        "allow_caching": False,
-        "cbt_enabled": False,
-        "is_tools_iso": False,
-        "tags": [],
-        "allowed_operations": [],
-        "current_operations": {},
-    }
 
 
 def coalesce(store: Store) -> int:

@@ -11,9 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .chains import base_copies, base_copy_record, parent_uuid
+from .chains import base_copies, parent_uuid
 from .disks import allocated_bytes
-from .model import HOST2_NAME, HOST_NAME, NULL_REF, PBD, SR, VBD, VDI, VM, Store, Task, XapiError
+from .model import (
+    BLOCK,
+    EPOCH,
+    HOST2_NAME,
+    HOST_NAME,
+    NULL_REF,
+    PBD,
+    SR,
+    VBD,
+    VDI,
+    VM,
+    Store,
+    Task,
+    XapiError,
+)
 
 
 def wire(value: Any) -> Any:
@@ -91,26 +105,94 @@ def _vbd(store: Store, vbd: VBD) -> dict[str, Any]:
 
 
 def _vdi(store: Store, vdi: VDI) -> dict[str, Any]:
+    return _vdi_record(
+        uuid=vdi.uuid,
+        name_label=vdi.name_label,
+        name_description=vdi.name_description,
+        sr=vdi.sr,
+        vbds=[b.ref for b in store.vbds.values() if b.vdi == vdi.ref],
+        virtual_size=vdi.size,
+        physical_utilisation=allocated_bytes(vdi.path),
+        type=vdi.type,
+        managed=True,
+        is_a_snapshot=vdi.is_a_snapshot,
+        snapshot_of=vdi.snapshot_of,
+        snapshots=[v.ref for v in store.vdis.values() if v.snapshot_of == vdi.ref],
+        snapshot_time=vdi.snapshot_time,
+        sm_config=_sm_config(vdi),
+        other_config=vdi.other_config,
+    )
+
+
+def _base_copy(store: Store, ref: object) -> dict[str, Any] | None:
+    """The VDI record SM introduced for a base copy (``FileSR._snapshot`` l.857-868): read
+    only, unmanaged, no VBDs, snapshots or other_config (chains.py)."""
+    entry = base_copies(store).get(ref) if isinstance(ref, str) else None
+    if entry is None:
+        return None
+    layer, chain, i = entry
+    sm_config = {"vdi_type": "vhd"}
+    if (parent := parent_uuid(chain, i)) is not None:
+        sm_config["vhd-parent"] = parent
+    return _vdi_record(
+        uuid=layer.uuid,
+        name_label="base copy",
+        name_description="",
+        sr=layer.sr,
+        vbds=[],
+        virtual_size=layer.size,
+        physical_utilisation=len(layer.blocks) * BLOCK,
+        type="user",
+        managed=False,
+        is_a_snapshot=False,
+        snapshot_of=NULL_REF,
+        snapshots=[],
+        snapshot_time=EPOCH,
+        sm_config=sm_config,
+        other_config={},
+    )
+
+
+def _vdi_record(
+    *,
+    uuid: str,
+    name_label: str,
+    name_description: str,
+    sr: str,
+    vbds: list[str],
+    virtual_size: int,
+    physical_utilisation: int,
+    type: str,  # noqa: A002 - XAPI's field name
+    managed: bool,
+    is_a_snapshot: bool,
+    snapshot_of: str,
+    snapshots: list[str],
+    snapshot_time: str,
+    sm_config: dict[str, str],
+    other_config: dict[str, str],
+) -> dict[str, Any]:
+    """A VDI record (datamodel.ml's VDI fields a backup tool reads), for a VDI or a base
+    copy: a base copy is the VDI that is not managed, and only it is read only."""
     return {
-        "uuid": vdi.uuid,
-        "name_label": vdi.name_label,
-        "name_description": vdi.name_description,
-        "SR": vdi.sr,
-        "VBDs": [b.ref for b in store.vbds.values() if b.vdi == vdi.ref],
-        "virtual_size": vdi.size,
-        "physical_utilisation": allocated_bytes(vdi.path),
-        "type": vdi.type,
+        "uuid": uuid,
+        "name_label": name_label,
+        "name_description": name_description,
+        "SR": sr,
+        "VBDs": vbds,
+        "virtual_size": virtual_size,
+        "physical_utilisation": physical_utilisation,
+        "type": type,
         "sharable": False,
-        "read_only": False,
-        "managed": True,
+        "read_only": not managed,
+        "managed": managed,
         "missing": False,
-        "location": vdi.uuid,
-        "is_a_snapshot": vdi.is_a_snapshot,
-        "snapshot_of": vdi.snapshot_of,
-        "snapshots": [v.ref for v in store.vdis.values() if v.snapshot_of == vdi.ref],
-        "snapshot_time": vdi.snapshot_time,
-        "sm_config": _sm_config(vdi),
-        "other_config": vdi.other_config,
+        "location": uuid,
+        "is_a_snapshot": is_a_snapshot,
+        "snapshot_of": snapshot_of,
+        "snapshots": snapshots,
+        "snapshot_time": snapshot_time,
+        "sm_config": sm_config,
+        "other_config": other_config,
         "xenstore_data": {},
         "on_boot": "persist",
         "allow_caching": False,
@@ -239,7 +321,7 @@ def record(store: Store, cls: str, ref: object) -> dict[str, Any]:
         if ref not in all_refs(store, cls):
             raise XapiError("HANDLE_INVALID", cls, ref)
         return _host(store, str(ref)) if cls == "host" else _pool(store)
-    base = base_copy_record(store, ref) if cls == "VDI" and ref not in store.vdis else None
+    base = _base_copy(store, ref) if cls == "VDI" and ref not in store.vdis else None
     if base is not None:
         return base
     return _BUILDERS[cls](store, store.get(cls, ref))
