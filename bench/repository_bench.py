@@ -111,6 +111,7 @@ async def bench_repository(
     create_key_file(key)
     repo_settings = dataclasses.replace(settings, backup_store="repository")
     env = {"SNAPFERRY_BACKUP_STORE": "repository", "SNAPFERRY_REPOSITORY_KEY_FILE": str(key)}
+    os.environ.update(env)  # the in-process workers and the restores below read it too
     vm = create_vm(
         conn,
         name=f"sf-bench-{uuid.uuid4().hex[:6]}",
