@@ -29,12 +29,14 @@ from snapferry.activities.alerts import AlertActivities
 from snapferry.activities.backup import BackupActivities
 from snapferry.activities.host import HostActivities
 from snapferry.activities.policy import PolicyActivities
+from snapferry.activities.repository_jobs import RepositoryJobActivities
 from snapferry.activities.restore import RestoreActivities
 from snapferry.activities.settings import Settings
 from snapferry.workers.host_gate import HostGate
 from snapferry.workers.routing import routed_host
 from snapferry.workflows.backup import BackupSnapshotWorkflow
 from snapferry.workflows.policy import CheckVolumeWorkflow, SnapshotPolicyRunWorkflow
+from snapferry.workflows.repository import RepositoryJobWorkflow
 from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
 from snapferry.workflows.snapshot import VolumeSnapshotWorkflow
 from snapferry.workflows.vm_snapshot import VmSnapshotWorkflow
@@ -60,6 +62,7 @@ WORKFLOWS = [
     BackupSnapshotWorkflow,
     SnapshotPolicyRunWorkflow,
     CheckVolumeWorkflow,
+    RepositoryJobWorkflow,
 ]
 
 
@@ -136,6 +139,7 @@ async def running_workers(
                     restores.restore_backup,
                     restores.verify_backup,
                     restores.delete_backup,
+                    RepositoryJobActivities(settings).run_repository_job,
                 ],
                 # Sync restore/verify/delete run on the copy pool, within the same bound.
                 activity_executor=copy_pool,

@@ -51,6 +51,7 @@ VM_SNAPSHOT_WORKFLOW = "VmSnapshot"
 SNAPSHOT_POLICY_RUN_WORKFLOW = "SnapshotPolicyRun"
 BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
 CHECK_VOLUME_WORKFLOW = "CheckVolume"
+REPOSITORY_JOB_WORKFLOW = "RepositoryJob"
 
 
 def volume_id(vm: str, disk: str) -> str:
@@ -71,3 +72,8 @@ def backup_workflow_id(snapshot_id: str, round_: int) -> str:
 
 def policy_schedule_id(policy_id: str) -> str:
     return f"snapshot-policy-{policy_id}"
+
+
+def repository_schedule_id(kind: str) -> str:
+    """One schedule per repository job (``repository-verify``, ``-gc``, ``-sync``)."""
+    return f"repository-{kind}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,3 +160,19 @@ def test_damage_found_behind_the_copy_publishes_nothing(tmp_path, pool, monkeypa
     with pytest.raises(BackupCorrupt, match="pack"):
         backup(repo, BytesReader(image, whole(image)), "s", pool)
     assert not (tmp_path / "repo" / "backups" / "vm1" / "vda" / "s.json").exists()
+
+
+def test_a_sync_rate_limit_bounds_the_bytes_copied_a_second(tmp_path, pool):
+    from snapferry.activities.storage.repository import jobs
+
+    repo = Repository(tmp_path / "repo")
+    image = os.urandom(3 * MIB)
+    backup(repo, BytesReader(image, whole(image)), "s", pool)
+    slept: list[float] = []
+    throttle = jobs.Throttle(1e6, sleep=slept.append)
+    throttle.took(3 * MIB)
+    assert sum(slept) > 2.5  # 3 MiB at 1 MB/s: about 3 s asked for, not slept in a test
+    t0 = time.monotonic()
+    result = jobs.sync(tmp_path / "repo", tmp_path / "copy", rate_limit_bps=20e6)
+    elapsed = time.monotonic() - t0
+    assert result.bytes_copied >= 3 * MIB and elapsed >= result.bytes_copied / 20e6 * 0.9

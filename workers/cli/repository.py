@@ -12,11 +12,23 @@ import json
 import sys
 from pathlib import Path
 
+from temporalio.client import WorkflowFailureError
+
+from snapferry.activities.contracts import RepositoryJobKind, RepositoryJobRequest
 from snapferry.activities.errors import SnapferryError
 from snapferry.activities.settings import Settings
 from snapferry.activities.storage.repository import Repository, create_key_file, jobs, key_from_env
+from snapferry.workers.repository_schedules import (
+    EVERY,
+    delete_job_schedule,
+    list_job_schedules,
+    run_job_now,
+    schedule_job,
+)
+from snapferry.workers.starter import SnapferryClientError
+from snapferry.workflows.entity import cause_message
 
-from .common import Adder
+from .common import Adder, cli_client
 
 
 def _root(args: argparse.Namespace, settings: Settings) -> Path:
@@ -89,10 +101,65 @@ async def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        r = jobs.sync(_root(args, settings), Path(args.to))
+        rate = args.rate_limit * 1e6 if args.rate_limit else None
+        r = jobs.sync(_root(args, settings), Path(args.to), rate_limit_bps=rate)
     except SnapferryError as err:
         return _fail(err)
     print(f"copied {r.packs_copied} packs and {r.backups_copied} backups ({r.bytes_copied} bytes)")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> RepositoryJobRequest:
+    return RepositoryJobRequest(
+        kind=RepositoryJobKind(args.job),
+        root=args.root,
+        to=str(Path(args.to).absolute()) if args.to else None,
+        rate_limit_mbps=args.rate_limit,
+    )
+
+
+async def cmd_schedule(args: argparse.Namespace, settings: Settings) -> int:
+    client = await cli_client(settings)
+    try:
+        sid = await schedule_job(client, _job(args), every=args.every, replace=args.replace)
+    except (SnapferryClientError, ValueError) as err:
+        print(f"snapferry: error: {err}", file=sys.stderr)
+        return 1
+    print(f"schedule {sid}: {args.job} {args.every}")
+    return 0
+
+
+async def cmd_unschedule(args: argparse.Namespace, settings: Settings) -> int:
+    client = await cli_client(settings)
+    try:
+        await delete_job_schedule(client, RepositoryJobKind(args.job))
+    except SnapferryClientError as err:
+        print(f"snapferry: error: {err}", file=sys.stderr)
+        return 1
+    print(f"the {args.job} schedule is deleted")
+    return 0
+
+
+async def cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
+    rows = await list_job_schedules(await cli_client(settings))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            nxt = row["next_runs"][0] if row["next_runs"] else "-"
+            print(f"{row['schedule_id']}: every {row['every_s']:.0f} s, next {nxt}")
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """The job on the backup workers now, as a tick of its schedule runs it."""
+    client = await cli_client(settings)
+    try:
+        result = await run_job_now(client, _job(args))
+    except WorkflowFailureError as err:
+        print(f"snapferry: error: {cause_message(err.cause or err)}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.model_dump(mode="json"), indent=2) if args.json else result.summary)
     return 0
 
 
@@ -116,3 +183,22 @@ def register(sub: argparse._SubParsersAction, add: Adder) -> None:  # type: igno
     with_root(add(rsub, "gc", cmd_gc, "free the chunks no backup uses (safe while backups run)"))
     sync = with_root(add(rsub, "sync", cmd_sync, "copy what a second repository lacks"))
     sync.add_argument("--to", required=True, help="the second repository's directory")
+    sync.add_argument("--rate-limit", type=float, metavar="MBPS", help="at most MB/s copied")
+
+    def job_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("job", choices=[k.value for k in RepositoryJobKind])
+        sp.add_argument("--to", help="sync: the second repository's directory")
+        sp.add_argument("--rate-limit", type=float, metavar="MBPS", help="sync: at most MB/s")
+        return with_root(sp)
+
+    sched = job_args(
+        add(rsub, "schedule", cmd_schedule, "run a job on the backup workers on a schedule")
+    )
+    sched.add_argument("--every", required=True, choices=list(EVERY))
+    sched.add_argument("--replace", action="store_true", help="replace the job's schedule")
+    unsched = add(rsub, "unschedule", cmd_unschedule, "delete a job's schedule")
+    unsched.add_argument("job", choices=[k.value for k in RepositoryJobKind])
+    listed = add(rsub, "schedules", cmd_schedules, "the jobs' schedules and their next runs")
+    listed.add_argument("--json", action="store_true")
+    run = job_args(add(rsub, "run", cmd_run, "run a job on the backup workers now, and wait"))
+    run.add_argument("--json", action="store_true")

@@ -10,7 +10,6 @@ import contextlib
 import heapq
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -232,7 +231,25 @@ def gc(repo: Repository, *, now: float | None = None, progress: Progress | None 
 
 
 # -- sync -------------------------------------------------------------------------------
-def _copy_file(src: Path, dst: Path) -> int:
+class Throttle:
+    """At most ``bps`` bytes a second on average since the first byte (None: no limit), as
+    Proxmox Backup Server's traffic control spares a link another zone shares."""
+
+    def __init__(self, bps: float | None, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.bps = bps
+        self.sleep = sleep
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def took(self, n: int) -> None:
+        self.done += n
+        if self.bps:
+            early = self.done / self.bps - (time.monotonic() - self.t0)
+            if early > 0:
+                self.sleep(early)
+
+
+def _copy_file(src: Path, dst: Path, throttle: Throttle | None = None) -> int:
     """Copy under a temporary name, fsync, rename: a copy is whole or absent."""
     make_dirs(dst.parent)
     tmp = dst.with_name(f".{dst.name}.sync")
@@ -240,7 +257,10 @@ def _copy_file(src: Path, dst: Path) -> int:
         open(src, "rb") as fin,
         open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as fout,
     ):
-        shutil.copyfileobj(fin, fout, 1 << 20)
+        while block := fin.read(1 << 20):
+            fout.write(block)
+            if throttle is not None:
+                throttle.took(len(block))
         fout.flush()
         os.fsync(fout.fileno())
     os.replace(tmp, dst)
@@ -255,11 +275,19 @@ class SyncResult:
     backups_copied: int = 0
 
 
-def sync(src: Path, dst: Path, *, progress: Progress | None = None) -> SyncResult:
-    """Copy to a second repository what it lacks: packs (named by content, so a name present
-    is a copy whole), then index files, then each backup's index and, last, its manifest.
-    Needs no key: only ciphertext moves. Run again after a crash, it goes on."""
+def sync(
+    src: Path,
+    dst: Path,
+    *,
+    progress: Progress | None = None,
+    rate_limit_bps: float | None = None,
+) -> SyncResult:
+    """Copy to a second repository what it lacks: packs (never changed once named, and
+    renamed into place whole, so a name present is a copy whole), then index files, then
+    each backup's index and, last, its manifest. Needs no key: only ciphertext moves. Run
+    again after a crash, it goes on. ``rate_limit_bps`` bounds the bytes copied a second."""
     result = SyncResult()
+    throttle = Throttle(rate_limit_bps)
     if not (src / "config.json").exists():
         raise BackupCorrupt(f"{src} is not a snapferry repository (no config.json)")
     make_dirs(dst)
@@ -270,13 +298,13 @@ def sync(src: Path, dst: Path, *, progress: Progress | None = None) -> SyncResul
     for path in all_packs(src):
         target = pack_path(dst, path.name.removesuffix(".pack"))
         if not target.exists():
-            result.bytes_copied += _copy_file(path, target)
+            result.bytes_copied += _copy_file(path, target, throttle)
             result.packs_copied += 1
             if progress is not None:
                 progress(f"copied pack {path.name}")
     for path in sorted((src / "index").glob("*.idx")) if (src / "index").is_dir() else []:
         if not (dst / "index" / path.name).exists():
-            result.bytes_copied += _copy_file(path, dst / "index" / path.name)
+            result.bytes_copied += _copy_file(path, dst / "index" / path.name, throttle)
     for manifest in (
         sorted((src / "backups").glob("*/*/*.json")) if (src / "backups").is_dir() else []
     ):
@@ -284,8 +312,8 @@ def sync(src: Path, dst: Path, *, progress: Progress | None = None) -> SyncResul
         if target.exists():
             continue
         segments = manifest.with_suffix(".segments")
-        result.bytes_copied += _copy_file(segments, target.with_suffix(".segments"))
-        result.bytes_copied += _copy_file(manifest, target)
+        result.bytes_copied += _copy_file(segments, target.with_suffix(".segments"), throttle)
+        result.bytes_copied += _copy_file(manifest, target, throttle)
         result.backups_copied += 1
     return result
 
