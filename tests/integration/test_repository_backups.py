@@ -105,6 +105,21 @@ async def test_incrementals_are_small_every_backup_whole_and_nothing_in_plaintex
     assert images_identical(disk.now, json.loads(made.stdout)["path"], fmt_b="qcow2")
     verify = await snapferry_cli("backup", "verify", delta.id)
     assert verify.returncode == 0, verify.stderr
+    for fmt in ("raw", "qcow2"):
+        image = tmp_path / f"export.{fmt}"
+        out = await snapferry_cli("snapshot", "export", delta.id, "--format", fmt, str(image))
+        assert out.returncode == 0, out.stderr
+        assert images_identical(disk.now, image, fmt_b=fmt)
+        again = await snapferry_cli("snapshot", "export", delta.id, "--format", fmt, str(image))
+        assert again.returncode == 1 and "exists" in again.stderr
+    assert os.stat(tmp_path / "export.raw").st_blocks * 512 < 1.1 * size  # sparse
+    monkeypatch.delenv("SNAPFERRY_REPOSITORY_KEY_FILE")  # for the CLI process
+    gone_key = await snapferry_cli(
+        "snapshot", "export", delta.id, "--format", "raw", str(tmp_path / "nokey.raw")
+    )
+    monkeypatch.setenv("SNAPFERRY_REPOSITORY_KEY_FILE", str(tmp_path / "repo.key"))
+    assert gone_key.returncode == 1 and "SNAPFERRY_REPOSITORY_KEY_FILE" in gone_key.stderr
+    assert not (tmp_path / "nokey.raw").exists()
 
     # Once every backup is deleted and gc's grace period (for backups that started before
     # it) has passed, gc gives the space back.

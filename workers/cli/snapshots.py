@@ -38,6 +38,7 @@ from .common import (
     volume_from_args,
     web_ui_link,
 )
+from .export import FORMATS, cmd_snapshot_export
 
 
 async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -179,6 +180,10 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     wt.add_argument("--json", action="store_true")
     wa = add(snap, "watch", cmd_snapshot_watch, "show the backup's progress bar")
     wa.add_argument("id")
+    ex = add(snap, "export", cmd_snapshot_export, "write a backup out as a plain image file")
+    ex.add_argument("id")
+    ex.add_argument("--format", required=True, choices=FORMATS, help="the image's format")
+    ex.add_argument("file", metavar="FILE", help="the new image (refused if it exists)")
 
     operations: list[tuple[str, str, str, bool, type]] = [
         ("delete", DELETE_UPDATE, "delete on secondary and primary", False, SnapshotRecord),
