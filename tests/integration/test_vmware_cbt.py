@@ -12,9 +12,12 @@ is tests/vsphere_sim/cbt.py): real pyvmomi, real workflows and copy engine.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
 from temporalio.client import Client
 
 from snapferry.activities.contracts import (
@@ -34,10 +37,10 @@ from snapferry.workers.demo_vm import MIB
 from snapferry.workers.worker import running_workers
 from tests.vsphere_sim.control import cbt, create_vm, guest_write, list_vms, soap_calls
 
-from ..conftest import Vsphere
+from ..conftest import VSPHERE_PASSWORD, Vsphere
 from .test_vmware import power, vmware_request
 from .test_vmware_clones import volume
-from .test_vmware_disk_copy import Sim, sim
+from .test_vmware_disk_copy import PASSWORD, USER, Sim, sim
 
 __all__ = ["sim"]
 
@@ -87,22 +90,49 @@ def snapshots_of(vsphere: Vsphere, vm: str) -> list[str]:
     return next(v for v in list_vms(vsphere.port) if v["name"] == vm)["snapshots"]
 
 
+def enable_cbt(port: int, vm: str, password: str = VSPHERE_PASSWORD) -> None:
+    """CBT turned on before snapferry's first take, as an operator does it (KB 1031873):
+    ReconfigVM_Task with changeTrackingEnabled on the powered-off VM, then power on."""
+    si = SmartConnect(protocol="http", host="127.0.0.1", port=port, user=USER, pwd=password)
+
+    def run(task: vim.Task) -> None:
+        while task.info.state not in ("success", "error"):
+            time.sleep(0.02)
+        assert task.info.state == "success", task.info.error
+
+    try:
+        target = si.RetrieveContent().searchIndex.FindByInventoryPath(f"dc1/vm/{vm}")
+        run(target.PowerOffVM_Task())
+        run(target.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+        run(target.PowerOnVM_Task())
+        assert target.config.changeTrackingEnabled
+    finally:
+        Disconnect(si)
+
+
 async def test_a_second_backup_is_a_delta_of_the_changed_ranges_and_restores_exactly(
     client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
-    """The first take turns CBT on (its snapshot is the stun/unstun that starts it) and is
-    backed up in full; after scattered writes, the second backup asks QueryChangedDiskAreas
-    (paged: 8 MiB of disk per answer here) and copies those ranges only. Both restore to the
-    disk at their snapshots, and no vSphere snapshot is left on the VM."""
+    """The first take turns CBT on (its snapshot is the stun/unstun that starts it), so the
+    second take is the first with a changeId, and both are backed up in full, saying why.
+    After scattered writes, the third backup asks QueryChangedDiskAreas (paged: 8 MiB of
+    disk per answer here) and copies those ranges only. Each restores to the disk at its
+    snapshot, and no vSphere snapshot is left on the VM."""
     create_vm(vsphere.port, "cb01", [SIZE])
     seed(vsphere, "cb01")
     cbt(vsphere.port, page=8 * MIB)
     async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
+        first, first_bytes = await backed_up(client, vsphere, "cb01", host_name)
+        assert first.backup is not None and first.backup.kind == "full"
+        assert first.backup.full_reason == "the volume's first backup"
+        assert first.primary is not None and first.primary.change_id is None
+        assert cbt(vsphere.port, "cb01")["active"]
+        assert snapshots_of(vsphere, "cb01") == []
+        guest_write(vsphere.port, "cb01", 20 * MIB, b"\x42" * MIB)
         full, at_full = await backed_up(client, vsphere, "cb01", host_name)
         assert full.backup is not None and full.backup.kind == "full"
-        assert full.backup.full_reason == "the volume's first backup"
+        assert "has no CBT changeId" in (full.backup.full_reason or "")
         assert full.primary is not None and full.primary.change_id is not None
-        assert cbt(vsphere.port, "cb01")["active"]
         changed = scatter(vsphere, "cb01", salt=1)
         asked = cbt(vsphere.port)["queries"]
         delta, at_delta = await backed_up(client, vsphere, "cb01", host_name)
@@ -115,6 +145,7 @@ async def test_a_second_backup_is_a_delta_of_the_changed_ranges_and_restores_exa
     assert at_delta != at_full
     assert snapshots_of(vsphere, "cb01") == []  # the kept snapshot went at release
     assert soap_calls(vsphere.port).get("ReconfigVM_Task") == 1  # enabled once
+    assert restores_to(first, first_bytes)
 
 
 async def test_a_cbt_reset_between_backups_gives_a_full_that_says_why(
@@ -123,6 +154,7 @@ async def test_a_cbt_reset_between_backups_gives_a_full_that_says_why(
     """CBT is reset (new tracking UUIDs: a storage vMotion, a resize) after the first
     backup: the next changeId is of another tracking, so the next backup is a full."""
     create_vm(vsphere.port, "cb02", [SIZE])
+    enable_cbt(vsphere.port, "cb02")
     seed(vsphere, "cb02")
     async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
         await backed_up(client, vsphere, "cb02", host_name)
@@ -145,6 +177,7 @@ async def test_a_reset_while_the_delta_is_read_falls_back_to_a_full_that_says_wh
     FileFault for the parent's changeId, the reader raises SourceGone, and the backup
     activity plans a full instead, with the reason."""
     create_vm(vsphere.port, "cb03", [SIZE])
+    enable_cbt(vsphere.port, "cb03")
     seed(vsphere, "cb03")
     async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
         await backed_up(client, vsphere, "cb03", host_name)
@@ -196,6 +229,7 @@ async def test_after_a_vm_snapshot_revert_the_next_backup_is_a_full(
     against the newest backup would miss what the revert changed. The revert turns CBT
     off; the next backup is a full with the reason, and restores to the reverted disk."""
     create_vm(vsphere.port, "cb05", [SIZE])
+    enable_cbt(vsphere.port, "cb05")
     seed(vsphere, "cb05")
     driver = VmwareDriver(vsphere.settings)
     ref = VmRef(name="cb05", host=host_name, hypervisor="vmware")
@@ -226,6 +260,7 @@ async def test_after_a_volume_revert_the_next_backup_is_a_full(
     from snapferry.workflows.snapshot import REVERT_UPDATE
 
     create_vm(vsphere.port, "cb06", [SIZE])
+    enable_cbt(vsphere.port, "cb06")
     seed(vsphere, "cb06")
     async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
         first, at_first = await backed_up(client, vsphere, "cb06", host_name)
@@ -248,9 +283,11 @@ def test_a_delta_reader_reads_only_the_changed_areas(sim: Sim) -> None:
     after the take makes it raise SourceGone, the error the backup activity turns into a
     full."""
     create_vm(sim.port, "cb07", [SIZE])
+    enable_cbt(sim.port, "cb07", PASSWORD)
     cbt(sim.port, page=MIB)
     driver = VmwareDriver(sim.settings)
-    first = driver.take(volume=volume("cb07", "cb07"), snapshot_id=new_snapshot_id())
+    first_sid = new_snapshot_id()
+    first = driver.take(volume=volume("cb07", "cb07"), snapshot_id=first_sid)
     assert first.change_id is not None
     spans = [(MIB - 4096, 8192), (5 * MIB, 512), (9 * MIB, 3 * MIB)]
     for i, (offset, length) in enumerate(spans):
@@ -275,6 +312,7 @@ def test_a_delta_reader_reads_only_the_changed_areas(sim: Sim) -> None:
     with pytest.raises(SourceGone, match="cannot list the changes"):
         driver.open_reader(second, BackupPlan(parent=parent, base_image=first.change_id, depth=1))
     driver.release(volume=volume("cb07", "cb07"), snapshot_id=sid, source=second)
+    driver.release(volume=volume("cb07", "cb07"), snapshot_id=first_sid, source=first)
     assert sim.vm("cb07")["snapshots"] == []
 
 

@@ -122,6 +122,7 @@ def test_two_disks_with_one_stem_on_two_datastores_are_each_addressable(
 
     store = SecondaryStore(tmp_path / "secondary")
     kept: dict[str, tuple[str, PrimarySnapshot]] = {}
+    taken: list[tuple[str, str, PrimarySnapshot]] = []
     for reversed_order in (False, True):
         reverse_devices(sim.port, "tw01", reversed_order)
         for index, name in enumerate(("tw01.ds1", "tw01.ds2")):
@@ -132,11 +133,14 @@ def test_two_disks_with_one_stem_on_two_datastores_are_each_addressable(
             assert read_all(reader, 2 * MIB) == data[index], (name, reversed_order)
             reader.close()
             kept[name] = (sid, primary)
+            taken.append((name, sid, primary))
 
     # The backup of tw01.ds2 reverts tw01.ds2 only, with the devices still reversed.
     sid, primary = kept["tw01.ds2"]
     manifest = back_up(driver, store, volume("tw01", "tw01.ds2"), sid, primary)
     later = [write_disk(sim, "tw01", i, seed=80 + i) for i in (0, 1)]
+    for name, taken_sid, taken_primary in taken:  # the takes' CBT snapshots go at release
+        driver.release(volume=volume("tw01", name), snapshot_id=taken_sid, source=taken_primary)
     driver.revert(
         RevertRequest(
             snapshot_id=sid, volume=volume("tw01", "tw01.ds2"), primary=None, manifest_path=manifest

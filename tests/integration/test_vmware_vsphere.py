@@ -17,6 +17,7 @@ from temporalio.client import Client
 from snapferry.activities.contracts import SnapshotRequest, SnapshotState
 from snapferry.activities.names import TAKE_SNAPSHOT
 from snapferry.activities.settings import Settings
+from snapferry.activities.storage.secondary import SecondaryStore
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
 from snapferry.workers.worker import running_workers
@@ -192,7 +193,9 @@ async def test_two_vms_at_once_and_a_busy_vm_fails_fast(
     assert both < 9.0, f"two 5 s clones took {both:.1f} s: not side by side"
     for record, vm in zip(records, ("va01", "vb01", "va01"), strict=True):
         assert record.state == SnapshotState.BACKED_UP and record.backup
-        assert Path(record.backup.path).read_bytes() == disks[vm]
+        manifest = SecondaryStore.read_manifest(Path(record.backup.manifest_path))
+        with SecondaryStore.materialized(manifest) as raw:  # a full, or full + CBT delta
+            assert Path(raw).read_bytes() == disks[vm]
     attrs = started_a2[-1].activity_task_started_event_attributes
     assert attrs.attempt >= 2
     assert "ChainBusy" in str(attrs.last_failure) or "is running on this worker" in str(

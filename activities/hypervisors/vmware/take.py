@@ -32,10 +32,10 @@ class TakeOps(CbtOps):
     # -- take --------------------------------------------------------------------------------
     def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
         """A full clone of the disk from a temporary vSphere snapshot. With Changed Block
-        Tracking on (see ``cbt``), the disk's changeId at the snapshot is recorded; if CBT
-        was on before this take, the snapshot stays until release, for the delta's
-        ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made (and CBT
-        is turned on where it can be, for the next take)."""
+        Tracking on before the take (see ``cbt``), the disk's changeId at the snapshot is
+        recorded and the snapshot stays until release, for the delta's
+        ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made, and CBT
+        is turned on where it can be, for the next take."""
         typed, disk = volume.vm.name, volume.disk
         with vm_lock(typed):
             self._refuse_standalone_host()
@@ -74,11 +74,14 @@ class TakeOps(CbtOps):
                     vm, parent, name, snap, others, source_disk, f"{typed!r}", snapshot_id
                 )
             leftover = self._snapshot_named(vm, snap_name)
-            # The disk's changeId at the snapshot, for the next backup's delta. The snapshot
-            # itself stays for this backup's QueryChangedDiskAreas if CBT was on before it
-            # (if it was just turned on, this backup is a full anyway).
-            change_id = None if leftover is None else self._change_id_at(leftover, source_disk.key)
-            if leftover is not None and not (tracked and change_id is not None):
+            # With CBT on before this take, the disk's changeId at the snapshot (for the next
+            # backup's delta), and the snapshot itself stays for this backup's
+            # QueryChangedDiskAreas. A retried take reads the same changeId from it; one
+            # whose snapshot is gone answers none, as the first attempt did.
+            change_id = None
+            if tracked and leftover is not None:
+                change_id = self._change_id_at(leftover, source_disk.key)
+            if leftover is not None and change_id is None:
                 # The clone holds the bytes now; the VM goes free.
                 self._remove_snapshot(
                     vm, vm_name, leftover, f"removing temporary snapshot of {typed!r}"
