@@ -176,3 +176,24 @@ def test_a_sync_rate_limit_bounds_the_bytes_copied_a_second(tmp_path, pool):
     result = jobs.sync(tmp_path / "repo", tmp_path / "copy", rate_limit_bps=20e6)
     elapsed = time.monotonic() - t0
     assert result.bytes_copied >= 3 * MIB and elapsed >= result.bytes_copied / 20e6 * 0.9
+
+
+def test_the_index_finds_every_id_it_holds_and_none_it_does_not(tmp_path):
+    from snapferry.activities.storage.repository.index import _IndexFile, write_index_file
+    from snapferry.activities.storage.repository.packs import BlobLocation
+
+    rng = random.Random(5)
+    ids = [rng.randbytes(32) for _ in range(20000)]
+    ids += [ids[0][:8] + rng.randbytes(24) for _ in range(50)]  # IDs sharing a prefix
+    ids += [bytes(32)[:31] + b"\x01", b"\xff" * 32]  # at both ends of the ID space
+    path = write_index_file(
+        tmp_path, [BlobLocation(i, 0, "ab" * 32, n, 1) for n, i in enumerate(ids)]
+    )
+    assert path is not None
+    index = _IndexFile(path)
+    for blob_id in ids:
+        found = index.find(blob_id)
+        assert found is not None and found.blob_id == blob_id
+    for _ in range(2000):
+        assert index.find(rng.randbytes(32)) is None
+    assert index.find(bytes(32)) is None and index.find(ids[0][:8] + bytes(24)) is None

@@ -53,7 +53,9 @@ class BlobCodec:
     def blob_id(self, plaintext: bytes | memoryview) -> bytes:
         if self.key is None:
             return hashlib.sha256(plaintext).digest()
-        return hmac.digest(self.key.id_key, plaintext, "sha256")  # OpenSSL's one-shot HMAC
+        # hmac.new, not the one-shot hmac.digest: only the object's update releases the GIL
+        # while it hashes, which is what lets the copy pool hash on both cores.
+        return hmac.new(self.key.id_key, plaintext, hashlib.sha256).digest()
 
     def _zstd(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
         pair = getattr(self._local, "pair", None)

@@ -66,17 +66,41 @@ class _IndexFile:
         return self.map[start : start + 32]
 
     def find(self, blob_id: bytes) -> BlobLocation | None:
-        lo, hi = 0, self.count
-        while lo < hi:
+        """Interpolation search: blob IDs are hashes, spread evenly over the ID space, so
+        the first 8 bytes say about where an ID sits; a few probes find it (or its absence)
+        where a bisection of 16 million records takes 24, and each probe is Python."""
+        lo, hi = 0, self.count  # the ID, if present, is in [lo, hi)
+        if not hi:
+            return None
+        want = int.from_bytes(blob_id[:8], "big")
+        low_key, high_key = 0, 1 << 64
+        while hi - lo > 8:
+            span = high_key - low_key
+            guess = lo + ((want - low_key) * (hi - lo)) // span if span > 0 else lo
+            guess = min(max(guess, lo), hi - 1)
+            probe = self._id_at(guess)
+            if probe == blob_id:
+                return self._location_at(guess)
+            key = int.from_bytes(probe[:8], "big")
+            if probe < blob_id:
+                lo, low_key = guess + 1, key
+            else:
+                hi, high_key = guess, key + 1
+            if high_key <= low_key:
+                break
+        while lo < hi:  # the last few (or a run of equal prefixes): a bisection
             mid = (lo + hi) // 2
             if self._id_at(mid) < blob_id:
                 lo = mid + 1
             else:
                 hi = mid
         if lo < self.count and self._id_at(lo) == blob_id:
-            start = HEADER.size + lo * RECORD.size
-            return _location(self.map[start : start + RECORD.size])
+            return self._location_at(lo)
         return None
+
+    def _location_at(self, i: int) -> BlobLocation:
+        start = HEADER.size + i * RECORD.size
+        return _location(self.map[start : start + RECORD.size])
 
     def records(self) -> Iterator[bytes]:
         for i in range(self.count):
