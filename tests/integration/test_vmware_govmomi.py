@@ -378,3 +378,40 @@ def test_an_expired_session_is_renewed_under_the_objects_the_driver_holds(
     assert others_sessions(govmomi_idle) == 1
     driver.session.close()
     assert others_sessions(govmomi_idle) == 0
+
+
+def test_cbt_against_govmomis_simulator_gives_fulls_that_say_why(govmomi: Govmomi) -> None:
+    """govmomi's simulator (0.24.2) applies ``changeTrackingEnabled`` from ReconfigVM_Task
+    (simulator/virtual_machine.go, configure) but leaves ``capability
+    .changeTrackingSupported`` unset, gives no disk a ``changeId`` and has no
+    QueryChangedDiskAreas. So the take does not turn CBT on there; turned on by an operator,
+    the snapshot still has no changeId, no snapshot is kept, and each plan is a full that
+    says CBT gave nothing."""
+    si = govmomi.connect()
+    vm = create_vm(si, "cbt01", 4 * MIB)
+    wait(vm.PowerOnVM_Task())
+    assert not vm.capability.changeTrackingSupported and not vm.config.changeTrackingEnabled
+    driver = VmwareDriver(govmomi.settings)
+    volume = VolumeRef(
+        vm=VmRef(name="cbt01", host="vc1", hypervisor=HypervisorType.VMWARE), disk="cbt01"
+    )
+    sid1, sid2 = new_snapshot_id(), new_snapshot_id()
+    first = driver.take(volume=volume, snapshot_id=sid1)
+    assert not vm.config.changeTrackingEnabled  # not supported: not turned on
+    wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+    assert vm.config.changeTrackingEnabled
+    second = driver.take(volume=volume, snapshot_id=sid2)
+    assert first.change_id is None and second.change_id is None
+    assert vm.snapshot is None  # nothing kept without a changeId
+    plan = driver.plan_backup(second, [_Entry(sid1)])
+    assert plan.parent is None and "Changed Block Tracking was not on" in (plan.reason or "")
+    for sid, primary in ((sid1, first), (sid2, second)):
+        driver.release(volume=volume, snapshot_id=sid, source=primary)
+    Disconnect(si)
+
+
+class _Entry:
+    """A finished backup as plan_backup reads it (BackupHistoryEntry)."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        self.snapshot_id, self.change_id, self.depth, self.source = snapshot_id, None, 0, ""

@@ -15,8 +15,10 @@ Sources, cited at each behaviour below:
   gestaltit.com, "Pre-existing Snapshot Could Cause Inconsistent Incrementals Using vSphere
   CBT"): its workaround is "to do a full VM backup after a snapshot revert operation".
 - govmomi's simulator (simulator/virtual_machine.go) models ``changeTrackingEnabled`` (a
-  reconfigure sets it) and ``capability.changeTrackingSupported`` (true for flat, sparse and
-  RDM disks), but no changeId and no QueryChangedDiskAreas.
+  reconfigure sets it, at once) and, in versions after 0.24.2, ``capability
+  .changeTrackingSupported`` (true for flat, sparse and RDM disks, changeTrackingSupported),
+  but no changeId and no QueryChangedDiskAreas (tests/integration/test_vmware_govmomi.py
+  checks the driver against it).
 
 Not modelled: storage vMotion and disk extension (both reset CBT on vSphere, KB 1020128;
 the same FileFault follows here from ``reset``), the ``.ctk`` files, and how a real host
