@@ -255,6 +255,7 @@ def run(check: Check, x: Any, port: int, session: str, vm: str, work: Path) -> N
     run_chains(check, x, port)
     run_blocked(check, x, port)
     run_tasks(check, x, port)
+    run_thin(check, x, port, session)
 
 
 def run_sizes(check: Check, x: Any, port: int, session: str) -> None:
@@ -545,3 +546,40 @@ def run_tasks(check: Check, x: Any, port: int) -> None:
     check(x.task.get_status(task) == "pending", "conformance: a created task outlives destroy")
     x.task.set_status(task, "cancelled")
     check(error(x.task.get_status, task)[:1] == ["HANDLE_INVALID"], "... until it is ended")
+
+
+def run_thin(check: Check, x: Any, port: int, session: str) -> None:
+    """What an import allocates: raw writes every byte (vhd-tool serve_raw_to_raw, impl.ml
+    l.1298-1326) and tapdisk allocates each block written, zeros too (blktap block-vhd.c
+    vhd_queue_write l.2146-2180); a VHD import writes only the blocks it carries
+    (serve_vhd_to_raw l.582-613), and only into a pre-zeroed VDI: on a legacy LVM SR
+    (sm_fs_ops.ml must_write_zeroes_into_new_vdi l.66-95) it fails with VDI_IO_ERROR
+    (vhd_tool_wrapper.ml l.64-71)."""
+    from . import control as sim
+
+    size = 8 * BLOCK
+    source = sim.create_vm(port, "conf-thin", [size])  # Running: the guest writes
+    sim.guest_write(port, "conf-thin", 5 * BLOCK + 3, b"thin")
+    vhd = get(
+        port, f"/export_raw_vdi?session_id={session}&vdi={source['disks'][0]['vdi']}&format=vhd"
+    )
+    check(set(parse_vhd(vhd.body).blocks) == {5}, "conformance: a VHD of one block")
+    for fmt, body, allocated in (("raw", bytes(size), list(range(8))), ("vhd", vhd.body, [5])):
+        vm = sim.create_vm(port, f"conf-thin-{fmt}", [size], power="Halted")
+        vdi = vm["disks"][0]["vdi"]
+        check(sim_vdi(port, vdi)["allocated"] == [], "conformance: a new VDI allocates nothing")
+        done = put(port, f"/import_raw_vdi?session_id={session}&vdi={vdi}&format={fmt}", body)
+        check(done.status == 200 and not done.body, f"conformance: {fmt} import")
+        got = sim_vdi(port, vdi)["allocated"]
+        check(got == allocated, f"conformance: a {fmt} import allocates {got}")
+    sim.set_sr_type(port, "local", "lvm", sm_config={})
+    check(x.SR.get_sm_config(x.VDI.get_SR(vdi)) == {}, "conformance: a legacy LVM SR")
+    task = x.task.create("import", "")
+    q = f"session_id={session}&vdi={vdi}&format=vhd&task_id={task}"
+    refused = put(port, f"/import_raw_vdi?{q}", vhd.body)
+    check(refused.status == 200 and refused.body.startswith(PAGE), "conformance: not prezeroed")
+    check(x.task.get_error_info(task)[0] == "VDI_IO_ERROR", "conformance: ... VDI_IO_ERROR")
+    x.task.destroy(task)
+    sim.set_sr_type(port, "local", "lvm")
+    check(x.SR.get_sm_config(x.VDI.get_SR(vdi)) == {"use_vhd": "true"}, "conformance: LVHD")
+    sim.set_sr_type(port, "local", "ext")

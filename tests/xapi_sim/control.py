@@ -162,10 +162,15 @@ def set_attach_linger(port: int, seconds: float) -> None:
     _call(port, "POST", "/sim/attach-linger", {"seconds": seconds})
 
 
-def set_sr_type(port: int, sr: str, sr_type: str) -> None:
+def set_sr_type(port: int, sr: str, sr_type: str, sm_config: dict[str, str] | None = None) -> None:
     """The type of the master's local SR (``local``), the member's (``member``) or the
-    shared one: ``lvm`` and ``linstor`` change the parent names a delta's header carries."""
-    _call(port, "POST", "/sim/sr-type", {"sr": sr, "type": sr_type})
+    shared one: ``lvm`` and ``linstor`` change the parent names a delta's header carries.
+    An ``lvm`` SR is LVHD (``sm_config`` ``use_vhd=true``) unless ``sm_config={}``: a
+    legacy LVM SR, whose new VDIs are not pre-zeroed (no ``format=vhd`` import)."""
+    body: dict[str, Any] = {"sr": sr, "type": sr_type}
+    if sm_config is not None:
+        body["sm_config"] = sm_config
+    _call(port, "POST", "/sim/sr-type", body)
 
 
 def set_image_format(port: int, vdi: str, image_format: str) -> None:

@@ -77,8 +77,13 @@ class ControlHandler(ReplyHandler):
                 return self._task_delay(store, req)
             if what == "sr-type":  # {"sr": "local" | "member" | "shared", "type": ...}
                 sr = {"local": store.sr, "member": store.sr2, "shared": store.shared_sr}
-                sr[str(req.get("sr", "local"))].type = str(req["type"])
-                return self._json(200, {"type": req["type"]})
+                one = sr[str(req.get("sr", "local"))]
+                one.type = str(req["type"])
+                lvm = one.type in ("lvm", "lvmoiscsi", "lvmohba")
+                # an LVM SR is LVHD (use_vhd) unless {"sm_config": {}} says legacy LVM
+                default = {"use_vhd": "true"} if lvm else {}
+                one.sm_config = {str(k): str(v) for k, v in req.get("sm_config", default).items()}
+                return self._json(200, {"type": one.type, "sm_config": one.sm_config})
             if what == "image-format":  # {"vdi": ref or uuid, "format": "qcow2" | "raw"}
                 vdi = store.vdi_by_ref_or_uuid(str(req["vdi"]))
                 if vdi is None:

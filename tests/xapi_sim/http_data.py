@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-from .disks import CHUNK, data_blocks, read_at, write_at
+from .disks import CHUNK, read_at, write_at
 from .dom0 import error_page
 from .httpbase import ReplyHandler
 from .model import BLOCK, SR, VDI, Store, Task, XapiError
@@ -248,6 +248,11 @@ class DataHandler(ReplyHandler):
                     if fmt == "raw":
                         _apply_raw(tmp, min(received, vdi.size), vdi)
                     raise fault
+                if fmt == "vhd" and must_write_zeroes(sr, vdi):
+                    # vhd-tool serve_vhd_to_raw (impl.ml l.582-583): failwith
+                    # "unimplemented: prezeroed"; it exits non-zero, which
+                    # vhd_tool_wrapper.ml (l.64-71) raises as VDI_IO_ERROR
+                    raise XapiError("VDI_IO_ERROR", "Device I/O errors")
                 try:
                     if fmt == "raw":
                         tmp = _apply_raw(tmp, received, vdi)
@@ -357,14 +362,25 @@ def _parent_of(sr: SR, base: VDI) -> Parent:
     return Parent(uid=base.chain[0].uid, filename=name, time_stamp=max(mtime - _VHD_EPOCH, 0))
 
 
+def must_write_zeroes(sr: SR, vdi: VDI) -> bool:
+    """``Sm_fs_ops.must_write_zeroes_into_new_vdi`` (sm_fs_ops.ml l.66-95): a VDI on a
+    legacy LVM SR (lvm, lvmoiscsi, lvmohba without ``use_vhd=true``) or a raw VDI asked of
+    one (``sm_config`` ``type=raw``, xha_statefile.ml l.27) is not pre-zeroed; the
+    EqualLogic and StorageLink cases are not modelled."""
+    lvm = sr.type.lower() in ("lvm", "lvmoiscsi", "lvmohba")
+    raw = vdi.image_format == "raw"
+    return lvm and (raw or sr.sm_config.get("use_vhd") != "true")
+
+
 def _apply_raw(tmp: Path, received: int, vdi: VDI) -> Path | None:
     """A whole-disk body replaces the file (keeps holes); a shorter one overwrites a prefix.
-    Through tapdisk, every block written with data, or written over data, is allocated."""
+    vhd-tool writes every byte of a raw body, zeros included (serve_raw_to_raw, impl.ml
+    l.1298-1326), and tapdisk allocates each block a write lands in that has no BAT entry
+    yet, whatever the data (blktap drivers/block-vhd.c vhd_queue_write l.2146-2180,
+    VHD_BM_BAT_CLEAR): every block of the body is allocated."""
     if received > vdi.size:
         raise HttpError(400, f"body of {received} bytes exceeds virtual_size {vdi.size}")
-    with open(tmp, "rb") as new, open(vdi.path, "rb") as old:
-        written = data_blocks(new, received, BLOCK) | data_blocks(old, received, BLOCK)
-    vdi.chain[0].blocks |= written
+    vdi.chain[0].blocks |= set(range((received + BLOCK - 1) // BLOCK))
     if received == vdi.size:
         os.replace(tmp, vdi.path)
         return None

@@ -54,6 +54,8 @@ class SR:
     host: str = ""  # the host whose local SR it is (a VDI here is exported by that host)
     shared: bool = False  # every host has an attached PBD (an NFS SR)
     type: str = "ext"
+    # SM's keys; an LVM SR made since XenServer 5.5 is LVHD: {"use_vhd": "true"}
+    sm_config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

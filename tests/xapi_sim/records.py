@@ -225,7 +225,7 @@ def _sr(store: Store, sr: SR) -> dict[str, Any]:
         + [ref for ref, (layer, _, _) in base_copies(store).items() if layer.sr == sr.ref],
         "PBDs": [p.ref for p in store.pbds.values() if p.sr == sr.ref],
         "other_config": {},
-        "sm_config": {},
+        "sm_config": dict(sr.sm_config),
         "tags": [],
     }
 

@@ -17,7 +17,10 @@ as the next delta's base (CloudStack keeps exactly one). Unreleased ones (a back
 or failed) are never destroyed.
 
 Restore (revert, new volume): the chain is rebuilt on secondary (full + deltas, each link
-verified) and written with ``PUT /import_raw_vdi``, then read back and compared.
+verified) and written with ``PUT /import_raw_vdi``, then read back and compared. A new
+volume is sent as a VHD of the backup's data blocks (``format=vhd``) where XAPI takes the
+new VDI as pre-zeroed, so a thin SR allocates only those; a revert, and a new volume on a
+legacy LVM SR, are written raw, every byte (a thin disk is then fully allocated).
 
 VM snapshots: ``VM.snapshot`` (Disk) or ``VM.checkpoint`` (DiskAndMemory), named
 ``snapferry-vm-<id>``; ``VM.revert``; delete destroys the snapshot VM and its VDIs.

@@ -30,6 +30,7 @@ from .common import (
 )
 from .core import XenCore
 from .session import XapiSession, _drop_task, _redirect_target
+from .vhd_stream import SparseVhd
 
 IMPORT_TASK_WAIT_S = 300.0  # for the import's task to end once its body is sent
 
@@ -40,10 +41,13 @@ class RestoreOps(XenCore):
     later failure fails the request's task (``task_id=``, adopted and completed or failed
     by XAPI) and cuts the connection after a 500 page in the body. The task decides."""
 
-    def _import(self, vdi: str, raw: Path) -> None:
+    def _import(self, vdi: str, raw: Path, *, sparse: bool = False) -> None:
         """Write ``raw`` from offset 0 and zeros up to the VDI's size (a disk that grew
         since the backup, or one the SR rounded up, reads as the backup then zeros), then
-        read the whole VDI back and compare SHA-256."""
+        read the whole VDI back and compare SHA-256. ``sparse``: as a VHD of the backup's
+        data blocks only (``format=vhd``), for a VDI known to be pre-zeroed (a new one on
+        an SR that zeroes new VDIs): a raw import writes every byte, and on a thin SR
+        allocates every block."""
         uuid = str(self._api("VDI.get_uuid", vdi))
         size = int(self._api("VDI.get_virtual_size", vdi))
         length = raw.stat().st_size
@@ -53,11 +57,13 @@ class RestoreOps(XenCore):
             )
         endpoint = self._data_host(vdi)
         sent = ""
+        fmt = "vhd" if sparse else "raw"
         for attempt in range(2):
             task = str(self._api("task.create", "snapferry import", f"import into VDI {uuid}"))
             try:
-                url = self.session.url("import_raw_vdi", vdi=uuid, format="raw", task_id=task)
-                status, location, sent = _put(endpoint, url, raw, size)
+                url = self.session.url("import_raw_vdi", vdi=uuid, format=fmt, task_id=task)
+                body = SparseVhd(raw, size) if sparse else _RawBody(raw, size)
+                status, location, sent = _put(endpoint, url, body)
                 if status == 401 and attempt == 0:  # XenAPI re-logs in for XML-RPC only
                     self.session.relogin()
                     continue
@@ -73,6 +79,28 @@ class RestoreOps(XenCore):
         )
         if status != 200 or back != sent:
             raise ChainBusy(f"VDI {uuid} did not read back as written (HTTP {status})")
+
+    def _prezeroed(self, vdi: str) -> bool:
+        """Whether XAPI takes a new VDI as full of zeros, so that a ``format=vhd`` import
+        into it may write only its blocks: not on a legacy LVM SR (lvm, lvmoiscsi, lvmohba
+        without ``sm_config`` ``use_vhd=true``) nor for a raw VDI asked of one, nor on an
+        EqualLogic SR in thick mode or a StorageLink SR (``Sm_fs_ops.
+        must_write_zeroes_into_new_vdi``); vhd-tool refuses a VHD import there
+        (``serve_vhd_to_raw``: "unimplemented: prezeroed")."""
+        sr = self._api("VDI.get_SR", vdi)
+        sr_type = str(self._api("SR.get_type", sr)).lower()
+        sr_config = {
+            str(k).lower(): str(v).lower()
+            for k, v in (self._api("SR.get_sm_config", sr) or {}).items()
+        }
+        vdi_config = self._api("VDI.get_sm_config", vdi) or {}
+        if sr_type in ("lvm", "lvmoiscsi", "lvmohba") and (
+            vdi_config.get("type") == "raw" or sr_config.get("use_vhd") != "true"
+        ):
+            return False
+        if sr_type == "equal" and sr_config.get("allocation") == "thick":
+            return False
+        return sr_type != "cslg"
 
     def _import_outcome(self, task: str, uuid: str, status: int | None) -> None:
         """The import's task, once it has ended: success, or its error as ours."""
@@ -192,7 +220,9 @@ class RestoreOps(XenCore):
         }
         vdi = self._api("VDI.create", record)
         try:
-            self._import(vdi, Path(raw_backup))
+            # A new VDI is zeros: only the backup's data blocks need writing, where XAPI
+            # agrees that it is (else every byte, and a thin SR allocates them all).
+            self._import(vdi, Path(raw_backup), sparse=self._prezeroed(vdi))
         except BaseException:
             self._run("VDI.destroy", vdi, cancellable=False)
             raise
@@ -217,36 +247,55 @@ def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
     return Endpoint(scheme, host, port, session.endpoint.verify_tls)
 
 
-def _put(endpoint: Endpoint, url: str, raw: Path, size: int) -> tuple[int | None, str, str]:
-    """``PUT`` the file and zeros up to ``size``: (status or None when no answer came,
-    Location, SHA-256 of what was sent). XAPI may cut the connection while the body is
-    on its way (a failed attach): that is no error here; the task says what happened."""
+class _RawBody:
+    """The raw file, then zeros up to ``size``: what a raw import writes."""
+
+    def __init__(self, raw: Path, size: int) -> None:
+        self.raw, self.length = raw, size
+        self._digest = hashlib.sha256()
+
+    def chunks(self) -> Iterator[bytes]:
+        left = self.length
+        with open(self.raw, "rb") as f:
+            while left > 0:
+                block = f.read(min(IO_CHUNK, left)) or bytes(min(IO_CHUNK, left))
+                self._digest.update(block)
+                yield block
+                left -= len(block)
+
+    def content_sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _put(endpoint: Endpoint, url: str, body: _RawBody | SparseVhd) -> tuple[int | None, str, str]:
+    """``PUT`` the body (status or None when no answer came, Location, SHA-256 of the disk
+    the body describes, or of nothing when it was cut short). XAPI may cut the connection
+    while the body is on its way (a failed attach): that is no error here; the task says
+    what happened."""
     from ...storage.liveness import alive
 
-    digest = hashlib.sha256()
     conn = endpoint.connection()
     try:
         conn.putrequest("PUT", url)
-        conn.putheader("Content-Length", str(size))
+        conn.putheader("Content-Length", str(body.length))
         conn.putheader("Content-Type", "application/octet-stream")
         conn.endheaders()
-        left = size
-        with contextlib.suppress(OSError), open(raw, "rb") as f:
-            while left > 0:
-                block = f.read(min(IO_CHUNK, left)) or bytes(min(IO_CHUNK, left))
-                digest.update(block)
-                conn.send(block)
-                left -= len(block)
+        left = body.length
+        with contextlib.suppress(OSError):
+            for chunk in body.chunks():
+                for at in range(0, len(chunk), IO_CHUNK):
+                    conn.send(chunk[at : at + IO_CHUNK])
+                left -= len(chunk)
                 alive()
-        if left:  # cut short: what was sent is not the image
-            digest.update(b"\0incomplete")
+        # cut short: what was sent is not the image
+        sent = body.content_sha256() if left == 0 else "incomplete"
         try:
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
-            return None, "", digest.hexdigest()
+            return None, "", sent
         with contextlib.suppress(OSError, http.client.HTTPException):
             resp.read(4096)  # a 500 page, if any: the task has the error itself
-        return resp.status, resp.getheader("Location") or "", digest.hexdigest()
+        return resp.status, resp.getheader("Location") or "", sent
     except (OSError, http.client.HTTPException) as exc:
         raise HypervisorUnavailable(f"PUT {url.split('?')[0]} failed: {exc}") from exc
     finally:
