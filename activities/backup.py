@@ -81,6 +81,13 @@ def retry_delay(req: CopyRequest) -> timedelta | None:
     return timedelta(seconds=min(req.retry_interval_s * 2.0 ** (n - 1), cap))
 
 
+def effective_rate_limit(worker_bps: float | None, snapshot_mbps: float | None) -> float | None:
+    """Bytes a second a backup may read: the lower of the worker's limit and the snapshot's
+    (a policy's) own; None when neither sets one."""
+    limits = [worker_bps, snapshot_mbps * 1e6 if snapshot_mbps else None]
+    return min((x for x in limits if x), default=None)
+
+
 @dataclass(frozen=True)
 class CopyCounters:
     bytes_copied: int
@@ -183,15 +190,22 @@ class BackupActivities:
             full_reason=manifest.full_reason,
         )
 
-    def _engine_for(self, plan: BackupPlan) -> CopyEngine:
+    def rate_limit_bps(self, req: CopyRequest) -> float | None:
+        return effective_rate_limit(self.settings.backup_rate_limit_bps, req.rate_limit_mbps)
+
+    def _engine_for(self, plan: BackupPlan, req: CopyRequest | None = None) -> CopyEngine:
         """A delta is copied in small chunks. Each chunk is read, hashed and verified whole,
         zeros included, so a delta of scattered clusters in 8 MiB chunks would cost about
         the whole volume in hashing; in DELTA_CHUNK_SIZE chunks it costs about its data.
         The chunk size is part of the checksum (and of each checkpoint), and the plan is
         kept for a resume, so a resumed delta copies in the same chunks."""
-        if plan.parent is None or self.engine.chunk_size <= DELTA_CHUNK_SIZE:
-            return self.engine
-        return self.engine.with_chunk_size(DELTA_CHUNK_SIZE)
+        engine = self.engine
+        if plan.parent is not None and engine.chunk_size > DELTA_CHUNK_SIZE:
+            engine = engine.with_chunk_size(DELTA_CHUNK_SIZE)
+        rate = self.rate_limit_bps(req) if req is not None else engine.rate_limit_bps
+        if rate != engine.rate_limit_bps:
+            engine = engine.with_chunk_size(engine.chunk_size, rate_limit_bps=rate)
+        return engine
 
     def _new_plan(
         self,
@@ -263,7 +277,7 @@ class BackupActivities:
                 listed = list(reader.data_extents()) if plan.parent is not None else None
                 extents = [(e.start, e.length) for e in listed] if listed is not None else None
                 try:
-                    outcome = self._engine_for(plan).copy(
+                    outcome = self._engine_for(plan, req).copy(
                         reader,
                         target,
                         resume=resume,

@@ -140,7 +140,7 @@ def copy_to_repository(
                     stop_error=stop.error,
                     on_checkpoint=watch.on_checkpoint,
                     on_progress=watch.on_copy,
-                    rate_limit_bps=acts.settings.backup_rate_limit_bps,
+                    rate_limit_bps=acts.rate_limit_bps(req),
                     publishing=publishing,
                 )
             except (BackupCorrupt, SourceGone):

@@ -119,6 +119,12 @@ class BackupOptions(_Model):
         description="snapshot.delta.max for this snapshot (a policy's own): deltas before a"
         " new full; 0 = always full. None: the worker's SNAPFERRY_SNAPSHOT_DELTA_MAX",
     )
+    rate_limit_mbps: float | None = Field(
+        None,
+        gt=0,
+        description="At most this many MB/s read from primary by this snapshot's backup (a"
+        " policy's own); the lower of it and the worker's SNAPFERRY_BACKUP_RATE_LIMIT_MBPS",
+    )
 
 
 class PrimarySnapshot(_Model):
@@ -378,6 +384,9 @@ class CopyRequest(_Model):
     )
     full: bool = Field(False, description="A full backup was asked for (`--full`)")
     delta_max: int | None = Field(None, description="This snapshot's snapshot.delta.max")
+    rate_limit_mbps: float | None = Field(
+        None, gt=0, description="This snapshot's read-rate limit (BackupOptions)"
+    )
 
 
 class TakeRequest(_Model):

@@ -93,6 +93,7 @@ class BackupSnapshotWorkflow:
                     retry_interval_s=opts.retry_interval_s if fast else None,
                     full=opts.full,
                     delta_max=opts.delta_max,
+                    rate_limit_mbps=opts.rate_limit_mbps,
                 ),
                 result_type=BackupResult,
                 # A cancel waits for the activity's cleanup (no .partial left behind).

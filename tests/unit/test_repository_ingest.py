@@ -197,3 +197,19 @@ def test_the_index_finds_every_id_it_holds_and_none_it_does_not(tmp_path):
     for _ in range(2000):
         assert index.find(rng.randbytes(32)) is None
     assert index.find(bytes(32)) is None and index.find(ids[0][:8] + bytes(24)) is None
+
+
+def test_a_backup_reads_at_the_lower_of_the_worker_and_policy_rate_limits(tmp_path, pool):
+    from snapferry.activities.backup import effective_rate_limit
+
+    assert effective_rate_limit(None, None) is None
+    assert effective_rate_limit(100e6, None) == 100e6
+    assert effective_rate_limit(None, 20) == 20e6
+    assert effective_rate_limit(100e6, 20) == 20e6 and effective_rate_limit(10e6, 20) == 10e6
+    repo = Repository(tmp_path / "repo")
+    image = os.urandom(8 * MIB)
+    asked: list[float] = []
+    backup(
+        repo, BytesReader(image, whole(image)), "s", pool, rate_limit_bps=2e6, sleep=asked.append
+    )
+    assert max(asked) > 8 * MIB / 2e6 * 0.8  # the last wait brings it to about 4 s

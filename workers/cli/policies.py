@@ -38,7 +38,8 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
             "hour": args.hour,
             "day_of_week": args.day_of_week,
             "day_of_month": args.day_of_month,
-            "backup": settings.backup_defaults.model_dump() | {"delta_max": args.delta_max},
+            "backup": settings.backup_defaults.model_dump()
+            | {"delta_max": args.delta_max, "rate_limit_mbps": args.rate_limit},
         },
     )
     schedule_id = await create_policy(await cli_client(settings), policy)
@@ -102,6 +103,13 @@ def register(sub: Any, add: Adder) -> None:
         type=int,
         help="this policy's snapshot.delta.max: deltas before a new full (0 = always full;"
         " default: the worker's SNAPFERRY_SNAPSHOT_DELTA_MAX)",
+    )
+    pc.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="MBPS",
+        help="at most MB/s read from primary by this policy's backups (the lower of it and"
+        " the worker's SNAPFERRY_BACKUP_RATE_LIMIT_MBPS)",
     )
     pc.add_argument("--id", help="policy ID (default VM-DISK-INTERVAL)")
     pl = add(pol, "list", cmd_policy_list, "list policies and their next run")
