@@ -85,7 +85,11 @@ async def test_a_guest_written_qcow2_header_is_backed_up_as_raw_and_the_disk_sta
 
 
 @pytest.mark.kvm_full_backups  # asserts the merge back onto the original file
+@pytest.mark.parametrize(
+    "store", ["files", pytest.param("repository", marks=pytest.mark.backup_store("repository"))]
+)
 async def test_a_revert_after_a_failed_merge_and_a_newer_release_uses_the_backup(
+    store: str,
     client: Client,
     settings: Settings,
     workers: None,
@@ -110,7 +114,10 @@ async def test_a_revert_after_a_failed_merge_and_a_newer_release_uses_the_backup
         await asyncio.sleep(0.1)
     first_rec = await starter.get_record(client, first.id)
     assert first_rec.state == SnapshotState.BACKED_UP and not first_rec.primary_released
-    assert first_rec.primary is not None
+    assert first_rec.primary is not None and first_rec.backup is not None
+    assert (settings.repository in Path(first_rec.backup.manifest_path).parents) == (
+        store == "repository"
+    )
     monkeypatch.setattr(KvmDriver, "_commit_live", real_commit)
 
     # The guest writes; a newer snapshot's release then merges everything into the disk
