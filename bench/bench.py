@@ -2,7 +2,8 @@
 a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
 the KVM delta against its full (delta_bench.py); answers under a burst of creates
 (burst_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
-(large_delta_bench.py).
+(large_delta_bench.py); backups into the repository against qemu-img convert + sync and
+restic (repository_bench.py).
 
 Everything is measured in one run on this machine, against baselines measured on the same
 source file in the same run, because these machines are noisy. It uses the real stack: a
@@ -16,30 +17,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import libvirt
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_stack import bench_stack  # noqa: E402
 from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
 from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
+from repository_bench import bench_repository, print_repository  # noqa: E402
 
 from snapferry.activities.contracts import SnapshotState  # noqa: E402
 from snapferry.activities.settings import Settings  # noqa: E402
 from snapferry.workers import starter  # noqa: E402
-from snapferry.workers.client import connect  # noqa: E402
 from snapferry.workers.demo_vm import MIB, create_thin_vm, create_vm  # noqa: E402
-from snapferry.workers.stack import dev_server_command, free_port, terminate, wait_for_port  # noqa: E402
+from snapferry.workers.stack import terminate  # noqa: E402
 from snapferry.workers.worker import running_workers  # noqa: E402
 
 GIB = 1024 * MIB
@@ -413,27 +410,9 @@ def print_against_cp(rows: list[dict], device: dict) -> None:
 
 
 async def main(sizes: list[float]) -> None:
-    work = Path(
-        tempfile.mkdtemp(prefix="snapferry-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        dev_server_command(db=work / "temporal.db", host="127.0.0.1", port=port, ui_port=None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    conn = libvirt.open("qemu:///system")
     rows = []
-    try:
-        wait_for_port("127.0.0.1", port)
-        settings = dataclasses.replace(
-            Settings.from_env(),
-            home=work,
-            secondary=work / "secondary",
-            temporal_address=f"127.0.0.1:{port}",
-        )
-        client = await connect(settings)
+    async with bench_stack() as stack:
+        settings, client, conn, work = stack.settings, stack.client, stack.conn, stack.work
         device = device_speed(settings.secondary)
         for gib in sizes:
             rows.append(await bench_size(settings, client, conn, work, int(gib * GIB)))
@@ -450,11 +429,16 @@ async def main(sizes: list[float]) -> None:
             start_backup_worker=start_backup_worker,
             snapshot_request=snapshot_request,
         )
-        burst = await bench_burst(settings, client, conn, work, server_pid=server.pid)
+        burst = await bench_burst(settings, client, conn, work, server_pid=stack.server_pid)
         large_delta = bench_large_delta(work / "large-delta")
-    finally:
-        terminate(server.pid)
-        shutil.rmtree(work, ignore_errors=True)
+        repository = await bench_repository(
+            settings,
+            client,
+            conn,
+            work,
+            start_backup_worker=start_backup_worker,
+            snapshot_request=snapshot_request,
+        )
     print()
     print(
         "| volume | answer (create) | total to BackedUp | answer / total | backup MB/s "
@@ -500,6 +484,7 @@ async def main(sizes: list[float]) -> None:
     print_delta(delta)
     print_burst(burst)
     print_large_delta(large_delta)
+    print_repository(repository)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -52,10 +49,7 @@ from snapferry.activities.settings import Settings  # noqa: E402
 from snapferry.workers import starter  # noqa: E402
 from snapferry.workers.demo_vm import MIB, DemoVm, create_thin_vm  # noqa: E402
 from snapferry.workers.stack import (  # noqa: E402
-    dev_server_command,
-    free_port,
     terminate,
-    wait_for_port,
 )
 from snapferry.workflows.routing import snapshot_workflow_id  # noqa: E402
 
@@ -296,44 +290,19 @@ def print_burst(r: dict) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    import libvirt
+    from bench_stack import bench_stack  # beside this file
 
-    from snapferry.workers.client import connect
-
-    work = Path(
-        tempfile.mkdtemp(prefix="snapferry-burst-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        dev_server_command(db=work / "temporal.db", host="127.0.0.1", port=port, ui_port=None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    conn = libvirt.open("qemu:///system")
-    try:
-        wait_for_port("127.0.0.1", port)
-        settings = dataclasses.replace(
-            Settings.from_env(),
-            home=work,
-            secondary=work / "secondary",
-            temporal_address=f"127.0.0.1:{port}",
-        )
-        client = await connect(settings)
+    async with bench_stack("snapferry-burst-") as stack:
         result = await bench_burst(
-            settings,
-            client,
-            conn,
-            work,
+            stack.settings,
+            stack.client,
+            stack.conn,
+            stack.work,
             vms=args.vms,
             per_vm=args.per_vm,
             rounds=args.rounds,
-            server_pid=server.pid,
+            server_pid=stack.server_pid,
         )
-    finally:
-        terminate(server.pid)
-        conn.close()
-        shutil.rmtree(work, ignore_errors=True)
     print_burst(result)
 
 

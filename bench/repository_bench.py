@@ -27,7 +27,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -111,6 +110,7 @@ async def bench_repository(
     create_key_file(key)
     repo_settings = dataclasses.replace(settings, backup_store="repository")
     env = {"SNAPFERRY_BACKUP_STORE": "repository", "SNAPFERRY_REPOSITORY_KEY_FILE": str(key)}
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the in-process workers and the restores below read it too
     vm = create_vm(
         conn,
@@ -182,6 +182,11 @@ async def bench_repository(
         for p in (now, work / "repo-full.raw", peer_out):
             p.unlink(missing_ok=True)
         shutil.rmtree(restic_repo, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return {
         "size_gib": size / GIB,
         "data_gib": data / GIB,
@@ -221,43 +226,19 @@ def print_repository(r: dict) -> None:
 
 
 async def main() -> None:
-    import libvirt
+    from bench_stack import bench_stack
 
     from bench import snapshot_request, start_backup_worker  # type: ignore[attr-defined]
-    from snapferry.workers.client import connect
-    from snapferry.workers.stack import dev_server_command, free_port, wait_for_port
 
-    work = Path(
-        tempfile.mkdtemp(prefix="snapferry-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        dev_server_command(db=work / "temporal.db", host="127.0.0.1", port=port, ui_port=None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    conn = libvirt.open("qemu:///system")
-    try:
-        wait_for_port("127.0.0.1", port)
-        settings = dataclasses.replace(
-            Settings.from_env(),
-            home=work,
-            secondary=work / "secondary",
-            temporal_address=f"127.0.0.1:{port}",
-        )
-        client = await connect(settings)
+    async with bench_stack() as stack:
         result = await bench_repository(
-            settings,
-            client,
-            conn,
-            work,
+            stack.settings,
+            stack.client,
+            stack.conn,
+            stack.work,
             start_backup_worker=start_backup_worker,
             snapshot_request=snapshot_request,
         )
-    finally:
-        terminate(server.pid)
-        shutil.rmtree(work, ignore_errors=True)
     print_repository(result)
 
 

@@ -127,7 +127,10 @@ def settings(
     ``@pytest.mark.backup_store("repository")``: backups go to the backup repository."""
     store = request.node.get_closest_marker("backup_store")
     env = {
-        "SNAPFERRY_BACKUP_STORE": store.args[0] if store else "files",
+        # SNAPFERRY_TEST_BACKUP_STORE runs the unmarked tests against another store.
+        "SNAPFERRY_BACKUP_STORE": (
+            store.args[0] if store else os.environ.get("SNAPFERRY_TEST_BACKUP_STORE", "files")
+        ),
         "SNAPFERRY_KVM_INCREMENTAL": (
             "0" if request.node.get_closest_marker("kvm_full_backups") else "1"
         ),
