@@ -255,3 +255,20 @@ def test_a_cancelled_take_cancels_its_snapshot_task_and_leaves_no_mark(xapi: Xap
     with operator_session(xapi) as x:
         marks = x.VDI.get_other_config(vm["disks"][0]["vdi"])
     assert not any(k.startswith("snapferry") for k in marks), marks
+
+
+def test_a_revert_whose_polls_break_is_waited_for_and_done_once(xapi: Xapi) -> None:
+    """Two polls of the VM.revert task fail (a dropped connection); the revert goes on in
+    XAPI. The driver polls again and reads its end, instead of failing an operation whose
+    outcome it does not know: one revert, the VM resumed, no task left."""
+    d = XenServerDriver(xapi.settings)
+    create_vm(xapi.port, "poll01", [4 * MIB])
+    sid = new_snapshot_id()
+    memory = VmSnapshotType.DISK_AND_MEMORY
+    d.take_vm_snapshot(op("poll01", sid, memory))
+    set_task_delay(xapi.port, 1.0, "VM.revert")
+    inject_fault(xapi.port, "task.get_status", "INTERNAL_ERROR", ["connection reset"], count=2)
+    d.revert_vm_snapshot(op("poll01", sid, memory))
+    assert async_calls(xapi.port).get("VM.revert") == 1
+    assert xapi.vm("poll01")["power"] == "Running"
+    assert list_tasks(xapi.port) == []

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # How long a cancelled activity waits for its task to end after task.cancel before it
 # destroys the task anyway (a VM.revert is not cancellable: XAPI ends it as it would have).
 TASK_CANCEL_WAIT_S = 30.0
+# Failed polls in a row of a long call's task that are polled again (about 2 min of
+# backoff in all): its outcome is read rather than lost to a dropped connection.
+TASK_POLL_RETRIES = 30
 
 
 class XenCore:
@@ -141,7 +144,7 @@ class XenCore:
         its outcome, and nothing heartbeats. ``cancellable=False`` for a call made while
         the activity already ends (a clean-up after a failure): it is waited for as is."""
         task = str(self._api(f"Async.{method}", *args))
-        return self._wait(task, method, cancellable=cancellable)
+        return self._wait(task, method, cancellable=cancellable, poll_retries=TASK_POLL_RETRIES)
 
     def _wait(
         self,
@@ -151,6 +154,7 @@ class XenCore:
         keep: bool = False,
         cancellable: bool = True,
         undo: Callable[[str], None] | None = None,
+        poll_retries: int = 0,
     ) -> str:
         """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``
         (``Xmlrpc.to_string`` of the call's value), its failure ``error_info``, mapped as
@@ -165,12 +169,14 @@ class XenCore:
         clock. When the activity is cancelled the task is cancelled too (``task.cancel``;
         XAPI may still let it end as it would have, VM.revert always), waited for up to
         ``TASK_CANCEL_WAIT_S``, and destroyed; a result it made all the same is handed to
-        ``undo``."""
+        ``undo``. ``poll_retries``: how many failed polls in a row (XAPI unreachable for a
+        moment) are polled again, the task going on meanwhile, before the failure is
+        raised."""
         delay, cap = TASK_POLL_S, _poll_cap()
         try:
             # "cancelling" is a task state too (datamodel: pending, success, failure,
             # cancelling, cancelled): the task has not ended yet.
-            while (status := self._api("task.get_status", task)) in ("pending", "cancelling"):
+            while (status := self._poll(task, poll_retries)) in ("pending", "cancelling"):
                 if activity.in_activity():
                     activity.heartbeat({"task": what, "status": status})
                     if cancellable and activity.is_cancelled():
@@ -189,6 +195,23 @@ class XenCore:
         if not keep:
             self._api("task.destroy", task)
         return _task_value(result)
+
+    def _poll(self, task: str, retries: int) -> str:
+        """``task.get_status``, asked again up to ``retries`` times while XAPI cannot be
+        reached (each wait heartbeats: the activity is alive, only the link is not)."""
+        delay = TASK_POLL_S
+        for attempt in range(retries + 1):
+            try:
+                return str(self._api("task.get_status", task))
+            except HypervisorUnavailable as exc:
+                if attempt == retries:
+                    raise
+                log.warning("polling task %s: %s; polling it again", task, exc)
+                if activity.in_activity():
+                    activity.heartbeat({"task": task, "poll_failed": str(exc)})
+                time.sleep(delay)
+                delay = min(delay * 4, TASK_POLL_MAX_S * 4)
+        raise AssertionError("unreachable")
 
     def _cancel_task(self, task: str, what: str, undo: Callable[[str], None] | None) -> None:
         """``task.cancel``, then the task's end (up to ``TASK_CANCEL_WAIT_S``), then
