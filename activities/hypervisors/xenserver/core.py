@@ -14,11 +14,10 @@ from temporalio import activity
 from temporalio.exceptions import CancelledError
 
 from ...errors import (
-    ChainBusy,
     DiskNotFound,
     HypervisorUnavailable,
     InvalidInput,
-    SourceGone,
+    SnapferryError,
     VmNotFound,
 )
 from ...settings import Settings
@@ -224,15 +223,16 @@ class XenCore:
             status = "pending"
             try:
                 self._api("task.cancel", task)
-                deadline = time.monotonic() + TASK_CANCEL_WAIT_S
+                deadline, delay = time.monotonic() + TASK_CANCEL_WAIT_S, TASK_POLL_S
                 while (status := self._api("task.get_status", task)) in (
                     "pending",
                     "cancelling",
                 ) and time.monotonic() < deadline:
-                    time.sleep(TASK_POLL_S)
+                    time.sleep(delay)
+                    delay = min(delay * 2, TASK_POLL_MAX_S)
                 if status == "success" and undo is not None:
                     undo(_task_value(self._api("task.get_result", task)))
-            except (HypervisorUnavailable, SourceGone, ChainBusy, InvalidInput) as exc:
+            except SnapferryError as exc:
                 log.warning("%s: cancelling its task %s: %s", what, task, exc)
             if status in ("pending", "cancelling"):
                 log.warning(
@@ -242,7 +242,7 @@ class XenCore:
                     task,
                     TASK_CANCEL_WAIT_S,
                 )
-            with contextlib.suppress(HypervisorUnavailable, SourceGone):
+            with contextlib.suppress(SnapferryError):
                 self._api("task.destroy", task)
 
     def _snapshot_vdis(self, vdi: str) -> dict[str, str]:
