@@ -21,6 +21,7 @@ from snapferry.activities.contracts import (
     VolumeRef,
     new_snapshot_id,
 )
+from snapferry.activities.storage.backup_image import backup_image
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
 from snapferry.workers.worker import running_workers
@@ -254,8 +255,11 @@ async def test_bad_credentials_and_unknown_vm_fail_clearly_and_once(
     assert vsphere.snapshot_names("web03") == [] and vsphere.vm_names() == {"web03"}
 
 
+@pytest.mark.parametrize(
+    "store", ["files", pytest.param("repository", marks=pytest.mark.backup_store("repository"))]
+)
 async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
-    client: Client, vsphere: Vsphere, host_name: str
+    store: str, client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
     """Four levels of each kind, interleaved, each volume snapshot taken while the VM
     snapshots make the disk a delta chain (vSphere shows ``app02-00000N.vmdk``
@@ -302,7 +306,9 @@ async def test_vm_and_volume_snapshots_coexist_four_levels_deep(
         assert len(vsphere.snapshot_names("app02")) == 4  # only the VM snapshots stay
         for sid, content in vol_snaps.items():
             record = await starter.wait_settled(client, sid)
-            assert record.backup and Path(record.backup.path).read_bytes() == content
+            assert record.backup is not None
+            with backup_image(record.backup.manifest_path) as raw:
+                assert raw.read_bytes() == content
 
         l1, l2, l3, l4 = list(vm_snaps)
         v1, v2, v3, v4 = list(vol_snaps)

@@ -31,7 +31,7 @@ class RestoreOps(CbtOps):
         The write goes past the VM, so Changed Block Tracking does not see it: CBT is reset
         first (off, then on), so that the next backup is a full rather than a delta that
         would miss the reverted areas."""
-        from ...storage.secondary import SecondaryStore
+        from ...storage.backup_image import backup_image
 
         vm_name, disk = req.volume.vm.name, req.volume.disk
         if req.manifest_path is None:
@@ -66,8 +66,7 @@ class RestoreOps(CbtOps):
             )
             if tracked:
                 self._reset_tracking(vm, f"VM {vm_name!r} (reverting {disk!r})")
-            manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
-            with SecondaryStore.materialized(manifest) as raw:
+            with backup_image(req.manifest_path) as raw:
                 sent = self._upload(ds, path, raw)
             if self._download_digest(ds, path) != sent:
                 raise ChainBusy(f"{disk!r} on {vm_name!r} did not read back as written")

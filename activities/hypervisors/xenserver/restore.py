@@ -145,7 +145,7 @@ class RestoreOps(XenCore):
 
     def revert(self, req: RevertRequest) -> None:
         """Rebuild full + deltas and import them into the halted VM's VDI."""
-        from ...storage.secondary import SecondaryStore
+        from ...storage.backup_image import backup_image
 
         vm_name, disk = req.volume.vm.name, req.volume.disk
         if req.manifest_path is None:
@@ -153,12 +153,11 @@ class RestoreOps(XenCore):
                 f"snapshot {req.snapshot_id} is not backed up yet; on XenServer a volume is"
                 " reverted from its backup chain"
             )
-        manifest = SecondaryStore.read_manifest(Path(req.manifest_path))
         vm = self._vm(vm_name)
         what = f"{disk} from snapshot {req.snapshot_id}"
         with (
             _vm_locks[vm],
-            SecondaryStore.materialized(manifest) as raw,
+            backup_image(req.manifest_path) as raw,
             self._start_blocked(vm, what),
         ):
             # checked once the block holds: a start just before it is seen here
