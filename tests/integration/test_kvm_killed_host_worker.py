@@ -1,10 +1,10 @@
-"""The outside review's black-box sequence, with a real host worker process killed by
-SIGKILL in the middle of a live block commit: libvirt's job outlives the worker, and the
-VM snapshot whose layer that job commits into is deleted before the job ends.
+"""A real host worker process killed by SIGKILL in the middle of a live block commit:
+libvirt's job outlives the worker, and the VM snapshot whose layer that job commits into is
+deleted before the job ends.
 
-Only the killed worker is slowed (its commits get libvirt's bandwidth limit, 1 MiB/s, the
-``virsh blockjob --bandwidth`` of the review's sequence), from a ``sitecustomize`` on its
-own ``PYTHONPATH``: the code under test is unchanged.
+Only the killed worker is slowed (its commits get libvirt's bandwidth limit, 1 MiB/s, as
+``virsh blockjob --bandwidth`` sets it), from a ``sitecustomize`` on its own
+``PYTHONPATH``: the code under test is unchanged.
 """
 
 from __future__ import annotations

@@ -81,3 +81,21 @@ def test_no_development_history_in_the_readme_or_the_docs() -> None:
             if HISTORY.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+CODE_HISTORY = re.compile(
+    r"\bissues? #?\d+|\bround[- ]2\b|\bthis change\b|\b(the|outside|a) review\b|review's",
+    re.IGNORECASE,
+)
+
+
+def test_no_development_history_in_code_comments_or_test_names() -> None:
+    found = []
+    for top in ("activities", "workers", "workflows", "tests", "bench", "scripts"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path == Path(__file__):
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if CODE_HISTORY.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

@@ -834,7 +834,7 @@ class Inventory:
 
         The clone is listed (FindByInventoryPath finds it) from the start, with zero disks,
         and its bytes arrive only when the task completes: the worst case for a
-        retried take (a review: "if vCenter lists a clone before its copy is complete").
+        retried take (vCenter lists a clone before its copy is complete).
         A full clone's disks are flat files named after the clone, whatever chain the
         source had (RelocateSpec.diskMoveType moveAllDiskBackingsAndDisallowSharing, the
         default for a clone: "Move all disks, create new disk files"). Linked clones
