@@ -263,6 +263,12 @@ def test_status_reports_dedup_and_compression(tmp_path):
     s = jobs.status(repo)
     assert s.backups == 2 and s.dedup_ratio == pytest.approx(2.0, rel=0.01)
     assert s.compression_ratio > 2.5
+    assert s.last_verify is None and s.last_gc is None
+    jobs.verify(repo)
+    jobs.gc(repo)
+    s = jobs.status(repo)
+    assert s.last_verify is not None and s.last_verify["blobs"] > 0
+    assert s.last_verify["damaged"] == 0 and s.last_gc is not None and "at" in s.last_gc
 
 
 def test_a_thin_terabyte_disk_costs_its_data_not_its_size(tmp_path):

@@ -7,6 +7,7 @@ on disk, backups' indexes through mmap.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import json
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BackupCorrupt
-from ..files import FILE_MODE, fsync_dir, make_dirs
+from ..files import FILE_MODE, atomic_write, fsync_dir, make_dirs
 from .blobs import ZERO_ID
 from .packs import CHUNK, BlobLocation, all_packs, pack_path, pack_table
 from .repository import Repository
@@ -26,6 +27,17 @@ Progress = Callable[[str], None]
 RUN_IDS = 1 << 20  # blob IDs sorted in memory per run (32 MiB)
 WRITER_STALE_S = 3600.0  # a writer whose file was not touched for this long is dead
 SAFETY_S = 300.0  # clock skew and in-flight renames
+
+
+def _record_job(root: Path, job: str, counters: dict[str, int]) -> None:
+    """When a job last ran to its end and what it found, for ``repository status``."""
+    make_dirs(root / "jobs")
+    atomic_write(root / "jobs" / f"{job}.json", json.dumps({"at": time.time(), **counters}))
+
+
+def last_run(root: Path, job: str) -> dict[str, float] | None:
+    path = root / "jobs" / f"{job}.json"
+    return json.loads(path.read_text()) if path.exists() else None  # type: ignore[no-any-return]
 
 
 def _drop_cache(fd: int) -> None:
@@ -99,6 +111,17 @@ def verify(repo: Repository, *, progress: Progress | None = None) -> VerifyResul
                     offsets.append(seg * reader.seg_bytes + j * reader.chunk)
         if offsets:
             result.snapshots[f"{manifest.vm}/{manifest.disk}/{manifest.snapshot_id}"] = offsets
+    _record_job(
+        repo.root,
+        "verify",
+        {
+            "packs": result.packs,
+            "blobs": result.blobs,
+            "bytes_read": result.bytes_read,
+            "damaged": len(result.damaged),
+            "backups_damaged": len(result.snapshots),
+        },
+    )
     return result
 
 
@@ -227,6 +250,7 @@ def gc(repo: Repository, *, now: float | None = None, progress: Progress | None 
             if partial.stat().st_mtime < cutoff:
                 partial.unlink()
     repo.index.rewrite(drop_packs=frozenset(dropped))
+    _record_job(repo.root, "gc", dataclasses.asdict(result))
     return result
 
 
@@ -327,6 +351,8 @@ class Status:
     chunks: int
     logical_bytes: int  # sum of every backup's non-zero data
     unique_bytes: int  # plaintext of distinct chunks (after dedup, before compression)
+    last_verify: dict[str, float] | None = None  # when it ended ("at", epoch s), its counts
+    last_gc: dict[str, float] | None = None
 
     @property
     def dedup_ratio(self) -> float:
@@ -350,4 +376,6 @@ def status(repo: Repository) -> Status:
         chunks=chunks,
         logical_bytes=sum(m.data_bytes for m in manifests),
         unique_bytes=chunks * chunk_bytes,  # an upper bound: last chunks may be short
+        last_verify=last_run(repo.root, "verify"),
+        last_gc=last_run(repo.root, "gc"),
     )
