@@ -11,6 +11,7 @@
     <root>/backups/<vm>/<disk>/<snapshot>.json  its manifest, written last: present = whole
     <root>/writers/<uuid>.json                  a backup being written (gc keeps its data)
     <root>/damaged.json                         blob copies a verify found damaged
+    <root>/jobs/<verify|gc>.json                when the job last ran to its end, its counts
     <root>/locks/                               flock files (index merge, pack deletion)
 """
 
