@@ -69,10 +69,10 @@ class BlobCodec:
         packed = compressor.compress(plaintext)
         flags, payload = (COMPRESSED, packed) if len(packed) < len(plaintext) else (0, plaintext)
         if self._aead is None:
-            return bytes([flags]) + bytes(payload)
+            return b"".join((bytes((flags,)), payload))
         nonce = os.urandom(NONCE_BYTES)
         sealed = self._aead.encrypt(nonce, bytes(payload), blob_id)
-        return bytes([flags | SEALED]) + nonce + sealed
+        return b"".join((bytes((flags | SEALED,)), nonce, sealed))  # one copy, not two
 
     def decode(self, blob_id: bytes, stored: bytes | memoryview, *, where: str) -> bytes:
         """The plaintext of a stored blob, or BackupCorrupt naming ``where``: never wrong bytes."""
