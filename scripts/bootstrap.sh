@@ -15,6 +15,10 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-uti
               # tests/govmomi_sim: govmomi's vCenter simulator (Go library) behind our main
               golang-go golang-github-vmware-govmomi-dev
               restic           # bench/repository_bench.py measures a backup against it
+              # snapshot serve/files/restore-file: a backup as an NBD disk (nbdkit and its
+              # Python plugin), its files read with libguestfs (guestfish; cryptsetup-bin
+              # comes with it, and the tests make an encrypted disk with it)
+              nbdkit nbdkit-plugin-python libguestfs-tools cryptsetup-bin
               chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).

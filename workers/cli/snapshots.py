@@ -39,6 +39,7 @@ from .common import (
     web_ui_link,
 )
 from .export import FORMATS, cmd_snapshot_export
+from .serve import register_serve
 
 
 async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -184,6 +185,7 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     ex.add_argument("id")
     ex.add_argument("--format", required=True, choices=FORMATS, help="the image's format")
     ex.add_argument("file", metavar="FILE", help="the new image (refused if it exists)")
+    register_serve(snap, add)
 
     operations: list[tuple[str, str, str, bool, type]] = [
         ("delete", DELETE_UPDATE, "delete on secondary and primary", False, SnapshotRecord),
