@@ -8,8 +8,9 @@ against the owning file's ``.chunks`` digest first, and a hole costs no read. Th
 opened read-only and never written.
 
 :func:`serving` runs ``nbdkit -r`` with :mod:`.nbd_plugin` on a unix socket in a private
-directory (mode 0700), or on TCP with TLS required, and stops it (by its PID) and removes
-what it made when the context ends; ``--exit-with-parent`` ends it with its parent, too.
+directory (mode 0700), or on TCP with TLS and client certificates required, and stops it
+(by its PID) and removes what it made when the context ends; ``--exit-with-parent`` ends it
+with its parent, too.
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def serving(
 ) -> Iterator[Export]:
     """nbdkit serving the backup read-only for as long as the context lasts: on a unix
     socket (``socket_path``, else one in a new private directory), or on ``tcp`` with TLS
-    required (certificates in ``tls_dir``: ca-cert.pem, server-cert.pem, server-key.pem)."""
+    required (certificates in ``tls_dir``: ca-cert.pem, server-cert.pem, server-key.pem)
+    and a client certificate from that CA."""
     disk = open_disk(manifest_path)  # a missing key or a broken chain fails before nbdkit
     size = disk.size
     if isinstance(disk, ChainDisk):
@@ -289,6 +291,7 @@ def serving(
             raise InvalidInput("an export on TCP needs TLS certificates")
         host, port = tcp
         args += ["-i", host, "-p", str(port), "--tls=require", f"--tls-certificates={tls_dir}"]
+        args += ["--tls-verify-peer"]  # clients need a certificate from the same CA
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         probe: tuple = (family, (host, port))
         shown = f"[{host}]" if ":" in host else host

@@ -167,3 +167,63 @@ def test_nbdkit_serves_the_chain_read_only_and_leaves_nothing_behind(tmp_path: P
         os.kill(pid, 0)
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "out"}
     assert after == before
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def certificates(d: Path) -> tuple[Path, Path]:
+    """nbdkit's server directory and qemu's client directory, both from one CA."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
+            "-keyout", "ca.key", "-out", "ca-cert.pem", cwd=d)  # fmt: skip
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\n"), ("client", "")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(ext or "basicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
+                "-out", f"{name}-cert.pem", cwd=d)  # fmt: skip
+    server, client = d / "server", d / "client"
+    for directory, name in ((server, "server"), (client, "client")):
+        directory.mkdir()
+        for suffix in ("cert.pem", "key.pem"):
+            shutil.copy(d / f"{name}-{suffix}", directory / f"{name}-{suffix}")
+        shutil.copy(d / "ca-cert.pem", directory / "ca-cert.pem")
+    return server, client
+
+
+@pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
+def test_on_tcp_only_tls_clients_with_a_certificate_read_it(tmp_path: Path) -> None:
+    from snapferry.workers.stack import free_port
+
+    _, disk = chain_of_three(tmp_path)
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    server, client = certificates(pki)
+    port = free_port()
+    out = tmp_path / "copy.raw"
+    with serving(tmp_path / "d2.manifest.json", tcp=("127.0.0.1", port), tls_dir=server) as e:
+        assert e.uri == f"nbds://127.0.0.1:{port}" and e.socket is None
+        tls = f"tls-creds-x509,id=tls0,endpoint=client,dir={client}"
+        opts = f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port}"
+        subprocess.run(
+            ["qemu-img", "convert", "--object", tls, "--image-opts", f"{opts},file.tls-creds=tls0"]
+            + ["-O", "raw", str(out)],
+            check=True,
+            capture_output=True,
+        )
+        plain = subprocess.run(
+            ["qemu-img", "info", "--image-opts", opts], capture_output=True, text=True
+        )
+        assert plain.returncode != 0 and "TLS negotiation required" in plain.stderr
+        (client / "client-cert.pem").unlink()
+        (client / "client-key.pem").unlink()
+        anonymous = subprocess.run(
+            ["qemu-img", "info", "--object", tls, "--image-opts", f"{opts},file.tls-creds=tls0"],
+            capture_output=True,
+            text=True,
+        )
+        # A TLS client without a certificate is turned away during the handshake.
+        assert anonymous.returncode != 0 and "TLS channel" in anonymous.stderr
+    assert out.read_bytes() == bytes(disk)
