@@ -20,6 +20,11 @@ EXPORTED: list[type[BaseModel]] = [
     contracts.CopyRequest,
     contracts.PrimarySnapshot,
     contracts.Alert,
+    contracts.VmSnapshotRequest,
+    contracts.VmSnapshotRecord,
+    contracts.RestoreResult,
+    contracts.RepositoryJobRequest,
+    contracts.RepositoryJobResult,
 ]
 
 

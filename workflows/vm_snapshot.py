@@ -7,7 +7,8 @@ names: Allocated -> Creating -> Ready (-> Reverting -> Ready)* -> Expunging -> R
 
 VM snapshots are never backed up: like CloudStack's they live on primary storage. They
 coexist with volume snapshots because both are layers of one disk chain that the host driver
-only merges where every owner of a layer has let go (see the README's coexistence rules).
+only merges where every owner of a layer has let go (docs/hypervisors/kvm.md, coexistence
+rules).
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ COMMON_HELP = {
 
 EPILOG = (
     "exit codes: 0 done; 1 refused or failed (the reason is printed); 2 bad usage;"
-    " 130 interrupted. Configuration comes from SNAPFERRY_* environment variables (README)."
+    " 130 interrupted. Configuration comes from SNAPFERRY_* environment variables"
+    " (docs/operating/configuration.md)."
 )
 
 

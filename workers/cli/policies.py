@@ -115,6 +115,6 @@ def register(sub: Any, add: Adder) -> None:
     pl = add(pol, "list", cmd_policy_list, "list policies and their next run")
     pl.add_argument("--json", action="store_true")
     pd = add(pol, "delete", cmd_policy_delete, "delete a policy (its snapshots stay)")
-    pd.add_argument("id")
+    pd.add_argument("id", help="the policy's ID, as printed by create and list")
     pr = add(pol, "run-now", cmd_policy_run, "trigger one run of a policy now")
-    pr.add_argument("id")
+    pr.add_argument("id", help="the policy's ID, as printed by create and list")
