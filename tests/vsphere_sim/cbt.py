@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 from pyVmomi import vim, vmodl
 
 if TYPE_CHECKING:
-    from .inventory import Inventory, Vm
+    from .inventory import Inventory
+    from .vms import Vm
 
 SECTOR = 512
 # How much of the disk one QueryChangedDiskAreas answer covers. The API reference documents

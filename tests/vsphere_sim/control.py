@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tests import simulator
 
-from .inventory import DS, disk_base
+from .objects import DS
+from .vms import disk_base
 
 
 def disk_path(root: str | Path, vm: str, disk_index: int) -> Path:

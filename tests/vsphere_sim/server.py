@@ -18,7 +18,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import soap
-from .inventory import DC, DS, NO_FLAT_FILES, Inventory
+from .datastores import NO_FLAT_FILES
+from .inventory import Inventory
+from .objects import DC, DS
 from .vimapi import VimService
 
 COOKIE = "vmware_soap_session"

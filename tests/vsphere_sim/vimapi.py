@@ -16,7 +16,9 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from . import soap
-from .inventory import FILE_MANAGER, SEARCH_INDEX, SI, Inventory, Snap, now
+from .inventory import Inventory
+from .objects import FILE_MANAGER, SEARCH_INDEX, SI, now
+from .snapshots import Snap
 
 # Methods that may run before Login (pyVim calls them to bootstrap a connection).
 _UNAUTHENTICATED_OK = {"RetrieveServiceContent", "Login"}
