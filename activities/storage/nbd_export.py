@@ -34,7 +34,9 @@ from typing import Protocol
 from ..errors import BackupCorrupt, InvalidInput
 from . import checksum
 from .backup_image import repository_of
+from .checksum import data_segments
 from .repository.backups import BackupReader
+from .repository.blobs import ZERO_ID
 from .secondary import Manifest, SecondaryStore
 
 PLUGIN = Path(__file__).with_name("nbd_plugin.py")
@@ -45,6 +47,11 @@ class Disk(Protocol):
     size: int
 
     def read(self, offset: int, length: int) -> bytes: ...
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(start, length, zero)`` runs from ``offset``: where the disk reads as zeros
+        without a read (a client skips them); at least the first, up to ``length``."""
+        ...
 
 
 class RepositoryDisk:
@@ -57,6 +64,27 @@ class RepositoryDisk:
     def read(self, offset: int, length: int) -> bytes:
         data = self.reader.read(offset, length)
         return data + bytes(length - len(data)) if len(data) < length else data
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        r, m = self.reader, self.reader.manifest
+        end = min(offset + length, self.size)
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            seg = pos // r.seg_bytes
+            if r.segment_id(seg) == ZERO_ID:
+                step, zero = (seg + 1) * r.seg_bytes - pos, True
+            else:
+                c = pos // r.chunk
+                zero = r.chunk_ids(seg)[c % m.segment_chunks] == ZERO_ID
+                step = (c + 1) * r.chunk - pos
+            step = min(step, end - pos)
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], runs[-1][1] + step, zero)
+            else:
+                runs.append((pos, step, zero))
+            pos += step
+        return runs
 
 
 class _Digests:
@@ -115,12 +143,14 @@ class _Layer:
         n = max(0, min(self.chunk, self.file_size - pos))
         if n == 0:
             return b""
-        data = bytes(n) if self._is_hole(pos, n) else os.pread(self.fd, n, pos)
-        if len(data) != n:
-            raise BackupCorrupt(f"{self.path} ends before {pos + n}")
-        want = self.digests.of(index)
-        got = checksum.zero_digest(n) if not any(data) else checksum.chunk_digest(data)
-        if want != got:
+        if self._is_hole(pos, n):  # zeros without a read; its digest is known
+            data, got = bytes(n), checksum.zero_digest(n)
+        else:
+            data = os.pread(self.fd, n, pos)
+            if len(data) != n:
+                raise BackupCorrupt(f"{self.path} ends before {pos + n}")
+            got = checksum.chunk_digest(data)
+        if self.digests.of(index) != got:
             raise BackupCorrupt(
                 f"{self.path}: chunk {index} (offset {pos}) does not match its digest"
             )
@@ -128,6 +158,17 @@ class _Layer:
         if len(self._cache) > 4:
             self._cache.popitem(last=False)
         return data
+
+    def extents(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """Data and holes of the file in [start, stop) (past its end: zeros)."""
+        pos = start
+        for a, b in data_segments(self.fd, start, min(stop, self.file_size)):
+            if a > pos:
+                yield pos, a - pos, True
+            yield a, b - a, False
+            pos = b
+        if pos < stop:
+            yield pos, stop - pos, True
 
     def read_into(self, out: bytearray, at: int, start: int, stop: int) -> None:
         """Bytes [start, stop) of the file into ``out[at:]`` (zeros past its end)."""
@@ -207,6 +248,21 @@ class ChainDisk:
                 self.layers[owner + 1].read_into(out, a - offset, a, b)
             i += 1
         return bytes(out)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        end = min(offset + length, self.size)
+        runs: list[tuple[int, int, bool]] = []
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while i < len(self.runs) and self.runs[i][0] < end:
+            start, stop, owner = self.runs[i]
+            a, b = max(start, offset), min(stop, end)
+            for pos, n, zero in self.layers[owner + 1].extents(a, b) if a < b else ():
+                if runs and runs[-1][2] == zero:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)
+                else:
+                    runs.append((pos, n, zero))
+            i += 1
+        return runs
 
 
 def open_disk(manifest_path: str | Path) -> Disk:

@@ -64,6 +64,19 @@ def can_multi_conn(h: int) -> bool:
     return True
 
 
+def can_extents(h: int) -> bool:
+    return True
+
+
+def extents(h: int, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    zero = int(nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)
+    # Bounded work per request: the client asks again from where the answer ends.
+    runs = _disk.extents(offset, min(count, 1 << 30))
+    if flags & nbdkit.FLAG_REQ_ONE:
+        runs = runs[:1]
+    return [(start, length, zero if is_zero else 0) for start, length, is_zero in runs]
+
+
 def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
     try:
         buf[:] = _disk.read(offset, len(buf))

@@ -122,6 +122,20 @@ def test_a_chain_reads_as_the_disk_at_any_offset_without_a_scratch_image(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_extents_name_only_zeros_as_zero_and_cover_the_disk(tmp_path: Path) -> None:
+    _, disk = chain_of_three(tmp_path)
+    reader = open_disk(tmp_path / "d2.manifest.json")
+    for offset, length in ((0, len(disk)), (3 * MIB + 7, 2 * MIB), (len(disk) - 100, 100)):
+        runs = reader.extents(offset, length)
+        assert runs[0][0] == offset and sum(n for _, n, _ in runs) == length
+        assert all(a + n == b for (a, n, _), (b, _, _) in zip(runs, runs[1:], strict=False))
+        for start, n, zero in runs:
+            if zero:
+                assert not any(disk[start : start + n]), (start, n)
+    # The full backup's holes that no delta covers are reported as zeros.
+    assert any(zero for _, _, zero in reader.extents(0, len(disk)))
+
+
 def test_a_damaged_chunk_is_refused_not_served(tmp_path: Path) -> None:
     chain_of_three(tmp_path)
     with open(tmp_path / "d1.raw", "r+b") as f:
