@@ -108,7 +108,9 @@ def repository_backup(raw: Path, root: Path, key_file: Path) -> Path:
     w = repo.writer(snapshot_id="full", vm="vm", disk="vda", virtual_size=size)
     fd = os.open(raw, os.O_RDONLY)
     try:
-        windows = sorted({a // SEG for a, b in data_segments(fd) for a in range(a, b, SEG)})
+        windows = sorted(
+            {w for a, b in data_segments(fd) for w in range(a // SEG, (b - 1) // SEG + 1)}
+        )
         for seg in windows:
             w.write(seg * SEG, os.pread(fd, min(SEG, size - seg * SEG), seg * SEG))
     finally:
