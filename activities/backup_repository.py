@@ -84,13 +84,17 @@ def copy_to_repository(
                     driver, req, full_because=None, history=lambda: store.history(req.volume)
                 )
             parent = _parent(store, req, plan)
+            why_full = None
             if plan.parent is not None and parent is None:
-                resume = False
+                why_full = f"the base snapshot {plan.parent}'s backup is gone"
+            elif parent is not None and repo.unreadable(parent):
+                # An incremental would inherit the damaged chunks: a full stores them again.
+                why_full = f"the base snapshot {plan.parent}'s backup is damaged (verify)"
+            if why_full is not None:
+                resume, parent = False, None
+                store.discard_partial(req.volume, req.snapshot_id)
                 plan = acts._new_plan(
-                    driver,
-                    req,
-                    full_because=f"the base snapshot {plan.parent}'s backup is gone",
-                    history=lambda: store.history(req.volume),
+                    driver, req, full_because=why_full, history=lambda: store.history(req.volume)
                 )
             try:
                 reader = driver.open_reader(req.source, plan)

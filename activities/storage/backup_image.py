@@ -3,18 +3,29 @@
 Backups are plain files (``snapshots/``, storage/secondary.py) or backups in the repository
 (``repository/backups/``, storage/repository/), and a restore, a revert or a health check
 takes either: the manifest's path says which. A repository backup is written out as a
-sparse raw image in ``restore-scratch/`` beside the repository (never inside it: no guest
-plaintext on the store), every chunk checked against its ID as it is written.
+sparse raw image on the worker's own disk (:func:`scratch_dir`: never on the store, which
+holds no guest plaintext), under a name of its own, every chunk checked as it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .repository.store import RepositoryStore
 from .secondary import SecondaryStore
+
+
+def scratch_dir() -> Path:
+    """Where a repository backup is written out for a restore: on the worker's own disk
+    (``$SNAPFERRY_HOME/restore-scratch``, or ``SNAPFERRY_RESTORE_SCRATCH``), never on the
+    store, which must hold no guest plaintext."""
+    explicit = os.environ.get("SNAPFERRY_RESTORE_SCRATCH")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("SNAPFERRY_HOME", "./.snapferry")).absolute() / "restore-scratch"
 
 
 def repository_of(manifest_path: str | Path) -> RepositoryStore | None:
@@ -41,8 +52,7 @@ def backup_image(
             yield raw
         return
     backup = repository.read_manifest(manifest_path)
-    scratch = repository.root.parent / "restore-scratch"
     with repository.materialized(
-        backup, scratch, progress=lambda done: report(done, backup.virtual_size)
+        backup, scratch_dir(), progress=lambda done: report(done, backup.virtual_size)
     ) as raw:
         yield raw

@@ -20,6 +20,7 @@ are found in the index, so they cost a lookup, not a second copy.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import mmap
 import os
@@ -67,6 +68,8 @@ class BackupManifest(BaseModel):
     depth: int = 0
     change_id: str | None = None
     full_reason: str | None = None
+
+    mac: str = ""  # encrypted repositories: HMAC of every other field (manifest_mac)
 
     @property
     def checksum(self) -> str:
@@ -130,10 +133,18 @@ class BackupWriter:
         self.checkpoint_file = directory / f"{snapshot_id}.segments.checkpoint"
         if not resume:
             self.checkpoint_file.unlink(missing_ok=True)
+        if parent is not None:
+            self._link_parent(repo, parent)
         flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_TRUNC)
         self.fd = os.open(self.partial, flags, FILE_MODE)
         done = max(0, os.fstat(self.fd).st_size - len(SEGMENTS_MAGIC)) // ID_BYTES
         self.segments_done = min(done, self.total_segments, self._checkpointed())
+        self.touched: set[str] = set()
+        # The packs the trusted segments use, which the copy reads back from the medium
+        # (an earlier attempt's were sealed, maybe never read back).
+        self.resumed_packs: set[str] = set()
+        if self.segments_done:
+            self.segments_done = self._still_whole(self.segments_done)
         os.ftruncate(self.fd, len(SEGMENTS_MAGIC) + self.segments_done * ID_BYTES)
         os.pwrite(self.fd, SEGMENTS_MAGIC, 0)
         os.lseek(self.fd, 0, os.SEEK_END)
@@ -142,10 +153,49 @@ class BackupWriter:
         self._sealing: list[Future[list[BlobLocation]]] = []
         self.published: list[BlobLocation] = []
         self.session: set[bytes] = set()  # blobs stored or confirmed in this session
-        self.touched: set[str] = set()
         self.cur_seg = -1
         self.cur_ids: list[bytes] = []
         self.new_bytes = 0
+
+    def _link_parent(self, repo: Repository, parent: BackupManifest) -> None:
+        """Hard-link the parent's index beside the writer file for the writer's life: gc
+        marks through it, so a delete of the parent meanwhile frees nothing this backup
+        will still inherit (as Proxmox Backup Server locks a backup's base snapshot)."""
+        source = repo.backup_dir(parent.vm, parent.disk) / f"{parent.snapshot_id}.segments"
+        self.parent_link = self.writer_file.with_suffix(".parent.segments")
+        try:
+            os.link(source, self.parent_link)
+        except FileNotFoundError:
+            self.writer_file.unlink(missing_ok=True)
+            raise BackupCorrupt(
+                f"the parent backup {parent.snapshot_id} was deleted: back up in full"
+            ) from None
+
+    def _still_whole(self, trusted: int) -> int:
+        """How many of the trusted segments still find every blob they name (a resume may
+        come long after its attempt; each blob's pack is touched for gc): the resume starts
+        at the first segment that does not."""
+        with open(self.partial, "rb") as f:
+            f.seek(len(SEGMENTS_MAGIC))
+            raw = f.read(trusted * ID_BYTES)
+        for seg in range(trusted):
+            seg_id = raw[seg * ID_BYTES : (seg + 1) * ID_BYTES]
+            if seg_id == ZERO_ID:
+                continue
+            ids = [seg_id]
+            try:
+                data = self.repo.read_blob(seg_id, where=f"segment {seg} of a resumed backup")
+            except BackupCorrupt:
+                return seg
+            ids += [data[i : i + ID_BYTES] for i in range(0, len(data), ID_BYTES)]
+            for blob_id in ids:
+                if blob_id == ZERO_ID:
+                    continue
+                found = self.repo.find(blob_id)
+                if found is None or not self.repo.touch_pack(found.pack, self.touched):
+                    return seg
+                self.resumed_packs.add(found.pack)
+        return trusted
 
     def _checkpointed(self) -> int:
         try:
@@ -215,6 +265,25 @@ class BackupWriter:
         ids = self.parent.chunk_ids(seg) if self.parent is not None else []
         self.cur_ids = (ids + [ZERO_ID] * n)[:n]
         self.cur_seg = seg
+        if self.parent is not None and self.parent.manifest.virtual_size != self.virtual_size:
+            self._resize_last_parent_chunk(seg)
+
+    def _resize_last_parent_chunk(self, seg: int) -> None:
+        """After a resize, the parent's last chunk (short when its size was not a multiple
+        of a chunk) is this disk's chunk of another length: zeros past the old end after a
+        grow, cut at the new end after a shrink. It is stored at its new length."""
+        assert self.parent is not None
+        old_size = self.parent.manifest.virtual_size
+        for j, blob_id in enumerate(self.cur_ids):
+            offset = seg * self.seg_bytes + j * self.chunk
+            new_len = min(self.chunk, self.virtual_size - offset)
+            old_len = min(self.chunk, old_size - offset)
+            if blob_id == ZERO_ID or old_len == new_len or old_len <= 0:
+                continue
+            data = self.repo.read_blob(blob_id, where=f"the parent backup at offset {offset}")
+            resized = (data + bytes(new_len))[:new_len]
+            zero = resized == bytes(new_len)
+            self.cur_ids[j] = ZERO_ID if zero else self._store(CHUNK, resized)
 
     def _close_segment(self) -> None:
         ids = self.cur_ids
@@ -234,7 +303,11 @@ class BackupWriter:
             self._close_segment()
         while self.segments_done < seg and self.cur_seg < 0:
             s = self.segments_done
-            inherited = self.parent.inherit(s, self._chunks_in(s)) if self.parent else ZERO_ID
+            inherited = (
+                self.parent.inherit(s, self._chunks_in(s), self.virtual_size)
+                if self.parent
+                else ZERO_ID
+            )
             if inherited is None:  # the parent's segment differs in length: rebuild it
                 self._open_segment(s)
                 self._close_segment()
@@ -300,6 +373,9 @@ class BackupWriter:
         os.fsync(self.fd)
         atomic_write(self.checkpoint_file, json.dumps({"segments": self.segments_done}))
         os.utime(self.writer_file)  # alive: gc keeps what this writer references
+        # One index file per checkpoint: merged once there are many, so that a long backup
+        # does not make every lookup bisect hundreds of files.
+        self.repo.index.maybe_compact()
         return self.resume_offset
 
     def finish_data(self) -> None:
@@ -331,9 +407,10 @@ class BackupWriter:
             index_sha256=sha,
             **self.meta,  # type: ignore[arg-type]
         )
-        manifest.data_bytes = BackupReader(self.repo, manifest).data_bytes()
+        manifest.mac = manifest_mac(self.repo, manifest)
+        manifest.data_bytes = BackupReader(self.repo, manifest).data_bytes()  # not signed
         atomic_write(self.final.with_suffix(".json"), manifest.model_dump_json(indent=2))
-        self.writer_file.unlink(missing_ok=True)
+        self._unlink_writer()
         self.repo.index.maybe_compact()
         return manifest
 
@@ -345,7 +422,23 @@ class BackupWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._unlink_writer()
+
+    def _unlink_writer(self) -> None:
         self.writer_file.unlink(missing_ok=True)
+        self.writer_file.with_suffix(".parent.segments").unlink(missing_ok=True)
+
+
+def manifest_mac(repo: Repository, manifest: BackupManifest) -> str:
+    """HMAC-SHA256, under a key derived for this alone, of the manifest's every field but
+    the MAC: with the index's SHA-256 among them, it authenticates the whole index, so
+    no one without the key can swap segments or edit a manifest (as PBS signs its
+    manifests). Empty for an unencrypted repository, which has no secret to sign with."""
+    key = repo.codec.key
+    if key is None or not key.manifest_key:
+        return ""
+    body = manifest.model_dump_json(exclude={"mac", "data_bytes"}).encode()
+    return hmac.new(key.manifest_key, body, hashlib.sha256).hexdigest()
 
 
 def _file_sha256(path: os.PathLike[str]) -> str:
@@ -375,6 +468,18 @@ class BackupReader:
             or len(self.map) != len(SEGMENTS_MAGIC) + manifest.segments * ID_BYTES
         ):
             raise BackupCorrupt(f"backup {manifest.snapshot_id}: its index {path} is damaged")
+        if manifest.index_sha256 and (
+            hashlib.sha256(self.map).hexdigest() != manifest.index_sha256
+        ):
+            raise BackupCorrupt(
+                f"backup {manifest.snapshot_id}: its index {path} does not match its manifest"
+            )
+        expected = manifest_mac(repo, manifest)
+        if expected and not hmac.compare_digest(expected, manifest.mac):
+            raise BackupCorrupt(
+                f"backup {manifest.snapshot_id}: its manifest does not authenticate with this"
+                " key (edited, or another repository's)"
+            )
         self._cache: tuple[int, list[bytes]] = (-1, [])
 
     def segment_id(self, seg: int) -> bytes:
@@ -401,10 +506,14 @@ class BackupReader:
         self._cache = (seg, ids)
         return list(ids)
 
-    def inherit(self, seg: int, chunks: int) -> bytes | None:
-        """The parent's segment ID if it can be kept as is (same chunk count), else None."""
+    def inherit(self, seg: int, chunks: int, size: int) -> bytes | None:
+        """The parent's segment ID if it can be kept as is, else None. A segment that holds
+        the parent's end is kept only when the disk has the parent's size: its last chunk
+        may be short, and another size needs another length of it."""
         if seg >= self.manifest.segments:
             return ZERO_ID
+        if seg == self.manifest.segments - 1 and size != self.manifest.virtual_size:
+            return None
         return self.segment_id(seg) if self.chunks_in(seg) == chunks else None
 
     def _where(self, offset: int) -> str:

@@ -66,6 +66,10 @@ class _IndexFile:
         return self.map[start : start + 32]
 
     def find(self, blob_id: bytes) -> BlobLocation | None:
+        i = self._position(blob_id)
+        return None if i is None else self._location_at(i)
+
+    def _position(self, blob_id: bytes) -> int | None:
         """Interpolation search: blob IDs are hashes, spread evenly over the ID space, so
         the first 8 bytes say about where an ID sits; a few probes find it (or its absence)
         where a bisection of 16 million records takes 24, and each probe is Python."""
@@ -80,7 +84,7 @@ class _IndexFile:
             guess = min(max(guess, lo), hi - 1)
             probe = self._id_at(guess)
             if probe == blob_id:
-                return self._location_at(guess)
+                return guess
             key = int.from_bytes(probe[:8], "big")
             if probe < blob_id:
                 lo, low_key = guess + 1, key
@@ -95,8 +99,22 @@ class _IndexFile:
             else:
                 hi = mid
         if lo < self.count and self._id_at(lo) == blob_id:
-            return self._location_at(lo)
+            return lo
         return None
+
+    def copies(self, blob_id: bytes) -> list[BlobLocation]:
+        """Every record of the blob in this file (a merged file keeps each copy, next to
+        each other in ID order)."""
+        i = self._position(blob_id)
+        if i is None:
+            return []
+        lo = i
+        while lo > 0 and self._id_at(lo - 1) == blob_id:
+            lo -= 1
+        hi = i + 1
+        while hi < self.count and self._id_at(hi) == blob_id:
+            hi += 1
+        return [self._location_at(k) for k in range(lo, hi)]
 
     def _location_at(self, i: int) -> BlobLocation:
         start = HEADER.size + i * RECORD.size
@@ -137,9 +155,12 @@ class BlobIndex:
         return None
 
     def add(self, locations: list[BlobLocation]) -> None:
-        path = write_index_file(self.directory, locations)
-        if path is not None:
-            self.files[path] = _IndexFile(path)
+        """A new index file for ``locations``, written and opened under the index lock, so
+        that another process's merge cannot delete it in between."""
+        with self.locked():
+            path = write_index_file(self.directory, locations)
+            if path is not None:
+                self.files[path] = _IndexFile(path)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -156,12 +177,13 @@ class BlobIndex:
         finally:
             os.close(fd)
 
-    def sorted_records(self) -> Iterator[BlobLocation]:
-        """Every entry, in blob-ID order, duplicates once (streaming: flat memory)."""
+    def sorted_records(self, *, all_copies: bool = False) -> Iterator[BlobLocation]:
+        """Every entry, in blob-ID order (streaming: flat memory); a blob stored twice is
+        given once, or each of its copies with ``all_copies``."""
         last = None
         for raw in heapq.merge(*(f.records() for f in self.files.values())):
             blob_id = raw[:32]
-            if blob_id != last:
+            if all_copies or blob_id != last:
                 last = blob_id
                 yield _location(raw)
 
@@ -177,7 +199,7 @@ class BlobIndex:
             count = 0
             with open(tmp, "wb") as out:
                 out.write(HEADER.pack(MAGIC, 0))
-                for loc in self.sorted_records():
+                for loc in self.sorted_records(all_copies=True):  # every copy: one may be damaged
                     if loc.pack not in drop_packs:
                         out.write(_record(loc))
                         count += 1

@@ -33,7 +33,7 @@ from .. import liveness
 from ..reader import DataExtent, SnapshotReader, ZeroExtent
 from .backups import BackupManifest, BackupReader, BackupWriter, PreparedChunk
 from .blobs import ZERO_ID
-from .packs import BlobLocation, pack_path
+from .packs import BlobLocation, pack_path, pack_table
 
 # A checkpoint publishes the open pack and writes an index file: every 256 MiB read or
 # 5 s, whichever comes first, bounds what a crash costs (it is read again) and keeps the
@@ -74,6 +74,18 @@ class _PackVerifier:
 
     def submit(self, blobs: list[BlobLocation]) -> None:
         self.pending.append(self.pool.submit(self._verify, blobs))
+
+    def submit_pack(self, name: str) -> None:
+        """A whole pack, from its own table: one an earlier attempt sealed."""
+
+        def verify() -> int:
+            try:
+                blobs = pack_table(pack_path(self.repo.root, name), self.repo.codec)
+            except FileNotFoundError:
+                raise BackupCorrupt(f"pack {name} is missing") from None
+            return self._verify(blobs)
+
+        self.pending.append(self.pool.submit(verify))
 
     def _verify(self, blobs: list[BlobLocation]) -> int:
         if not blobs:
@@ -189,6 +201,8 @@ def ingest(
     parent = writer.parent if delta else None
     verifier = _PackVerifier(writer)
     writer.on_pack = verifier.submit
+    for name in sorted(writer.resumed_packs):  # what the attempts before this one stored
+        verifier.submit_pack(name)
     in_flight: collections.deque[tuple[int, Future[list[tuple[int, PreparedChunk]]]]] = (
         collections.deque()
     )

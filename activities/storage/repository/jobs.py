@@ -92,7 +92,14 @@ def verify(repo: Repository, *, progress: Progress | None = None) -> VerifyResul
     repo.save_damaged(bad)
     repo.index.refresh()
     for manifest in repo.manifests():
-        reader = repo.reader(manifest)
+        if progress is not None:
+            progress(f"checking backup {manifest.snapshot_id}")
+        try:
+            reader = repo.reader(manifest)
+        except BackupCorrupt as err:  # its index damaged, or its manifest not authentic
+            result.damaged.append(str(err))
+            result.snapshots[f"{manifest.vm}/{manifest.disk}/{manifest.snapshot_id}"] = [0]
+            continue
         offsets: list[int] = []
         for seg in range(manifest.segments):
             seg_id = reader.segment_id(seg)
@@ -161,11 +168,15 @@ def _sorted_runs(ids: Iterable[bytes], work: Path) -> Iterator[bytes]:
             yield blob_id
 
 
-def _referenced(repo: Repository, partials: list[Path]) -> Iterator[bytes]:
+def _referenced(
+    repo: Repository, partials: list[Path], progress: Progress | None = None
+) -> Iterator[bytes]:
     """Every blob a backup uses: committed ones, and those a live writer has written."""
     from .backups import BackupReader
 
     for manifest in repo.manifests():
+        if progress is not None:
+            progress(f"marking backup {manifest.snapshot_id}")
         reader = BackupReader(repo, manifest)
         for seg in range(manifest.segments):
             seg_id = reader.segment_id(seg)
@@ -208,19 +219,32 @@ def gc(repo: Repository, *, now: float | None = None, progress: Progress | None 
         if age > WRITER_STALE_S:
             path.unlink(missing_ok=True)  # a writer that died: its partial data is garbage
             continue
-        info = json.loads(path.read_text())
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # it committed meanwhile: its manifest is read below
         started.append(float(info["started"]))
         snapshot = info["snapshot"]
         partials += list((repo.root / "backups").glob(f"*/*/{snapshot}.segments.partial"))
+        # The parent an incremental inherits from, linked for its whole life: a delete of
+        # the parent meanwhile must not free what the incremental will still inherit.
+        partials.append(path.with_suffix(".parent.segments"))
+    # A partial index with a checkpoint is resumable until its backup discards it: what
+    # it names stays, however long the retry waits (its writer file may be long gone).
+    backups = repo.root / "backups"
+    for checkpoint in backups.glob("*/*/*.segments.checkpoint") if backups.is_dir() else []:
+        partials.append(checkpoint.with_suffix(".partial"))
     cutoff = min(started) - SAFETY_S
     repo.index.refresh()
     with tempfile.TemporaryDirectory(
         dir=repo.root / "locks" if (repo.root / "locks").is_dir() else None
     ) as tmp:
-        live_ids = _sorted_runs(_referenced(repo, partials), Path(tmp))
+        live_ids = _sorted_runs(_referenced(repo, partials, progress), Path(tmp))
         live_packs: set[str] = set()
         current = next(live_ids, None)
-        for loc in repo.index.sorted_records():
+        # Every copy of a live blob is kept, not just the first the index lists: that one
+        # may be a copy a verify found damaged, and the good one the only one to restore.
+        for loc in repo.index.sorted_records(all_copies=True):
             while current is not None and current < loc.blob_id:
                 current = next(live_ids, None)
             if current == loc.blob_id:
@@ -319,25 +343,35 @@ def sync(
         _copy_file(src / "config.json", dst / "config.json")
     elif (dst / "config.json").read_text() != (src / "config.json").read_text():
         raise BackupCorrupt(f"{dst} is another repository (its config differs from {src}'s)")
+    # The backups to copy are listed before any pack is: each one's manifest was written
+    # after its packs, so they are all among the packs copied below. A backup committed
+    # later is copied by the next run, never as a manifest without its packs.
+    manifests = sorted((src / "backups").glob("*/*/*.json")) if (src / "backups").is_dir() else []
     for path in all_packs(src):
         target = pack_path(dst, path.name.removesuffix(".pack"))
         if not target.exists():
-            result.bytes_copied += _copy_file(path, target, throttle)
+            try:
+                result.bytes_copied += _copy_file(path, target, throttle)
+            except FileNotFoundError:  # gc removed it meanwhile: no listed backup uses it
+                continue
             result.packs_copied += 1
             if progress is not None:
                 progress(f"copied pack {path.name}")
     for path in sorted((src / "index").glob("*.idx")) if (src / "index").is_dir() else []:
         if not (dst / "index" / path.name).exists():
-            result.bytes_copied += _copy_file(path, dst / "index" / path.name, throttle)
-    for manifest in (
-        sorted((src / "backups").glob("*/*/*.json")) if (src / "backups").is_dir() else []
-    ):
+            with contextlib.suppress(FileNotFoundError):  # merged into another meanwhile
+                result.bytes_copied += _copy_file(path, dst / "index" / path.name, throttle)
+    for manifest in manifests:
         target = dst / manifest.relative_to(src)
         if target.exists():
             continue
         segments = manifest.with_suffix(".segments")
-        result.bytes_copied += _copy_file(segments, target.with_suffix(".segments"), throttle)
-        result.bytes_copied += _copy_file(manifest, target, throttle)
+        try:
+            result.bytes_copied += _copy_file(segments, target.with_suffix(".segments"), throttle)
+            result.bytes_copied += _copy_file(manifest, target, throttle)
+        except FileNotFoundError:  # deleted on the source meanwhile: not copied
+            target.with_suffix(".segments").unlink(missing_ok=True)
+            continue
         result.backups_copied += 1
     return result
 

@@ -48,6 +48,7 @@ class RepositoryKey:
     id_key: bytes
     encryption_key: bytes
     fingerprint: str
+    manifest_key: bytes = b""  # authenticates each backup's manifest (and so its index)
 
     @classmethod
     def from_master(cls, master: bytes) -> RepositoryKey:
@@ -60,6 +61,7 @@ class RepositoryKey:
             id_key=_derive(master, b"chunk-id"),
             encryption_key=_derive(master, b"aes-256-gcm"),
             fingerprint=fingerprint,
+            manifest_key=_derive(master, b"manifest-mac"),
         )
 
     def __repr__(self) -> str:  # never print key material (logs, tracebacks)

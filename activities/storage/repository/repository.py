@@ -16,7 +16,7 @@ from pathlib import Path
 from ...errors import BackupCorrupt, InvalidInput
 from ..files import atomic_write, make_dirs
 from .backups import BackupManifest, BackupReader, BackupWriter
-from .blobs import DEFAULT_ZSTD_LEVEL, BlobCodec
+from .blobs import DEFAULT_ZSTD_LEVEL, ZERO_ID, BlobCodec
 from .index import BlobIndex
 from .keys import RepositoryKey
 from .layout import backup_dir, check_name, load_or_create_config
@@ -46,23 +46,56 @@ class Repository:
 
     def find(self, blob_id: bytes) -> BlobLocation | None:
         """Where a good copy of the blob is (copies a verify found damaged are skipped)."""
-        for f in self.index.files.values():
-            found = f.find(blob_id)
-            if found is not None and (found.pack, found.offset) not in self.damaged:
-                return found
-        return None
+        if not self.damaged:
+            for f in self.index.files.values():
+                found = f.find(blob_id)
+                if found is not None:
+                    return found
+            return None
+        copies = self._copies(blob_id)
+        return copies[0] if copies else None
+
+    def _copies(self, blob_id: bytes) -> list[BlobLocation]:
+        found = [c for f in list(self.index.files.values()) for c in f.copies(blob_id)]
+        return [c for c in found if (c.pack, c.offset) not in self.damaged]
 
     def read_blob(self, blob_id: bytes, *, where: str) -> bytes:
-        found = self.find(blob_id)
-        if found is None:
-            self.index.refresh()  # written by another process since we opened
-            found = self.find(blob_id)
-        if found is None:
+        """The blob's plaintext from the first copy that opens whole. A copy can be gone (gc
+        swept a pack this process's index still lists, or compaction replaced an index
+        file): the index is read again and every other copy tried before it fails."""
+        last: BackupCorrupt | None = None
+        for attempt in range(2):
+            if attempt:
+                self.index.refresh()
+            for copy in self._copies(blob_id):
+                try:
+                    return read_blob(self.root, copy, self.codec)
+                except BackupCorrupt as err:
+                    last = err
+        if last is None:
             raise BackupCorrupt(f"{where}: blob {blob_id.hex()[:16]} is not in the repository")
-        try:
-            return read_blob(self.root, found, self.codec)
-        except BackupCorrupt as err:
-            raise BackupCorrupt(f"{where}: {err}") from None
+        raise BackupCorrupt(f"{where}: {last}") from None
+
+    def unreadable(self, manifest: BackupManifest) -> bool:
+        """Whether a backup references a blob with no good copy left (a verify found the
+        only copies damaged): an incremental must not inherit from it, it plans a full.
+        Walked only when a verify has recorded damage."""
+        if not self.damaged:
+            return False
+        reader = BackupReader(self, manifest)
+        for seg in range(manifest.segments):
+            seg_id = reader.segment_id(seg)
+            if seg_id == ZERO_ID:
+                continue
+            if self.find(seg_id) is None:
+                return True
+            try:
+                ids = reader.chunk_ids(seg)
+            except BackupCorrupt:
+                return True
+            if any(c != ZERO_ID and self.find(c) is None for c in ids):
+                return True
+        return False
 
     @contextlib.contextmanager
     def pack_lock(self, *, exclusive: bool) -> Iterator[None]:

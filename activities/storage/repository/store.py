@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,7 +84,9 @@ class RepositoryStore:
         checked against its ID as it is written (a damaged one fails, naming the snapshot
         and the offset), removed afterwards."""
         scratch_dir.mkdir(parents=True, exist_ok=True)
-        scratch = scratch_dir / f".{manifest.snapshot_id}.restore.raw"
+        # A name of its own: two restores of one backup (a retry beside a stale attempt,
+        # two volumes from one snapshot) never write or remove each other's image.
+        scratch = scratch_dir / f".{manifest.snapshot_id}.{uuid.uuid4().hex}.restore.raw"
         try:
             self.open().reader(manifest).restore_to(scratch, progress=progress)
             os.chmod(scratch, FILE_MODE)
