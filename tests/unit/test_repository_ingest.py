@@ -24,10 +24,10 @@ CHUNK = 64 * 1024
 class BytesReader:
     """A snapshot reader over bytes in memory, with the extents a driver would report."""
 
-    def __init__(self, data: bytes, extents: list[DataExtent]) -> None:
+    def __init__(self, data: bytes, extents: list[DataExtent] | None = None) -> None:
         self.data = data
         self.virtual_size = len(data)
-        self.extents = extents
+        self.extents = extents if extents is not None else whole(data)
         self.fail_at: int | None = None
 
     def data_extents(self) -> list[DataExtent]:

@@ -19,27 +19,10 @@ from snapferry.activities.storage.repository import Repository, jobs
 from snapferry.activities.storage.repository.ingest import ingest
 from snapferry.activities.storage.repository.packs import all_packs
 
+from .test_repository_ingest import BytesReader
+
 MIB = 1024 * 1024
 CHUNK = 64 * 1024
-
-
-class BytesReader:
-    def __init__(self, data: bytes, extents: list[DataExtent] | None = None) -> None:
-        self.data = data
-        self.virtual_size = len(data)
-        self.extents = extents if extents is not None else [DataExtent(0, len(data), "m", 0)]
-        self.fail_at: int | None = None
-
-    def data_extents(self) -> list[DataExtent]:
-        return self.extents
-
-    def read_range(self, extent: DataExtent, offset: int, view: memoryview) -> None:
-        if self.fail_at is not None and offset + len(view) > self.fail_at:
-            raise OSError(5, "simulated source error")
-        view[:] = self.data[offset : offset + len(view)]
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
