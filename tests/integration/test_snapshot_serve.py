@@ -10,6 +10,7 @@ nbdkit, appliance or socket is left behind, after a refusal or a signal too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -101,6 +102,16 @@ def vm_on(make_vm, libvirt_conn: libvirt.virConnect, raw: Path):  # type: ignore
     return vm
 
 
+def nbdkit_sockets(manifest: str) -> list[str]:
+    """The unix sockets of the nbdkit processes serving this manifest."""
+    found = []
+    for pid in nbdkit_serving(manifest):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            found.append(args[args.index("-U") + 1])
+    return found
+
+
 def nbdkit_serving(manifest: str) -> list[int]:
     """PIDs of nbdkit processes serving this manifest (any left over is a leak)."""
     pids = []
@@ -118,6 +129,53 @@ def nbdkit_serving(manifest: str) -> list[int]:
         ):
             pids.append(int(proc.name))
     return pids
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of processes whose command line holds ``text`` (nbdkit, qemu, guestfish)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+def interrupted_files(record: SnapshotRecord) -> None:
+    """``snapshot files`` stopped by Ctrl-C while libguestfs's appliance boots on the
+    export: it exits 130 and leaves no nbdkit, guestfish, appliance or socket directory."""
+    assert record.backup is not None
+    manifest = record.backup.manifest_path
+    guestfs_before = set(processes_mentioning("guestfs"))
+    proc = subprocess.Popen(
+        [snapferry_exe(), "snapshot", "files", record.id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if nbdkit_serving(manifest) and set(processes_mentioning("guestfs")) - guestfs_before:
+                break
+            time.sleep(0.05)
+        mine = {Path(sock).parent.name for sock in nbdkit_sockets(manifest)}
+        assert mine and proc.poll() is None, "the appliance never started"
+        time.sleep(1)  # booting (it takes several seconds under TCG)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while set(processes_mentioning("guestfs")) - guestfs_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(processes_mentioning("guestfs")) - guestfs_before == set()
+    assert nbdkit_serving(manifest) == []
+    assert not (private_dirs() & mine)
 
 
 def private_dirs() -> set[str]:
@@ -227,6 +285,8 @@ async def test_a_plain_file_backup_is_served_listed_and_its_files_restored(
     assert taken.returncode == 1 and "exists" in taken.stderr
     clear = await snapferry_cli("snapshot", "serve", record.id, "--tcp", "127.0.0.1:1")
     assert clear.returncode == 1 and "--tls-certificates" in clear.stderr
+
+    await asyncio.to_thread(interrupted_files, record)
 
     # SIGTERM is a clean stop too; the store was only read.
     await asyncio.to_thread(serve_and_check, record, raw, tmp_path, signal.SIGTERM)
