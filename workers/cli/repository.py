@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction, add: Adder) -> None:  # type: igno
     sync.add_argument("--rate-limit", type=float, metavar="MBPS", help="at most MB/s copied")
 
     def job_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("job", choices=[k.value for k in RepositoryJobKind])
+        sp.add_argument("job", choices=[k.value for k in RepositoryJobKind], help="which job")
         sp.add_argument("--to", help="sync: the second repository's directory")
         sp.add_argument("--rate-limit", type=float, metavar="MBPS", help="sync: at most MB/s")
         return with_root(sp)
@@ -194,11 +194,11 @@ def register(sub: argparse._SubParsersAction, add: Adder) -> None:  # type: igno
     sched = job_args(
         add(rsub, "schedule", cmd_schedule, "run a job on the backup workers on a schedule")
     )
-    sched.add_argument("--every", required=True, choices=list(EVERY))
+    sched.add_argument("--every", required=True, choices=list(EVERY), help="how often")
     sched.add_argument("--replace", action="store_true", help="replace the job's schedule")
     unsched = add(rsub, "unschedule", cmd_unschedule, "delete a job's schedule")
-    unsched.add_argument("job", choices=[k.value for k in RepositoryJobKind])
+    unsched.add_argument("job", choices=[k.value for k in RepositoryJobKind], help="whose schedule")
     listed = add(rsub, "schedules", cmd_schedules, "the jobs' schedules and their next runs")
-    listed.add_argument("--json", action="store_true")
+    listed.add_argument("--json", action="store_true", help="print JSON")
     run = job_args(add(rsub, "run", cmd_run, "run a job on the backup workers now, and wait"))
-    run.add_argument("--json", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
