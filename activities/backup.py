@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -86,6 +87,28 @@ def effective_rate_limit(worker_bps: float | None, snapshot_mbps: float | None) 
     (a policy's) own; None when neither sets one."""
     limits = [worker_bps, snapshot_mbps * 1e6 if snapshot_mbps else None]
     return min((x for x in limits if x), default=None)
+
+
+def backup_result(
+    manifest: Any, counters: CopyCounters, path: str, manifest_path: Path, stored: int
+) -> BackupResult:
+    """The activity's answer, from a finished backup's manifest (either store's: both
+    carry checksum, virtual_size, parent, depth and full_reason) and its counters."""
+    return BackupResult(
+        path=path,
+        manifest_path=str(manifest_path),
+        checksum=manifest.checksum,
+        virtual_size=manifest.virtual_size,
+        bytes_copied=counters.bytes_copied,
+        resumed_from=counters.resumed_from,
+        attempts=activity.info().attempt,
+        verify_bytes_read=counters.verify_bytes_read,
+        verify_seconds=counters.verify_seconds,
+        bytes_stored=stored,
+        parent=manifest.parent,
+        depth=manifest.depth,
+        full_reason=manifest.full_reason,
+    )
 
 
 @dataclass(frozen=True)
@@ -172,23 +195,11 @@ class BackupActivities:
         self.hashing = hashing_pool(os.cpu_count() or 1)
 
     def _result(self, req: CopyRequest, counters: CopyCounters) -> BackupResult:
-        manifest = self.store.read_manifest(self.store.manifest_path(req.volume, req.snapshot_id))
-        return BackupResult(
-            path=manifest.path,
-            manifest_path=str(self.store.manifest_path(req.volume, req.snapshot_id)),
-            checksum=manifest.checksum,
-            virtual_size=manifest.virtual_size,
-            bytes_copied=counters.bytes_copied,
-            resumed_from=counters.resumed_from,
-            attempts=activity.info().attempt,
-            verify_bytes_read=counters.verify_bytes_read,
-            verify_seconds=counters.verify_seconds,
-            # What the store really allocated for it: holes cost nothing there.
-            bytes_stored=os.stat(manifest.path).st_blocks * 512,
-            parent=manifest.parent,
-            depth=manifest.depth,
-            full_reason=manifest.full_reason,
-        )
+        manifest_path = self.store.manifest_path(req.volume, req.snapshot_id)
+        manifest = self.store.read_manifest(manifest_path)
+        # What the store really allocated for it: holes cost nothing there.
+        stored = os.stat(manifest.path).st_blocks * 512
+        return backup_result(manifest, counters, manifest.path, manifest_path, stored)
 
     def rate_limit_bps(self, req: CopyRequest) -> float | None:
         return effective_rate_limit(self.settings.backup_rate_limit_bps, req.rate_limit_mbps)
@@ -204,7 +215,7 @@ class BackupActivities:
             engine = engine.with_chunk_size(DELTA_CHUNK_SIZE)
         rate = self.rate_limit_bps(req) if req is not None else engine.rate_limit_bps
         if rate != engine.rate_limit_bps:
-            engine = engine.with_chunk_size(engine.chunk_size, rate_limit_bps=rate)
+            engine = engine.with_rate_limit(rate)
         return engine
 
     def _new_plan(

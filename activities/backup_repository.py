@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from temporalio import activity
-
 from .contracts import BackupPlan, BackupResult, CopyRequest
 from .errors import BackupCorrupt, SourceGone, classify_os_error
 from .storage.copy_engine import StopFlag
@@ -40,21 +38,12 @@ def hashing_pool(threads: int) -> ThreadPoolExecutor:
 def repository_result(
     req: CopyRequest, store: RepositoryStore, manifest: BackupManifest, counters: CopyCounters
 ) -> BackupResult:
-    return BackupResult(
-        path=str(store.manifest_path(req.volume, req.snapshot_id).with_suffix(".segments")),
-        manifest_path=str(store.manifest_path(req.volume, req.snapshot_id)),
-        checksum=manifest.checksum,
-        virtual_size=manifest.virtual_size,
-        bytes_copied=counters.bytes_copied,
-        resumed_from=counters.resumed_from,
-        attempts=activity.info().attempt,
-        verify_bytes_read=counters.verify_bytes_read,
-        verify_seconds=counters.verify_seconds,
-        # What this backup added to the store: its unique, compressed (encrypted) chunks.
-        bytes_stored=manifest.new_bytes,
-        parent=manifest.parent,
-        depth=manifest.depth,
-        full_reason=manifest.full_reason,
+    from .backup import backup_result
+
+    path = store.manifest_path(req.volume, req.snapshot_id)
+    # What this backup added to the store: its unique, compressed (encrypted) chunks.
+    return backup_result(
+        manifest, counters, str(path.with_suffix(".segments")), path, manifest.new_bytes
     )
 
 

@@ -32,7 +32,7 @@ from .errors import BackupCorrupt, InvalidInput, classify_os_error, converts_err
 from .hypervisors import Drivers
 from .names import DELETE_BACKUP, RESTORE_BACKUP, VERIFY_BACKUP
 from .settings import Settings
-from .storage.backup_image import backup_image
+from .storage.backup_image import backup_image, repository_of
 from .storage.files import FILE_MODE, atomic_write, fsync_replace, make_dirs
 from .storage.repository import BackupManifest
 from .storage.repository.store import RepositoryStore
@@ -108,8 +108,9 @@ class RestoreActivities:
         p = Path(path)
         if not p.exists():
             raise InvalidInput(f"backup manifest {path} does not exist")
-        if self.repository.holds(p):
-            return self.repository.read_manifest(p)
+        repository = repository_of(p)
+        if repository is not None:
+            return repository.read_manifest(p)
         return self.store.read_manifest(p)
 
     @activity.defn(name=VERIFY_BACKUP)
@@ -119,7 +120,9 @@ class RestoreActivities:
         manifest = self._manifest(manifest_path)
         t0 = time.monotonic()
         if isinstance(manifest, BackupManifest):
-            _, read = self.repository.verify(manifest, on_progress=_progress)
+            repository = repository_of(manifest_path)
+            assert repository is not None  # _manifest read it from there
+            _, read = repository.verify(manifest, on_progress=_progress)
         else:
             read = self.store.verify(manifest, on_progress=_progress).bytes_read
         activity.logger.info(

@@ -163,16 +163,20 @@ class CopyEngine:
         self.writeback = writeback
         self._sleep = sleep
 
-    def with_chunk_size(
-        self, chunk_size: int, *, rate_limit_bps: float | None | bool = False
-    ) -> CopyEngine:
-        """The same engine, copying in chunks of another size (and at another rate limit,
-        when one is given: None for none)."""
+    def with_chunk_size(self, chunk_size: int) -> CopyEngine:
+        """The same engine, copying in chunks of another size."""
+        return self._with(chunk_size, self.rate_limit_bps)
+
+    def with_rate_limit(self, rate_limit_bps: float | None) -> CopyEngine:
+        """The same engine, at another rate limit (None: none)."""
+        return self._with(self.chunk_size, rate_limit_bps)
+
+    def _with(self, chunk_size: int, rate_limit_bps: float | None) -> CopyEngine:
         return CopyEngine(
             chunk_size=chunk_size,
             checkpoint_bytes=self.checkpoint_bytes,
             checkpoint_seconds=self.checkpoint_seconds,
-            rate_limit_bps=self.rate_limit_bps if rate_limit_bps is False else rate_limit_bps,
+            rate_limit_bps=rate_limit_bps,
             sleep=self._sleep,
             writeback=self.writeback,
         )

@@ -19,7 +19,7 @@ from snapferry.activities.storage.repository import Repository, jobs
 from snapferry.activities.storage.repository.ingest import ingest
 from snapferry.activities.storage.repository.packs import all_packs
 
-from .test_repository_ingest import BytesReader
+from .test_repository_ingest import BytesReader, restored
 
 MIB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -29,12 +29,6 @@ CHUNK = 64 * 1024
 def pool():
     with ThreadPoolExecutor(2) as p:
         yield p
-
-
-def restored(repo: Repository, manifest, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{manifest.snapshot_id}.out.raw"
-    repo.reader(manifest).restore_to(out)
-    return out.read_bytes()
 
 
 def age_packs(root: Path, seconds: float = 3 * 3600) -> None:

@@ -35,11 +35,6 @@ class RepositoryStore:
     def manifest_path(self, volume: VolumeRef, snapshot_id: str) -> Path:
         return self.root / "backups" / volume.vm.name / volume.disk / f"{snapshot_id}.json"
 
-    def holds(self, manifest_path: str | Path) -> bool:
-        """Whether a manifest path names a backup of this repository (else: a plain file's)."""
-        path = Path(manifest_path)
-        return path.suffix == ".json" and self.root / "backups" in path.parents
-
     def history(self, volume: VolumeRef) -> list[BackupManifest]:
         """The volume's finished backups, oldest first (a manifest means verified)."""
         directory = self.root / "backups" / volume.vm.name / volume.disk
