@@ -173,12 +173,17 @@ async def test_kill_9_backup_worker_resumes_from_the_repository_checkpoint(
     assert backup.bytes_copied == size - backup.resumed_from
     assert restores_to(record, vm.reference)
     # What the first attempt made durable is not stored again (its chunks are found in the
-    # index); packs it sealed after its last checkpoint hold nothing a backup names, and
-    # gc frees them once its grace period is over.
+    # index); packs it sealed after its last checkpoint hold nothing a backup names. Its
+    # writer file pins them while it might still be alive; once that file is stale (and the
+    # safety margin past), gc frees them, and only them.
     total = pack_bytes(settings)
     assert total <= size + (stored_before_crash - backup.resumed_from) + 16 * MIB
-    jobs.gc(Repository(settings.repository), now=time.time() + jobs.SAFETY_S + 1)
+    repo = Repository(settings.repository)
+    while_alive = jobs.gc(repo, now=time.time() + jobs.SAFETY_S + 1)
+    assert while_alive.packs_removed == 0 and pack_bytes(settings) == total
+    dead = jobs.gc(repo, now=time.time() + jobs.WRITER_STALE_S + jobs.SAFETY_S + 1)
     after_gc = pack_bytes(settings)
+    assert dead.bytes_freed == total - after_gc
     assert after_gc <= 1.02 * size, f"{after_gc} bytes stored for {size}"
     assert restores_to(record, vm.reference)
     print(
