@@ -65,6 +65,27 @@ class SnapshotState(StrEnum):
     ERROR = "Error"
 
 
+class Quiesce(StrEnum):
+    """Whether a take asks the guest to flush and freeze its file systems first (CloudStack's
+    ``quiescevm``): ``no`` takes a crash-consistent snapshot, ``yes`` an application-consistent
+    one or none at all (refused before anything is taken, with the reason), ``try`` an
+    application-consistent one when the guest can be quiesced, else a crash-consistent one
+    that says why in its record."""
+
+    NO = "no"
+    YES = "yes"
+    TRY = "try"
+
+
+class Consistency(StrEnum):
+    """What a snapshot holds: ``application``, the guest's file systems flushed and frozen
+    at the instant (or the VM stopped, nothing in flight), or ``crash``, what a power cut
+    would have left on the disk."""
+
+    APPLICATION = "application"
+    CRASH = "crash"
+
+
 class HypervisorType(StrEnum):
     KVM = "kvm"
     VMWARE = "vmware"
@@ -150,6 +171,10 @@ class PrimarySnapshot(_Model):
         description="The disk's change-tracking ID at the snapshot (VMware CBT's changeId),"
         " which the next backup asks for the areas changed since",
     )
+    consistency: Consistency = Consistency.CRASH
+    consistency_note: str | None = Field(
+        None, description="Why it is what it is when that was not asked (quiesce=try)"
+    )
 
 
 class BackupPlan(_Model):
@@ -222,6 +247,9 @@ class SnapshotRecord(_Model):
     hypervisor: HypervisorType
     created: datetime | None = None
     primary: PrimarySnapshot | None = None
+    consistency: Consistency | None = Field(
+        None, description="application or crash, once taken (see Quiesce)"
+    )
     primary_released: bool = Field(
         False, description="True once the primary copy was merged away after a verified backup"
     )
@@ -252,6 +280,7 @@ class SnapshotRequest(_Model):
     snapshot_id: SnapshotId
     volume: VolumeRef
     backup: BackupOptions = Field(default_factory=BackupOptions)
+    quiesce: Quiesce = Quiesce.NO
     carried: SnapshotRecord | None = Field(
         None, description="Set only by continue-as-new: the record to carry over"
     )
@@ -293,6 +322,7 @@ class SnapshotPolicy(_Model):
     day_of_week: int = Field(0, ge=0, le=6, description="weekly: 0 = Sunday")
     day_of_month: int = Field(1, ge=1, le=28, description="monthly")
     backup: BackupOptions = Field(default_factory=BackupOptions)
+    quiesce: Quiesce = Quiesce.NO
 
 
 class RetentionRequest(_Model):
@@ -392,6 +422,7 @@ class CopyRequest(_Model):
 class TakeRequest(_Model):
     snapshot_id: SnapshotId
     volume: VolumeRef
+    quiesce: Quiesce = Quiesce.NO
 
 
 class DiscardRequest(_Model):
@@ -473,6 +504,8 @@ class VmSnapshotTaken(_Model):
     overlays: dict[str, str]
     memory: str | None = None
     vm_was_running: bool
+    consistency: Consistency = Consistency.CRASH
+    consistency_note: str | None = None
 
 
 class VmSnapshotRecord(_Model):
@@ -487,6 +520,7 @@ class VmSnapshotRecord(_Model):
     name: str | None = None
     created: datetime | None = None
     taken: VmSnapshotTaken | None = None
+    consistency: Consistency | None = None
     transitions: list[VmStateChange] = Field(default_factory=list)
     error: str | None = None
     reverts: int = 0
@@ -499,6 +533,7 @@ class VmSnapshotRequest(_Model):
     vm: VmRef
     type: VmSnapshotType = VmSnapshotType.DISK
     name: SafeName | None = Field(None, description="A display name, as in CloudStack")
+    quiesce: Quiesce = Quiesce.NO
     carried: VmSnapshotRecord | None = Field(
         None, description="Set only by continue-as-new: the record to carry over"
     )
@@ -511,6 +546,7 @@ class VmSnapshotOperation(_Model):
     vm: VmRef
     type: VmSnapshotType
     taken: VmSnapshotTaken | None = None
+    quiesce: Quiesce = Quiesce.NO
     operation_id: str | None = Field(
         None, description="The update that asked for it (see RevertRequest.operation_id)"
     )

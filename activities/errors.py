@@ -46,6 +46,14 @@ class ImageUnreadable(SnapferryError):
     """qemu-img could not read an image now (I/O error, lock, file not there yet)."""
 
 
+class QuiesceUnavailable(SnapferryError):
+    """An application-consistent snapshot was asked for and the guest cannot be quiesced
+    (no agent, an agent that does not answer, a hypervisor without the call): nothing was
+    taken, and waiting does not make an agent appear."""
+
+    non_retryable = True
+
+
 class SecondaryStoreFull(SnapferryError):
     non_retryable = True
 
@@ -132,6 +140,7 @@ ALL_ERRORS: tuple[type[SnapferryError], ...] = (
     SnapshotDeleted,
     PermissionDenied,
     PrimaryStoreFull,
+    QuiesceUnavailable,
 )
 
 NON_RETRYABLE_ERROR_TYPES: list[str] = [c.__name__ for c in ALL_ERRORS if c.non_retryable]

@@ -91,7 +91,9 @@ class HostActivities:
         if done is not None:
             activity.logger.info("snapshot %s was taken before: its receipt", req.snapshot_id)
             return PrimarySnapshot.model_validate_json(done)
-        primary = self.driver(req).take(volume=req.volume, snapshot_id=req.snapshot_id)
+        primary = self.driver(req).take(
+            volume=req.volume, snapshot_id=req.snapshot_id, quiesce=req.quiesce
+        )
         self.receipts.put("take", req.snapshot_id, primary.model_dump_json())
         return primary
 

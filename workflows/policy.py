@@ -42,6 +42,7 @@ class SnapshotPolicyRunWorkflow:
             snapshot_id=str(workflow.uuid4()),
             volume=policy.volume,
             backup=policy.backup,
+            quiesce=policy.quiesce,
             policy_id=policy.policy_id,
         )
         await workflow.start_child_workflow(

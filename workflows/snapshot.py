@@ -234,7 +234,7 @@ class VolumeSnapshotWorkflow(SnapshotOperations):
         try:
             primary: PrimarySnapshot = await workflow.execute_activity(
                 TAKE_SNAPSHOT,
-                TakeRequest(snapshot_id=req.snapshot_id, volume=req.volume),
+                TakeRequest(snapshot_id=req.snapshot_id, volume=req.volume, quiesce=req.quiesce),
                 result_type=PrimarySnapshot,
                 task_queue=host_queue(req.volume.vm.host),
                 start_to_close_timeout=take_bound,
@@ -261,6 +261,7 @@ class VolumeSnapshotWorkflow(SnapshotOperations):
             )
             return False
         self.record.primary = primary
+        self.record.consistency = primary.consistency
         self._set_state(SnapshotState.CREATED_ON_PRIMARY)
         self.answer = self.record.model_copy(deep=True)
         if self.record.created is not None:

@@ -109,6 +109,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
             vm=self.req.vm,
             type=self.req.type,
             taken=self.record.taken,
+            quiesce=self.req.quiesce,
         )
 
     @workflow.run
@@ -132,6 +133,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=HOST_RETRY,
                 )
+                self.record.consistency = self.record.taken.consistency
                 if workflow.patched(RESET_OF_REMOVED_PATCH) and await workflow.execute_activity(
                     VM_SNAPSHOT_DELETED,
                     self._operation_input(),

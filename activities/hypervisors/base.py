@@ -15,6 +15,7 @@ from ..contracts import (
     BackupPlan,
     DiscardRequest,
     PrimarySnapshot,
+    Quiesce,
     RestoreRequest,
     RestoreResult,
     RevertRequest,
@@ -50,8 +51,14 @@ class BackupHistoryEntry(Protocol):
 
 class HypervisorDriver(ABC):
     @abstractmethod
-    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+    def take(
+        self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
+    ) -> PrimarySnapshot:
         """Create the snapshot on primary storage, fast, whatever the volume's size.
+
+        ``quiesce`` asks the guest to flush and freeze its file systems around it (see
+        :mod:`.quiesce` for what happens when it cannot be), and the answer says which
+        ``consistency`` the snapshot has.
 
         Must be idempotent for one ``snapshot_id``: a retried activity returns what the
         first attempt made instead of making a second snapshot.

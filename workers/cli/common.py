@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from snapferry.activities.contracts import (
     HypervisorType,
+    Quiesce,
     SnapshotRecord,
     VmSnapshotRecord,
     validate_name,
@@ -49,6 +50,8 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         )
     elif record.primary:
         print(f"  primary: {record.primary.image} (overlay {record.primary.overlay})")
+    if record.primary:
+        print_consistency(record.primary.consistency.value, record.primary.consistency_note)
     if record.backup:
         b = record.backup
         kind = f"delta of {b.parent} (depth {b.depth})" if b.parent else "full"
@@ -75,8 +78,26 @@ def print_vm_record(record: VmSnapshotRecord, as_json: bool) -> None:
             print(f"  {disk}: frozen below {overlay}")
         if record.taken.memory:
             print(f"  memory: {record.taken.memory}")
+        print_consistency(record.taken.consistency.value, record.taken.consistency_note)
     if record.error:
         print(f"  error: {record.error}")
+
+
+def print_consistency(consistency: str, note: str | None) -> None:
+    print(f"  consistency: {consistency}" + (f" ({note})" if note else ""))
+
+
+def add_quiesce_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiesce",
+        nargs="?",
+        const=Quiesce.YES.value,
+        default=Quiesce.NO.value,
+        choices=[q.value for q in Quiesce],
+        help="freeze the guest's file systems for the snapshot (application-consistent):"
+        " --quiesce (or =yes) refuses when the guest cannot be quiesced, --quiesce=try falls"
+        " back to crash-consistent and says so in the record",
+    )
 
 
 def print_result(result: Any, as_json: bool, *, snapshot_id: str) -> None:

@@ -26,6 +26,7 @@ from .. import starter
 from ..watch import watch
 from .common import (
     Adder,
+    add_quiesce_arg,
     add_volume_args,
     check_names,
     cli_client,
@@ -49,6 +50,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
             "snapshot_id": given_or(args.id, new_snapshot_id()),
             "volume": volume_from_args(args),
             "backup": settings.backup_defaults.model_dump() | {"full": args.full},
+            "quiesce": args.quiesce,
         },
     )
     client = await cli_client(settings)
@@ -151,6 +153,7 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     c.add_argument(
         "--full", action="store_true", help="back up in full, even where a delta is possible"
     )
+    add_quiesce_arg(c)
     c.add_argument("--json", action="store_true")
     s = add(snap, "show", cmd_snapshot_show, "print one snapshot's record")
     s.add_argument("id")

@@ -19,6 +19,7 @@ from snapferry.workflows.vm_snapshot import DELETE_VM_SNAPSHOT_UPDATE, REVERT_VM
 from .. import starter
 from .common import (
     Adder,
+    add_quiesce_arg,
     check_names,
     cli_client,
     default_host,
@@ -57,6 +58,7 @@ async def cmd_vm_snapshot_create(args: argparse.Namespace, settings: Settings) -
             "vm": {"name": args.vm, "host": args.host, "hypervisor": args.hypervisor},
             "type": args.type,
             "name": args.name,
+            "quiesce": args.quiesce,
         },
     )
     record = await starter.create_vm_snapshot(await cli_client(settings), req)
@@ -95,6 +97,7 @@ def register(sub: Any, add: Adder) -> None:
         help="Disk: every disk at one instant; DiskAndMemory: plus the RAM (running VM)",
     )
     vc.add_argument("--name", help="display name")
+    add_quiesce_arg(vc)
     vc.add_argument("--id", help="VM snapshot ID (UUID); makes create idempotent")
     vc.add_argument("--json", action="store_true")
     vs = add(vsub, "show", cmd_vm_snapshot_show, "print one VM snapshot's record")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import libvirt
 
-from ...contracts import BackupPlan, PrimarySnapshot, VolumeRef
+from ...contracts import BackupPlan, PrimarySnapshot, Quiesce, VolumeRef
 from ...errors import SourceGone
 from ...storage.reader import QemuImageReader, image_chain, image_info
 from ..base import BackupHistoryEntry
@@ -58,7 +58,9 @@ class TakeOps(RedefinitionIntent):
         except libvirt.libvirtError as exc:
             raise libvirt_error(exc, vm=vm) from exc
 
-    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+    def take(
+        self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
+    ) -> PrimarySnapshot:
         vm, disk = volume.vm.name, volume.disk
         with self._locked_domain(vm) as dom:
             self._refuse_managed_save(dom, vm, "a snapshot")

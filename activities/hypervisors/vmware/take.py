@@ -8,8 +8,9 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from ...contracts import BackupPlan, DiscardRequest, PrimarySnapshot, VolumeRef
+from ...contracts import BackupPlan, DiscardRequest, PrimarySnapshot, Quiesce, VolumeRef
 from ...errors import HypervisorUnavailable, UnsupportedImage
+from ..quiesce import without_quiesce
 from .cbt import CbtOps
 from .common import (
     VM_SNAPSHOT_PREFIX,
@@ -30,13 +31,16 @@ class TakeOps(CbtOps):
     """Volume snapshots: take, backup source, release, discard."""
 
     # -- take --------------------------------------------------------------------------------
-    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+    def take(
+        self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
+    ) -> PrimarySnapshot:
         """A full clone of the disk from a temporary vSphere snapshot. With Changed Block
         Tracking on before the take (see ``cbt``), the disk's changeId at the snapshot is
         recorded and the snapshot stays until release, for the delta's
         ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made, and CBT
         is turned on where it can be, for the next take."""
         typed, disk = volume.vm.name, volume.disk
+        without_quiesce(quiesce, "VMware Tools quiesce is not wired in")
         with vm_lock(typed):
             self._refuse_standalone_host()
             vm = self._vm(typed)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ...contracts import VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
 from ...errors import InvalidInput, SourceGone
+from ..quiesce import without_quiesce
 from .cbt import CbtOps
 from .common import VM_SNAPSHOT_PREFIX, vm_lock
 
@@ -16,6 +17,7 @@ class VmSnapshotOps(CbtOps):
     # -- VM snapshots ------------------------------------------------------------------------
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
+        without_quiesce(op.quiesce, "VMware Tools quiesce is not wired in")
         with vm_lock(vm_name):
             vm = self._vm(vm_name)
             running = self._powered_on(vm)

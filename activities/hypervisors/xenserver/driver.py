@@ -10,6 +10,7 @@ from ...contracts import (
     BackupPlan,
     DiscardRequest,
     PrimarySnapshot,
+    Quiesce,
     VolumeRef,
 )
 from ...errors import (
@@ -17,6 +18,7 @@ from ...errors import (
     SourceGone,
 )
 from ..base import BackupHistoryEntry, HypervisorDriver
+from ..quiesce import without_quiesce
 from .common import (
     RELEASED,
     SNAPSHOT_KEY,
@@ -36,8 +38,11 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
     """XenServer through XenAPI (see the package docstring)."""
 
     # -- take --------------------------------------------------------------------------------
-    def take(self, *, volume: VolumeRef, snapshot_id: str) -> PrimarySnapshot:
+    def take(
+        self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
+    ) -> PrimarySnapshot:
         vm_name = volume.vm.name
+        without_quiesce(quiesce, "XenServer quiesce is not wired in")
         vm = self._vm(vm_name)
         with _vm_locks[vm]:
             vdi = self._vdi(vm, vm_name, volume.disk)

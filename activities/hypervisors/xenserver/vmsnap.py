@@ -11,6 +11,7 @@ from ...errors import (
     InvalidInput,
     SourceGone,
 )
+from ..quiesce import without_quiesce
 from .chain import ChainCheck
 from .common import (
     NULL_REF,
@@ -36,6 +37,7 @@ class VmSnapshotOps(ChainCheck):
 
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
+        without_quiesce(op.quiesce, "XenServer quiesce is not wired in")
         vm = self._vm(vm_name)
         with _vm_locks[vm]:
             running = self._power(vm) == "Running"
