@@ -33,6 +33,15 @@ TASK_POLL_S = 0.05  # the first poll of a task; then doubling up to TASK_POLL_MA
 TASK_POLL_MAX_S = 1.0
 IO_CHUNK = 8 * 1024 * 1024
 NULL_REF = "OpaqueRef:NULL"
+# XAPI has no quiesced snapshot: VM.snapshot_with_quiesce (VSS) is Removed in release
+# quebec, Citrix Hypervisor 8.1, API 2.14 (xen-api ocaml/idl/datamodel_vm.ml l.411-417,
+# datamodel_types.ml l.323-326; commit 867bf714 "CP-31859 Remove support for VSS"), and
+# xapi_vm_lifecycle.ml l.617-623 refuses it on every VM with
+# VM_SNAPSHOT_WITH_QUIESCE_NOT_SUPPORTED. VM.snapshot and VDI.snapshot ask nothing of the guest.
+QUIESCE_REMOVED = (
+    "XenServer has no quiesced snapshot (VM.snapshot_with_quiesce, VSS, was removed in"
+    " Citrix Hypervisor 8.1; VM.snapshot and VDI.snapshot do not ask the guest to flush)"
+)
 
 _VOLUME_LABEL = re.compile(VOLUME_PREFIX + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 _UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)

@@ -18,7 +18,6 @@ from ...errors import (
     SourceGone,
 )
 from ..base import BackupHistoryEntry, HypervisorDriver
-from ..quiesce import without_quiesce
 from .common import (
     RELEASED,
     SNAPSHOT_KEY,
@@ -42,9 +41,9 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
     ) -> PrimarySnapshot:
         vm_name = volume.vm.name
-        without_quiesce(quiesce, "XenServer quiesce is not wired in")
         vm = self._vm(vm_name)
         with _vm_locks[vm]:
+            consistency, note = self._consistency(vm, quiesce)
             vdi = self._vdi(vm, vm_name, volume.disk)
             label = VOLUME_PREFIX + snapshot_id
             what = f"snapshot of {vm_name}/{volume.disk}"
@@ -74,6 +73,8 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
                 overlay=None,
                 virtual_size=size,
                 vm_was_running=self._power(vm) == "Running",
+                consistency=consistency,
+                consistency_note=note,
             )
 
     def _snapshot_marked(self, vdi: str, snapshot_id: str, what: str) -> tuple[str, str]:

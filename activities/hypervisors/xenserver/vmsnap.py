@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ...contracts import (
+    Consistency,
+    Quiesce,
     VmSnapshotOperation,
     VmSnapshotTaken,
     VmSnapshotType,
@@ -11,10 +13,11 @@ from ...errors import (
     InvalidInput,
     SourceGone,
 )
-from ..quiesce import without_quiesce
+from ..quiesce import stopped_vm, without_quiesce
 from .chain import ChainCheck
 from .common import (
     NULL_REF,
+    QUIESCE_REMOVED,
     VM_PREFIX,
     _vm_locks,
 )
@@ -35,11 +38,19 @@ class VmSnapshotOps(ChainCheck):
             raise InvalidInput(f"{len(found)} VM snapshots are labelled {label!r}: {found}")
         return found[0] if found else None
 
+    def _consistency(self, vm: str, quiesce: Quiesce) -> tuple[Consistency, str | None]:
+        """What a snapshot of ``vm`` taken now holds, decided before anything is taken (a
+        refused ``yes`` takes nothing): a halted VM's disks are what its guest last wrote;
+        any other VM cannot be quiesced (``QUIESCE_REMOVED``)."""
+        if self._power(vm) == "Halted":
+            return stopped_vm(quiesce)
+        return without_quiesce(quiesce, QUIESCE_REMOVED)
+
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
-        without_quiesce(op.quiesce, "XenServer quiesce is not wired in")
         vm = self._vm(vm_name)
         with _vm_locks[vm]:
+            consistency, note = self._consistency(vm, op.quiesce)
             running = self._power(vm) == "Running"
             memory = op.type == VmSnapshotType.DISK_AND_MEMORY
             if memory and not running:
@@ -55,7 +66,13 @@ class VmSnapshotOps(ChainCheck):
                     self._run("VM.checkpoint", vm, label)
                 else:
                     self._run("VM.snapshot", vm, label)
-            return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
+            return VmSnapshotTaken(
+                overlays={},
+                memory=None,
+                vm_was_running=running,
+                consistency=consistency,
+                consistency_note=note,
+            )
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
         vm_name = op.vm.name
