@@ -11,6 +11,7 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-uti
               # tests/integration/test_real_guest.py boots a real Linux guest: this kernel
               # directly, with an initramfs of busybox and the kernel's virtio modules
               linux-image-cloud-amd64 busybox-static
+              qemu-guest-agent # ... and, for the quiesce tests, the guest agent in it
               prometheus       # promtool checks deploy/prometheus (config, alert rules)
               # tests/govmomi_sim: govmomi's vCenter simulator (Go library) behind our main
               golang-go golang-github-vmware-govmomi-dev

@@ -119,17 +119,32 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, in
     return head + data + b"\0" * (-len(data) % 4)
 
 
-def build_initramfs(dest: Path, version: str) -> Path:
+def build_initramfs(
+    dest: Path,
+    version: str,
+    *,
+    init: str = INIT,
+    modules: tuple[str, ...] = VIRTIO_MODULES,
+    files: dict[str, tuple[int, bytes]] | None = None,
+) -> Path:
     """A gzipped newc cpio, written directly rather than from a staging tree, so that the
-    ``/dev/console`` node the kernel opens for ``/init`` needs no mknod."""
+    ``/dev/console`` node the kernel opens for ``/init`` needs no mknod. ``files`` adds
+    more (path: (mode, bytes)); their directories are made."""
+    extra = files or {}
+    dirs = {"bin", "dev", "lib", "lib/modules", "mnt", "proc", "sys"}
+    for path in extra:
+        parts = path.split("/")[:-1]
+        dirs |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
     entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
-        (d, 0o040755, b"", (0, 0)) for d in ("bin", "dev", "lib", "lib/modules", "mnt", "proc")
+        (d, 0o040755, b"", (0, 0)) for d in sorted(dirs)
     ]
-    entries += [("sys", 0o040755, b"", (0, 0)), ("dev/console", 0o020600, b"", (5, 1))]
+    entries.append(("dev/console", 0o020600, b"", (5, 1)))
     entries.append(("bin/busybox", 0o100755, BUSYBOX.read_bytes(), (0, 0)))
-    for m in VIRTIO_MODULES:
+    for m in modules:
         entries.append((f"lib/modules/{m}.ko", 0o100644, module_bytes(version, m), (0, 0)))
-    entries.append(("init", 0o100755, INIT.encode(), (0, 0)))
+    for path, (mode, data) in sorted(extra.items()):
+        entries.append((path, mode, data, (0, 0)))
+    entries.append(("init", 0o100755, init.encode(), (0, 0)))
     archive = b"".join(_cpio_entry(n, m, d, i + 1, r) for i, (n, m, d, r) in enumerate(entries))
     archive += _cpio_entry("TRAILER!!!", 0, b"", 0, (0, 0))
     dest.write_bytes(gzip.compress(archive, compresslevel=1))
@@ -157,8 +172,26 @@ def make_ext4_qcow2(path: Path, size: int) -> Path:
     return path
 
 
-def domain_xml(name: str, *, kernel: Path, initrd: Path, disk: Path, console: Path) -> str:
+def domain_xml(
+    name: str,
+    *,
+    kernel: Path,
+    initrd: Path,
+    disk: Path,
+    console: Path,
+    cmdline: str = CMDLINE,
+    agent: bool = False,
+) -> str:
+    """The guest's definition; with ``agent`` a virtio-serial channel for the QEMU guest
+    agent, named as libvirt expects it (https://libvirt.org/formatdomain.html#channel:
+    ``org.qemu.guest_agent.0``; libvirt picks the host socket's path itself)."""
     n, k, i, d, c = (escape(str(v), {"'": "&apos;"}) for v in (name, kernel, initrd, disk, console))
+    channel = (
+        "<channel type='unix'><source mode='bind'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        if agent
+        else ""
+    )
     return f"""<domain type='qemu'>
   <name>{n}</name>
   <memory unit='MiB'>256</memory>
@@ -167,7 +200,7 @@ def domain_xml(name: str, *, kernel: Path, initrd: Path, disk: Path, console: Pa
     <type arch='x86_64'>hvm</type>
     <kernel>{k}</kernel>
     <initrd>{i}</initrd>
-    <cmdline>{CMDLINE}</cmdline>
+    <cmdline>{escape(cmdline)}</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -183,6 +216,7 @@ def domain_xml(name: str, *, kernel: Path, initrd: Path, disk: Path, console: Pa
       <source path='{c}'/>
       <target port='0'/>
     </serial>
+    {channel}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -303,14 +337,30 @@ class RealGuest:
 
 
 def define_guest(
-    conn: libvirt.virConnect, *, directory: Path, initrd: Path, kernel: Path, disk_size: int
+    conn: libvirt.virConnect,
+    *,
+    directory: Path,
+    initrd: Path,
+    kernel: Path,
+    disk_size: int,
+    cmdline: str = CMDLINE,
+    agent: bool = False,
 ) -> RealGuest:
     """Define (not start) a guest on a fresh ext4 disk in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"sf-guest-{uuid.uuid4().hex[:8]}"
     disk = make_ext4_qcow2(directory / f"{name}-vda.qcow2", disk_size)
     guest = RealGuest(conn=conn, name=name, disk=disk, console=directory / f"{name}.console")
-    conn.defineXML(domain_xml(name, kernel=kernel, initrd=initrd, disk=disk, console=guest.console))
+    xml = domain_xml(
+        name,
+        kernel=kernel,
+        initrd=initrd,
+        disk=disk,
+        console=guest.console,
+        cmdline=cmdline,
+        agent=agent,
+    )
+    conn.defineXML(xml)
     return guest
 
 

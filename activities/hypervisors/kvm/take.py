@@ -9,10 +9,11 @@ from pathlib import Path
 
 import libvirt
 
-from ...contracts import BackupPlan, PrimarySnapshot, Quiesce, VolumeRef
+from ...contracts import BackupPlan, Consistency, PrimarySnapshot, Quiesce, VolumeRef
 from ...errors import SourceGone
 from ...storage.reader import QemuImageReader, image_chain, image_info
 from ..base import BackupHistoryEntry
+from ..quiesce import stopped_vm, without_quiesce
 from .common import (
     RELEASED_SUFFIX,
     chain_paths,
@@ -22,6 +23,7 @@ from .common import (
     snapshot_of_overlay,
 )
 from .intent import RedefinitionIntent
+from .quiesce import guest_ready
 
 _SNAPSHOT_FLAGS = (
     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -30,15 +32,84 @@ _SNAPSHOT_FLAGS = (
 )
 
 
+class _FreezeFailed(Exception):
+    """libvirt's quiesced snapshot failed at the freeze: it made nothing, and thawed."""
+
+    def __init__(self, exc: libvirt.libvirtError) -> None:
+        super().__init__(
+            f"the guest's file systems could not be frozen ({exc.get_error_message()})"
+        )
+
+
+def _is_freeze_failure(exc: libvirt.libvirtError) -> bool:
+    """The agent's part failed, not the snapshot's: libvirt names the agent or its
+    ``guest-fsfreeze-freeze`` command (qemu_agent.c, qemuAgentCheckError and
+    qemuAgentFSFreeze), or gives up on an agent that stopped answering."""
+    message = (exc.get_error_message() or "").lower()
+    return exc.get_error_code() in (
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+        libvirt.VIR_ERR_AGENT_UNSYNCED,
+    ) or any(word in message for word in ("agent", "fsfreeze", "freeze"))
+
+
+def retried_consistency(quiesce: Quiesce, *, running: bool) -> tuple[Consistency, str | None]:
+    """A retried take that finds its first attempt's overlay in the chain: a ``yes`` take
+    only ever makes a quiesced one (or none); a ``try`` may have fallen back, and the
+    attempt that knew is gone, so it says the less."""
+    if quiesce == Quiesce.NO:
+        return Consistency.CRASH, None
+    if not running:
+        return stopped_vm(quiesce)
+    if quiesce == Quiesce.YES:
+        return Consistency.APPLICATION, None
+    return Consistency.CRASH, (
+        "crash-consistent: a retried take cannot tell whether its first attempt froze the guest"
+    )
+
+
 class TakeOps(RedefinitionIntent):
     """Volume snapshots taken, and read back by their backups."""
 
+    def _create_consistent(
+        self,
+        dom: libvirt.virDomain,
+        vm: str,
+        overlays: dict[str, str],
+        memory: str | None,
+        quiesce: Quiesce,
+        *,
+        running: bool,
+    ) -> tuple[Consistency, str | None]:
+        """:meth:`_create_external`, the guest frozen for it when ``quiesce`` asks and the
+        agent answers (see :mod:`.quiesce`); the snapshot's consistency, and why when a
+        ``try`` fell back."""
+        freeze, consistency, note = guest_ready(dom, vm, quiesce, running=running)
+        if not freeze:
+            self._create_external(dom, vm, overlays, memory)
+            return consistency, note
+        try:
+            self._create_external(dom, vm, overlays, memory, quiesce=True)
+        except _FreezeFailed as failed:
+            # yes: refused (libvirt's atomic snapshot made nothing, and thawed); try: taken
+            # again without the freeze, and the record says why.
+            consistency, note = without_quiesce(quiesce, f"VM {vm!r}: {failed}")
+            self._create_external(dom, vm, overlays, memory)
+            return consistency, note
+        return Consistency.APPLICATION, None
+
     def _create_external(
-        self, dom: libvirt.virDomain, vm: str, overlays: dict[str, str], memory: str | None
+        self,
+        dom: libvirt.virDomain,
+        vm: str,
+        overlays: dict[str, str],
+        memory: str | None,
+        *,
+        quiesce: bool = False,
     ) -> None:
         """One atomic libvirt external snapshot: the named disks get the named overlays
         (every other disk is left alone), and with ``memory`` the guest's RAM is saved there
-        in libvirt's save-image format, which ``restoreFlags`` can resume later."""
+        in libvirt's save-image format, which ``restoreFlags`` can resume later. With
+        ``quiesce`` libvirt freezes the guest's file systems for it through the agent."""
         spec = ET.Element("domainsnapshot")
         if memory is not None:
             ET.SubElement(spec, "memory", snapshot="external", file=memory)
@@ -53,9 +124,13 @@ class TakeOps(RedefinitionIntent):
         flags = _SNAPSHOT_FLAGS
         if memory is not None:
             flags &= ~libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        if quiesce:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
         try:
             dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
         except libvirt.libvirtError as exc:
+            if quiesce and _is_freeze_failure(exc):
+                raise _FreezeFailed(exc) from exc
             raise libvirt_error(exc, vm=vm) from exc
 
     def take(
@@ -74,17 +149,25 @@ class TakeOps(RedefinitionIntent):
                 # burst of takes is not a burst of chain walks); the frozen image's chain
                 # is walked, every format checked, when its backup is planned.
                 size = int(image_info(active, fmt)["virtual-size"])
-                self._create_external(dom, vm, {disk: overlay}, None)
+                consistency, note = self._create_consistent(
+                    dom, vm, {disk: overlay}, None, quiesce, running=running
+                )
                 return PrimarySnapshot(
                     image=active,
                     image_format=fmt,
                     overlay=overlay,
                     virtual_size=size,
                     vm_was_running=running,
+                    consistency=consistency,
+                    consistency_note=note,
                 )
             # A retried activity finds the overlay its first attempt made in the chain.
             if overlay not in chain_paths(self._chain(dom, vm, disk)):
-                self._create_external(dom, vm, {disk: overlay}, None)
+                consistency, note = self._create_consistent(
+                    dom, vm, {disk: overlay}, None, quiesce, running=running
+                )
+            else:
+                consistency, note = retried_consistency(quiesce, running=running)
             layers = self._chain(dom, vm, disk)
             frozen = layers[chain_paths(layers).index(overlay) + 1]
             return PrimarySnapshot(
@@ -93,6 +176,8 @@ class TakeOps(RedefinitionIntent):
                 overlay=overlay,
                 virtual_size=frozen.virtual_size,
                 vm_was_running=running,
+                consistency=consistency,
+                consistency_note=note,
             )
 
     def check_volume(self, volume: VolumeRef) -> None:

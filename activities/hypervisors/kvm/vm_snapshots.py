@@ -15,7 +15,7 @@ from ...storage.reader import ImageLayer
 from .common import VM_SUFFIX, chain_paths, libvirt_error, marked, memory_path, overlay_path
 from .release import ReleaseOps
 from .revert import RevertLayer, RevertOps
-from .take import TakeOps
+from .take import TakeOps, retried_consistency
 
 
 def _with_disk_sources(definition: str, sources: dict[str, str]) -> str:
@@ -67,10 +67,20 @@ class VmSnapshotOps(TakeOps, ReleaseOps, RevertOps):
                         f"VM {vm!r} is stopped: a DiskAndMemory snapshot needs a running VM"
                         " (take a Disk snapshot instead)"
                     )
-                self._create_external(dom, vm, overlays, memory)
+                consistency, note = self._create_consistent(
+                    dom, vm, overlays, memory, op.quiesce, running=running
+                )
+            else:
+                consistency, note = retried_consistency(op.quiesce, running=running)
             for overlay in overlays.values():
                 Path(overlay + VM_SUFFIX).touch()  # no backup reads through it
-            return VmSnapshotTaken(overlays=overlays, memory=memory, vm_was_running=running)
+            return VmSnapshotTaken(
+                overlays=overlays,
+                memory=memory,
+                vm_was_running=running,
+                consistency=consistency,
+                consistency_note=note,
+            )
 
     def revert_vm_snapshot(self, op: VmSnapshotOperation) -> None:
         """Every disk back to the VM snapshot; with memory, the VM resumes from it, running.

@@ -1,0 +1,65 @@
+"""Application-consistent KVM snapshots: the QEMU guest agent's fsfreeze around the take.
+
+libvirt freezes, snapshots and thaws in one call (``VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE``,
+https://libvirt.org/html/libvirt-libvirt-domain-snapshot.html: "use guest agent to quiesce
+all mounted file systems within the domain"), all of it inside libvirtd:
+``qemuSnapshotCreateActiveExternal`` (src/qemu/qemu_snapshot.c) freezes with
+``qemuSnapshotFSFreeze`` before the disks' snapshot and thaws in its ``cleanup`` label
+whatever the outcome. So a host worker killed while the guest is frozen does not leave it
+frozen: libvirtd finishes the call and thaws. What could (libvirtd itself dying between
+the two) is undone by the next quiesced take before anything else: it thaws first.
+
+The guest's agent runs its fsfreeze hook before it freezes and after it thaws
+(qemu-guest-agent's ``qga/commands-posix.c``, ``execute_fsfreeze_hook``): that is where a
+database flushes and holds its writes (docs/operating/quiesce.md).
+"""
+
+from __future__ import annotations
+
+import libvirt
+
+from ...contracts import Consistency, Quiesce
+from ...errors import QuiesceUnavailable
+from ..quiesce import stopped_vm, without_quiesce
+
+# The agent refuses every command but a few while the guest is frozen (qemu-guest-agent's
+# qga/main.c, ga_command_is_blocked: "has been disabled ... the agent is in frozen state").
+_FROZEN = "frozen"
+
+
+def guest_ready(
+    dom: libvirt.virDomain, vm: str, quiesce: Quiesce, *, running: bool
+) -> tuple[bool, Consistency, str | None]:
+    """Whether to freeze through the agent, and the consistency if no freeze happens.
+
+    The agent is asked a harmless question (its host name) first: no channel, an agent
+    that is not connected or does not answer (libvirt gives up after its guest-sync wait)
+    is the reason a ``yes`` is refused before anything is taken. A guest found frozen is
+    thawed: no one can have a freeze open here (the take holds the VM's lock), so it is a
+    leftover."""
+    if quiesce == Quiesce.NO:
+        return False, Consistency.CRASH, None
+    if not running:
+        consistency, note = stopped_vm(quiesce)
+        return False, consistency, note
+    try:
+        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
+    except libvirt.libvirtError as exc:
+        message = exc.get_error_message() or str(exc)
+        if _FROZEN not in message:
+            consistency, note = without_quiesce(
+                quiesce, f"VM {vm!r}'s guest agent does not answer ({message})"
+            )
+            return False, consistency, note
+        thaw_leftover(dom, vm, quiesce)
+    return True, Consistency.APPLICATION, None
+
+
+def thaw_leftover(dom: libvirt.virDomain, vm: str, quiesce: Quiesce) -> None:
+    try:
+        dom.fsThaw()
+    except libvirt.libvirtError as exc:
+        raise QuiesceUnavailable(
+            f"VM {vm!r}'s file systems are frozen and the agent does not thaw them"
+            f" ({exc.get_error_message()}); nothing was taken"
+        ) from exc
