@@ -176,6 +176,8 @@ class VolumeSnapshotWorkflow(SnapshotOperations):
         self.record.transitions.append(StateChange(state=state, at=workflow.now()))
         workflow.upsert_search_attributes([SNAPSHOT_STATE.value_set(state.value)])
         details = f"{self.record.vm}/{self.record.disk}: {state.value}"
+        if self.record.consistency is not None:
+            details += f"\nconsistency: {self.record.consistency.value}"
         if self.record.backup_error:
             details += f"\nlast backup error: {self.record.backup_error}"
         workflow.set_current_details(details)

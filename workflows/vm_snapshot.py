@@ -99,6 +99,8 @@ class VmSnapshotWorkflow(EntityWorkflow):
         self.record.transitions.append(VmStateChange(state=state, at=workflow.now()))
         workflow.upsert_search_attributes([SNAPSHOT_STATE.value_set(state.value)])
         details = f"{self.record.vm} ({self.record.type.value}): {state.value}"
+        if self.record.consistency is not None:
+            details += f"\nconsistency: {self.record.consistency.value}"
         if self.record.error:
             details += f"\nlast error: {self.record.error}"
         workflow.set_current_details(details)

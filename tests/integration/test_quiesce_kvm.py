@@ -28,6 +28,8 @@ from snapferry.activities.contracts import (
     Quiesce,
     SnapshotState,
     VmRef,
+    VmSnapshotRequest,
+    VmSnapshotState,
     VolumeRef,
     new_snapshot_id,
 )
@@ -170,6 +172,20 @@ async def test_a_quiesced_backup_holds_what_the_guest_wrote_before_the_freeze(
         assert len(crashed) < written, "a crash-consistent image held unflushed lines"
         assert crashed[: len(quiesced)] == quiesced
         assert len(console_times(guest, ag.FREEZE_RE)) == 1  # no freeze without --quiesce
+
+        # A VM snapshot asks the same of the guest.
+        vm_req = VmSnapshotRequest(
+            snapshot_id=new_snapshot_id(),
+            vm=VmRef(name=guest.name, host=host_name),
+            quiesce=Quiesce.YES,
+        )
+        vm_snap = await starter.create_vm_snapshot(client, vm_req)
+        assert vm_snap.state == VmSnapshotState.READY
+        assert vm_snap.consistency == Consistency.APPLICATION
+        assert len(console_times(guest, ag.FREEZE_RE)) == 2
+        assert vm_snap.taken is not None
+        frozen_image = chain_of(vm_snap.taken.overlays["vda"])[1]
+        ag.check_quiesced_log(await asyncio.to_thread(log_in, frozen_image, "qcow2", scratch))
         print(
             f"\nquiesced: {lines_frozen} lines and the marker (the writer had appended"
             f" {before} when asked); freeze window {thaws[-1] - freezes[0]:.2f}s (guest clock);"

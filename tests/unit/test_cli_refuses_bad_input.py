@@ -68,3 +68,21 @@ def test_bad_input_is_refused_naming_it_before_anything_starts(
     assert err.startswith("snapferry: error: invalid input: "), err
     assert expected in err
     assert NOWHERE not in err and "connect" not in err.lower()
+
+
+QUIESCE_CASES = {
+    "snapshot-create": ["snapshot", "create", "--vm", "web01", "--disk", "vda"],
+    "vm-snapshot-create": ["vm-snapshot", "create", "--vm", "web01"],
+    "policy-create": ["policy", "create", "--vm", "web01", "--disk", "vda", "--interval", "daily"],
+}
+
+
+@pytest.mark.parametrize("argv", QUIESCE_CASES.values(), ids=QUIESCE_CASES.keys())
+def test_an_unknown_quiesce_value_is_refused_naming_the_choices(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run([*argv, "--quiesce=maybe"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quiesce: invalid choice: 'maybe'" in err and "'no', 'yes', 'try'" in err
