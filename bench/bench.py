@@ -1,7 +1,8 @@
 """``make bench``: answer time vs time to BackedUp, and backup throughput vs cp / qemu-img;
 a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
 the KVM delta against its full (delta_bench.py); answers under a burst of creates
-(burst_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
+(burst_bench.py); the freeze window of a quiesced take against the disk's size
+(quiesce_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
 (large_delta_bench.py); backups into the repository against qemu-img convert + sync and
 restic (repository_bench.py).
 
@@ -30,6 +31,7 @@ from bench_stack import bench_stack  # noqa: E402
 from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
 from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
+from quiesce_bench import bench_quiesce, print_quiesce  # noqa: E402
 from repository_bench import bench_repository, print_repository  # noqa: E402
 
 from snapferry.activities.contracts import SnapshotState  # noqa: E402
@@ -430,6 +432,9 @@ async def main(sizes: list[float]) -> None:
             snapshot_request=snapshot_request,
         )
         burst = await bench_burst(settings, client, conn, work, server_pid=stack.server_pid)
+        quiesce = await asyncio.to_thread(
+            bench_quiesce, conn, work / "quiesce", [64 * MIB, GIB, 8 * GIB]
+        )
         large_delta = bench_large_delta(work / "large-delta")
         repository = await bench_repository(
             settings,
@@ -483,6 +488,7 @@ async def main(sizes: list[float]) -> None:
     )
     print_delta(delta)
     print_burst(burst)
+    print_quiesce(quiesce)
     print_large_delta(large_delta)
     print_repository(repository)
 
