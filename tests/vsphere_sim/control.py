@@ -121,6 +121,23 @@ def reverse_devices(port: int, vm: str, reverse: bool = True) -> None:
     _call(port, "POST", "/sim/vm-devices", {"vm": vm, "reverse": reverse})
 
 
+def set_guest(
+    port: int,
+    vm: str,
+    *,
+    tools: str | None = None,
+    quiesce_fails: int | None = None,
+    quiesce_fault: str | None = None,
+) -> dict:
+    """VMware Tools in ``vm``'s guest: ``tools="running"`` (the default), ``"notRunning"``
+    or ``"notInstalled"``; ``quiesce_fails=n``: its next n quiesced snapshots fail with
+    ``quiesce_fault`` (``"ApplicationQuiesceFault"``, the default, or
+    ``"FilesystemQuiesceFault"``), rolled back."""
+    body = {"tools": tools, "quiesce_fails": quiesce_fails, "quiesce_fault": quiesce_fault}
+    body = {k: v for k, v in body.items() if v is not None}
+    return _call(port, "POST", "/sim/guest", {"vm": vm, **body})
+
+
 def list_tasks(port: int) -> list[dict]:
     """Every task: key, descriptionId, state, and how often a client read its info."""
     return _call(port, "GET", "/sim/tasks")["tasks"]

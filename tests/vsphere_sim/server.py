@@ -370,6 +370,22 @@ class Handler(BaseHTTPRequestHandler):
                 if req.get("reset"):
                     service.stats = {"logins": 0, "logouts": 0, "expired": 0, "max_live": live}
                 return self._json(200, {**service.stats, "live": live})
+            if what == "guest":  # VMware Tools (Vm.tools) and quiesce faults
+                vm = inv.vm_by_name(req["vm"])
+                if vm is None:
+                    return self._json(404, {"error": "no such vm"})
+                tools = str(req.get("tools", vm.tools))
+                fault = str(req.get("quiesce_fault", vm.quiesce_fault))
+                if tools not in ("running", "notRunning", "notInstalled") or fault not in (
+                    "ApplicationQuiesceFault",
+                    "FilesystemQuiesceFault",
+                ):
+                    return self._json(400, {"error": f"bad tools {tools!r} or fault {fault!r}"})
+                vm.tools, vm.quiesce_fault = tools, fault
+                vm.quiesce_fails = int(req.get("quiesce_fails", vm.quiesce_fails))
+                return self._json(
+                    200, {"tools": vm.tools, "quiesce_fails": vm.quiesce_fails, "fault": fault}
+                )
             if what == "cbt":  # Changed Block Tracking controls (see cbt.py)
                 return self._json(*inv.cbt.control(inv, req))
             if what == "calls":

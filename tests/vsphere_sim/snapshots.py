@@ -158,6 +158,23 @@ class Snapshots:
         self, vm: Vm, name: str, description: str | None, memory: bool, quiesce: bool
     ) -> vim.vm.Snapshot:
         self._check_datastore(vm.name)
+        # CreateSnapshot_Task, quiesce: "If TRUE and the virtual machine is powered on when
+        # the snapshot is taken, VMware Tools is used to quiesce the file system in the
+        # virtual machine. [...] If the virtual machine is powered off or VMware Tools are
+        # not available, the quiesce flag is ignored" (vSphere API reference). Ignored means
+        # taken anyway, crash-consistent: SnapshotTree.quiesced ("Flag to indicate whether
+        # or not the snapshot was created with the quiesce option") says which it was.
+        quiesced = bool(quiesce) and vm.tools_running()
+        if quiesced and vm.quiesce_fails > 0:
+            # Test control: Tools could not quiesce. ApplicationQuiesceFault: "creating a
+            # quiesced snapshot failed because the (user-supplied) custom pre-freeze script
+            # in the virtual machine exited with a non-zero return code"; FilesystemQuiesceFault:
+            # the freeze outlasted its time limit, and "we roll back the entire snapshot
+            # create operation" (both SnapshotFaults, vSphere API reference). Nothing is
+            # left of the snapshot, for either.
+            vm.quiesce_fails -= 1
+            fault = getattr(vim.fault, vm.quiesce_fault)
+            raise fault(msg=f"An error occurred while quiescing the virtual machine {vm.name}")
         snap = Snap(
             self.new_moid("snapshot"),
             vm.moid,
@@ -166,7 +183,7 @@ class Snapshots:
             description or "",
             now(),
             memory=bool(memory) and vm.power == "poweredOn",
-            quiesced=bool(quiesce) and vm.power == "poweredOn",
+            quiesced=quiesced,
             parent=vm.current,
         )
         vm.next_snap_id += 1

@@ -58,6 +58,20 @@ class Vm:
     # reference promises no order for VirtualHardware.device, and a reconfigure (a disk
     # removed and added back) changes it; a disk's name must not depend on it.
     reverse_devices: bool = False
+    # VMware Tools in the guest: "running", "notRunning" or "notInstalled", shown as
+    # GuestInfo.toolsRunningStatus (VirtualMachineToolsRunningStatus: guestToolsRunning,
+    # "VMware Tools is running"; guestToolsNotRunning) and the older toolsStatus
+    # (VirtualMachineToolsStatus: toolsOk; toolsNotRunning; toolsNotInstalled, "VMware
+    # Tools has never been installed or has not run in the virtual machine"), vSphere API
+    # reference. A stopped VM runs no Tools. Set with ``/sim/guest``.
+    tools: str = "running"
+    # Test control: the next n quiesced snapshots of this VM fail with this fault (see
+    # Snapshots.create_snapshot).
+    quiesce_fails: int = 0
+    quiesce_fault: str = "ApplicationQuiesceFault"
+
+    def tools_running(self) -> bool:
+        return self.tools == "running" and self.power == "poweredOn"
 
     def __post_init__(self) -> None:
         self.dir = self.dir or self.name
@@ -143,7 +157,19 @@ class Vms:
             ),
             "recentTask": vim.Task.Array(recent),
             "capability": self.cbt.capability(vm),
+            "guest": self._guest(vm),
         }
+
+    @staticmethod
+    def _guest(vm: Vm) -> vim.vm.GuestInfo:
+        """VirtualMachine.guest as far as VMware Tools go (see Vm.tools)."""
+        running = vm.tools_running()
+        status = "toolsOk" if running else "toolsNotRunning"
+        return vim.vm.GuestInfo(
+            toolsStatus=status if vm.tools != "notInstalled" else "toolsNotInstalled",
+            toolsRunningStatus="guestToolsRunning" if running else "guestToolsNotRunning",
+            guestState="running" if running else "notRunning",
+        )
 
     def _config(self, vm: Vm) -> vim.vm.ConfigInfo:
         controller = vim.vm.device.VirtualLsiLogicController(

@@ -12,11 +12,12 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 
 from ...alerts import alert_logger, format_alert
-from ...contracts import Alert, AlertSeverity
+from ...contracts import Alert, AlertSeverity, Consistency, Quiesce
 from ...errors import (
     DiskNotFound,
     HypervisorUnavailable,
     InvalidInput,
+    QuiesceUnavailable,
     SnapferryError,
     SourceGone,
     UnsupportedImage,
@@ -24,6 +25,7 @@ from ...errors import (
 )
 from ...settings import Settings
 from ..base import HypervisorDriver
+from ..quiesce import stopped_vm, without_quiesce
 from .common import (
     FLAT_FILE_DATASTORES,
     MOREF_RE,
@@ -39,6 +41,13 @@ from .common import (
 from .session import VsphereSession, fault_error
 
 log = logging.getLogger(__name__)
+
+# What CreateSnapshot_Task answers when VMware Tools could not quiesce the guest (both
+# SnapshotFaults, vSphere API reference): ApplicationQuiesceFault, "the (user-supplied)
+# custom pre-freeze script in the virtual machine exited with a non-zero return code";
+# FilesystemQuiesceFault, the freeze outlasted its time limit, and "we roll back the entire
+# snapshot create operation".
+QUIESCE_FAULTS = (vim.fault.ApplicationQuiesceFault, vim.fault.FilesystemQuiesceFault)
 
 
 class VsphereOps(HypervisorDriver):
@@ -401,6 +410,96 @@ class VsphereOps(HypervisorDriver):
         for handler in logger.handlers:
             handler.flush()
         return False
+
+    # -- snapshots, quiesced or not --------------------------------------------------------
+    def _tools_missing(self, vm: Any) -> str | None:
+        """Why VMware Tools cannot quiesce ``vm``'s guest now, or None while they run
+        (GuestInfo.toolsRunningStatus ``guestToolsRunning``; the older toolsStatus tells a
+        guest that never had them, ``toolsNotInstalled``)."""
+        guest = self.session.call(lambda _si: vm.guest, "reading VMware Tools status")
+        running = getattr(guest, "toolsRunningStatus", None)
+        if running == "guestToolsRunning":
+            return None
+        if getattr(guest, "toolsStatus", None) == "toolsNotInstalled":
+            return "VMware Tools is not installed in the guest"
+        return f"VMware Tools is not running in the guest (toolsRunningStatus {running or 'unset'})"
+
+    def _snapshot_node(self, vm: Any, name: str) -> Any | None:
+        return next((n for n in self._snapshots(vm) if n.name == name), None)
+
+    def _take_snapshot(
+        self,
+        vm: Any,
+        vm_name: str,
+        *,
+        name: str,
+        description: str,
+        memory: bool,
+        quiesce: Quiesce,
+        running: bool,
+        what: str,
+    ) -> tuple[Any, Consistency, str | None]:
+        """The vSphere snapshot ``name`` (an earlier attempt's if it is there), and how
+        consistent it is.
+
+        CreateSnapshot_Task's ``quiesce``: "If TRUE and the virtual machine is powered on
+        when the snapshot is taken, VMware Tools is used to quiesce the file system in the
+        virtual machine. [...] If the virtual machine is powered off or VMware Tools are
+        not available, the quiesce flag is ignored" (vSphere API reference): vSphere takes
+        a crash-consistent snapshot then and says so only in the tree's ``quiesced``. So
+        Tools are asked about first (not running: ``without_quiesce``, a refusal for yes
+        before anything is taken), a quiesce fault (QUIESCE_FAULTS, rolled back by
+        vSphere) is a refusal for yes and a snapshot without quiesce for try, and the
+        snapshot's ``quiesced`` is read after: false (Tools stopped meanwhile) removes the
+        snapshot and refuses yes, and notes try. A stopped VM has nothing in flight
+        (``stopped_vm``)."""
+
+        def create(quiesced: bool) -> Any:
+            return self._run(
+                lambda: vm.CreateSnapshot_Task(
+                    name=name, description=description, memory=memory, quiesce=quiesced
+                ),
+                what,
+            )
+
+        node = self._snapshot_node(vm, name)
+        if not running or quiesce == Quiesce.NO:
+            consistency, note = stopped_vm(quiesce) if not running else (Consistency.CRASH, None)
+            return (node.snapshot if node else create(False)), consistency, note
+        if node is None:
+            missing = self._tools_missing(vm)
+            if missing is not None:
+                consistency, note = without_quiesce(quiesce, missing)
+                return create(False), consistency, note
+            try:
+                create(True)
+            except SnapferryError as exc:
+                fault = exc.__cause__
+                if not isinstance(fault, QUIESCE_FAULTS):
+                    raise
+                reason = (
+                    f"VMware Tools could not quiesce the guest ({type(fault).__name__}:"
+                    f" {getattr(fault, 'msg', None) or exc})"
+                )
+                consistency, note = without_quiesce(quiesce, reason)
+                return create(False), consistency, note
+            node = self._snapshot_node(vm, name)
+            if node is None:
+                raise HypervisorUnavailable(f"{what}: snapshot {name!r} is not in the tree")
+        if node.quiesced:
+            return node.snapshot, Consistency.APPLICATION, None
+        reason = (
+            f"vSphere took snapshot {name!r} not quiesced (VMware Tools did not answer;"
+            " vSphere ignores the quiesce flag then)"
+        )
+        if quiesce == Quiesce.YES:
+            self._remove_snapshot(vm, vm_name, node.snapshot, f"removing {name!r}")
+            raise QuiesceUnavailable(
+                f"cannot quiesce: {reason}; it was removed, nothing was kept (take it with"
+                " --quiesce=try to fall back to a crash-consistent snapshot, or without"
+                " --quiesce)"
+            )
+        return node.snapshot, Consistency.CRASH, f"crash-consistent: {reason}"
 
     def _powered_on(self, vm: Any) -> bool:
         state = self.session.call(lambda _si: vm.runtime.powerState, "reading power state")

@@ -8,9 +8,16 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from ...contracts import BackupPlan, DiscardRequest, PrimarySnapshot, Quiesce, VolumeRef
+from ...contracts import (
+    BackupPlan,
+    Consistency,
+    DiscardRequest,
+    PrimarySnapshot,
+    Quiesce,
+    VolumeRef,
+)
 from ...errors import HypervisorUnavailable, UnsupportedImage
-from ..quiesce import without_quiesce
+from ..quiesce import stopped_vm
 from .cbt import CbtOps
 from .common import (
     VM_SNAPSHOT_PREFIX,
@@ -40,7 +47,6 @@ class TakeOps(CbtOps):
         ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made, and CBT
         is turned on where it can be, for the next take."""
         typed, disk = volume.vm.name, volume.disk
-        without_quiesce(quiesce, "VMware Tools quiesce is not wired in")
         with vm_lock(typed):
             self._refuse_standalone_host()
             vm = self._vm(typed)
@@ -57,14 +63,15 @@ class TakeOps(CbtOps):
             tracked = self._tracking_on(vm, f"VM {typed!r}")
             clone = self._find_clone(vm, name)  # a retried take finds its clone
             if clone is None:
-                snap = self._snapshot_named(vm, snap_name) or self._run(
-                    lambda: vm.CreateSnapshot_Task(
-                        name=snap_name,
-                        description=f"snapferry volume snapshot {snapshot_id} (temporary)",
-                        memory=False,
-                        quiesce=False,
-                    ),
-                    f"snapshotting VM {typed!r}",
+                snap, consistency, note = self._take_snapshot(
+                    vm,
+                    vm_name,
+                    name=snap_name,
+                    description=f"snapferry volume snapshot {snapshot_id} (temporary)",
+                    memory=False,
+                    quiesce=quiesce,
+                    running=running,
+                    what=f"snapshotting VM {typed!r}",
                 )
                 self._remove_orphans(vm, name, f"an interrupted clone for {snapshot_id}")
                 parent = self.session.call(lambda _si: vm.parent, "reading the VM folder")
@@ -77,6 +84,8 @@ class TakeOps(CbtOps):
                 clone = self._clone(
                     vm, parent, name, snap, others, source_disk, f"{typed!r}", snapshot_id
                 )
+            else:
+                consistency, note = self._retried_consistency(vm, snap_name, quiesce, running)
             leftover = self._snapshot_named(vm, snap_name)
             # With CBT on before this take, the disk's changeId at the snapshot (for the next
             # backup's delta), and the snapshot itself stays for this backup's
@@ -122,7 +131,30 @@ class TakeOps(CbtOps):
                 vm_was_running=running,
                 handle=clone._moId,
                 change_id=change_id,
+                consistency=consistency,
+                consistency_note=note,
             )
+
+    def _retried_consistency(
+        self, vm: Any, snap_name: str, quiesce: Quiesce, running: bool
+    ) -> tuple[Consistency, str | None]:
+        """The consistency of the clone an earlier attempt made: its snapshot's ``quiesced``
+        while the snapshot is there. An attempt clones only from a snapshot that passed
+        (quiesced for yes), so with the snapshot gone yes is application-consistent and
+        try cannot be told: it is recorded crash-consistent, which it may exceed."""
+        if not running:
+            return stopped_vm(quiesce)
+        if quiesce == Quiesce.NO:
+            return Consistency.CRASH, None
+        node = self._snapshot_node(vm, snap_name)
+        if (node is not None and node.quiesced) or (node is None and quiesce == Quiesce.YES):
+            return Consistency.APPLICATION, None
+        if node is None:
+            return Consistency.CRASH, (
+                "crash-consistent as far as is known: a retried take found its clone but not"
+                " its snapshot, which told whether VMware Tools quiesced it"
+            )
+        return Consistency.CRASH, "crash-consistent: the snapshot was taken without quiesce"
 
     def _remove_orphans(self, vm: Any, name: str, what: str) -> None:
         """Delete the datastore folders ``[ds] <clone name>`` that no registered clone owns:

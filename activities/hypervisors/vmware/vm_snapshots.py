@@ -6,7 +6,6 @@ from typing import Any
 
 from ...contracts import VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
 from ...errors import InvalidInput, SourceGone
-from ..quiesce import without_quiesce
 from .cbt import CbtOps
 from .common import VM_SNAPSHOT_PREFIX, vm_lock
 
@@ -17,7 +16,6 @@ class VmSnapshotOps(CbtOps):
     # -- VM snapshots ------------------------------------------------------------------------
     def take_vm_snapshot(self, op: VmSnapshotOperation) -> VmSnapshotTaken:
         vm_name = op.vm.name
-        without_quiesce(op.quiesce, "VMware Tools quiesce is not wired in")
         with vm_lock(vm_name):
             vm = self._vm(vm_name)
             running = self._powered_on(vm)
@@ -27,18 +25,23 @@ class VmSnapshotOps(CbtOps):
                     f"VM {vm_name!r} is stopped: a DiskAndMemory snapshot needs a running VM"
                     " (take a Disk snapshot instead)"
                 )
-            name = VM_SNAPSHOT_PREFIX + op.snapshot_id
-            if self._snapshot_named(vm, name) is None:
-                self._run(
-                    lambda: vm.CreateSnapshot_Task(
-                        name=name,
-                        description=f"snapferry VM snapshot {op.snapshot_id}",
-                        memory=memory,
-                        quiesce=False,
-                    ),
-                    f"VM snapshot of {vm_name!r}",
-                )
-            return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=running)
+            _, consistency, note = self._take_snapshot(
+                vm,
+                vm_name,
+                name=VM_SNAPSHOT_PREFIX + op.snapshot_id,
+                description=f"snapferry VM snapshot {op.snapshot_id}",
+                memory=memory,
+                quiesce=op.quiesce,
+                running=running,
+                what=f"VM snapshot of {vm_name!r}",
+            )
+            return VmSnapshotTaken(
+                overlays={},
+                memory=None,
+                vm_was_running=running,
+                consistency=consistency,
+                consistency_note=note,
+            )
 
     def _vm_snapshot(self, vm: Any, op: VmSnapshotOperation) -> Any | None:
         return self._snapshot_named(vm, VM_SNAPSHOT_PREFIX + op.snapshot_id)
