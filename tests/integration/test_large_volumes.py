@@ -24,7 +24,7 @@ from temporalio.client import Client
 from snapferry.activities.backup import BackupActivities
 from snapferry.activities.contracts import SnapshotRequest, SnapshotState
 from snapferry.activities.settings import Settings
-from snapferry.activities.storage import copy_engine
+from snapferry.activities.storage.copy_engine import writer
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
 from snapferry.workers.worker import running_workers
@@ -99,7 +99,7 @@ async def test_a_store_that_stalls_for_twice_the_heartbeat_timeout_delays_the_ba
     heartbeat_s = settings.backup_defaults.heartbeat_timeout_s
     stall_s = 2 * heartbeat_s
     stalled = threading.Event()
-    real_write = copy_engine._Writer.write
+    real_write = writer.Writer.write
 
     def write(self, data, offset, *args):  # type: ignore[no-untyped-def]
         # The store hangs once, mid-copy, for twice the heartbeat timeout (an NFS failover).
@@ -120,7 +120,7 @@ async def test_a_store_that_stalls_for_twice_the_heartbeat_timeout_delays_the_ba
         attempts.append("done")
         return result
 
-    monkeypatch.setattr(copy_engine._Writer, "write", write)
+    monkeypatch.setattr(writer.Writer, "write", write)
     monkeypatch.setattr(BackupActivities, "_copy", copy)
     slow = dataclasses.replace(settings, backup_rate_limit_bps=40e6)  # checkpoints before it
     vm = make_vm(size=128 * MIB, data_bytes=128 * MIB)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from snapferry.activities.storage import copy_engine, liveness
-from snapferry.activities.storage.copy_engine import Checkpoint, CopyEngine
+from snapferry.activities.storage import liveness
+from snapferry.activities.storage.copy_engine import Checkpoint, CopyEngine, writer
 
 from .test_copy_engine import CHUNK, BytesReader, disk_with_holes, target_in
 
@@ -67,7 +67,7 @@ def test_each_checkpoint_is_reported_after_an_fdatasync_that_followed_its_writes
     events: list[tuple[str, int, int]] = []
     lock = threading.Lock()
     real_pwrite, real_fdatasync = os.pwrite, os.fdatasync
-    real_sfr = copy_engine.sync_file_range
+    real_sfr = writer.sync_file_range
     assert real_sfr is not None  # glibc has it
     target = target_in(tmp_path)
 
@@ -83,15 +83,15 @@ def test_each_checkpoint_is_reported_after_an_fdatasync_that_followed_its_writes
         real_fdatasync(fd)
 
     def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
-        assert flags == copy_engine.SYNC_FILE_RANGE_WRITE  # start writeback, never wait here
+        assert flags == writer.SYNC_FILE_RANGE_WRITE  # start writeback, never wait here
         with lock:
             events.append(("writeback", offset, offset + length))
         real_sfr(fd, offset, length, flags)  # type: ignore[misc]
 
-    monkeypatch.setattr(copy_engine.os, "pwrite", pwrite)
-    monkeypatch.setattr(copy_engine.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(copy_engine, "sync_file_range", sync_file_range)
-    monkeypatch.setattr(copy_engine, "_WRITEBACK_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    monkeypatch.setattr(writer.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(writer, "sync_file_range", sync_file_range)
+    monkeypatch.setattr(writer, "_WRITEBACK_BYTES", 4 * CHUNK)
 
     def on_checkpoint(_cp: Checkpoint, end: int) -> None:
         with lock:
@@ -123,8 +123,8 @@ def test_writeback_refused_is_only_a_hint_an_io_error_stops_the_copy(
         calls.append(offset)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(copy_engine, "sync_file_range", refuse)
-    monkeypatch.setattr(copy_engine, "_WRITEBACK_BYTES", CHUNK)
+    monkeypatch.setattr(writer, "sync_file_range", refuse)
+    monkeypatch.setattr(writer, "_WRITEBACK_BYTES", CHUNK)
     data = disk_with_holes(16 * CHUNK, [(0, 16 * CHUNK)])
     engine = CopyEngine(chunk_size=CHUNK)
     target = target_in(tmp_path)

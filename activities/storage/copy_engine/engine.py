@@ -1,144 +1,26 @@
-"""The copy loop, written once: chunking, sparse skipping, checksums, checkpoints, resume.
-
-Vendors supply only a :class:`~activities.storage.reader.SnapshotReader`; this module owns
-everything that must be right for every hypervisor (the Cinder ``ChunkedBackupDriver`` idea).
-
-Durability contract: a checkpoint is reported only after the data and the chunk-digest file
-up to its offset were fsynced, and the data file is cut to end exactly at that offset.
-Resuming from a checkpoint truncates both files back to it, so bytes written after the last
-checkpoint, including stale bytes over later holes, are never trusted.
-
-Cost: a checkpoint is taken after ``checkpoint_bytes`` of data or ``checkpoint_seconds``,
-whichever comes first, and between checkpoints the writeback of what was written is started
-at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, in 64 MiB batches), so the checkpoint's
-fdatasync finds little left to write. ``make bench`` measures what
-checkpointing costs against the same copy with no checkpoint but the last.
-"""
+"""The copy loop: chunking, sparse skipping, checksums, checkpoints, resume (the package's
+docstring states its durability contract and what checkpoints cost)."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
-from pydantic import BaseModel
+from .. import checksum, liveness
+from ..files import FILE_MODE
+from ..reader import DataExtent, SnapshotReader, ZeroExtent
+from .records import Checkpoint, CopyOutcome, CopyTarget
+from .stop import stop_error
+from .writer import Writer
 
-from ..errors import BackupCancelled, BackupCorrupt, BackupStalled, SnapferryError
-from . import checksum, liveness
-from .files import FILE_MODE
-from .reader import DataExtent, SnapshotReader, ZeroExtent
-
-# Checkpoint rate (see the module docstring). Every checkpoint costs an fdatasync of the data
+# Checkpoint rate (see the package docstring). Every checkpoint costs an fdatasync of the data
 # and of the digest list; with writeback started chunk by chunk that sync is short, and
 # ``make bench`` shows the cost against a copy with none. The time bound is what a crash can
 # cost (it is copied again) and what the stall guard waits between two reports.
 CHECKPOINT_BYTES = 1024 * 1024 * 1024
 CHECKPOINT_SECONDS = 1.0
-_WRITEBACK_BYTES = 64 * 1024 * 1024  # writeback is started in batches this large
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, no wait
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], None] | None:
-    """``sync_file_range(2)``: not in Python's ``os``, so glibc's through ctypes (which drops
-    the GIL during the call); None where there is none (then checkpoints sync everything)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def call(fd: int, offset: int, length: int, flags: int) -> None:
-        if fn(fd, offset, length, flags) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return call
-
-
-sync_file_range = _sync_file_range()
-
-
-class Checkpoint(BaseModel):
-    """What a backup heartbeats: enough to continue after any crash. ``state`` and
-    ``zero_run`` are the checksum chain's (see :class:`~.checksum.Chain`); a checkpoint of
-    another ``algorithm`` (one an older version heartbeated) is not resumed from."""
-
-    chunks_done: int
-    state: str
-    chunk_size: int
-    bytes_copied_total: int = 0
-    algorithm: str = checksum.CHAIN
-    zero_run: int = 0
-
-
-@dataclass(frozen=True)
-class CopyOutcome:
-    checksum: str
-    virtual_size: int
-    bytes_copied: int
-    bytes_written: int
-    resumed_from: int
-    chunks: int
-
-
-@dataclass(frozen=True)
-class CopyTarget:
-    """The ``.partial`` data file and its digest list, finalized by the store later."""
-
-    data: Path
-    digests: Path
-
-
-class StopFlag:
-    """Why a copy must stop: an operator's cancel (or a delete), or a stall the activity's
-    guard saw. Callable like the plain ``should_stop`` it replaces; the engine raises
-    :meth:`error`, so that a stall is retried and only a cancel is final."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._error: SnapferryError | None = None
-
-    def cancel(self) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = BackupCancelled("backup cancelled")
-
-    def stall(self, seconds: float) -> None:
-        with self._lock:
-            if self._error is None:  # the first reason stays
-                self._error = BackupStalled(
-                    f"no progress for {seconds:.0f} s (a hung store or source?); the copy"
-                    " stopped at its last checkpoint and is retried from there"
-                )
-
-    def __call__(self) -> bool:
-        return self._error is not None
-
-    def is_set(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> SnapferryError:
-        return self._error or BackupCancelled("backup cancelled")
-
-    def raise_if_set(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-
-def _stop_error(should_stop: Callable[[], bool]) -> SnapferryError:
-    if isinstance(should_stop, StopFlag):
-        return should_stop.error()
-    owner = getattr(should_stop, "__self__", None)  # StopFlag.is_set passed as a bound method
-    if isinstance(owner, StopFlag):
-        return owner.error()
-    return BackupCancelled("backup cancelled")
 
 
 class CopyEngine:
@@ -319,7 +201,7 @@ class CopyEngine:
         since_checkpoint = 0
         last_checkpoint = t0 = time.monotonic()
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-sync")
-        sink = _Writer(
+        sink = Writer(
             fd,
             digests,
             min(start.chunks_done * csize, size),
@@ -375,7 +257,7 @@ class CopyEngine:
             k = start.chunks_done - 1
             while (k := k + 1) < nchunks:
                 if should_stop():
-                    raise _stop_error(should_stop)
+                    raise stop_error(should_stop)
                 sink.raise_if_failed()  # a write or sync error stops the copy at once
                 if pending is None or pending.start >= (k + 1) * csize:
                     # No data before the chunk that holds the next extent: skip the holes in
@@ -495,147 +377,3 @@ def _extents_from(extents: Iterable[DataExtent], offset: int) -> Iterator[DataEx
         last = e.start
         if e.start + e.length > offset and e.length > 0:
             yield e
-
-
-class _Writer:
-    """The writer and sync stages. After a failure they drop later work, as a crash would."""
-
-    def __init__(
-        self,
-        fd: int,
-        digests,  # type: ignore[no-untyped-def]
-        file_end: int,
-        on_checkpoint: Callable[[Checkpoint, int], None],
-        syncer: ThreadPoolExecutor,
-        *,
-        writeback: bool = True,
-    ) -> None:
-        self.syncer = syncer
-        self.fd = fd
-        self.digests = digests
-        self.file_end = file_end
-        self.on_checkpoint = on_checkpoint
-        self.writeback = writeback and sync_file_range is not None
-        self.error: BaseException | None = None
-        # Checkpoints asked for (the read loop counts) and reported (the sync stage counts):
-        # each counter has one writer, so no lock is needed.
-        self.submitted = 0
-        self.reported = 0
-        self._wb_lo = self._wb_hi = file_end  # written, writeback not yet started
-
-    def unreported(self) -> int:
-        return self.submitted - self.reported
-
-    def _written(self, offset: int, length: int) -> None:
-        """Collect written ranges; every ``_WRITEBACK_BYTES`` hand the batch to the sync
-        stage, which starts its writeback (it is idle between checkpoints, and the writer
-        must not block on the block layer's queue)."""
-        if self._wb_hi == offset:
-            self._wb_hi += length
-        else:
-            if self._wb_hi > self._wb_lo:
-                self.syncer.submit(self._start_writeback, self._wb_lo, self._wb_hi)
-            self._wb_lo, self._wb_hi = offset, offset + length
-        if self._wb_hi - self._wb_lo >= _WRITEBACK_BYTES:
-            self.syncer.submit(self._start_writeback, self._wb_lo, self._wb_hi)
-            self._wb_lo = self._wb_hi
-
-    def _start_writeback(self, lo: int, hi: int) -> None:
-        """Start writing ``[lo, hi)`` to the medium now, without waiting for it, so that
-        dirty pages never pile up for the next fdatasync. Only a hint: a file system that
-        refuses it (EINVAL, ESPIPE) is simply synced at the checkpoint."""
-        if self.error or not self.writeback or sync_file_range is None:
-            return
-        try:
-            sync_file_range(self.fd, lo, hi - lo, SYNC_FILE_RANGE_WRITE)
-        except OSError as exc:
-            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
-                self.error = exc  # a real write error: the copy stops, as at a sync
-                raise
-            self.writeback = False
-
-    def write(
-        self,
-        data: memoryview | None,
-        offset: int,
-        digest: str,
-        spans: list[tuple[int, int]] | None = None,
-    ) -> None:
-        """Write the chunk's ``spans`` (offsets within ``data``; all of it when None) at
-        ``offset``, and its digest; ``data`` None is a hole."""
-        if self.error:
-            return
-        try:
-            if data is not None:
-                for lo, hi in [(0, len(data))] if spans is None else spans:
-                    done = lo
-                    while done < hi:  # a short write (NFS, a signal) goes on, not lost
-                        done += os.pwrite(self.fd, data[done:hi], offset + done)
-                    if self.writeback:
-                        self._written(offset + lo, hi - lo)
-                    # Where the file really ends: a checkpoint extends it to its end, so
-                    # that nothing a crash appends later can pass for checkpointed bytes.
-                    self.file_end = max(self.file_end, offset + hi)
-            self.digests.write(checksum.format_digest_line(digest))
-        except BaseException as exc:
-            self.error = exc
-            raise
-
-    def write_holes(self, digest: str, count: int) -> None:
-        """The digests of ``count`` chunks that stay holes (nothing to write): one line."""
-        if self.error:
-            return
-        try:
-            self.digests.write(checksum.format_digest_line(digest, count))
-        except BaseException as exc:
-            self.error = exc
-            raise
-
-    def checkpoint(self, cp: Checkpoint, end: int) -> None:
-        if self.error:
-            return
-        try:
-            # The file ends exactly at the checkpoint (holes included), so that on resume
-            # anything past it was written after the checkpoint and is cut off. Only extend:
-            # a no-op truncate still makes ext4 flush (auto_da_alloc).
-            if self.file_end < end:
-                os.ftruncate(self.fd, end)
-                self.file_end = end
-            self.digests.flush()
-        except BaseException as exc:
-            self.error = exc
-            raise
-        self.syncer.submit(self._sync_and_report, cp, end)
-
-    def _sync_and_report(self, cp: Checkpoint, end: int) -> None:
-        if self.error:
-            return
-        try:
-            os.fdatasync(self.fd)
-            os.fsync(self.digests.fileno())
-            self.on_checkpoint(cp, end)
-            self.reported += 1
-        except BaseException as exc:
-            self.error = exc
-            raise
-
-    def raise_if_failed(self) -> None:
-        if self.error:
-            raise self.error
-
-
-def verify_copy(
-    data: Path,
-    expected: str,
-    *,
-    digests: Path | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> checksum.VerifyReport:
-    """Re-read a written file from the medium (its pages dropped first) and compare it with
-    its chunk digests and chain checksum: the check before the rename. Only chunks that
-    hold data (or whose digest says data) are read. ``on_progress(verified, read)`` keeps a
-    long verify heartbeating."""
-    try:
-        return checksum.verify_file(data, expected, digests_path=digests, on_progress=on_progress)
-    except (checksum.ChunkMismatch, EOFError) as exc:
-        raise BackupCorrupt(str(exc)) from exc
