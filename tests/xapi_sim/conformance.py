@@ -583,3 +583,56 @@ def run_thin(check: Check, x: Any, port: int, session: str) -> None:
     sim.set_sr_type(port, "local", "lvm")
     check(x.SR.get_sm_config(x.VDI.get_SR(vdi)) == {"use_vhd": "true"}, "conformance: LVHD")
     sim.set_sr_type(port, "local", "ext")
+
+
+def run_pool(check: Check, port: int, user: str, password: str) -> None:
+    """The master moves (``/sim/pool``), checked over plain XML-RPC and TCP. HA makes a
+    member the master when its master dies (``xapi_ha.ml`` ``on_master_failure``
+    l.137-171); a dead host answers nothing; the new master starts without the sessions
+    (``datamodel.ml`` l.237-242, ``PersistNothing``); every other host, the old master once
+    back included, answers a login with ``HOST_IS_SLAVE [master address]``
+    (``xapi_session.ml`` l.996-1001, ``become_another_masters_slave``), the address being
+    ``Host.address``, whatever it is. Run last: it leaves host 1 the master again."""
+    import socket
+    import xmlrpc.client
+
+    from . import control as sim
+
+    def login(at: int) -> dict[str, Any]:
+        rpc = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{at}")
+        return rpc.session.login_with_password(user, password, "2.21", "conformance")  # type: ignore[no-any-return]
+
+    def call(at: int, method: str, *args: Any) -> dict[str, Any]:
+        rpc = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{at}")
+        return getattr(rpc, method)(*args)  # type: ignore[no-any-return]
+
+    hosts = {h["host"]: h for h in sim.list_hosts(port)}
+    p1, p2 = hosts[1]["port"], hosts[2]["port"]
+    old = login(p1)["Value"]
+    refused = login(p2)["ErrorDescription"]
+    check(refused == ["HOST_IS_SLAVE", hosts[1]["address"]], f"conformance: member {refused}")
+
+    sim.set_pool(port, master=2, down=[1])
+    try:
+        socket.create_connection(("127.0.0.1", p1), timeout=5).close()
+        check(False, "conformance: a dead host refuses connections")
+    except ConnectionRefusedError:
+        check(True, "conformance: a dead host refuses connections")
+    new = login(p2)
+    check(new["Status"] == "Success", "conformance: the promoted member logs in")
+    me = call(p2, "session.get_this_host", new["Value"], new["Value"])["Value"]
+    pool = call(p2, "pool.get_all", new["Value"])["Value"][0]
+    check(call(p2, "pool.get_master", new["Value"], pool)["Value"] == me, "conformance: master")
+    stale = call(p2, "pool.get_all", old)["ErrorDescription"]
+    check(stale[:1] == ["SESSION_INVALID"], f"conformance: sessions do not survive ({stale})")
+
+    sim.set_pool(p2, master=2, down=[])  # the old master is back, as a slave
+    back = login(p1)["ErrorDescription"]
+    check(back == ["HOST_IS_SLAVE", hosts[2]["address"]], f"conformance: old master {back}")
+
+    unreachable = f"127.0.0.2:{p1}"
+    sim.set_host_address(p2, 1, unreachable)
+    sim.set_pool(p2, master=1, down=[])
+    named = login(p2)["ErrorDescription"]
+    check(named == ["HOST_IS_SLAVE", unreachable], f"conformance: Host.address named ({named})")
+    sim.set_host_address(port, 1, hosts[1]["address"])

@@ -190,3 +190,23 @@ def set_gc(port: int, *, stalled: bool) -> int:
     runs at once then, and after every ``VDI.destroy``; returns how many base copies it
     coalesced."""
     return int(_call(port, "POST", "/sim/gc", {"stalled": stalled})["coalesced"])
+
+
+def list_hosts(port: int) -> list[dict[str, Any]]:
+    """The pool's hosts: ``host`` (1, 2), ref, ``address`` (``Host.address``), the
+    ``port`` it serves on, whether it is the ``master`` and whether it is ``down``."""
+    return _call(port, "GET", "/sim/hosts")["hosts"]
+
+
+def set_pool(port: int, *, master: int, down: list[int] | None = None) -> list[dict[str, Any]]:
+    """Host ``master`` (1 or 2) is the pool master, the hosts in ``down`` are dead (their
+    ports refuse connections) and the others are up: HA's failover, and a dead host coming
+    back as a slave. A master change drops every session and task. Send it to a host that
+    is up."""
+    return _call(port, "POST", "/sim/pool", {"master": master, "down": down or []})["hosts"]
+
+
+def set_host_address(port: int, host: int, address: str) -> None:
+    """The ``Host.address`` XAPI reports for host 1 or 2 (and names in HOST_IS_SLAVE and
+    302s): e.g. a management IP this client cannot reach."""
+    _call(port, "POST", "/sim/host-address", {"host": host, "address": address})

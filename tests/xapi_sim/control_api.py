@@ -35,6 +35,8 @@ class ControlHandler(ReplyHandler):
             if what == "tasks":
                 tasks = [_task_info(t) for t in store.tasks.values()]
                 return self._json(200, {"tasks": tasks, "started": store.async_started})
+            if what == "hosts":
+                return self._json(200, {"hosts": _hosts(store)})
             if what == "faults":
                 faults = {m: [f.__dict__ for f in fs] for m, fs in store.faults.items() if fs}
                 return self._json(200, {"faults": faults})
@@ -99,12 +101,37 @@ class ControlHandler(ReplyHandler):
             if what == "attach-linger":
                 store.datapaths.linger_s = max(float(req.get("seconds") or 0), 0.0)
                 return self._json(200, {"seconds": store.datapaths.linger_s})
+            if what == "pool":  # {"master": 1 | 2, "down": [1, ...]}
+                return self._pool(store, req)
+            if what == "host-address":  # {"host": 1 | 2, "address": "..."}
+                store.host_address[_host_ref(store, req["host"])] = str(req["address"])
+                return self._json(200, {"hosts": _hosts(store)})
             if what == "revert-mode":
                 if req.get("mode") not in ("in-place", "xapi"):
                     return self._json(400, {"error": "mode must be in-place or xapi"})
                 store.revert_mode = req["mode"]
                 return self._json(200, {"mode": store.revert_mode})
         self._json(404, {"error": f"unknown control endpoint {what}"})
+
+    def _pool(self, store: Store, req: dict[str, Any]) -> None:
+        """A new master and the hosts that are down. A master change drops every session
+        and task: neither is in the database a new master starts from (``datamodel.ml``
+        l.237-242 and l.628-633, ``PersistNothing``)."""
+        master = _host_ref(store, req.get("master", 1))
+        down = {_host_ref(store, h) for h in req.get("down", [])}
+        if master != store.master_ref:
+            store.sessions.clear()
+            store.session_used.clear()
+            store.tasks.clear()
+        store.master_ref = master
+        going, coming = down - store.down, store.down - down
+        store.down = down
+        self._json(200, {"hosts": _hosts(store)})
+        self.wfile.flush()
+        for host in going:  # after the reply: this request may be on a host going down
+            store.servers[host].go_down()
+        for host in coming:
+            store.servers[host].come_up()
 
     def _task_delay(self, store: Store, req: dict[str, Any]) -> None:
         """``{"seconds"}``: every Async task waits that long before its operation runs.
@@ -227,3 +254,25 @@ def _vdi_info(vdi: VDI) -> dict[str, Any]:
         "depth": len(vdi.chain),  # VHDs in its chain, its own included (vhd-util query -d)
         "path": str(vdi.path),
     }
+
+
+def _host_ref(store: Store, host: object) -> str:
+    """Host 1 (the first master) or 2 (the first member)."""
+    refs = {1: store.host_ref, 2: store.host2_ref}
+    if host not in refs:
+        raise ValueError(f"host must be 1 or 2, not {host!r}")
+    return refs[host]  # type: ignore[index]
+
+
+def _hosts(store: Store) -> list[dict[str, Any]]:
+    return [
+        {
+            "host": n,
+            "ref": ref,
+            "address": store.host_address[ref],
+            "port": store.servers[ref].server_address[1],
+            "master": ref == store.master_ref,
+            "down": ref in store.down,
+        }
+        for n, ref in ((1, store.host_ref), (2, store.host2_ref))
+    ]

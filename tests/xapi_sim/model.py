@@ -235,6 +235,13 @@ class Store:
         # (export_raw_vdi.ml, export_raw; importexport.ml, return_302_redirect).
         self.host2_ref, self.host2_uuid = new_ref(), new_uuid()
         self.host_address = {self.host_ref: "", self.host2_ref: ""}  # set by the server
+        # The pool's master, and the hosts that are down (POST /sim/pool). HA makes a member
+        # the master when its master leaves the live set (xapi_ha.ml on_master_failure
+        # l.137-171, Xapi_pool_transition.become_master l.84-90); the others, and an old
+        # master that comes back, become its slaves (become_another_masters_slave l.227-240).
+        self.master_ref = self.host_ref
+        self.down: set[str] = set()
+        self.servers: dict[str, Any] = {}  # host ref -> its SimServer (set by the server)
         sr = SR(new_ref(), sr_uuid, "Local storage", root / sr_uuid, self.host_ref)
         sr.path.mkdir(parents=True, exist_ok=True)
         self.srs[sr.ref] = sr

@@ -288,7 +288,7 @@ def _pool(store: Store) -> dict[str, Any]:
         "uuid": store.pool_uuid,
         "name_label": "",
         "name_description": "",
-        "master": store.host_ref,
+        "master": store.master_ref,
         "default_SR": store.sr.ref,
         "other_config": {},
         "tags": [],

@@ -204,6 +204,7 @@ def run(proc: sim.SimulatorProcess, port: int, work: Path) -> None:
     check_throttle(port, f"{proc.url}/export_raw_vdi?session_id={session.handle}", snap1)
     session.xenapi.session.logout()
     check(True, "logout")
+    conformance.run_pool(check, port, USER, PASSWORD)
 
 
 def check_faults(x: Any, port: int, session: Any, vdi: str, url: str) -> None:

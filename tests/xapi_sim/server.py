@@ -7,6 +7,8 @@ export never blocks the XML-RPC calls a test makes while it runs.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -38,9 +40,35 @@ class SimServer(ThreadingHTTPServer):
             self.store = member_of.store
             self.host_ref = self.store.host2_ref
         self.store.host_address[self.host_ref] = f"127.0.0.1:{self.server_address[1]}"
-        self.xapi = XapiService(self.store, member=member_of is not None)
+        self.store.servers[self.host_ref] = self
+        self.xapi = XapiService(self.store, self.host_ref)
+        self._up = threading.Event()  # set while a host that went down is back
+        self._closing = False
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serves until closed; a host that goes down (``go_down``) stops listening, so
+        that connecting to it is refused, and listens again on the same port once up."""
+        while True:
+            super().serve_forever(poll_interval)
+            while not self._up.wait(1.0):
+                if self._closing:
+                    return
+            self._up.clear()
+
+    def go_down(self) -> None:
+        """A dead host: nothing listens on its port any more (a connect is refused), and
+        connections already open are reset at their next request (``Handler``)."""
+        self.shutdown()
+        self.socket.close()
+
+    def come_up(self) -> None:
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        self.server_bind()
+        self.server_activate()
+        self._up.set()
 
     def server_close(self) -> None:
+        self._closing = True
         if getattr(self, "member", None) is not None:
             self.member.shutdown()
             self.member.server_close()
@@ -48,12 +76,22 @@ class SimServer(ThreadingHTTPServer):
 
 
 class Handler(DataHandler, ControlHandler):
-    """Routes by path; everything not listed here is a 404."""
+    """Routes by path; everything not listed here is a 404. A host that is down answers
+    nothing: the connection is reset."""
+
+    def _down(self) -> bool:
+        if self.server.host_ref not in self.server.store.down:
+            return False
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        return True
 
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self) -> None:  # noqa: N802
+        if self._down():
+            return
         path = urlsplit(self.path).path
         if path == "/export_raw_vdi":
             self.export_raw_vdi()
@@ -63,6 +101,8 @@ class Handler(DataHandler, ControlHandler):
             self._reply(404, b"not found")
 
     def do_PUT(self) -> None:  # noqa: N802
+        if self._down():
+            return
         if urlsplit(self.path).path == "/import_raw_vdi":
             self.import_raw_vdi()
         else:
@@ -70,6 +110,8 @@ class Handler(DataHandler, ControlHandler):
             self._reply(404, b"not found")
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._down():
+            return
         path = urlsplit(self.path).path
         body = self._body()
         if path in RPC_PATHS:

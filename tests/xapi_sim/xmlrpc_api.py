@@ -27,11 +27,11 @@ _NAMED = {"VM": "vms", "VDI": "vdis"}  # classes whose name/other_config can be 
 class XapiService:
     """Decodes one XML-RPC request body and encodes the XAPI reply."""
 
-    def __init__(self, store: Store, *, member: bool = False) -> None:
-        self.member = member  # the pool member's XML-RPC: it refuses logins
+    def __init__(self, store: Store, host_ref: str) -> None:
+        self.host_ref = host_ref  # the host this XML-RPC endpoint is
         self.store = s = store
         self.methods: dict[str, Method] = {
-            "session.get_this_host": lambda _self: s.host_ref,
+            "session.get_this_host": lambda _self: host_ref,
             "VM.snapshot": lambda vm, name, ignore=None: ops.vm_snapshot(s, vm, name, ignore),
             "VM.checkpoint": lambda vm, name: ops.vm_snapshot(s, vm, name, memory=True),
             "VM.revert": lambda snap: ops.vm_revert(s, snap),
@@ -103,10 +103,10 @@ class XapiService:
                 raise fault
             if not 2 <= len(params) <= 4:
                 raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
-            if self.member:
+            if self.host_ref != s.master_ref:
                 # xapi_session.ml (l.996-1001, a login): a pool member answers
                 # HOST_IS_SLAVE [master address]; so does an old master after a failover.
-                raise XapiError("HOST_IS_SLAVE", s.host_address[s.host_ref])
+                raise XapiError("HOST_IS_SLAVE", s.host_address[s.master_ref])
             with s.lock:
                 return s.login(params[0], params[1], str(params[3]) if len(params) > 3 else "")
         session, args = (params[0] if params else None), params[1:]

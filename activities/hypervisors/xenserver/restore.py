@@ -234,7 +234,11 @@ class RestoreOps(XenCore):
 
 def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
     """A pool host at its ``Host.address``, reached as XAPI's own 302 would send us
-    (``Importexport.return_302_redirect``: the master's scheme, the address, no port)."""
+    (``Importexport.return_302_redirect``: the master's scheme, the address, no port);
+    or, when that host answered us at another URL (the address is not reachable from
+    here), there."""
+    if known := session.reached_at(address):
+        return Endpoint.from_url(known, verify_tls=session.endpoint.verify_tls)
     scheme = session.endpoint.scheme
     host, port = address, 443 if scheme == "https" else 80
     if address.startswith("["):  # [IPv6]:port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import re
 import threading
 import urllib.parse
@@ -22,6 +23,14 @@ from .common import (
     _failure_error,
 )
 
+log = logging.getLogger(__name__)
+
+_UNREACHABLE = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+
+
+class _Unreachable(Exception):
+    """Nothing answered at a URL (refused, reset, timed out): not an answer from XAPI."""
+
 
 class XapiSession:
     """One logged-in XenAPI session per process, used from many threads at once.
@@ -31,50 +40,147 @@ class XapiSession:
     reference: concurrent calls of one worker overlap instead of queueing behind a
     process-wide lock (XAPI serves each connection on its own thread). Only login is
     serialised. A proxy never logs in by itself: SESSION_INVALID comes back as XenAPI's
-    ``Fault(401)``, and the shared session is renewed once for everyone."""
+    ``Fault(401)``, and the shared session is renewed once for everyone.
+
+    **The master moves.** A login answered ``HOST_IS_SLAVE [master address]`` goes to that
+    master (``xapi_session.ml``). A master that does not answer at all (dead, with HA
+    promoting a member: ``xapi_ha.ml`` ``on_master_failure``) is replaced by the first
+    other pool member that does, a login there or its HOST_IS_SLAVE naming the new master,
+    as Xen Orchestra's ``_failoverToSurvivor`` does. The members are learned from the host
+    records at every login. ``Host.address`` is the management IP, which need not be the
+    address this worker reaches a host by (NAT, a name): an address XAPI names that cannot
+    be reached is tried through the URL we already reached that host by, if any."""
 
     def __init__(self, config: XenConfig) -> None:
         self.config = config
-        self.master_url = config.url  # the pool master; it moves on HOST_IS_SLAVE
+        self.master_url = config.url  # the pool master; it moves on HOST_IS_SLAVE or failover
         self.endpoint = Endpoint.from_url(config.url, verify_tls=config.verify_tls)
         self._ref: str | None = None  # the shared session reference
         self._lock = threading.Lock()  # guards login and the reference
         self._local = threading.local()
+        self.members: list[str] = []  # the other pool hosts' URLs, from their host records
+        self._reached: dict[str, str] = {}  # Host.address -> the URL that host answered at
 
+    # -- login, following the master ------------------------------------------------------
     def _login(self) -> Any:
+        """A session of the pool master: the one we talk to, else the first other member
+        (the configured URL last) that answers, or the master it names."""
+        try:
+            return self._login_via(self.master_url)
+        except _Unreachable as exc:
+            first = exc
+        tried = {self.master_url}
+        for url in [*self.members, self.config.url]:
+            if url in tried:
+                continue
+            tried.add(url)
+            try:
+                session = self._login_via(url)
+            except _Unreachable:
+                continue
+            log.warning("XenServer: %s does not answer; now using %s", sorted(tried), url)
+            return session
+        raise HypervisorUnavailable(
+            f"XenServer: no pool member answers (tried {', '.join(sorted(tried))}): {first}"
+        )
+
+    def _login_via(self, url: str) -> Any:
+        """A login at ``url``, following HOST_IS_SLAVE (a few hops at most)."""
+        targets = [url]
         for _ in range(3):
-            session = XenAPI.Session(self.master_url, ignore_ssl=not self.config.verify_tls)
+            session, named = self._login_first(targets)
+            if session is not None:
+                return session
+            targets = self._urls_of(named)
+        raise HypervisorUnavailable(f"XenServer at {url}: no pool master answers")
+
+    def _login_first(self, targets: list[str]) -> tuple[Any, str]:
+        """A login at the first of ``targets`` that answers: the session (now the master's),
+        or ``(None, address)`` for a HOST_IS_SLAVE naming the master's address."""
+        unreachable: list[str] = []
+        for url in targets:
+            session = XenAPI.Session(url, ignore_ssl=not self.config.verify_tls)
             try:
                 session.xenapi.login_with_password(
                     self.config.user, self.config.password(), "2.0", "snapferry"
                 )
             except XenAPI.Failure as exc:
-                if self._follow_master(exc):
-                    continue
-                raise _failure_error(exc, f"logging in to {self.master_url}") from exc
-            except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
-                raise HypervisorUnavailable(
-                    f"cannot reach XenServer at {self.master_url}: {exc}"
-                ) from exc
-            return session
-        raise HypervisorUnavailable(f"XenServer at {self.master_url}: no pool master answers")
+                details = [str(x) for x in exc.details]
+                if len(details) >= 2 and details[0] == "HOST_IS_SLAVE" and details[1]:
+                    return None, details[1]
+                raise _failure_error(exc, f"logging in to {url}") from exc
+            except _UNREACHABLE as exc:
+                unreachable.append(f"{url}: {exc}")
+                continue
+            self._use(url)
+            self._learn(session, url)
+            return session, ""
+        raise _Unreachable("; ".join(unreachable) or "no address")
 
-    def _follow_master(self, exc: XenAPI.Failure) -> bool:
-        """``HOST_IS_SLAVE [master address]``: this host is a pool member now (a master
-        failover); talk to the master it names, with the configured scheme and port."""
-        details = [str(x) for x in exc.details]
-        if len(details) < 2 or details[0] != "HOST_IS_SLAVE" or not details[1]:
-            return False
-        parts = urllib.parse.urlsplit(self.master_url)
-        address = details[1]
+    def _urls_of(self, address: str) -> list[str]:
+        """Where to reach a host XAPI names by its address: the address, with the scheme
+        and port we use; then the URL that host answered at before, if another."""
+        urls = [self._address_url(address)]
+        if (known := self._reached.get(address)) and known not in urls:
+            urls.append(known)
+        return urls
+
+    def _address_url(self, address: str) -> str:
+        parts = urllib.parse.urlsplit(self.config.url)
         if address.count(":") > 1 and not address.startswith("["):  # an IPv6 literal
             address = f"[{address}]"
         if parts.port and not re.search(r":\d+$", address.rsplit("]", 1)[-1]):
             address = f"{address}:{parts.port}"
-        self.master_url = f"{parts.scheme or 'https'}://{address}"
-        self.endpoint = Endpoint.from_url(self.master_url, verify_tls=self.config.verify_tls)
-        self._ref = None  # the proxies follow: _proxy() compares their URL
-        return True
+        return f"{parts.scheme or 'https'}://{address}"
+
+    def _use(self, url: str) -> None:
+        """Talk to the master at ``url``: XML-RPC (the proxies follow, ``_proxy``) and HTTP."""
+        self.master_url = url
+        self.endpoint = Endpoint.from_url(url, verify_tls=self.config.verify_tls)
+
+    def _learn(self, session: Any, url: str) -> None:
+        """The pool's hosts as the master we logged in to lists them, for a failover, and
+        the address XAPI gives that master, which we reach at ``url``. Best effort: a pool
+        we cannot list keeps what we knew."""
+        try:
+            this = session.xenapi.session.get_this_host(session._session)
+            hosts = session.xenapi.host.get_all_records()
+            address = str(hosts[this]["address"])
+        except (XenAPI.Failure, xmlrpc.client.Fault, KeyError, *_UNREACHABLE) as exc:
+            log.info("XenServer: cannot list the pool's hosts at %s: %s", url, exc)
+            return
+        self._reached[address] = url
+        members: list[str] = []
+        for ref, record in hosts.items():
+            if ref != this:
+                members += [u for u in self._urls_of(str(record["address"])) if u not in members]
+        self.members = members
+
+    def reached_at(self, address: str) -> str | None:
+        """The URL at which the host XAPI gives ``address`` (``Host.address``) answered
+        us, if it did."""
+        return self._reached.get(address)
+
+    def _failed_over(self, url: str) -> bool:
+        """After a call to ``url`` got no answer: whether the master is now elsewhere (we
+        are logged in there). The master is asked first; only when it does not answer
+        either are the other members tried."""
+        with self._lock:
+            if self.master_url != url:
+                return True  # another thread moved already
+            ref = self._ref
+            try:
+                probe = XenAPI.Session(url, ignore_ssl=not self.config.verify_tls)
+                probe._session = ref
+                probe.xenapi.session.get_this_host(ref)
+                return False  # it answers: the call met a passing fault
+            except (XenAPI.Failure, xmlrpc.client.Fault):
+                return False  # it answers (our session may be gone: the 401 path renews it)
+            except _UNREACHABLE:
+                pass
+            self._ref = None
+            self._ref = str(self._login()._session)
+            return self.master_url != url
 
     def _proxy(self) -> Any:
         """This thread's proxy, logged in as the shared session."""
@@ -96,12 +202,17 @@ class XapiSession:
         """``fn(session.xenapi)`` with XAPI failures mapped to our errors."""
         for attempt in range(3):
             proxy = self._proxy()
-            ref = proxy._session
+            ref, url = proxy._session, self._local.url
             try:
                 return fn(proxy.xenapi)
             except XenAPI.Failure as exc:
-                # HOST_IS_SLAVE when the master failed over: follow it, once.
-                if attempt == 0 and self._follow_master(exc):
+                details = [str(x) for x in exc.details]
+                # HOST_IS_SLAVE when the master failed over: log in at the master, once.
+                if attempt == 0 and len(details) >= 2 and details[0] == "HOST_IS_SLAVE":
+                    with self._lock:
+                        if self._ref == ref:
+                            self._ref = None
+                            self._use(self._urls_of(details[1])[0])
                     continue
                 raise _failure_error(exc, what) from exc
             except xmlrpc.client.Fault as exc:
@@ -110,9 +221,15 @@ class XapiSession:
                     continue
                 # not XAPI's envelope: a proxy in between, a bad URL
                 raise HypervisorUnavailable(f"{what}: XML-RPC fault {exc.faultString}") from exc
-            except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            except _UNREACHABLE as exc:
                 self._local.proxy = None  # a broken connection: a new proxy next time
-                raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}") from exc
+                moved = self._failed_over(url)
+                # A refused connection sent nothing: the call can go to the new master.
+                # Any other break leaves its outcome unknown: the caller's retry decides.
+                if moved and isinstance(exc, ConnectionRefusedError) and attempt < 2:
+                    continue
+                where = f" (the pool master is now {self.master_url})" if moved else ""
+                raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}{where}") from exc
         raise HypervisorUnavailable(f"{what}: the session or the pool master kept changing")
 
     def relogin(self) -> None:
@@ -139,9 +256,17 @@ def _redirect_target(session: XapiSession, location: str, vdi: str) -> tuple[End
     parts = urllib.parse.urlsplit(location)
     if not parts.hostname:
         raise HypervisorUnavailable(f"VDI {vdi}: bad redirect {location!r}")
-    scheme = parts.scheme or session.endpoint.scheme
-    port = parts.port or (443 if scheme == "https" else 80)
-    endpoint = Endpoint(scheme, parts.hostname, port, session.endpoint.verify_tls)
+    known = session.reached_at(parts.netloc)
+    if known is None and parts.port is None:  # XAPI's Location: an address, no port
+        known = session.reached_at(parts.hostname)
+    if known:
+        # that Host.address, which need not be reachable from here (NAT), is a host that
+        # answered us at another URL: go there
+        endpoint = Endpoint.from_url(known, verify_tls=session.endpoint.verify_tls)
+    else:
+        scheme = parts.scheme or session.endpoint.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        endpoint = Endpoint(scheme, parts.hostname, port, session.endpoint.verify_tls)
     if "session_id" not in urllib.parse.parse_qs(parts.query):
         extra = urllib.parse.urlencode({"session_id": session.session_ref()})
         parts = parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra)
