@@ -150,7 +150,8 @@ class HostActivities:
         done = self.receipts.get("vm-take", op.snapshot_id)
         if done is not None:
             return VmSnapshotTaken.model_validate_json(done)
-        taken = self.drivers.get(op.vm.hypervisor).take_vm_snapshot(op)
+        with heartbeating():  # a memory snapshot writes the VM's RAM out: minutes
+            taken = self.drivers.get(op.vm.hypervisor).take_vm_snapshot(op)
         self.receipts.put("vm-take", op.snapshot_id, taken.model_dump_json())
         return taken
 

@@ -62,6 +62,9 @@ REVERT_VM_SNAPSHOT_UPDATE = "revert_vm_snapshot"
 DELETE_VM_SNAPSHOT_UPDATE = "delete_vm_snapshot"
 VM_RECORD_QUERY = SNAPSHOT_RECORD_QUERY
 RESET_OF_REMOVED_PATCH = "reset-of-a-removed-vm-snapshot"
+# The take heartbeats (the host activity beats while the driver works), so a host worker
+# killed during a take is noticed within HOST_HEARTBEAT_TIMEOUT, not at its 30-minute bound.
+TAKE_HEARTBEAT_PATCH = "vm-snapshot-take-bounded-by-heartbeats"
 
 
 def vm_search_attributes(req: VmSnapshotRequest, state: VmSnapshotState) -> TypedSearchAttributes:
@@ -126,6 +129,9 @@ class VmSnapshotWorkflow(EntityWorkflow):
             )
             self._set_state(VmSnapshotState.CREATING)
             try:
+                take_heartbeat = (
+                    HOST_HEARTBEAT_TIMEOUT if workflow.patched(TAKE_HEARTBEAT_PATCH) else None
+                )
                 self.record.taken = await workflow.execute_activity(
                     TAKE_VM_SNAPSHOT,
                     self._operation_input(),
@@ -133,6 +139,7 @@ class VmSnapshotWorkflow(EntityWorkflow):
                     task_queue=host_queue(req.vm.host),
                     # A memory snapshot pauses the VM while its RAM is written out.
                     start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=take_heartbeat,
                     retry_policy=HOST_RETRY,
                 )
                 self.record.consistency = self.record.taken.consistency

@@ -13,6 +13,9 @@ from snapferry.activities.contracts import (
     PrimarySnapshot,
     ReleaseRequest,
     VmRef,
+    VmSnapshotOperation,
+    VmSnapshotTaken,
+    VmSnapshotType,
     VolumeRef,
     new_snapshot_id,
 )
@@ -58,3 +61,30 @@ def test_a_release_heartbeats_while_the_driver_works(monkeypatch, tmp_path) -> N
     # And outside an activity (a driver used by a CLI tool) nothing heartbeats, nothing fails.
     with host.heartbeating(0.01):
         time.sleep(0.05)
+
+
+class SlowVmDriver:
+    """Stands in for a driver whose VM snapshot takes a while (a memory snapshot writes
+    the VM's RAM out)."""
+
+    def take_vm_snapshot(self, op: object) -> VmSnapshotTaken:
+        time.sleep(0.5)
+        return VmSnapshotTaken(overlays={}, memory=None, vm_was_running=True)
+
+
+def test_a_vm_snapshot_take_heartbeats_while_the_driver_works(monkeypatch, tmp_path) -> None:
+    from snapferry.activities.receipts import Receipts
+
+    monkeypatch.setattr(host, "HOST_HEARTBEAT_PERIOD_S", 0.05)
+    activities = host.HostActivities.__new__(host.HostActivities)
+    activities.drivers = OneDriver(SlowVmDriver())  # type: ignore[assignment]
+    activities.receipts = Receipts(tmp_path / "receipts")
+    beats: list[tuple] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    op = VmSnapshotOperation(
+        snapshot_id=new_snapshot_id(), vm=VmRef(name="vm1", host="h1"), type=VmSnapshotType.DISK
+    )
+    taken = env.run(activities.take_vm_snapshot, op)
+    assert taken.vm_was_running
+    assert len(beats) >= 5, beats

@@ -137,3 +137,22 @@ async def test_a_failed_delete_leaves_error_not_ready(
         await operate(env, req.snapshot_id, REVERT_VM_SNAPSHOT_UPDATE)
     del mocks.vm_errors[DELETE_VM_SNAPSHOT]
     assert (await operate(env, req.snapshot_id, DELETE_VM_SNAPSHOT_UPDATE)).state == "Removed"
+
+
+async def test_the_take_is_bounded_by_heartbeats(env: WorkflowEnvironment, mocks: Mocks) -> None:
+    """A host worker killed during a VM snapshot is noticed within the host heartbeat
+    timeout, not at the take's 30-minute bound."""
+    from snapferry.workflows.routing import HOST_HEARTBEAT_TIMEOUT
+
+    req = vm_request(VmSnapshotType.DISK_AND_MEMORY)
+    await starter.create_vm_snapshot(env.client, req)
+    handle = env.client.get_workflow_handle(vm_snapshot_workflow_id(req.snapshot_id))
+    history = await handle.fetch_history()
+    (take,) = [
+        e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == TAKE_VM_SNAPSHOT
+    ]
+    assert take.heartbeat_timeout.ToTimedelta() == HOST_HEARTBEAT_TIMEOUT
+    assert take.start_to_close_timeout.ToTimedelta().total_seconds() == 30 * 60
