@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -236,6 +236,46 @@ class StateChange(_Model):
     at: datetime
 
 
+class BootCheck(_Model):
+    """A health check's outcome: a throwaway VM started on the backup (never written: a
+    copy-on-write overlay above its read-only NBD export) showed a sign of life, or not."""
+
+    ok: bool
+    at: datetime
+    seconds: float = Field(ge=0, description="From the VM's start to the sign (or the timeout)")
+    sign: str | None = Field(None, description="What answered: the guest agent, or the line")
+    detail: str = ""
+
+
+class BootCheckOptions(_Model):
+    """What a health check waits for, and how long."""
+
+    timeout_s: float = Field(300.0, gt=0, le=3600)
+    console_line: str | None = Field(
+        None,
+        description="A regular expression a serial console line must match; without it,"
+        " the QEMU guest agent answering is the sign of life",
+    )
+    memory_mib: int = Field(512, ge=64, le=65536)
+
+    @field_validator("console_line")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a regular expression: {err}") from None
+        return value
+
+
+class BootCheckRequest(_Model):
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    manifest_path: str
+    options: BootCheckOptions = Field(default_factory=BootCheckOptions)
+
+
 class SnapshotRecord(_Model):
     """What callers see of a volume snapshot: ``show --json`` prints exactly this."""
 
@@ -249,6 +289,9 @@ class SnapshotRecord(_Model):
     primary: PrimarySnapshot | None = None
     consistency: Consistency | None = Field(
         None, description="application or crash, once taken (see Quiesce)"
+    )
+    verified_boot: BootCheck | None = Field(
+        None, description="The last health check: a throwaway VM booted from the backup"
     )
     primary_released: bool = Field(
         False, description="True once the primary copy was merged away after a verified backup"

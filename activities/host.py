@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from temporalio import activity
 
 from .contracts import (
+    BootCheck,
+    BootCheckRequest,
     DiscardRequest,
     PrimarySnapshot,
     ReleaseRequest,
@@ -23,10 +25,11 @@ from .contracts import (
     VmSnapshotTaken,
     VolumeRef,
 )
-from .errors import SnapshotDeleted, converts_errors
+from .errors import InvalidInput, SnapshotDeleted, converts_errors
 from .hypervisors import Drivers
 from .hypervisors.base import HypervisorDriver
 from .names import (
+    CHECK_BOOT,
     CHECK_VOLUME,
     DELETE_VM_SNAPSHOT,
     DISCARD_SNAPSHOT,
@@ -78,6 +81,7 @@ class HostActivities:
     def __init__(self, settings: Settings) -> None:
         self.drivers = Drivers(settings)
         self.receipts = Receipts(settings.home / "receipts")
+        self.boot_checks = settings.home / "boot-checks"  # overlays and consoles, while they run
 
     def driver(self, req: TakeRequest | ReleaseRequest) -> HypervisorDriver:
         return self.drivers.get(req.volume.vm.hypervisor)
@@ -176,6 +180,21 @@ class HostActivities:
             self.drivers.get(op.vm.hypervisor).delete_vm_snapshot(op)
         self.receipts.put("vm-deleted", op.snapshot_id, "{}")
 
+    @activity.defn(name=CHECK_BOOT)
+    @converts_errors
+    def check_boot(self, req: BootCheckRequest) -> BootCheck:
+        """Boot the backup in a throwaway VM on this host (hypervisors/kvm/boot_check.py);
+        a guest that shows no sign of life is a failed check, returned, not raised."""
+        from .hypervisors.kvm import KvmDriver
+
+        driver = self.drivers.get(req.volume.vm.hypervisor)
+        if not isinstance(driver, KvmDriver):
+            raise InvalidInput(
+                f"boot checks run on KVM hosts; {req.volume.vm.hypervisor.value} has none"
+            )
+        with heartbeating():
+            return driver.check_boot(req, work=self.boot_checks)
+
     @property
     def all(self) -> list:  # type: ignore[type-arg]
         """Every activity a host worker serves."""
@@ -189,4 +208,5 @@ class HostActivities:
             self.vm_snapshot_deleted,
             self.revert_vm_snapshot,
             self.delete_vm_snapshot,
+            self.check_boot,
         ]

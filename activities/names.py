@@ -10,6 +10,7 @@ RELEASE_PRIMARY = "release_primary"
 DISCARD_SNAPSHOT = "discard_snapshot"
 # Before a policy is created: the VM and disk exist on the host (a typo is refused at once).
 CHECK_VOLUME = "check_volume"
+CHECK_BOOT = "check_boot"
 BACKUP_SNAPSHOT = "backup_snapshot"
 # The backup repository's jobs (backup pool): verify, gc, sync, each a workflow a schedule starts.
 RUN_REPOSITORY_JOB = "run_repository_job"

@@ -6,12 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
+              libvirt-clients  # virsh, which the documentation's examples use
               libvirt-dev pkg-config gcc make e2fsprogs
               openssl          # the TLS tests make their certificates with it
               # tests/integration/test_real_guest.py boots a real Linux guest: this kernel
               # directly, with an initramfs of busybox and the kernel's virtio modules
               linux-image-cloud-amd64 busybox-static
               qemu-guest-agent # ... and, for the quiesce tests, the guest agent in it
+              # tests/integration/bootable_guest.py: a disk that boots through SeaBIOS,
+              # SYSLINUX's MBR and its FAT loader (written with mtools, no mount)
+              syslinux dosfstools mtools fdisk
               prometheus       # promtool checks deploy/prometheus (config, alert rules)
               # tests/govmomi_sim: govmomi's vCenter simulator (Go library) behind our main
               golang-go golang-github-vmware-govmomi-dev

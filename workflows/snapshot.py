@@ -85,6 +85,7 @@ from .routing import (
 
 # Re-exported: callers import every update name and operation policy from this module.
 from .snapshot_operations import (  # noqa: F401
+    CHECK_BOOT_UPDATE,
     CREATE_TEMPLATE_UPDATE,
     CREATE_VOLUME_UPDATE,
     MOVE_HOST_UPDATE,

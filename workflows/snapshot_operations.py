@@ -1,5 +1,6 @@
-"""Operations on an existing volume snapshot: verify its backup, restore it as a new volume
-or template, revert its VM's disk to it, and follow its VM to another host.
+"""Operations on an existing volume snapshot: verify its backup, check that it boots,
+restore it as a new volume or template, revert its VM's disk to it, and follow its VM to
+another host.
 
 VolumeSnapshotWorkflow (workflows/snapshot.py) takes these as updates through
 :class:`SnapshotOperations`, which it inherits; like every operation of an entity, each runs
@@ -15,6 +16,10 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from snapferry.activities.contracts import (
+        AlertSeverity,
+        BootCheck,
+        BootCheckOptions,
+        BootCheckRequest,
         RestoreKind,
         RestoreRequest,
         RestoreResult,
@@ -25,12 +30,18 @@ with workflow.unsafe.imports_passed_through():
         validate_name,
     )
     from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
-    from snapferry.activities.names import RESTORE_BACKUP, REVERT_VOLUME, VERIFY_BACKUP
+    from snapferry.activities.names import (
+        CHECK_BOOT,
+        RESTORE_BACKUP,
+        REVERT_VOLUME,
+        VERIFY_BACKUP,
+    )
 
 from .entity import EntityWorkflow, update_id
 from .routing import BACKUP_QUEUE, HOST_HEARTBEAT_TIMEOUT, host_queue
 
 VERIFY_BACKUP_UPDATE = "verify_backup"
+CHECK_BOOT_UPDATE = "check_boot"
 CREATE_VOLUME_UPDATE = "create_volume"
 CREATE_TEMPLATE_UPDATE = "create_template"
 REVERT_UPDATE = "revert_volume"
@@ -57,6 +68,9 @@ class SnapshotOperations(EntityWorkflow):
     record: SnapshotRecord
     deleting: bool
 
+    async def _alert(self, event: str, message: str, severity: AlertSeverity) -> None:
+        raise NotImplementedError  # the workflow's own (workflows/snapshot.py)
+
     def _require_backup(self, what: str) -> str:
         hidden = self.record.state == SnapshotState.HIDDEN  # deleted (even across runs)
         if self.deleting or hidden or self.record.delete_error or self.record.backup is None:
@@ -78,6 +92,40 @@ class SnapshotOperations(EntityWorkflow):
                 retry_policy=OPERATION_RETRY,
             )
         return checksum
+
+    @workflow.update(name=CHECK_BOOT_UPDATE)
+    async def check_boot(self, options: BootCheckOptions) -> SnapshotRecord:
+        """Boot a throwaway VM from the backup on the snapshot's host and wait for a sign of
+        life; the outcome is kept as ``verified_boot``, and a failed check raises an alert.
+        The backup is only read."""
+        manifest = self._require_backup("check that it boots")
+        async with self._operation():
+            check: BootCheck = await workflow.execute_activity(
+                CHECK_BOOT,
+                BootCheckRequest(
+                    snapshot_id=self.req.snapshot_id,
+                    volume=self.req.volume,
+                    manifest_path=manifest,
+                    options=options,
+                ),
+                result_type=BootCheck,
+                task_queue=host_queue(self.req.volume.vm.host),
+                heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
+                start_to_close_timeout=timedelta(seconds=options.timeout_s) + timedelta(minutes=5),
+                retry_policy=OPERATION_RETRY,
+            )
+            self.record.verified_boot = check
+            if not check.ok:
+                await self._alert(
+                    "SNAPSHOT.BOOT_CHECK.FAILED",
+                    f"snapshot {self.req.snapshot_id}'s backup did not boot: {check.detail}",
+                    AlertSeverity.ERROR,
+                )
+        return self.record
+
+    @check_boot.validator
+    def _validate_check_boot(self, options: BootCheckOptions) -> None:
+        self._require_backup("check that it boots")
 
     async def _restore(self, kind: RestoreKind, name: str) -> RestoreResult:
         manifest = self._require_backup(f"create a {kind.value} from it")

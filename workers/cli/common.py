@@ -59,6 +59,10 @@ def print_record(record: SnapshotRecord, as_json: bool) -> None:
         if b.full_reason:
             print(f"  full because {b.full_reason}")
         print(f"  checksum {b.checksum}")
+    if record.verified_boot:
+        v = record.verified_boot
+        said = f"boots ({v.sign}, {v.seconds:.1f} s)" if v.ok else f"did NOT boot: {v.detail}"
+        print(f"  boot check {v.at:%Y-%m-%d %H:%M:%S}Z: {said}")
     if record.backup_error:
         print(f"  backup failed: {record.backup_error}")
     if record.error:

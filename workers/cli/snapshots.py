@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from snapferry.activities.contracts import (
+    BootCheckOptions,
     RestoreResult,
     SnapshotRecord,
     SnapshotRequest,
@@ -15,6 +16,7 @@ from snapferry.activities.contracts import (
 from snapferry.activities.settings import Settings
 from snapferry.workflows.snapshot import (
     CANCEL_BACKUP_UPDATE,
+    CHECK_BOOT_UPDATE,
     CREATE_TEMPLATE_UPDATE,
     CREATE_VOLUME_UPDATE,
     DELETE_UPDATE,
@@ -57,6 +59,25 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
     record = await starter.create_snapshot(client, req)
     print_record(record, args.json)
     return 0
+
+
+async def cmd_snapshot_check(args: argparse.Namespace, settings: Settings) -> int:
+    options = parse_input(
+        BootCheckOptions,
+        {"timeout_s": args.timeout, "console_line": args.console_line, "memory_mib": args.memory},
+    )
+    record: SnapshotRecord = await starter.snapshot_operation(
+        await cli_client(settings), args.id, CHECK_BOOT_UPDATE, options
+    )
+    check = record.verified_boot
+    assert check is not None
+    if args.json:
+        print(check.model_dump_json(indent=2))
+    elif check.ok:
+        print(f"snapshot {args.id}: its backup boots ({check.sign} after {check.seconds:.1f} s)")
+    else:
+        print(f"snapshot {args.id}: its backup did NOT boot: {check.detail}")
+    return 0 if check.ok else 1
 
 
 async def cmd_snapshot_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -155,6 +176,24 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     )
     add_quiesce_arg(c)
     c.add_argument("--json", action="store_true")
+    ck = add(
+        snap,
+        "check",
+        cmd_snapshot_check,
+        "health check: boot a throwaway VM from the backup (KVM host, read-only) and wait for"
+        " a sign of life; exit 1 if none",
+    )
+    ck.add_argument("id")
+    ck.add_argument(
+        "--timeout", type=parse_duration, default=300.0, help="how long to wait (90s, 5m)"
+    )
+    ck.add_argument(
+        "--console-line",
+        metavar="REGEX",
+        help="wait for a serial console line matching this instead of the guest agent",
+    )
+    ck.add_argument("--memory", type=int, default=512, metavar="MIB", help="the VM's memory")
+    ck.add_argument("--json", action="store_true")
     s = add(snap, "show", cmd_snapshot_show, "print one snapshot's record")
     s.add_argument("id")
     s.add_argument("--json", action="store_true")

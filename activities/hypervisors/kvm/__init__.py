@@ -51,6 +51,10 @@ layers, revert from primary or backup) and :mod:`.vm_snapshots`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ...contracts import BootCheck, BootCheckRequest
+from .boot_check import check_boot
 from .common import (
     BASE_SUFFIX,
     IMAGE_MODE,
@@ -100,3 +104,9 @@ class KvmDriver(VmSnapshotOps):
     """The HypervisorDriver for libvirt/QEMU (registry name ``kvm``): volume snapshots
     (:class:`.take.TakeOps`, :class:`.release.ReleaseOps`, :class:`.revert.RevertOps`)
     and VM snapshots (:class:`.vm_snapshots.VmSnapshotOps`), on one connection."""
+
+    def check_boot(self, req: BootCheckRequest, *, work: Path) -> BootCheck:
+        """Boot the backup in a throwaway VM on this host (see :mod:`.boot_check`)."""
+        return check_boot(
+            self._connection(), req.snapshot_id, req.manifest_path, req.options, work=work
+        )
