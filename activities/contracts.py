@@ -242,7 +242,9 @@ class BootCheck(_Model):
 
     ok: bool
     at: datetime
-    seconds: float = Field(ge=0, description="From the VM's start to the sign (or the timeout)")
+    seconds: float = Field(
+        0.0, ge=0, description="From the VM's start to the sign (or the timeout)"
+    )
     sign: str | None = Field(None, description="What answered: the guest agent, or the line")
     detail: str = ""
 
@@ -324,6 +326,9 @@ class SnapshotRequest(_Model):
     volume: VolumeRef
     backup: BackupOptions = Field(default_factory=BackupOptions)
     quiesce: Quiesce = Quiesce.NO
+    check_boot: bool = Field(
+        False, description="Once backed up, boot a throwaway VM from the backup (KVM)"
+    )
     carried: SnapshotRecord | None = Field(
         None, description="Set only by continue-as-new: the record to carry over"
     )
@@ -366,6 +371,7 @@ class SnapshotPolicy(_Model):
     day_of_month: int = Field(1, ge=1, le=28, description="monthly")
     backup: BackupOptions = Field(default_factory=BackupOptions)
     quiesce: Quiesce = Quiesce.NO
+    check_boot: bool = Field(False, description="A health check after each backup (KVM)")
 
 
 class RetentionRequest(_Model):

@@ -43,6 +43,7 @@ class SnapshotPolicyRunWorkflow:
             volume=policy.volume,
             backup=policy.backup,
             quiesce=policy.quiesce,
+            check_boot=policy.check_boot,
             policy_id=policy.policy_id,
         )
         await workflow.start_child_workflow(

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         AlertSeverity,
         BackupRequest,
         BackupResult,
+        BootCheckOptions,
         DeleteBackupOutcome,
         DeleteBackupRequest,
         HypervisorType,
@@ -209,6 +210,9 @@ class VolumeSnapshotWorkflow(SnapshotOperations):
             if self.record.backup is not None and not self.deleting:
                 async with self.op_lock:
                     await self._release(req)
+            if req.check_boot and self.record.backup is not None and not self.deleting:
+                async with self.op_lock:
+                    await self._boot_check(BootCheckOptions())
             if not workflow.patched(ENTITY_PATCH):
                 return self.record  # histories from before snapshots stayed open
         elif not self.record.delete_error:

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from snapferry.activities.contracts import (
@@ -37,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         VERIFY_BACKUP,
     )
 
-from .entity import EntityWorkflow, update_id
+from .entity import EntityWorkflow, cause_message, update_id
 from .routing import BACKUP_QUEUE, HOST_HEARTBEAT_TIMEOUT, host_queue
 
 VERIFY_BACKUP_UPDATE = "verify_backup"
@@ -98,14 +99,22 @@ class SnapshotOperations(EntityWorkflow):
         """Boot a throwaway VM from the backup on the snapshot's host and wait for a sign of
         life; the outcome is kept as ``verified_boot``, and a failed check raises an alert.
         The backup is only read."""
-        manifest = self._require_backup("check that it boots")
+        self._require_backup("check that it boots")
         async with self._operation():
+            await self._boot_check(options)
+        return self.record
+
+    async def _boot_check(self, options: BootCheckOptions) -> None:
+        """Run the check on the VM's host, keep its outcome, alert on a failure (a check
+        that could not run at all is a failed one too: it proved nothing)."""
+        assert self.record.backup is not None
+        try:
             check: BootCheck = await workflow.execute_activity(
                 CHECK_BOOT,
                 BootCheckRequest(
                     snapshot_id=self.req.snapshot_id,
                     volume=self.req.volume,
-                    manifest_path=manifest,
+                    manifest_path=self.record.backup.manifest_path,
                     options=options,
                 ),
                 result_type=BootCheck,
@@ -114,14 +123,17 @@ class SnapshotOperations(EntityWorkflow):
                 start_to_close_timeout=timedelta(seconds=options.timeout_s) + timedelta(minutes=5),
                 retry_policy=OPERATION_RETRY,
             )
-            self.record.verified_boot = check
-            if not check.ok:
-                await self._alert(
-                    "SNAPSHOT.BOOT_CHECK.FAILED",
-                    f"snapshot {self.req.snapshot_id}'s backup did not boot: {check.detail}",
-                    AlertSeverity.ERROR,
-                )
-        return self.record
+        except ActivityError as err:
+            check = BootCheck(
+                ok=False, at=workflow.now(), detail=f"the check did not run: {cause_message(err)}"
+            )
+        self.record.verified_boot = check
+        if not check.ok:
+            await self._alert(
+                "SNAPSHOT.BOOT_CHECK.FAILED",
+                f"snapshot {self.req.snapshot_id}'s backup did not boot: {check.detail}",
+                AlertSeverity.ERROR,
+            )
 
     @check_boot.validator
     def _validate_check_boot(self, options: BootCheckOptions) -> None:

@@ -9,8 +9,10 @@ only read, and no VM, overlay, console file or nbdkit is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -75,16 +77,24 @@ async def test_a_backup_that_boots_passes_and_one_with_a_damaged_boot_sector_fai
         define_bootable_vm(libvirt_conn, tmp_path, damaged=True),
     ]
     try:
+        # The good one asks for a check after its backup (as a policy's --check-boot does).
+        asks = request_for(names[0], host_name, settings).model_copy(update={"check_boot": True})
         good, bad = [
             await starter.wait_settled(
-                client,
-                (await starter.create_snapshot(client, request_for(n, host_name, settings))).id,
-                timeout=180,
+                client, (await starter.create_snapshot(client, req)).id, timeout=180
             )
-            for n in names
+            for req in (asks, request_for(names[1], host_name, settings))
         ]
         assert good.state == bad.state == SnapshotState.BACKED_UP
         assert good.backup is not None
+        deadline = time.monotonic() + 180
+        while (await starter.get_record(client, good.id)).verified_boot is None:
+            assert time.monotonic() < deadline, "no check after the backup"
+            await asyncio.sleep(1)
+        after_backup = (await starter.get_record(client, good.id)).verified_boot
+        assert after_backup is not None and after_backup.ok, after_backup
+        assert after_backup.sign == "the guest agent"
+        check_leftovers(libvirt_conn, settings, good)
         store = Path(good.backup.manifest_path).parent
         store_before = {p: p.stat().st_mtime_ns for p in store.iterdir()}
 

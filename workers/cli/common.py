@@ -104,6 +104,15 @@ def add_quiesce_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_check_boot_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--check-boot",
+        action="store_true",
+        help="once backed up, boot a throwaway VM from the backup and record whether it"
+        " showed a sign of life (KVM; see snapshot check)",
+    )
+
+
 def print_result(result: Any, as_json: bool, *, snapshot_id: str) -> None:
     """Print whatever an operation returned: a record of either kind, a checksum, a path."""
     if isinstance(result, SnapshotRecord):

@@ -14,6 +14,7 @@ from snapferry.activities.settings import Settings
 
 from .common import (
     Adder,
+    add_check_boot_arg,
     add_quiesce_arg,
     add_volume_args,
     check_names,
@@ -42,6 +43,7 @@ async def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int
             "backup": settings.backup_defaults.model_dump()
             | {"delta_max": args.delta_max, "rate_limit_mbps": args.rate_limit},
             "quiesce": args.quiesce,
+            "check_boot": args.check_boot,
         },
     )
     schedule_id = await create_policy(await cli_client(settings), policy)
@@ -115,6 +117,7 @@ def register(sub: Any, add: Adder) -> None:
     )
     pc.add_argument("--id", help="policy ID (default VM-DISK-INTERVAL)")
     add_quiesce_arg(pc)
+    add_check_boot_arg(pc)
     pl = add(pol, "list", cmd_policy_list, "list policies and their next run")
     pl.add_argument("--json", action="store_true")
     pd = add(pol, "delete", cmd_policy_delete, "delete a policy (its snapshots stay)")

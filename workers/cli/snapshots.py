@@ -28,6 +28,7 @@ from .. import starter
 from ..watch import watch
 from .common import (
     Adder,
+    add_check_boot_arg,
     add_quiesce_arg,
     add_volume_args,
     check_names,
@@ -53,6 +54,7 @@ async def cmd_snapshot_create(args: argparse.Namespace, settings: Settings) -> i
             "volume": volume_from_args(args),
             "backup": settings.backup_defaults.model_dump() | {"full": args.full},
             "quiesce": args.quiesce,
+            "check_boot": args.check_boot,
         },
     )
     client = await cli_client(settings)
@@ -175,6 +177,7 @@ def register_snapshots(sub: Any, add: Adder) -> None:
         "--full", action="store_true", help="back up in full, even where a delta is possible"
     )
     add_quiesce_arg(c)
+    add_check_boot_arg(c)
     c.add_argument("--json", action="store_true")
     ck = add(
         snap,
