@@ -1,20 +1,25 @@
 """A new volume restored into XenServer stays thin, through the real XenAPI client and
 tests/xapi_sim: a raw import writes every byte, and tapdisk allocates every block written
 (zeros too), so the new VDI is sent as a VHD of the backup's data blocks
-(``import_raw_vdi?format=vhd``), which vhd-tool writes alone into the pre-zeroed VDI. On
-an SR whose new VDIs are not pre-zeroed (legacy LVM) that import is impossible, and the
-whole disk is written raw."""
+(``import_raw_vdi?format=vhd``), which vhd-tool writes alone into the pre-zeroed VDI. An
+in-place revert is sent as a VHD too, carrying zeros where the disk held data the backup
+does not have. On an SR whose VDIs are not taken as pre-zeroed (legacy LVM) that import is
+impossible, and the whole disk is written raw."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from snapferry.activities.contracts import (
     RestoreKind,
     RestoreRequest,
+    RevertRequest,
     VmRef,
     VolumeRef,
     new_snapshot_id,
@@ -22,7 +27,14 @@ from snapferry.activities.contracts import (
 from snapferry.activities.errors import HypervisorUnavailable
 from snapferry.activities.hypervisors.xenserver import XenServerDriver
 from snapferry.workers.demo_vm import MIB
-from tests.xapi_sim.control import create_vm, inject_fault, list_tasks, list_vdis, set_sr_type
+from tests.xapi_sim.control import (
+    create_vm,
+    guest_write,
+    inject_fault,
+    list_tasks,
+    list_vdis,
+    set_sr_type,
+)
 
 from ..conftest import Xapi
 
@@ -115,3 +127,75 @@ def test_a_vhd_import_that_fails_is_the_tasks_error_and_leaves_no_volume(
         d.create_volume(request("thin03", "thin03-restored"), str(tmp_path / "b.raw"))
     assert not [v for v in list_vdis(xapi.port) if v["name"] == "thin03-restored"]
     assert list_tasks(xapi.port) == []
+
+
+@pytest.fixture
+def backup_of(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """Makes a revert write ``raw`` (secondary storage is not what is tested here)."""
+    from snapferry.activities.storage.secondary import SecondaryStore
+
+    def use(raw: Path) -> None:
+        @contextlib.contextmanager
+        def materialized(manifest: Any, on_progress: Any = None) -> Iterator[Path]:
+            yield raw
+
+        monkeypatch.setattr(SecondaryStore, "read_manifest", staticmethod(lambda path: None))
+        monkeypatch.setattr(SecondaryStore, "materialized", staticmethod(materialized))
+
+    return use
+
+
+def revert_request(vm: str) -> RevertRequest:
+    return RevertRequest(
+        snapshot_id=new_snapshot_id(),
+        volume=VolumeRef(vm=VmRef(name=vm, host="xen-host", hypervisor="xenserver"), disk="xvda"),
+        primary=None,
+        manifest_path="/nowhere/manifest.json",
+    )
+
+
+def halted_with_data(xapi: Xapi, vm: str, size: int, blocks: list[int]) -> None:
+    """A VM whose disk the guest wrote in ``blocks``, then shut down."""
+    from .test_xenserver import operator_session
+
+    create_vm(xapi.port, vm, [size])
+    for index in blocks:
+        guest_write(xapi.port, vm, index * BLOCK + 100, b"written by the guest since")
+    with operator_session(xapi) as xenapi:
+        xenapi.VM.hard_shutdown(xenapi.VM.get_by_name_label(vm)[0])
+
+
+def test_an_in_place_revert_writes_the_backups_blocks_and_zeros_only_where_the_disk_held_data(
+    xapi: Xapi, tmp_path: Path, backup_of: Callable[[Path], None]
+) -> None:
+    """64 MiB, the backup holding data in blocks 1 and 5, the disk (since) in 5 and 30:
+    the VDI reads back as the backup, and only blocks 1, 5 and 30 are allocated (30 written
+    with zeros: it held data the backup does not have); a raw import would allocate all 32."""
+    d = XenServerDriver(xapi.settings)
+    halted_with_data(xapi, "thin04", 64 * MIB, [5, 30])
+    rng = random.Random(4)
+    image = sparse_backup(tmp_path / "b.raw", 64 * MIB, {1: rng.randbytes(9000), 5: b"\x7e" * 300})
+    backup_of(tmp_path / "b.raw")
+    d.revert(revert_request("thin04"))
+    disk = xapi.disk("thin04")
+    assert disk.read_bytes() == image
+    (current,) = [v for v in list_vdis(xapi.port) if Path(v["path"]) == disk]
+    assert current["allocated"] == [1, 5, 30]
+    assert list_tasks(xapi.port) == []
+
+
+def test_an_in_place_revert_on_a_legacy_lvm_sr_is_written_whole(
+    xapi: Xapi, tmp_path: Path, backup_of: Callable[[Path], None]
+) -> None:
+    """No VHD import where XAPI does not take the VDI as pre-zeroed (vhd-tool refuses it):
+    the revert is raw, every block written."""
+    d = XenServerDriver(xapi.settings)
+    halted_with_data(xapi, "thick02", 16 * MIB, [2])
+    set_sr_type(xapi.port, "local", "lvm", sm_config={})
+    image = sparse_backup(tmp_path / "b.raw", 16 * MIB, {6: b"\x42" * 5000})
+    backup_of(tmp_path / "b.raw")
+    d.revert(revert_request("thick02"))
+    disk = xapi.disk("thick02")
+    assert disk.read_bytes() == image
+    (current,) = [v for v in list_vdis(xapi.port) if Path(v["path"]) == disk]
+    assert current["allocated"] == list(range(8))

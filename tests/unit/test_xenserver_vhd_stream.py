@@ -43,3 +43,20 @@ def test_the_stream_holds_the_data_blocks_and_reads_as_the_image(
     if shutil.which("qemu-img"):
         (tmp_path / "image.vhd").write_bytes(stream)
         assert qemu_reads(tmp_path / "image.vhd", tmp_path / "back.raw") == image
+
+
+def test_blocks_asked_for_are_carried_as_zeros_and_the_disk_stays_the_image(
+    tmp_path: Path,
+) -> None:
+    """A revert carries zeros where the VDI held data the image does not have; blocks
+    past the disk's end are not asked of a VHD."""
+    raw = tmp_path / "image.raw"
+    with open(raw, "wb") as f:
+        f.truncate(6 * BLOCK)
+        f.seek(2 * BLOCK)
+        f.write(b"\x55" * 1000)
+    vhd = SparseVhd(raw, 6 * BLOCK, also=[0, 2, 5, 9])
+    parsed = parse_vhd(b"".join(vhd.chunks()))
+    assert sorted(parsed.blocks) == [0, 2, 5]
+    assert parsed.blocks[0] == parsed.blocks[5] == bytes(BLOCK)
+    assert vhd.content_sha256() == hashlib.sha256(raw.read_bytes()).hexdigest()

@@ -126,12 +126,13 @@ class ControlHandler(ReplyHandler):
         store.master_ref = master
         going, coming = down - store.down, store.down - down
         store.down = down
-        self._json(200, {"hosts": _hosts(store)})
-        self.wfile.flush()
-        for host in going:  # after the reply: this request may be on a host going down
+        # Before the reply, so that the caller finds them down or up: closing a listening
+        # socket leaves the connections it accepted (this one) open.
+        for host in going:
             store.servers[host].go_down()
         for host in coming:
             store.servers[host].come_up()
+        self._json(200, {"hosts": _hosts(store)})
 
     def _task_delay(self, store: Store, req: dict[str, Any]) -> None:
         """``{"seconds"}``: every Async task waits that long before its operation runs.

@@ -264,6 +264,14 @@ class XenCore:
     def _power(self, vm: str) -> str:
         return str(self._api("VM.get_power_state", vm))
 
+    def _image_format(self, uuid: str) -> str:
+        """``sm_config['image-format']`` (XCP-ng 8.3: ``vhd``, ``qcow2``), else SM's
+        ``vdi_type`` (``vhd``, ``aio``/``raw`` for a raw VDI); ``vhd`` when neither says."""
+        ref = self._api("VDI.get_by_uuid", uuid)
+        config = self._api("VDI.get_sm_config", ref) or {}
+        value = str(config.get("image-format") or config.get("vdi_type") or "vhd").lower()
+        return value
+
 
 def _poll_cap() -> float:
     """The longest pause between two polls of a task: ``TASK_POLL_MAX_S``, and never more

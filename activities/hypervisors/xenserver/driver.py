@@ -213,14 +213,6 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
             parent=newest.snapshot_id, base_image=newest.source, depth=newest.depth + 1
         )
 
-    def _image_format(self, uuid: str) -> str:
-        """``sm_config['image-format']`` (XCP-ng 8.3: ``vhd``, ``qcow2``), else SM's
-        ``vdi_type`` (``vhd``, ``aio``/``raw`` for a raw VDI); ``vhd`` when neither says."""
-        ref = self._api("VDI.get_by_uuid", uuid)
-        config = self._api("VDI.get_sm_config", ref) or {}
-        value = str(config.get("image-format") or config.get("vdi_type") or "vhd").lower()
-        return value
-
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> VhdExportReader:
         return VhdExportReader(self.session, source.image, plan.base_image)
 

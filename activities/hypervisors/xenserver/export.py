@@ -286,6 +286,36 @@ class VhdExportReader:
         self._skip_to(extent.host_offset + (guest_offset - extent.start))
         view[:] = self._read(len(view))
 
+    def blocks(self, block_size: int) -> set[int]:
+        """The disk's ``block_size`` blocks the export carries (for a full export: those
+        allocated anywhere in the VDI's chain, f.ml ``Vhd_input.vhd_common``)."""
+        found: set[int] = set()
+        for e in self._extents:
+            found.update(range(e.start // block_size, (e.start + e.length - 1) // block_size + 1))
+        return found
+
+    def read_to_end(self) -> None:
+        """Read the rest of the export, dropping it, and check that it succeeded. XAPI
+        detaches the VDI from dom0 once vhd-tool has sent everything, before the handler
+        returns and the connection closes (``export_raw_vdi.ml`` l.69 ``keep_alive:false``,
+        l.94-104 ``with_block_attached_device``): after the end, an import's RW attach
+        meets no RO datapath of this export, as it would after a dropped one."""
+        from ...storage.liveness import alive
+
+        assert self._resp is not None
+        while True:
+            try:
+                data = self._resp.read(IO_CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise HypervisorUnavailable(f"export of VDI {self.vdi} broke: {exc}") from exc
+            if not data:
+                break
+            self._pos += len(data)
+            alive()
+        failed = self._task_failure(wait=True)
+        if failed is not None:
+            raise failed
+
     def _drop_connection(self) -> None:
         """Close the socket without reading on: the body has no length, so reading to its
         end would pull the rest of the disk through."""

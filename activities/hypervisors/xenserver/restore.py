@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import XenAPI
@@ -29,9 +30,11 @@ from .common import (
     _vm_locks,
 )
 from .core import XenCore
+from .export import VhdExportReader
 from .session import XapiSession, _drop_task, _redirect_target
-from .vhd_stream import SparseVhd
+from .vhd_stream import BLOCK, SparseVhd
 
+log = logging.getLogger(__name__)
 IMPORT_TASK_WAIT_S = 300.0  # for the import's task to end once its body is sent
 
 
@@ -41,12 +44,15 @@ class RestoreOps(XenCore):
     later failure fails the request's task (``task_id=``, adopted and completed or failed
     by XAPI) and cuts the connection after a 500 page in the body. The task decides."""
 
-    def _import(self, vdi: str, raw: Path, *, sparse: bool = False) -> None:
+    def _import(
+        self, vdi: str, raw: Path, *, sparse: bool = False, also: Iterable[int] = ()
+    ) -> None:
         """Write ``raw`` from offset 0 and zeros up to the VDI's size (a disk that grew
         since the backup, or one the SR rounded up, reads as the backup then zeros), then
         read the whole VDI back and compare SHA-256. ``sparse``: as a VHD of the backup's
-        data blocks only (``format=vhd``), for a VDI known to be pre-zeroed (a new one on
-        an SR that zeroes new VDIs): a raw import writes every byte, and on a thin SR
+        data blocks only (``format=vhd``), on an SR whose VDIs XAPI takes as pre-zeroed
+        (``_prezeroed``), with zeros in the blocks ``also`` names (where the VDI holds data
+        the backup does not have): a raw import writes every byte, and on a thin SR
         allocates every block."""
         uuid = str(self._api("VDI.get_uuid", vdi))
         size = int(self._api("VDI.get_virtual_size", vdi))
@@ -62,7 +68,7 @@ class RestoreOps(XenCore):
             task = str(self._api("task.create", "snapferry import", f"import into VDI {uuid}"))
             try:
                 url = self.session.url("import_raw_vdi", vdi=uuid, format=fmt, task_id=task)
-                body = SparseVhd(raw, size) if sparse else _RawBody(raw, size)
+                body = SparseVhd(raw, size, also) if sparse else _RawBody(raw, size)
                 status, location, sent = _put(endpoint, url, body)
                 if status == 401 and attempt == 0:  # XenAPI re-logs in for XML-RPC only
                     self.session.relogin()
@@ -163,7 +169,38 @@ class RestoreOps(XenCore):
             # checked once the block holds: a start just before it is seen here
             if self._power(vm) != "Halted":
                 raise InvalidInput(f"VM {vm_name!r} is running; stop it before reverting {disk!r}")
-            self._import(self._vdi(vm, vm_name, disk), raw)
+            vdi = self._vdi(vm, vm_name, disk)
+            image_format = self._image_format(str(self._api("VDI.get_uuid", vdi)))
+            if image_format == "vhd" and self._prezeroed(vdi):
+                self._import(vdi, raw, sparse=True, also=self._held_blocks(vdi))
+            else:
+                why = (
+                    f"the VDI is {image_format}, not VHD"
+                    if image_format != "vhd"
+                    else "XAPI imports a VHD only into a VDI its SR takes as pre-zeroed"
+                )
+                log.warning(
+                    "revert of %s/%s: written whole (raw; a thin disk becomes fully allocated): %s",
+                    vm_name,
+                    disk,
+                    why,
+                )
+                self._import(vdi, raw)
+
+    def _held_blocks(self, vdi: str) -> set[int]:
+        """The 2 MiB blocks the VDI holds data in: those its full VHD export carries
+        (allocated anywhere in its chain; a block nobody wrote reads as zeros). A revert
+        writes the backup's blocks and zeros into these, nothing else: vhd-tool writes
+        only the blocks a VHD carries (``serve_vhd_to_raw``), so a block left out keeps
+        what it held. The export is read to its end, the cost of a thin revert: the data
+        the disk holds is read once more."""
+        reader = VhdExportReader(self.session, str(self._api("VDI.get_uuid", vdi)), None)
+        try:
+            held = reader.blocks(BLOCK)
+            reader.read_to_end()
+        finally:
+            reader.close()
+        return held
 
     @contextlib.contextmanager
     def _start_blocked(self, vm: str, what: str) -> Iterator[None]:

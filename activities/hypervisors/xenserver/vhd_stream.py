@@ -18,7 +18,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ...storage.checksum import data_segments
@@ -34,14 +34,16 @@ class SparseVhd:
     """A dynamic VHD of ``raw`` with virtual size ``size`` (at least the file's length: the
     rest reads as zeros). ``length`` is the stream's byte count; ``chunks()`` yields it
     and ``content_sha256()`` is then the SHA-256 of the disk it describes (``size``
-    bytes), to compare with what the VDI reads back."""
+    bytes), to compare with what the VDI reads back. ``also``: blocks carried even where
+    ``raw`` holds none (as zeros), for a VDI that is not all zeros there: vhd-tool
+    writes the blocks a VHD carries and leaves the others as they are."""
 
-    def __init__(self, raw: Path, size: int) -> None:
+    def __init__(self, raw: Path, size: int, also: Iterable[int] = ()) -> None:
         self.raw, self.size = raw, size
         self.entries = (size + BLOCK - 1) // BLOCK
         with open(raw, "rb") as f:
             length = min(os.fstat(f.fileno()).st_size, size)
-            present: set[int] = set()
+            present = {i for i in also if 0 <= i < self.entries}
             for a, b in data_segments(f.fileno(), 0, length):
                 present.update(range(a // BLOCK, (b - 1) // BLOCK + 1))
         self.raw_length = length
