@@ -278,6 +278,24 @@ class BootCheckRequest(_Model):
     options: BootCheckOptions = Field(default_factory=BootCheckOptions)
 
 
+class InstantRunRequest(_Model):
+    """Run a new VM from a backup at once (a local overlay on its NBD export), and copy the
+    backup into that overlay while it runs."""
+
+    snapshot_id: SnapshotId
+    volume: VolumeRef
+    manifest_path: str
+    primary_dir: str = Field(description="Where the new VM's disk goes (beside the volume's)")
+    name: SafeName = Field(description="The new VM's name; refused if a VM has it")
+    memory_mib: int = Field(512, ge=64, le=1048576, description="Without the original VM")
+
+
+class InstantRunResult(_Model):
+    name: str
+    overlay: str = Field(description="The new VM's disk, on its own once the copy is done")
+    copy_seconds: float = 0.0
+
+
 class SnapshotRecord(_Model):
     """What callers see of a volume snapshot: ``show --json`` prints exactly this."""
 

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 
@@ -17,6 +18,8 @@ from .contracts import (
     BootCheck,
     BootCheckRequest,
     DiscardRequest,
+    InstantRunRequest,
+    InstantRunResult,
     PrimarySnapshot,
     ReleaseRequest,
     RevertRequest,
@@ -31,16 +34,21 @@ from .hypervisors.base import HypervisorDriver
 from .names import (
     CHECK_BOOT,
     CHECK_VOLUME,
+    COPY_INSTANT_VM,
     DELETE_VM_SNAPSHOT,
     DISCARD_SNAPSHOT,
     RELEASE_PRIMARY,
     REVERT_VM_SNAPSHOT,
     REVERT_VOLUME,
+    RUN_INSTANT_VM,
     TAKE_SNAPSHOT,
     TAKE_VM_SNAPSHOT,
     VM_SNAPSHOT_DELETED,
 )
 from .receipts import Receipts
+
+if TYPE_CHECKING:
+    from .hypervisors.kvm import KvmDriver
 from .settings import Settings
 
 # Host operations that can run long (a revert copies a whole disk, a merge commits a layer)
@@ -50,13 +58,16 @@ HOST_HEARTBEAT_PERIOD_S = 5.0
 
 
 @contextlib.contextmanager
-def heartbeating(period_s: float | None = None) -> Iterator[None]:
+def heartbeating(
+    period_s: float | None = None, *, details: Callable[[], tuple[object, ...]] = tuple
+) -> Iterator[None]:
     """Heartbeat the running activity from a side thread while the block runs.
 
     The drivers' long steps (``qemu-img convert``, a block commit, a vSphere task) have no
     progress of their own to report; what must be known quickly is that the worker is
-    alive. The thread runs in a copy of the activity's context, which is what
-    :func:`temporalio.activity.heartbeat` needs (it is thread-safe for sync activities)."""
+    alive. Where a step has progress, ``details`` gives it, and every beat carries it (the
+    Web UI shows the last one). The thread runs in a copy of the activity's context, which
+    is what :func:`temporalio.activity.heartbeat` needs (thread-safe for sync activities)."""
     if not activity.in_activity():
         yield
         return
@@ -66,7 +77,7 @@ def heartbeating(period_s: float | None = None) -> Iterator[None]:
 
     def beat() -> None:
         while not done.wait(period):
-            context.run(activity.heartbeat)
+            context.run(activity.heartbeat, *details())
 
     ticker = threading.Thread(target=beat, name="host-heartbeat", daemon=True)
     ticker.start()
@@ -82,6 +93,7 @@ class HostActivities:
         self.drivers = Drivers(settings)
         self.receipts = Receipts(settings.home / "receipts")
         self.boot_checks = settings.home / "boot-checks"  # overlays and consoles, while they run
+        self.instant = settings.home / "instant"  # the exports instant-restored VMs run on
 
     def driver(self, req: TakeRequest | ReleaseRequest) -> HypervisorDriver:
         return self.drivers.get(req.volume.vm.hypervisor)
@@ -185,15 +197,37 @@ class HostActivities:
     def check_boot(self, req: BootCheckRequest) -> BootCheck:
         """Boot the backup in a throwaway VM on this host (hypervisors/kvm/boot_check.py);
         a guest that shows no sign of life is a failed check, returned, not raised."""
+        with heartbeating():
+            return self._kvm(req, "a boot check").check_boot(req, work=self.boot_checks)
+
+    def _kvm(self, req: BootCheckRequest | InstantRunRequest, what: str) -> KvmDriver:
         from .hypervisors.kvm import KvmDriver
 
         driver = self.drivers.get(req.volume.vm.hypervisor)
         if not isinstance(driver, KvmDriver):
             raise InvalidInput(
-                f"boot checks run on KVM hosts; {req.volume.vm.hypervisor.value} has none"
+                f"{what} runs on KVM hosts; {req.volume.vm.hypervisor.value} has none"
             )
+        return driver
+
+    @activity.defn(name=RUN_INSTANT_VM)
+    @converts_errors
+    def run_instant_vm(self, req: InstantRunRequest) -> None:
         with heartbeating():
-            return driver.check_boot(req, work=self.boot_checks)
+            self._kvm(req, "an instant restore").run_instant(req, work=self.instant)
+
+    @activity.defn(name=COPY_INSTANT_VM)
+    @converts_errors
+    def copy_instant_vm(self, req: InstantRunRequest) -> InstantRunResult:
+        """Heartbeats carry the copy's progress (bytes done, of), shown in the Web UI."""
+        driver = self._kvm(req, "an instant restore")
+        latest: dict[str, tuple[int, int]] = {"copied": (0, 0)}
+
+        def progress(done: int, end: int) -> None:
+            latest["copied"] = (done, end)
+
+        with heartbeating(details=lambda: latest["copied"]):
+            return driver.copy_instant(req, work=self.instant, progress=progress)
 
     @property
     def all(self) -> list:  # type: ignore[type-arg]
@@ -209,4 +243,6 @@ class HostActivities:
             self.revert_vm_snapshot,
             self.delete_vm_snapshot,
             self.check_boot,
+            self.run_instant_vm,
+            self.copy_instant_vm,
         ]

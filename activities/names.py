@@ -11,6 +11,8 @@ DISCARD_SNAPSHOT = "discard_snapshot"
 # Before a policy is created: the VM and disk exist on the host (a typo is refused at once).
 CHECK_VOLUME = "check_volume"
 CHECK_BOOT = "check_boot"
+RUN_INSTANT_VM = "run_instant_vm"
+COPY_INSTANT_VM = "copy_instant_vm"
 BACKUP_SNAPSHOT = "backup_snapshot"
 # The backup repository's jobs (backup pool): verify, gc, sync, each a workflow a schedule starts.
 RUN_REPOSITORY_JOB = "run_repository_job"

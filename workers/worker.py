@@ -35,6 +35,7 @@ from snapferry.activities.settings import Settings
 from snapferry.workers.host_gate import HostGate
 from snapferry.workers.routing import routed_host
 from snapferry.workflows.backup import BackupSnapshotWorkflow
+from snapferry.workflows.instant import InstantRestoreWorkflow
 from snapferry.workflows.policy import CheckVolumeWorkflow, SnapshotPolicyRunWorkflow
 from snapferry.workflows.repository import RepositoryJobWorkflow
 from snapferry.workflows.routing import ALERT_QUEUE, BACKUP_QUEUE, CONTROL_QUEUE, host_queue
@@ -69,6 +70,7 @@ WORKFLOWS = [
     SnapshotPolicyRunWorkflow,
     CheckVolumeWorkflow,
     RepositoryJobWorkflow,
+    InstantRestoreWorkflow,
 ]
 
 

@@ -52,6 +52,7 @@ SNAPSHOT_POLICY_RUN_WORKFLOW = "SnapshotPolicyRun"
 BACKUP_SNAPSHOT_WORKFLOW = "BackupSnapshot"
 CHECK_VOLUME_WORKFLOW = "CheckVolume"
 REPOSITORY_JOB_WORKFLOW = "RepositoryJob"
+INSTANT_RESTORE_WORKFLOW = "InstantRestore"
 
 
 def volume_id(vm: str, disk: str) -> str:

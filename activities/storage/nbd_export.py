@@ -320,6 +320,58 @@ def plugin_pythonpath() -> str:
     return os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
 
 
+def plugin_args(manifest_path: str | Path) -> list[str]:
+    return [
+        "python",
+        str(PLUGIN),
+        f"manifest={Path(manifest_path).absolute()}",
+        f"pythonpath={plugin_pythonpath()}",
+    ]
+
+
+def start_detached(manifest_path: str | Path, socket_path: Path, log: Path) -> int:
+    """nbdkit serving the backup read-only on ``socket_path`` in a session of its own,
+    outliving the process that started it (a VM running on it must not lose its disk when a
+    worker dies); its PID. Stopped by :func:`stop_detached`."""
+    disk = open_disk(manifest_path)  # a missing key or a broken chain fails before nbdkit
+    if isinstance(disk, ChainDisk):
+        disk.close()
+    if shutil.which("nbdkit") is None:
+        raise InvalidInput("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
+    args = ["nbdkit", "-r", "-f", "-U", str(socket_path), *plugin_args(manifest_path)]
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+        )
+    _wait_ready(proc, log, (socket.AF_UNIX, str(socket_path)))
+    return proc.pid
+
+
+def is_our_nbdkit(pid: int, socket_path: Path) -> bool:
+    """PID is an nbdkit serving ``socket_path`` (not a reused PID of something else)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"nbdkit") and str(socket_path).encode() in argv
+
+
+def stop_detached(pid: int, socket_path: Path, *, timeout_s: float = 10.0) -> None:
+    """Stop a detached nbdkit by its PID, only if it is the one serving ``socket_path``."""
+    if is_our_nbdkit(pid, socket_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+        deadline = time.monotonic() + timeout_s
+        while is_our_nbdkit(pid, socket_path) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if is_our_nbdkit(pid, socket_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    socket_path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def serving(
     manifest_path: str | Path,
@@ -359,12 +411,7 @@ def serving(
         args += ["-U", str(made_socket)]
         probe = (socket.AF_UNIX, str(made_socket))
         uri = f"nbd+unix:///?socket={made_socket}"
-    args += [
-        "python",
-        str(PLUGIN),
-        f"manifest={Path(manifest_path).absolute()}",
-        f"pythonpath={plugin_pythonpath()}",
-    ]
+    args += plugin_args(manifest_path)
     proc: subprocess.Popen[bytes] | None = None
     try:
         with open(log, "wb") as err:

@@ -43,6 +43,7 @@ from .common import (
     web_ui_link,
 )
 from .export import FORMATS, cmd_snapshot_export
+from .instant import register_instant
 from .serve import register_serve
 
 
@@ -231,6 +232,7 @@ def register_snapshots(sub: Any, add: Adder) -> None:
     ex.add_argument("--format", required=True, choices=FORMATS, help="the image's format")
     ex.add_argument("file", metavar="FILE", help="the new image (refused if it exists)")
     register_serve(snap, add)
+    register_instant(snap, add)
 
     operations: list[tuple[str, str, str, bool, type]] = [
         ("delete", DELETE_UPDATE, "delete on secondary and primary", False, SnapshotRecord),

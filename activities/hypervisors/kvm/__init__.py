@@ -51,9 +51,11 @@ layers, revert from primary or backup) and :mod:`.vm_snapshots`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from ...contracts import BootCheck, BootCheckRequest
+from ...contracts import BootCheck, BootCheckRequest, InstantRunRequest, InstantRunResult
+from . import instant
 from .boot_check import check_boot
 from .common import (
     BASE_SUFFIX,
@@ -104,6 +106,25 @@ class KvmDriver(VmSnapshotOps):
     """The HypervisorDriver for libvirt/QEMU (registry name ``kvm``): volume snapshots
     (:class:`.take.TakeOps`, :class:`.release.ReleaseOps`, :class:`.revert.RevertOps`)
     and VM snapshots (:class:`.vm_snapshots.VmSnapshotOps`), on one connection."""
+
+    def instant_overlay(self, req: InstantRunRequest) -> Path:
+        return Path(req.primary_dir) / f"{req.name}-{req.volume.disk}.qcow2"
+
+    def run_instant(self, req: InstantRunRequest, *, work: Path) -> None:
+        """Start a new VM on the backup at once (see :mod:`.instant`)."""
+        instant.start(self._connection(), req, work=work, overlay=self.instant_overlay(req))
+
+    def copy_instant(
+        self, req: InstantRunRequest, *, work: Path, progress: Callable[[int, int], None]
+    ) -> InstantRunResult:
+        """Copy the backup into the running VM's disk until it needs the backup no more."""
+        return instant.pull(
+            self._connection(),
+            req,
+            work=work,
+            overlay=self.instant_overlay(req),
+            progress=progress,
+        )
 
     def check_boot(self, req: BootCheckRequest, *, work: Path) -> BootCheck:
         """Boot the backup in a throwaway VM on this host (see :mod:`.boot_check`)."""
