@@ -484,7 +484,7 @@ async def main(sizes: list[float]) -> None:
         f"resume after kill -9 of the backup worker: moving again {resume['after_kill_s']:.1f} s"
         f" after the kill, {resume['after_new_worker_s']:.1f} s after the new worker started"
         f" (heartbeat timeout {resume['heartbeat_timeout_s']:.0f} s, retry interval"
-        f" {resume['retry_interval_s']:.0f} s, which a crash no longer waits)"
+        f" {resume['retry_interval_s']:.0f} s, which a crash does not wait)"
     )
     print_delta(delta)
     print_burst(burst)

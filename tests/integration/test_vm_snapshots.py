@@ -165,9 +165,9 @@ def test_discard_removes_what_a_failed_take_left(
 def test_a_release_never_touches_another_disk_in_the_same_pool(
     settings: Settings, make_vm, host_name: str, libvirt_conn
 ) -> None:
-    """Regression (found by the scale-out test): two VMs' disks share a pool directory. A
-    released layer of VM A that its newer snapshot still needs must survive a release on
-    VM B, whose clean-up of merged leftovers once looked at every disk in the directory."""
+    """Two VMs' disks share a pool directory. A released layer of VM A that its newer
+    snapshot still needs survives a release on VM B: the clean-up of merged leftovers looks
+    only at the released disk's own layers, not at every disk in the directory."""
     from snapferry.activities.contracts import VmRef, VolumeRef, new_snapshot_id
     from snapferry.activities.hypervisors.kvm import KvmDriver
 

@@ -71,8 +71,8 @@ def take(d: XenServerDriver, vm: str, disk: str = "xvda") -> PrimarySnapshot:
 async def test_a_full_and_four_deltas_restore_byte_identical_at_every_point(
     client: Client, xapi: Xapi, host_name: str
 ) -> None:
-    """Every backup after the first is a differencing VHD (type 4), which
-    the driver used to refuse. One full and four deltas, each rebuilt from its chain, equal
+    """Every backup after the first is a differencing VHD (type 4), and the driver
+    reads it. One full and four deltas, each rebuilt from its chain, equal
     the VDI at its snapshot time; the last is reverted into the VM and reads back equal. A
     block rewritten with its own bytes is still in the delta (XAPI picks by allocation)."""
     from snapferry.workflows.snapshot import REVERT_UPDATE
@@ -131,7 +131,7 @@ def test_a_delta_export_is_differencing_and_names_its_base(xapi: Xapi) -> None:
 
 
 def test_close_does_not_read_the_rest_of_an_export_without_content_length(xapi: Xapi) -> None:
-    """The body has no length; close() used to read it to the end."""
+    """The body has no length; close() does not read it to the end."""
     d = driver(xapi)
     create_vm(xapi.port, "slow01", [64 * MIB])
     for offset in range(0, 64 * MIB, BLOCK):
@@ -185,8 +185,8 @@ def test_a_vdi_on_another_hosts_local_sr_is_exported_through_the_redirect(xapi: 
 
 
 def test_a_vm_that_never_booted_has_its_disks_by_userdevice(xapi: Xapi) -> None:
-    """VBD.device is "" until the VM boots; both disks used to collapse
-    into one "" key and neither was found."""
+    """VBD.device is "" until the VM boots; keyed by it, both disks would collapse
+    into one "" key and neither would be found."""
     d = driver(xapi)
     create_vm(xapi.port, "cold02", [4 * MIB, 6 * MIB], power="Halted")
     assert [disk["device"] for disk in xapi.vm("cold02")["disks"]] == ["", ""]
@@ -283,8 +283,8 @@ def test_a_restore_into_a_vdi_on_another_hosts_local_sr_follows_the_redirect(
 
 def test_a_take_interrupted_before_its_label_is_found_by_the_retry(xapi: Xapi) -> None:
     """The label is set after Async.VDI.snapshot; a take that stops in
-    between used to leave an unlabelled snapshot that the retry never found (a second
-    snapshot, the first leaked). The source's other_config mark, which the snapshot
+    between leaves an unlabelled snapshot, which a retry looking for the label would never
+    find (a second snapshot, the first leaked). The source's other_config mark, which the snapshot
     inherits, finds it."""
     from snapferry.activities.errors import SnapferryError
 
