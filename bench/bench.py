@@ -2,7 +2,7 @@
 a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
 the KVM delta against its full (delta_bench.py); answers under a burst of creates
 (burst_bench.py); the freeze window of a quiesced take against the disk's size
-(quiesce_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
+(quiesce_bench.py); an instant restore's time to a running VM (instant_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
 (large_delta_bench.py); backups into the repository against qemu-img convert + sync and
 restic (repository_bench.py).
 
@@ -31,6 +31,8 @@ from bench_stack import bench_stack  # noqa: E402
 from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
 from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
+from instant_bench import bench_size as bench_instant  # noqa: E402
+from instant_bench import print_instant  # noqa: E402
 from quiesce_bench import bench_quiesce, print_quiesce  # noqa: E402
 from repository_bench import bench_repository, print_repository  # noqa: E402
 
@@ -435,6 +437,10 @@ async def main(sizes: list[float]) -> None:
         quiesce = await asyncio.to_thread(
             bench_quiesce, conn, work / "quiesce", [64 * MIB, GIB, 8 * GIB]
         )
+        instant = [
+            await asyncio.to_thread(bench_instant, conn, work / f"instant-{i}", size)
+            for i, size in enumerate((64 * MIB, 8 * GIB))
+        ]
         large_delta = bench_large_delta(work / "large-delta")
         repository = await bench_repository(
             settings,
@@ -489,6 +495,7 @@ async def main(sizes: list[float]) -> None:
     print_delta(delta)
     print_burst(burst)
     print_quiesce(quiesce)
+    print_instant(instant)
     print_large_delta(large_delta)
     print_repository(repository)
 

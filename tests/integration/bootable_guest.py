@@ -121,7 +121,10 @@ def build_bootable_disk(path: Path, files: dict[str, bytes], *, size: int = 64 *
                 disk.seek(offset)
                 with open(image, "rb") as src:
                     while chunk := src.read(4 * MIB):
-                        disk.write(chunk)
+                        if chunk.count(0) == len(chunk):
+                            disk.seek(len(chunk), os.SEEK_CUR)  # a hole stays a hole
+                        else:
+                            disk.write(chunk)
             disk.flush()
             os.fsync(disk.fileno())
         return path
