@@ -2,9 +2,10 @@
 a thin 256 GiB volume holding 1 GiB against a dense 1 GiB one; the resume delay after kill -9;
 the KVM delta against its full (delta_bench.py); answers under a burst of creates
 (burst_bench.py); the freeze window of a quiesced take against the disk's size
-(quiesce_bench.py); an instant restore's time to a running VM (instant_bench.py); a delta of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress
-(large_delta_bench.py); backups into the repository against qemu-img convert + sync and
-restic (repository_bench.py).
+(quiesce_bench.py); an instant restore's time to a running VM (instant_bench.py); a delta
+of a 1 TiB thin qcow2 volume: peak RSS, resume to first progress (large_delta_bench.py);
+backups into the repository against qemu-img convert + sync and restic
+(repository_bench.py).
 
 Everything is measured in one run on this machine, against baselines measured on the same
 source file in the same run, because these machines are noisy. It uses the real stack: a
@@ -30,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_stack import bench_stack  # noqa: E402
 from burst_bench import bench_burst, print_burst  # noqa: E402  (beside this file)
 from delta_bench import bench_delta, print_delta  # noqa: E402  (beside this file)
-from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
 from instant_bench import bench_size as bench_instant  # noqa: E402
 from instant_bench import print_instant  # noqa: E402
+from large_delta_bench import bench_large_delta, print_large_delta  # noqa: E402
 from quiesce_bench import bench_quiesce, print_quiesce  # noqa: E402
 from repository_bench import bench_repository, print_repository  # noqa: E402
 
