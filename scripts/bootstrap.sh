@@ -24,6 +24,7 @@ APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-uti
               # Python plugin), its files read with libguestfs (guestfish; cryptsetup-bin
               # comes with it, and the tests make an encrypted disk with it)
               nbdkit nbdkit-plugin-python libguestfs-tools cryptsetup-bin
+              libguestfs-xfs   # XFS in libguestfs's appliance (the tests restore from XFS on LVM)
               chromium chromium-driver)  # the Web UI test drives a real browser
 PY=${PYTHON:-python3}
 # A Debian python3 needs python3-venv (and headers to build libvirt-python).

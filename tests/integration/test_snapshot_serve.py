@@ -1,7 +1,8 @@
 """A backup served as a disk over NBD, and files read out of it with libguestfs, without
 restoring it: from both stores, on real libvirtd/QEMU and the real Temporal server.
 
-The VM's disk holds a GPT partition with a real ext4 file system of known files. The NBD
+The VM's disk holds a GPT partition with a real ext4 file system of known files (and, in
+one test, XFS on an LVM logical volume). The NBD
 export reads byte for byte as the disk; ``snapshot files`` lists a directory of it,
 ``snapshot restore-file`` copies a file and a tree out; bad input is refused clearly, and no
 nbdkit, appliance or socket is left behind, after a refusal or a signal too.
@@ -361,3 +362,37 @@ def test_an_encrypted_file_system_is_refused_by_name(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def lvm_xfs_disk(path: Path, notes: bytes) -> Path:
+    """A disk whose one file system is XFS on an LVM logical volume, made inside
+    libguestfs's appliance (no loop device or device mapper needed on the host)."""
+    run(
+        ["guestfish", "-N", f"{path}=disk:512M", "--"]
+        + ["part-disk", "/dev/sda", "mbr", ":", "pvcreate", "/dev/sda1", ":"]
+        + ["vgcreate", "vg0", "/dev/sda1", ":", "lvcreate", "lv0", "vg0", "400", ":"]
+        + ["mkfs", "xfs", "/dev/vg0/lv0", ":", "mount", "/dev/vg0/lv0", "/", ":"]
+        + ["mkdir", "/data", ":", "write", "/data/notes.txt", notes.decode(), ":", "umount-all"]
+    )
+    return path
+
+
+async def test_a_file_on_xfs_on_lvm_is_restored(
+    client: Client,
+    settings: Settings,
+    workers: None,
+    make_vm,
+    libvirt_conn: libvirt.virConnect,
+    host_name: str,
+    tmp_path: Path,
+) -> None:
+    notes = b"kept on an LVM volume, in XFS"
+    vm = vm_on(make_vm, libvirt_conn, lvm_xfs_disk(tmp_path / "lvm-xfs.raw", notes))
+    record = await backed_up(client, vm.name, host_name, settings)
+    out = tmp_path / "restored"
+    got = await snapferry_cli(
+        "snapshot", "restore-file", record.id, "/data/notes.txt", "--to", str(out), timeout=300
+    )
+    assert got.returncode == 0, got.stderr
+    assert (out / "notes.txt").read_bytes() == notes
+    assert f"(1 file(s), {len(notes)} bytes)" in got.stdout
