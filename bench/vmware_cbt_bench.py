@@ -3,13 +3,13 @@
 ``.venv/bin/python -m bench.vmware_cbt_bench [--gib 10] [--changed-mib 100]`` from the repo
 root. Against tests/vsphere_sim (a separate process, real pyvmomi, real datastore HTTP): a
 thin disk of ``--gib`` GiB with ``--changed-mib`` MiB of random data is taken and backed up
-in full after a first take that turns CBT on (the copy engine, 8 MiB chunks, every byte of
-the disk over ``/folder``); the guest then rewrites ``--changed-mib`` MiB in 256 KiB writes
-at random offsets, and the next take is backed up as a delta (QueryChangedDiskAreas, then
-only the changed areas, in 64 KiB chunks). Each backup is timed from its take to its last
-byte on secondary, and the delta's bytes are checked against the disk at its take. The
-figures are loopback against a Python server on a shared machine: they show what the delta
-saves, not a vCenter's speed.
+in full after a first take that turns CBT on (the copy engine, 8 MiB chunks, the areas
+``QueryChangedDiskAreas(changeId="*")`` answers allocated, over ``/folder``); the guest
+then rewrites ``--changed-mib`` MiB in 256 KiB writes at random offsets, and the next take
+is backed up as a delta (QueryChangedDiskAreas, then only the changed areas, in 64 KiB
+chunks). Each backup is timed from its take to its last byte on secondary, and the delta's
+bytes are checked against the disk at its take. The figures are loopback against a Python
+server on a shared machine: they show what the delta saves, not a vCenter's speed.
 """
 
 from __future__ import annotations

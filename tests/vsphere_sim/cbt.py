@@ -92,6 +92,12 @@ class ChangeTracking:
         self.snap_ids: dict[str, dict[int, str]] = {}  # snapshot moid -> key -> changeId
         self.page = DEFAULT_PAGE
         self.queries = 0  # test control: QueryChangedDiskAreas calls answered
+        # Test control: whether the login holds VirtualMachine.Provisioning.DiskRandomRead,
+        # the privilege QueryChangedDiskAreas requires ("Required privileges:
+        # VirtualMachine.Provisioning.DiskRandomRead", vSphere API reference). Without it
+        # the call is refused at once with NoPermission, whose privilegeId names it. The
+        # simulator checks no other privilege.
+        self.disk_random_read = True
 
     def track(self, vm: Vm) -> VmTrack:
         return self.vms.setdefault(vm.moid, VmTrack())
@@ -254,6 +260,12 @@ class ChangeTracking:
           hosts before vSphere 6.5 answer a changeId they cannot serve (Backup Exec
           article 100033474). A deviceKey that is no disk of the VM: InvalidArgument.
         """
+        if not self.disk_random_read:
+            raise vim.fault.NoPermission(
+                object=vim.VirtualMachine(vm.moid),
+                privilegeId="VirtualMachine.Provisioning.DiskRandomRead",
+                msg="Permission to perform this operation was denied.",
+            )
         if snap is None:
             raise vmodl.fault.NotSupported(msg="simulator: QueryChangedDiskAreas needs snapshot")
         rec = inv.resolve(snap, vim.vm.Snapshot)
@@ -304,10 +316,17 @@ class ChangeTracking:
         return merge([(a // SECTOR * SECTOR, -(-b // SECTOR) * SECTOR) for a, b in spans], end)
 
     def control(self, inv: Inventory, req: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """``/sim/cbt``: ``page``; for ``vm``: ``supported``, ``reset``. Answers the state."""
+        """``/sim/cbt``: ``page``, ``disk_random_read``; for ``vm``: ``supported``, ``reset``.
+        Answers the state."""
         if "page" in req:
             self.page = int(req["page"])
-        out: dict[str, Any] = {"page": self.page, "queries": self.queries}
+        if "disk_random_read" in req:
+            self.disk_random_read = bool(req["disk_random_read"])
+        out: dict[str, Any] = {
+            "page": self.page,
+            "queries": self.queries,
+            "disk_random_read": self.disk_random_read,
+        }
         if "vm" in req:
             vm = inv.vm_by_name(req["vm"])
             if vm is None:

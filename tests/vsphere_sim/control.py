@@ -172,7 +172,9 @@ def soap_calls(port: int) -> dict[str, int]:
 
 def cbt(port: int, vm: str | None = None, **controls: object) -> dict:
     """Changed Block Tracking controls and state (tests/vsphere_sim/cbt.py): ``page=n`` (the
-    disk bytes one QueryChangedDiskAreas answer covers); for ``vm``: ``supported=False``
+    disk bytes one QueryChangedDiskAreas answer covers), ``disk_random_read=False`` (the
+    login lacks VirtualMachine.Provisioning.DiskRandomRead: QueryChangedDiskAreas answers
+    NoPermission); for ``vm``: ``supported=False``
     (capability.changeTrackingSupported, as below hardware version 7), ``reset=True`` (a
     CBT reset: new tracking UUIDs). Answers ``page``, ``queries`` and, for ``vm``,
     ``requested``, ``active`` and each disk's ``change_ids``."""

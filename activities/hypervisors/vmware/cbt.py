@@ -9,7 +9,8 @@
 - **Record.** The changeId of the disk at the take's snapshot is read from the snapshot's
   own hardware (``VirtualMachineSnapshot.config``, the disk's ``backing.changeId``), not the
   live VM's (which moves on), and kept as ``PrimarySnapshot.change_id``.
-- **Query.** While CBT is on, the take keeps its temporary vSphere snapshot until release:
+- **Query.** While CBT is on, the take keeps its temporary vSphere snapshot until release
+  (a full asks it for the disk's allocated areas, ``changeId="*"``):
   ``QueryChangedDiskAreas`` needs the snapshot of a running VM ("using the 'current'
   snapshot will only work for virtual machines that are powered off"). The delta's reader
   asks it for the areas changed since the parent backup's changeId, in a loop from each
@@ -37,7 +38,7 @@ from pyVmomi import vim, vmodl
 from ...contracts import BackupPlan, PrimarySnapshot
 from ...errors import SnapferryError, SourceGone
 from ..base import BackupHistoryEntry
-from .common import CLONE_TAG, VOLUME_SNAPSHOT_PREFIX
+from .common import CLONE_TAG, VOLUME_SNAPSHOT_PREFIX, flat_path
 from .ops import VsphereOps
 
 log = logging.getLogger(__name__)
@@ -224,13 +225,57 @@ class CbtOps(VsphereOps):
 
     def _changed_areas(self, source: PrimarySnapshot, plan: BackupPlan) -> list[tuple[int, int]]:
         """``QueryChangedDiskAreas`` of the disk at the take's snapshot since the parent's
-        changeId, asked again from each answer's end until the disk's capacity. A changeId
-        CBT cannot serve (FileFault, NotFound) is ``SourceGone``: the delta's base is gone,
-        and the backup becomes a full."""
+        changeId. A changeId CBT cannot serve (FileFault, NotFound) is ``SourceGone``: the
+        delta's base is gone, and the backup becomes a full. So is a login without the
+        call's privilege (NoPermission, VirtualMachine.Provisioning.DiskRandomRead): a full
+        of the whole disk can still be read, and its reason names the privilege."""
         assert plan.base_image is not None and source.change_id is not None
         vm, snap = self._take_snapshot_of(source)
         key = self._disk_key_at(snap, source.change_id)
-        size, since = source.virtual_size, plan.base_image
+        since = plan.base_image
+        try:
+            return self._query_areas(vm, snap, key, source.virtual_size, since)
+        except SnapferryError as exc:
+            fault = exc.__cause__
+            if isinstance(fault, vim.fault.FileFault | vim.fault.NotFound):
+                raise SourceGone(
+                    f"Changed Block Tracking cannot list the changes since changeId"
+                    f" {since!r} (of backup {plan.parent}): {getattr(fault, 'msg', exc)}"
+                    " (CBT was reset: a revert, a storage vMotion or a resize)"
+                ) from exc
+            if isinstance(fault, vim.fault.NoPermission):
+                raise SourceGone(
+                    f"Changed Block Tracking cannot be asked what changed since backup"
+                    f" {plan.parent}: {exc}"
+                ) from exc
+            raise
+
+    def _allocated_areas(self, source: PrimarySnapshot) -> list[tuple[int, int]] | None:
+        """For a full: the disk's allocated areas at the take's snapshot,
+        ``QueryChangedDiskAreas`` with ``changeId="*"``, which answers "all allocated areas
+        of the disk" (the VDDK guide's baseline backup that saves only "the allocated
+        portions of a virtual disk", which "substantially reduces the amount of data to
+        save, especially for thin provisioned and sparse virtual disks"). None reads the
+        whole disk: no snapshot kept to ask (CBT not on before the take: the take that
+        turns it on, or hardware below version 7), or a call that fails (a missing
+        privilege; a datastore that cannot answer, as the VDDK guide warns off VMFS: "it
+        could fail, or returns a single extent covering the entire disk"). The areas are
+        read from the clone, a full copy of the disk at that snapshot."""
+        try:
+            vm, snap = self._take_snapshot_of(source)
+            key = self._clone_disk_key(source)
+            return self._query_areas(vm, snap, key, source.virtual_size, "*")
+        except SnapferryError as exc:
+            log.info(
+                "%s: reading the whole disk, not only its allocated areas: %s", source.image, exc
+            )
+            return None
+
+    def _query_areas(
+        self, vm: Any, snap: Any, key: int, size: int, since: str
+    ) -> list[tuple[int, int]]:
+        """``QueryChangedDiskAreas`` asked again from each answer's ``startOffset + length``
+        until the disk's capacity, the areas merged."""
         areas: list[tuple[int, int]] = []
         offset, asked = 0, 0
         while offset < size:
@@ -243,23 +288,25 @@ class CbtOps(VsphereOps):
                     snapshot=snap, deviceKey=key, startOffset=at, changeId=since
                 )
 
-            try:
-                info = self.session.call(query, "QueryChangedDiskAreas")
-            except SnapferryError as exc:
-                fault = exc.__cause__
-                if isinstance(fault, vim.fault.FileFault | vim.fault.NotFound):
-                    raise SourceGone(
-                        f"Changed Block Tracking cannot list the changes since changeId"
-                        f" {since!r} (of backup {plan.parent}): {getattr(fault, 'msg', exc)}"
-                        " (CBT was reset: a revert, a storage vMotion or a resize)"
-                    ) from exc
-                raise
+            info = self.session.call(query, "QueryChangedDiskAreas")
             areas += [(a.start, a.length) for a in info.changedArea or []]
             end = int(info.startOffset) + int(info.length)
             if end <= offset:
                 raise SourceGone(f"QueryChangedDiskAreas answered no progress at {offset}")
             offset = end
         return merged(areas, size)
+
+    def _clone_disk_key(self, source: PrimarySnapshot) -> int:
+        """The device key of the clone's disk the backup reads (``source.image``): a
+        clone's disk keeps its source disk's key, which the snapshot's answers are for."""
+        clone = self._vm_by_moref(source.handle, source.overlay or "") if source.handle else None
+        if clone is None:
+            raise SourceGone(f"the clone {source.overlay!r} of the snapshot is gone")
+        for device in self._disk_devices(clone):
+            ds, path = flat_path(device.backing.fileName)
+            if f"[{ds}] {path}" == source.image:
+                return int(device.key)
+        raise SourceGone(f"the clone {source.overlay!r} has no disk {source.image!r}")
 
     def _disk_key_at(self, snap: Any, change_id: str) -> int:
         """The device key of the disk whose changeId at ``snap`` is ``change_id`` (a clone's

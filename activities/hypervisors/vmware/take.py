@@ -41,11 +41,12 @@ class TakeOps(CbtOps):
     def take(
         self, *, volume: VolumeRef, snapshot_id: str, quiesce: Quiesce = Quiesce.NO
     ) -> PrimarySnapshot:
-        """A full clone of the disk from a temporary vSphere snapshot. With Changed Block
-        Tracking on before the take (see ``cbt``), the disk's changeId at the snapshot is
-        recorded and the snapshot stays until release, for the delta's
-        ``QueryChangedDiskAreas``. Otherwise it goes as soon as the clone is made, and CBT
-        is turned on where it can be, for the next take."""
+        """A full clone of the disk from a temporary vSphere snapshot, quiesced when asked
+        (``_take_snapshot``). With Changed Block Tracking on before the take (see
+        ``cbt``), the disk's changeId at the snapshot is recorded and the snapshot stays
+        until release, for the backup's ``QueryChangedDiskAreas`` (the changed areas for a
+        delta, the allocated ones for a full). Otherwise it goes as soon as the clone is
+        made, and CBT is turned on where it can be, for the next take."""
         typed, disk = volume.vm.name, volume.disk
         with vm_lock(typed):
             self._refuse_standalone_host()
@@ -89,8 +90,9 @@ class TakeOps(CbtOps):
             leftover = self._snapshot_named(vm, snap_name)
             # With CBT on before this take, the disk's changeId at the snapshot (for the next
             # backup's delta), and the snapshot itself stays for this backup's
-            # QueryChangedDiskAreas. A retried take reads the same changeId from it; one
-            # whose snapshot is gone answers none, as the first attempt did.
+            # QueryChangedDiskAreas (the changed areas for a delta, the allocated ones for a
+            # full). A retried take reads the same changeId from it; one whose snapshot is
+            # gone answers none, as the first attempt did.
             change_id = None
             if tracked and leftover is not None:
                 change_id = self._change_id_at(leftover, source_disk.key)
@@ -249,9 +251,14 @@ class TakeOps(CbtOps):
     def open_reader(self, source: PrimarySnapshot, plan: BackupPlan) -> DatastoreReader:
         """The clone's flat disk; for a delta, only the areas Changed Block Tracking says
         changed since the parent's changeId (``SourceGone`` when it cannot say: the backup
-        becomes a full)."""
+        becomes a full); for a full, only the allocated areas where CBT can say which they
+        are, else the whole disk (``_allocated_areas``)."""
         ds, _, path = source.image.partition("] ")
-        areas = self._changed_areas(source, plan) if plan.parent is not None else None
+        areas: list[tuple[int, int]] | None
+        if plan.parent is not None:
+            areas = self._changed_areas(source, plan)
+        else:
+            areas = self._allocated_areas(source)
         return DatastoreReader(self.session, ds.lstrip("["), path, source.virtual_size, areas=areas)
 
     # -- release / discard -------------------------------------------------------------------
