@@ -481,6 +481,11 @@ class VsphereOps(HypervisorDriver):
                     f"VMware Tools could not quiesce the guest ({type(fault).__name__}:"
                     f" {getattr(fault, 'msg', None) or exc})"
                 )
+                # vSphere rolls a failed quiesced snapshot back; a host that left it
+                # anyway must not leave it to this take's refusal or retry.
+                half = self._snapshot_node(vm, name)
+                if half is not None:
+                    self._remove_snapshot(vm, vm_name, half.snapshot, f"removing {name!r}")
                 consistency, note = without_quiesce(quiesce, reason)
                 return create(False), consistency, note
             node = self._snapshot_node(vm, name)
@@ -489,8 +494,8 @@ class VsphereOps(HypervisorDriver):
         if node.quiesced:
             return node.snapshot, Consistency.APPLICATION, None
         reason = (
-            f"vSphere took snapshot {name!r} not quiesced (VMware Tools did not answer;"
-            " vSphere ignores the quiesce flag then)"
+            f"snapshot {name!r} is not quiesced (VMware Tools did not answer, and vSphere"
+            " ignores the quiesce flag then; or an earlier attempt fell back without it)"
         )
         if quiesce == Quiesce.YES:
             self._remove_snapshot(vm, vm_name, node.snapshot, f"removing {name!r}")
