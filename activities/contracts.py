@@ -5,50 +5,50 @@ Schemas are exported by ``snapferry schema`` so that management code in any lang
 the workflows by name. State names are CloudStack's own, so an integration maps one to one.
 
 Names that become file names on primary or secondary storage (VM, disk, snapshot ID) are
-validated here, at the edge, so that no path traversal can reach a driver or the store.
+validated at the edge, so that no path traversal can reach a driver or the store.
+
+The contracts are split by concern: the names, IDs and references every contract uses
+(``contracts_base``), VM snapshots (``vm_snapshot_contracts``) and the repository's jobs
+(``repository_contracts``); this module holds the volume snapshot's, and re-exports the
+others, so every contract is imported from here.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def validate_name(value: str) -> str:
-    """Reject anything that could escape a directory or confuse a shell or a URL."""
-    if not _NAME_RE.fullmatch(value) or ".." in value:
-        raise ValueError(
-            f"{value!r} is not a valid name: use 1-128 characters of letters, digits, '.', '_'"
-            " or '-', starting with a letter or digit, and no '..'"
-        )
-    return value
-
-
-def validate_snapshot_id(value: str) -> str:
-    if not _UUID_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not a snapshot ID: expected a lowercase UUID")
-    return value
-
-
-SafeName = Annotated[str, AfterValidator(validate_name)]
-SnapshotId = Annotated[str, AfterValidator(validate_snapshot_id)]
-
-
-def new_snapshot_id() -> str:
-    """Snapshot IDs are UUIDs, as in CloudStack, so that they are unique across clouds."""
-    return str(uuid.uuid4())
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+from .contracts_base import (
+    Consistency,
+    HypervisorType,
+    Quiesce,
+    SafeName,
+    SnapshotId,
+    VmRef,
+    VolumeRef,
+    new_snapshot_id,
+    validate_name,
+    validate_snapshot_id,
+)
+from .contracts_base import Model as _Model
+from .repository_contracts import (
+    RepositoryJobKind,
+    RepositoryJobRequest,
+    RepositoryJobResult,
+)
+from .vm_snapshot_contracts import (
+    VmSnapshotOperation,
+    VmSnapshotRecord,
+    VmSnapshotRequest,
+    VmSnapshotState,
+    VmSnapshotTaken,
+    VmSnapshotType,
+    VmStateChange,
+)
 
 
 class SnapshotState(StrEnum):
@@ -63,46 +63,6 @@ class SnapshotState(StrEnum):
     DESTROYING = "Destroying"
     DESTROYED = "Destroyed"
     ERROR = "Error"
-
-
-class Quiesce(StrEnum):
-    """Whether a take asks the guest to flush and freeze its file systems first (CloudStack's
-    ``quiescevm``): ``no`` takes a crash-consistent snapshot, ``yes`` an application-consistent
-    one or none at all (refused before anything is taken, with the reason), ``try`` an
-    application-consistent one when the guest can be quiesced, else a crash-consistent one
-    that says why in its record."""
-
-    NO = "no"
-    YES = "yes"
-    TRY = "try"
-
-
-class Consistency(StrEnum):
-    """What a snapshot holds: ``application``, the guest's file systems flushed and frozen
-    at the instant (or the VM stopped, nothing in flight), or ``crash``, what a power cut
-    would have left on the disk."""
-
-    APPLICATION = "application"
-    CRASH = "crash"
-
-
-class HypervisorType(StrEnum):
-    KVM = "kvm"
-    VMWARE = "vmware"
-    XENSERVER = "xenserver"
-
-
-class VmRef(_Model):
-    """A VM as the hypervisor knows it, and the host whose worker owns it."""
-
-    name: SafeName = Field(description="Domain / VM name on the hypervisor")
-    host: SafeName = Field(description="Hypervisor host; selects the host-pinned task queue")
-    hypervisor: HypervisorType = HypervisorType.KVM
-
-
-class VolumeRef(_Model):
-    vm: VmRef
-    disk: SafeName = Field(description="Disk target on the VM, for example 'vda'")
 
 
 class BackupOptions(_Model):
@@ -535,115 +495,56 @@ class Alert(_Model):
     message: str
 
 
-# -- VM snapshots ------------------------------------------------------------------------------
-class VmSnapshotType(StrEnum):
-    """CloudStack's VM snapshot types: disks only, or disks plus the guest's memory."""
-
-    DISK = "Disk"
-    DISK_AND_MEMORY = "DiskAndMemory"
-
-
-class VmSnapshotState(StrEnum):
-    """CloudStack's ``VMSnapshot.State`` names."""
-
-    ALLOCATED = "Allocated"
-    CREATING = "Creating"
-    READY = "Ready"
-    REVERTING = "Reverting"
-    EXPUNGING = "Expunging"
-    REMOVED = "Removed"
-    ERROR = "Error"
-
-
-class VmStateChange(_Model):
-    state: VmSnapshotState
-    at: datetime
-
-
-class VmSnapshotTaken(_Model):
-    """What a VM snapshot left on primary: one frozen point per disk, maybe a memory file.
-
-    ``overlays`` maps each disk to the overlay created above its frozen image; the frozen
-    image itself is found through the overlay's backing file when it is needed, so that the
-    record never holds a path that a chain consolidation could make stale.
-    """
-
-    overlays: dict[str, str]
-    memory: str | None = None
-    vm_was_running: bool
-    consistency: Consistency = Consistency.CRASH
-    consistency_note: str | None = None
-
-
-class VmSnapshotRecord(_Model):
-    """What callers see of a VM snapshot: ``vm-snapshot show --json`` prints exactly this."""
-
-    id: SnapshotId
-    state: VmSnapshotState
-    vm: str
-    host: str
-    hypervisor: HypervisorType
-    type: VmSnapshotType
-    name: str | None = None
-    created: datetime | None = None
-    taken: VmSnapshotTaken | None = None
-    consistency: Consistency | None = None
-    transitions: list[VmStateChange] = Field(default_factory=list)
-    error: str | None = None
-    reverts: int = 0
-
-
-class VmSnapshotRequest(_Model):
-    """Input of the VmSnapshot workflow; also what ``vm-snapshot create`` sends."""
-
-    snapshot_id: SnapshotId
-    vm: VmRef
-    type: VmSnapshotType = VmSnapshotType.DISK
-    name: SafeName | None = Field(None, description="A display name, as in CloudStack")
-    quiesce: Quiesce = Quiesce.NO
-    carried: VmSnapshotRecord | None = Field(
-        None, description="Set only by continue-as-new: the record to carry over"
-    )
-
-
-class VmSnapshotOperation(_Model):
-    """Input of the host activities that take, revert and delete a VM snapshot."""
-
-    snapshot_id: SnapshotId
-    vm: VmRef
-    type: VmSnapshotType
-    taken: VmSnapshotTaken | None = None
-    quiesce: Quiesce = Quiesce.NO
-    operation_id: str | None = Field(
-        None, description="The update that asked for it (see RevertRequest.operation_id)"
-    )
-
-
-# -- repository jobs ---------------------------------------------------------------------------
-class RepositoryJobKind(StrEnum):
-    """The backup repository's jobs (``snapferry repository verify | gc | sync``)."""
-
-    VERIFY = "verify"
-    GC = "gc"
-    SYNC = "sync"
-
-
-class RepositoryJobRequest(_Model):
-    """One run of a repository job on a backup worker (a schedule's tick, or an operator's)."""
-
-    kind: RepositoryJobKind
-    root: str | None = Field(None, description="The repository (default: the workers')")
-    to: str | None = Field(None, description="sync: the second repository's directory")
-    rate_limit_mbps: float | None = Field(
-        None, gt=0, description="sync: at most this many MB/s copied (spares the link)"
-    )
-
-
-class RepositoryJobResult(_Model):
-    kind: RepositoryJobKind
-    ok: bool = Field(description="False: verify found damage (an alert is raised)")
-    summary: str
-    counters: dict[str, int] = Field(default_factory=dict)
-    damaged: list[str] = Field(
-        default_factory=list, description="verify: each damaged snapshot and its first offset"
-    )
+# Every contract, whichever module defines it: import them from here.
+__all__ = [
+    "Alert",
+    "AlertSeverity",
+    "BackupOptions",
+    "BackupPlan",
+    "BackupProgress",
+    "BackupRequest",
+    "BackupResult",
+    "BootCheck",
+    "BootCheckOptions",
+    "BootCheckRequest",
+    "Consistency",
+    "CopyRequest",
+    "DeleteBackupOutcome",
+    "DeleteBackupRequest",
+    "DiscardRequest",
+    "HypervisorType",
+    "InstantRunRequest",
+    "InstantRunResult",
+    "new_snapshot_id",
+    "PolicyInterval",
+    "PrimarySnapshot",
+    "Quiesce",
+    "ReleaseRequest",
+    "RepositoryJobKind",
+    "RepositoryJobRequest",
+    "RepositoryJobResult",
+    "RestoreKind",
+    "RestoreRequest",
+    "RestoreResult",
+    "RetentionRequest",
+    "RevertRequest",
+    "SafeName",
+    "SnapshotId",
+    "SnapshotPolicy",
+    "SnapshotRecord",
+    "SnapshotRequest",
+    "SnapshotState",
+    "StateChange",
+    "TakeRequest",
+    "validate_name",
+    "validate_snapshot_id",
+    "VmRef",
+    "VmSnapshotOperation",
+    "VmSnapshotRecord",
+    "VmSnapshotRequest",
+    "VmSnapshotState",
+    "VmSnapshotTaken",
+    "VmSnapshotType",
+    "VmStateChange",
+    "VolumeRef",
+]
