@@ -33,6 +33,7 @@ from snapferry.activities.contracts import (  # noqa: E402
     new_snapshot_id,
 )
 from snapferry.activities.hypervisors.kvm import KvmDriver  # noqa: E402
+from snapferry.activities.hypervisors.kvm.export_vm import agent_answers  # noqa: E402
 from snapferry.activities.settings import Settings  # noqa: E402
 from tests.integration.bootable_guest import build_bootable_disk  # noqa: E402
 
@@ -59,14 +60,10 @@ def bench_size(conn, work: Path, size: int) -> dict:  # type: ignore[no-untyped-
         driver.run_instant(req, work=work / "instant")
         running = time.perf_counter() - t0
         dom = conn.lookupByName(name)
-        while True:
-            try:
-                dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-                break
-            except libvirt.libvirtError:
-                if time.perf_counter() - t0 > 180:
-                    raise TimeoutError("the instant VM did not boot") from None
-                time.sleep(0.1)
+        while not agent_answers(dom):
+            if time.perf_counter() - t0 > 180:
+                raise TimeoutError("the instant VM did not boot")
+            time.sleep(0.1)
         booted = time.perf_counter() - t0
         t1 = time.perf_counter()
         driver.copy_instant(req, work=work / "instant", progress=lambda d, e: None)

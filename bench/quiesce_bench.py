@@ -35,21 +35,12 @@ from snapferry.activities.contracts import (  # noqa: E402
     new_snapshot_id,
 )
 from snapferry.activities.hypervisors.kvm import KvmDriver  # noqa: E402
+from snapferry.activities.hypervisors.kvm.export_vm import agent_answers  # noqa: E402
 from snapferry.activities.settings import Settings  # noqa: E402
 from tests.integration import agent_guest as ag  # noqa: E402
 from tests.integration.guest import boot, define_guest, find_kernel  # noqa: E402
 
 GIB = 1024**3
-
-
-def _answers(guest) -> bool:  # type: ignore[no-untyped-def]
-    import libvirt
-
-    try:
-        guest.domain.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 def _times(guest, pattern) -> list[float]:  # type: ignore[no-untyped-def]
@@ -74,7 +65,7 @@ def bench_size(conn, work: Path, size: int, takes: int) -> dict:  # type: ignore
     try:
         boot(guest, timeout=120)
         deadline = time.monotonic() + 60
-        while not _answers(guest):
+        while not agent_answers(guest.domain):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the agent never answered:\n{guest.tail()}")
             time.sleep(0.1)

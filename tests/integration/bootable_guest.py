@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
+
+import libvirt
 
 from . import agent_guest as ag
 from .guest import CMDLINE, ERROR_TAG, build_initramfs, find_kernel
@@ -140,3 +143,52 @@ def damage_boot_sector(path: Path) -> None:
         disk.write(b"\0" * 440)
         disk.seek(510)
         disk.write(b"\0\0")
+
+
+def define_bootable_vm(
+    conn: libvirt.virConnect,
+    directory: Path,
+    files: dict[str, bytes],
+    *,
+    prefix: str = "sf-boot",
+    damaged: bool = False,
+    console: Path | None = None,
+) -> str:
+    """A stopped VM on a qcow2 copy of a bootable disk (its boot sector zeroed if asked),
+    with a guest agent channel, and its serial console to ``console`` if given."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = build_bootable_disk(directory / f"{name}.raw", files)
+    if damaged:
+        damage_boot_sector(raw)
+    disk = directory / f"{name}-vda.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True
+    )
+    raw.unlink()
+    serial = (
+        f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
+        if console is not None
+        else ""
+    )
+    conn.defineXML(
+        f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
+  <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
+  <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+  <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>{serial}
+  <channel type='unix'><source mode='bind'/>
+  <target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>"""
+    )
+    return name
+
+
+def destroy_vms(conn: libvirt.virConnect, *names: str) -> None:
+    """Destroy and undefine the named VMs that exist."""
+    for name in names:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()

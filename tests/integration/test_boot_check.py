@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import libvirt
@@ -25,35 +23,13 @@ from snapferry.activities.settings import Settings
 from snapferry.workers import starter
 
 from ..conftest import snapferry_cli
-from .bootable_guest import BOOTED, build_bootable_disk, damage_boot_sector
+from .bootable_guest import BOOTED, define_bootable_vm, destroy_vms
 from .helpers import request_for
 from .test_snapshot_serve import appliance_env, nbdkit_serving  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 
 FILES = {"data/report.txt": b"quarterly numbers\n" * 100, "etc/hostname": b"bootable\n"}
-
-
-def define_bootable_vm(conn: libvirt.virConnect, tmp_path: Path, *, damaged: bool) -> str:
-    """A stopped VM on a qcow2 copy of a bootable disk (its boot sector zeroed if asked)."""
-    name = f"sf-boot-{uuid.uuid4().hex[:8]}"
-    primary = tmp_path / "primary"
-    primary.mkdir(exist_ok=True)
-    raw = build_bootable_disk(primary / f"{name}.raw", FILES)
-    if damaged:
-        damage_boot_sector(raw)
-    disk = primary / f"{name}-vda.qcow2"
-    subprocess.run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True
-    )
-    raw.unlink()
-    conn.defineXML(
-        f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
-  <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
-  <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-  <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
-    )
-    return name
 
 
 def check_leftovers(conn: libvirt.virConnect, settings: Settings, record: SnapshotRecord) -> None:
@@ -73,8 +49,8 @@ async def test_a_backup_that_boots_passes_and_one_with_a_damaged_boot_sector_fai
     tmp_path: Path,
 ) -> None:
     names = [
-        define_bootable_vm(libvirt_conn, tmp_path, damaged=False),
-        define_bootable_vm(libvirt_conn, tmp_path, damaged=True),
+        define_bootable_vm(libvirt_conn, tmp_path / "primary", FILES),
+        define_bootable_vm(libvirt_conn, tmp_path / "primary", FILES, damaged=True),
     ]
     try:
         # The good one asks for a check after its backup (as a policy's --check-boot does).
@@ -137,11 +113,7 @@ async def test_a_backup_that_boots_passes_and_one_with_a_damaged_boot_sector_fai
             f" {json.loads(passed.stdout)['seconds']:.1f} s to the console line"
         )
     finally:
-        for name in names:
-            dom = libvirt_conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        destroy_vms(libvirt_conn, *names)
 
 
 async def test_a_check_of_a_snapshot_without_a_backup_is_refused(

@@ -19,12 +19,13 @@ import pytest
 from temporalio.client import Client
 
 from snapferry.activities.contracts import InstantRunResult, SnapshotState
+from snapferry.activities.hypervisors.kvm.export_vm import agent_answers
 from snapferry.activities.settings import Settings
 from snapferry.workers import starter
 from snapferry.workflows.instant import instant_workflow_id
 
 from ..conftest import snapferry_cli
-from .bootable_guest import build_bootable_disk
+from .bootable_guest import define_bootable_vm, destroy_vms
 from .helpers import images_identical, request_for
 from .test_snapshot_serve import nbdkit_serving
 
@@ -34,33 +35,8 @@ FILES = {"data/report.txt": b"restored at once\n" * 1000}
 
 
 def define_original(conn: libvirt.virConnect, tmp_path: Path) -> str:
-    name = f"sf-orig-{uuid.uuid4().hex[:8]}"
-    primary = tmp_path / "primary"
-    primary.mkdir(exist_ok=True)
-    raw = build_bootable_disk(primary / f"{name}.raw", FILES)
-    disk = primary / f"{name}-vda.qcow2"
-    subprocess.run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True
-    )
-    raw.unlink()
-    conn.defineXML(
-        f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
-  <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
-  <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-  <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
-  <serial type='file'><source path='{tmp_path / (name + ".console")}'/><target port='0'/></serial>
-  <channel type='unix'><source mode='bind'/>
-  <target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>"""
-    )
-    return name
-
-
-def agent_answers(dom: libvirt.virDomain) -> bool:
-    try:
-        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
+    console = tmp_path / "original.console"
+    return define_bootable_vm(conn, tmp_path / "primary", FILES, prefix="sf-orig", console=console)
 
 
 def disk_backing(dom: libvirt.virDomain, flags: int = 0) -> str | None:
@@ -141,14 +117,7 @@ async def test_a_vm_runs_from_the_backup_at_once_and_then_on_its_own_disk(
             f" answering after {booted:.1f} s, copied in {result.copy_seconds:.1f} s"
         )
     finally:
-        for vm in (name, original):
-            try:
-                dom = libvirt_conn.lookupByName(vm)
-            except libvirt.libvirtError:
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        destroy_vms(libvirt_conn, name, original)
 
 
 COPY_IN_A_PROCESS = """
@@ -217,11 +186,4 @@ async def test_a_copy_whose_worker_was_killed_is_adopted_and_finished(
         dom.destroy()
         assert images_identical(record.backup.path, result.overlay, fmt_b="qcow2")
     finally:
-        for vm in (name, original):
-            try:
-                dom = libvirt_conn.lookupByName(vm)
-            except libvirt.libvirtError:
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        destroy_vms(libvirt_conn, name, original)

@@ -35,6 +35,7 @@ from snapferry.activities.contracts import (
 )
 from snapferry.activities.errors import QuiesceUnavailable
 from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.hypervisors.kvm.export_vm import agent_answers
 from snapferry.activities.settings import Settings
 from snapferry.workers import starter
 from snapferry.workers.demo_vm import MIB
@@ -57,16 +58,6 @@ def wait_for(what: str, ok, timeout: float = 60.0, guest: RealGuest | None = Non
         time.sleep(0.05)
 
 
-def agent_answers(guest: RealGuest) -> bool:
-    """libvirt sees the agent connected (it learns it from QEMU's VSERPORT_CHANGE event a
-    moment after the guest opened its port)."""
-    try:
-        guest.domain.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def agent_guest(
     conn: libvirt.virConnect, tmp_path: Path, *, freeze_delay_s: float = 0.0, refuse: bool = False
@@ -85,7 +76,7 @@ def agent_guest(
     )
     try:
         boot(guest, timeout=BOOT_TIMEOUT)
-        wait_for("the agent", lambda: agent_answers(guest), guest=guest)
+        wait_for("the agent", lambda: agent_answers(guest.domain), guest=guest)
         wait_for("the writer", lambda: appended(guest) >= 100, guest=guest)
         yield guest
     finally:
@@ -260,6 +251,7 @@ TAKE_IN_A_PROCESS = """
 import sys
 from snapferry.activities.contracts import Quiesce, VmRef, VolumeRef
 from snapferry.activities.hypervisors.kvm import KvmDriver
+from snapferry.activities.hypervisors.kvm.export_vm import agent_answers
 from snapferry.activities.settings import Settings
 ref = VolumeRef(vm=VmRef(name=sys.argv[1], host="local"), disk="vda")
 KvmDriver(Settings.from_env()).take(volume=ref, snapshot_id=sys.argv[2], quiesce=Quiesce.YES)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import libvirt
 from ...contracts import BootCheck, BootCheckOptions
 from ...errors import HypervisorUnavailable
 from ...storage.nbd_export import serving
+from .export_vm import agent_answers, on_export, overlay_on_export, plain_domain
 
 POLL_S = 0.2
 
@@ -36,36 +36,17 @@ def check_domain_name(snapshot_id: str) -> str:
 
 
 def domain_xml(name: str, *, overlay: Path, socket: Path, console: Path, memory_mib: int) -> str:
-    """The throwaway VM: the overlay above the NBD export (``<backingStore>`` given, so
-    libvirt does not read it from the header, https://libvirt.org/formatdomain.html#hard-drives-floppy-disks-cdroms),
-    booting from it (SeaBIOS), console to a file, agent channel, no network."""
-    dom = ET.Element("domain", type="qemu")
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-    ET.SubElement(os_el, "boot", dev="hd")
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
+    """The throwaway VM: the overlay above the NBD export, its console to a file; it is
+    destroyed if it powers off, reboots or crashes."""
+    dom, disk = plain_domain(name, memory_mib=memory_mib, disk_target="vda")
+    on_export(disk, overlay=overlay, socket=socket)
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"
-    devices = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
-    ET.SubElement(disk, "source", file=str(overlay))
-    backing = ET.SubElement(disk, "backingStore", type="network")
-    ET.SubElement(backing, "format", type="raw")
-    src = ET.SubElement(backing, "source", protocol="nbd")
-    ET.SubElement(src, "host", transport="unix", socket=str(socket))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    devices = dom.find("devices")
+    assert devices is not None
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(console))
     ET.SubElement(serial, "target", port="0")
-    channel = ET.SubElement(devices, "channel", type="unix")
-    ET.SubElement(channel, "source", mode="bind")
-    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
@@ -81,14 +62,6 @@ def clear_leftovers(conn: libvirt.virConnect, snapshot_id: str, work: Path) -> N
             dom.undefine()
     for path in work.glob(f"{snapshot_id}.*"):
         path.unlink(missing_ok=True)
-
-
-def _agent_answers(dom: libvirt.virDomain) -> bool:
-    try:
-        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 def _console_match(console: Path, pattern: re.Pattern[str]) -> str | None:
@@ -124,14 +97,7 @@ def check_boot(
     at = datetime.now(UTC)
     with serving(manifest_path) as export:
         assert export.socket is not None
-        # The size is given and the backing not opened (-u): qemu-img never probes it, and
-        # its format is named (raw: the export is the disk's bytes).
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw"]
-            + ["-b", export.uri, str(overlay), str(export.size)],
-            check=True,
-            capture_output=True,
-        )
+        overlay_on_export(overlay, export.socket, export.size)
         name = check_domain_name(snapshot_id)
         xml = domain_xml(
             name,
@@ -160,7 +126,7 @@ def check_boot(
                             seconds=time.monotonic() - t0,
                             sign=f"console line {line.strip()!r}",
                         )
-                elif _agent_answers(dom):
+                elif agent_answers(dom):
                     return BootCheck(
                         ok=True, at=at, seconds=time.monotonic() - t0, sign="the guest agent"
                     )

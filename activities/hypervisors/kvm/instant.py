@@ -31,6 +31,7 @@ from ...contracts import InstantRunRequest, InstantRunResult
 from ...errors import InvalidInput
 from ...storage.nbd_export import is_our_nbdkit, open_disk, start_detached, stop_detached
 from ...storage.reader import image_info
+from .export_vm import on_export, overlay_on_export, plain_domain
 
 TAG = "snapferry-instant:"  # the new VM's <description>: whose backup it runs from
 MARK_SUFFIX = ".snapferry-instant"  # beside an overlay being made: whose it is
@@ -99,9 +100,12 @@ def domain_xml(req: InstantRunRequest, *, overlay: Path, socket: Path, source: s
     else a plain one; its disk the overlay above the export."""
     if source is not None:
         dom = ET.fromstring(source)
-        for tag in ("uuid", "name", "description"):
+        for tag in ("uuid", "description"):
             for el in dom.findall(tag):
                 dom.remove(el)
+        named = dom.find("name")
+        assert named is not None
+        named.text = req.name
         devices = dom.find("devices")
         assert devices is not None
         for disk in devices.findall("disk"):
@@ -118,35 +122,10 @@ def domain_xml(req: InstantRunRequest, *, overlay: Path, socket: Path, source: s
                     for src in el.findall("source"):
                         el.remove(src)
         disk = next(d for d in devices.findall("disk") if _target(d) == req.volume.disk)
-        for child in list(disk):
-            if child.tag in ("source", "backingStore", "driver"):
-                disk.remove(child)
-        disk.set("type", "file")
     else:
-        dom = ET.Element("domain", type="qemu")
-        ET.SubElement(dom, "memory", unit="MiB").text = str(req.memory_mib)
-        ET.SubElement(dom, "vcpu").text = "1"
-        os_el = ET.SubElement(dom, "os")
-        ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-        ET.SubElement(os_el, "boot", dev="hd")
-        features = ET.SubElement(dom, "features")
-        ET.SubElement(features, "acpi")
-        ET.SubElement(features, "apic")
-        devices = ET.SubElement(dom, "devices")
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "target", dev=req.volume.disk, bus="virtio")
-        channel = ET.SubElement(devices, "channel", type="unix")
-        ET.SubElement(channel, "source", mode="bind")
-        ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
-    ET.SubElement(dom, "name").text = req.name
+        dom, disk = plain_domain(req.name, memory_mib=req.memory_mib, disk_target=req.volume.disk)
     ET.SubElement(dom, "description").text = TAG + req.snapshot_id
-    disk.insert(0, ET.Element("driver", name="qemu", type="qcow2"))
-    disk.insert(1, ET.Element("source", file=str(overlay)))
-    backing = ET.Element("backingStore", type="network")
-    ET.SubElement(backing, "format", type="raw")
-    src = ET.SubElement(backing, "source", protocol="nbd")
-    ET.SubElement(src, "host", transport="unix", socket=str(socket))
-    disk.insert(2, backing)
+    on_export(disk, overlay=overlay, socket=socket)
     return ET.tostring(dom, encoding="unicode")
 
 
@@ -171,12 +150,7 @@ def start(conn: libvirt.virConnect, req: InstantRunRequest, *, work: Path, overl
     try:
         if made_overlay:
             mark.write_text(req.snapshot_id)
-            subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw"]
-                + ["-b", f"nbd+unix:///?socket={sock}", str(overlay), str(size)],
-                check=True,
-                capture_output=True,
-            )
+            overlay_on_export(overlay, sock, size)
         if dom is None:
             source = None
             with contextlib.suppress(libvirt.libvirtError):
