@@ -16,8 +16,6 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import (
     RetryPolicy,
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import (
@@ -35,8 +33,6 @@ with workflow.unsafe.imports_passed_through():
         BackupRequest,
         BackupResult,
         BootCheckOptions,
-        DeleteBackupOutcome,
-        DeleteBackupRequest,
         HypervisorType,
         PrimarySnapshot,
         ReleaseRequest,
@@ -49,10 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from snapferry.activities.errors import NON_RETRYABLE_ERROR_TYPES
     from snapferry.activities.names import (
         AWAIT_BACKUP_WORKFLOW,
-        DELETE_BACKUP,
-        DELETE_SNAPSHOT_UPDATE,
         RELEASE_PRIMARY,
-        SNAPSHOT_RECORD_QUERY,
         TAKE_SNAPSHOT,
         VERIFY_BACKUP,
     )
@@ -60,10 +53,8 @@ with workflow.unsafe.imports_passed_through():
 from . import metrics
 from .backup import BackupSnapshotWorkflow
 from .entity import (
-    DISCARD_FAILED,
     cause_message,
     discard_failed_take,
-    discard_take,
     raise_alert,
     refuse_carried_from_a_caller,
 )
@@ -71,18 +62,36 @@ from .routing import (
     BACKUP_QUEUE,
     CONTROL_QUEUE,
     HOST_HEARTBEAT_TIMEOUT,
-    HYPERVISOR,
-    POLICY_ID,
-    SNAPSHOT_ID,
     SNAPSHOT_STATE,
-    VM_ID,
-    VOLUME_ID,
     VOLUME_SNAPSHOT_WORKFLOW,
     backup_workflow_id,
     host_queue,
-    snapshot_workflow_id,
-    volume_id,
 )
+
+# Re-exported as well: callers import every update name and policy from this module.
+from .snapshot_common import (  # noqa: F401
+    CANCEL_BACKUP_UPDATE,
+    DELETE_RELEASE_PATCH,
+    DELETE_RETRY_PATCH,
+    DELETE_UPDATE,
+    DISCARD_ON_DELETE_PATCH,
+    DISCARD_PATCH,
+    ENTITY_PATCH,
+    HIDDEN_PATCH,
+    HOST_RETRY,
+    ONE_BACKUP_PER_ROUND_PATCH,
+    PURGED_SIGNAL,
+    RECORD_QUERY,
+    RELEASE_BASE_ON_DELETE_PATCH,
+    RELEASE_FAILED,
+    RESET_OF_DELETED_PATCH,
+    RETRY_BACKUP_UPDATE,
+    TAKE_HEARTBEAT_PATCH,
+    TAKE_LAST_RESORT,
+    WAIT_TAKEN_UPDATE,
+    search_attributes,
+)
+from .snapshot_delete import SnapshotDeletion
 
 # Re-exported: callers import every update name and operation policy from this module.
 from .snapshot_operations import (  # noqa: F401
@@ -97,58 +106,9 @@ from .snapshot_operations import (  # noqa: F401
     SnapshotOperations,
 )
 
-HOST_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=5,
-    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
-)
-
-ENTITY_PATCH = "snapshot-stays-open-as-entity"
-DELETE_RETRY_PATCH = "failed-delete-can-be-sent-again"
-ONE_BACKUP_PER_ROUND_PATCH = "one-backup-child-per-round"
-DISCARD_PATCH = "discard-what-a-failed-take-left"
-HIDDEN_PATCH = "hidden-chain-members"
-TAKE_HEARTBEAT_PATCH = "vmware-take-bounded-by-heartbeats"
-# A backed-up snapshot may still hold primary space as the next delta's base (a KVM layer,
-# a XenServer VDI): its delete gives that back too.
-RELEASE_BASE_ON_DELETE_PATCH = "delete-releases-a-kept-delta-base"
-# A delete whose release fails is a failed delete (Error, delete_error, sent again): ending
-# Destroyed would leave its layer in the chain unmarked, owned by no workflow.
-DELETE_RELEASE_PATCH = "a-failed-release-fails-the-delete"
-# A failed take whose leftovers could not be removed stays open in Error, deletable: its
-# delete runs the discard again.
-DISCARD_ON_DELETE_PATCH = "a-delete-discards-what-a-failed-take-left"
-# A reset run whose adopted backup ended without a backup because the snapshot was deleted
-# (during that backup, or after it failed): it stays Destroyed, not CreatedOnPrimary.
-RESET_OF_DELETED_PATCH = "reset-of-a-snapshot-deleted-before-its-backup"
-RELEASE_FAILED = "its primary copy could not be merged away"
-TAKE_LAST_RESORT = timedelta(days=1)
-PURGED_SIGNAL = "purged"
-
-WAIT_TAKEN_UPDATE = "wait_taken"
-RETRY_BACKUP_UPDATE = "retry_backup"
-RECORD_QUERY = SNAPSHOT_RECORD_QUERY
-DELETE_UPDATE = DELETE_SNAPSHOT_UPDATE
-CANCEL_BACKUP_UPDATE = "cancel_backup"
-
-
-def search_attributes(req: SnapshotRequest, state: SnapshotState) -> TypedSearchAttributes:
-    vm = req.volume.vm
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(VOLUME_ID, volume_id(vm.name, req.volume.disk)),
-            SearchAttributePair(VM_ID, vm.name),
-            SearchAttributePair(SNAPSHOT_ID, req.snapshot_id),
-            SearchAttributePair(SNAPSHOT_STATE, state.value),
-            SearchAttributePair(HYPERVISOR, vm.hypervisor.value),
-        ]
-        + ([SearchAttributePair(POLICY_ID, req.policy_id)] if req.policy_id else [])
-    )
-
 
 @workflow.defn(name=VOLUME_SNAPSHOT_WORKFLOW)
-class VolumeSnapshotWorkflow(SnapshotOperations):
+class VolumeSnapshotWorkflow(SnapshotDeletion, SnapshotOperations):
     @workflow.init
     def __init__(self, req: SnapshotRequest) -> None:
         self.req = req
@@ -485,124 +445,6 @@ class VolumeSnapshotWorkflow(SnapshotOperations):
                 " snapshot whose backup failed (CreatedOnPrimary with an error) can be retried",
                 type="InvalidInput",
             )
-
-    @workflow.update(name=DELETE_UPDATE)
-    async def delete_snapshot(self) -> SnapshotRecord:
-        """Delete on secondary and primary. A running backup is cancelled first (its
-        ``.partial`` files are removed); a snapshot still on primary is merged away."""
-        self.deleting = True
-        # A backup being started has no handle yet: wait for it, then cancel it.
-        await workflow.wait_condition(
-            lambda: (
-                self.backup_child is not None
-                or self.adopted_backup is not None
-                or not self.backup_running
-            )
-        )
-        if self.backup_child is not None:
-            self.backup_child.cancel()
-        elif self.adopted_backup is not None:
-            await workflow.get_external_workflow_handle(self.adopted_backup).cancel()
-        await workflow.wait_condition(lambda: not self.backup_running)
-        async with self._operation():
-            try:
-                return await self._delete_everywhere()
-            except ActivityError as err:
-                if not workflow.patched(DELETE_RETRY_PATCH):
-                    raise  # histories from before a failed delete could be sent again
-                # The store may have lost some files already (manifest first, so nothing
-                # looks whole that is not): the snapshot is Error, the delete can be sent
-                # again, and nothing else is allowed until it succeeds.
-                self.deleting = False
-                cause = cause_message(err)
-                self.record.delete_error = (
-                    f"{self.failed_step}: {cause}" if self.failed_step else cause
-                )
-                self.failed_step = None
-                self._set_state(SnapshotState.ERROR)
-                await self._alert(
-                    "SNAPSHOT.DELETE.FAILED",
-                    f"deleting snapshot {self.req.snapshot_id} failed:"
-                    f" {self.record.delete_error}; send the delete again",
-                    AlertSeverity.ERROR,
-                )
-                raise ApplicationError(
-                    f"snapshot {self.req.snapshot_id}: delete failed:"
-                    f" {self.record.delete_error}; it is Error now, send the delete again",
-                    type="DeleteFailed",
-                    non_retryable=True,
-                ) from err
-
-    async def _delete_everywhere(self) -> SnapshotRecord:
-        """The delete proper: secondary first (chain-aware), then primary."""
-        self._set_state(SnapshotState.DESTROYING)
-        if self.record.primary is None:
-            # A take that failed and whose leftovers could not be removed then (only such
-            # a snapshot without a primary copy passes the validator): remove them now.
-            self.failed_step = DISCARD_FAILED
-            await discard_take(self.req.snapshot_id, self.req.volume.vm, vm_snapshot=False)
-            self.failed_step = None
-        if self.record.primary is not None:
-            # Whatever a backup left (finished, or cancelled mid-way), by the store's
-            # own layout: a backup that finished just as it was cancelled is included.
-            outcome: DeleteBackupOutcome | None = await workflow.execute_activity(
-                DELETE_BACKUP,
-                DeleteBackupRequest(snapshot_id=self.req.snapshot_id, volume=self.req.volume),
-                result_type=DeleteBackupOutcome | None,  # type: ignore[arg-type]
-                task_queue=BACKUP_QUEUE,
-                start_to_close_timeout=timedelta(minutes=10),
-                retry_policy=HOST_RETRY,
-            )
-        else:
-            outcome = None
-        if self.record.primary is not None and not self.record.primary_released:
-            # A delete: whatever the backup did, the primary copy goes (never kept as the
-            # next delta's base for a snapshot that is being deleted).
-            await self._release(self.req, deleting=True)
-        elif (
-            self.record.primary is not None
-            and self.record.backup is not None
-            and workflow.patched(RELEASE_BASE_ON_DELETE_PATCH)
-        ):
-            await self._release(self.req, deleting=True)
-        if outcome is not None and workflow.patched(HIDDEN_PATCH):
-            for parent in outcome.purged:  # hidden ancestors nothing needs any more
-                await workflow.get_external_workflow_handle(snapshot_workflow_id(parent)).signal(
-                    PURGED_SIGNAL
-                )
-            if outcome.hidden and not self.purge_seen:
-                # Later deltas need this backup: Hidden, as in CloudStack, until the
-                # delete of its last dependant purges it.
-                self._set_state(SnapshotState.HIDDEN)
-                return self.record
-        self._set_state(SnapshotState.DESTROYED)
-        self.destroyed = True
-        return self.record
-
-    @workflow.signal(name=PURGED_SIGNAL)
-    def purged(self) -> None:
-        """Sent by the delete that removed this Hidden snapshot's backup with its own. It
-        may arrive while this snapshot's own delete is still finishing: remembered."""
-        self.purge_seen = True
-        if self.record.state == SnapshotState.HIDDEN:
-            self._set_state(SnapshotState.DESTROYED)
-            self.destroyed = True
-
-    @delete_snapshot.validator
-    def _validate_delete(self) -> None:
-        if self.record.state == SnapshotState.ERROR and self.record.delete_error:
-            return  # a failed delete is sent again
-        if self.record.state == SnapshotState.HIDDEN:
-            self._refuse(
-                "it is Hidden: deleted, but its backup is kept until the later deltas that"
-                " depend on it are deleted"
-            )
-        if self.deleting or self.record.state in (
-            SnapshotState.ALLOCATED,
-            SnapshotState.CREATING,
-            SnapshotState.ERROR,
-        ):
-            self._refuse(f"cannot delete it while it is {self.record.state.value}")
 
     @workflow.update(name=CANCEL_BACKUP_UPDATE)
     async def cancel_backup(self) -> SnapshotRecord:
