@@ -16,20 +16,28 @@ gets fulls of the whole disk instead of deltas, and the reason names the privile
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
-from snapferry.activities.contracts import BackupPlan, SnapshotState, new_snapshot_id
-from snapferry.activities.errors import SourceGone
+from snapferry.activities.contracts import (
+    BackupPlan,
+    RevertRequest,
+    SnapshotState,
+    new_snapshot_id,
+)
+from snapferry.activities.errors import PermissionDenied, SourceGone
 from snapferry.activities.hypervisors.vmware import VmwareDriver
+from snapferry.activities.storage.secondary import SecondaryStore
 from snapferry.workers.worker import running_workers
-from tests.vsphere_sim.control import cbt, create_vm, disk_path, guest_write
+from tests.vsphere_sim.control import cbt, create_vm, disk_path, guest_write, set_file_access
 
 from ..conftest import Vsphere
 from .test_vmware_cbt import _Entry, backed_up, enable_cbt, restores_to, scatter, snapshots_of
 from .test_vmware_clones import volume
 from .test_vmware_disk_copy import PASSWORD, Sim, sim
+from .test_vmware_placement import back_up
 
 __all__ = ["sim"]
 
@@ -153,3 +161,42 @@ async def test_backups_of_a_thin_disk_cost_its_data_and_fall_back_without_the_pr
     assert third.backup.bytes_copied == SIZE
     assert restores_to(third, at_third)
     assert snapshots_of(vsphere, "al04") == []
+
+
+def test_without_datastore_file_access_the_read_names_the_privileges(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """The backup reads the clone's flat disk over /folder, which needs Datastore.Browse and
+    Datastore.FileManagement: answered 403 without them, the read fails for good
+    (PermissionDenied, not retried) naming both, and so does a revert's upload; the disk is
+    left as it was."""
+    create_vm(sim.port, "al05", [4 * MIB], power="poweredOff")
+    with open(disk_path(sim.root, "al05", 0), "r+b") as f:  # what the stopped guest left
+        f.write(b"\x5a" * MIB)
+    driver = VmwareDriver(sim.settings)
+    sid = new_snapshot_id()
+    primary = driver.take(volume=volume("al05", "al05"), snapshot_id=sid)
+    manifest = back_up(
+        driver, SecondaryStore(tmp_path / "secondary"), volume("al05", "al05"), sid, primary
+    )
+    driver.release(volume=volume("al05", "al05"), snapshot_id=sid, source=primary)
+    second = new_snapshot_id()
+    primary = driver.take(volume=volume("al05", "al05"), snapshot_id=second)
+    set_file_access(sim.port, False)
+    reader = driver.open_reader(primary, BackupPlan())
+    try:
+        extent = next(iter(reader.data_extents()))
+        with pytest.raises(PermissionDenied, match="Datastore.FileManagement"):
+            reader.read_range(extent, 0, memoryview(bytearray(MIB)))
+    finally:
+        reader.close()
+    set_file_access(sim.port, True)
+    driver.release(volume=volume("al05", "al05"), snapshot_id=second, source=primary)
+    set_file_access(sim.port, False)
+    before = disk_path(sim.root, "al05", 0).read_bytes()
+    revert = RevertRequest(
+        snapshot_id=sid, volume=volume("al05", "al05"), primary=None, manifest_path=manifest
+    )
+    with pytest.raises(PermissionDenied, match="Datastore.FileManagement"):
+        driver.revert(revert)
+    assert disk_path(sim.root, "al05", 0).read_bytes() == before

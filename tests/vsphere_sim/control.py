@@ -57,6 +57,12 @@ def set_datastore_type(port: int, ds_type: str, name: str = "ds1") -> None:
     _call(port, "POST", "/sim/datastore", {"type": ds_type, "name": name})
 
 
+def set_file_access(port: int, allowed: bool) -> None:
+    """Whether the login holds Datastore.Browse and Datastore.FileManagement: without them
+    every /folder GET, HEAD and PUT answers 403."""
+    _call(port, "POST", "/sim/datastore", {"file_management": allowed})
+
+
 def set_ignore_range(port: int, ignore: bool) -> None:
     """Make /folder GET answer a ranged request with a plain 200 and the whole file."""
     _call(port, "POST", "/sim/range", {"ignore": ignore})

@@ -63,6 +63,13 @@ class DatastoreFiles:
         self.ds_dir = self.ds_dirs[DS]
         self.ds_types = {name: "VMFS" for name in DATASTORES}
         self.datastore_gone = False
+        # Test control: whether the login holds the privileges HTTP access to a datastore
+        # file needs: Datastore.Browse and Datastore.FileManagement on the datacenter and
+        # the datastore ("Privilege Requirements for HTTP Access", vSphere Web Services SDK
+        # Programming Guide). Without them /folder answers 403 Forbidden: the guide gives
+        # no status, and 403 is HTTP's for an authenticated request the server refuses
+        # (RFC 9110, 15.5.4).
+        self.file_access = True
         self.ds_type = "VMFS"
         self.ignore_range = False
         self.cut_after: int | None = None  # test control: the next /folder GET stops early

@@ -141,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
     def _datastore_get(self) -> None:
         if not self._authenticated():
             return self._send(401, b"session cookie required")
+        if not self.server.inv.file_access:  # Datastore.Browse/FileManagement missing
+            return self._send(403, b"Permission to perform this operation was denied.")
         path = self._datastore_file()
         if path is None or not path.is_file():
             return self._send(404, b"file not found")
@@ -206,6 +208,8 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if not self._authenticated():
             return self._send(401, b"session cookie required")
+        if not self.server.inv.file_access:  # Datastore.Browse/FileManagement missing
+            return self._send(403, b"Permission to perform this operation was denied.")
         path = self._datastore_file()
         if path is None or not path.parent.is_dir():
             return self._send(404, b"directory not found")
@@ -307,7 +311,15 @@ class Handler(BaseHTTPRequestHandler):
                 name = req.get("name", DS)
                 inv.datastore_gone = bool(req.get("gone", inv.datastore_gone))
                 inv.ds_types[name] = str(req.get("type", inv.ds_types[name]))
-                return self._json(200, {"gone": inv.datastore_gone, "type": inv.ds_types[name]})
+                inv.file_access = bool(req.get("file_management", inv.file_access))
+                return self._json(
+                    200,
+                    {
+                        "gone": inv.datastore_gone,
+                        "type": inv.ds_types[name],
+                        "file_management": inv.file_access,
+                    },
+                )
             if what == "inventory":
                 inv.api_type = str(req.get("api_type", inv.api_type))
                 inv.capacity_in_bytes = bool(req.get("capacity_in_bytes", inv.capacity_in_bytes))

@@ -7,7 +7,7 @@ import logging
 
 from ...errors import HypervisorUnavailable, SourceGone
 from ...storage.reader import DataExtent
-from .session import VsphereSession
+from .session import VsphereSession, file_access_denied
 
 UPLOAD_CHUNK = 8 * 1024 * 1024
 STREAM_WINDOW = 1 << 30  # one ranged datastore GET per GiB of disk (or to its end)
@@ -94,6 +94,9 @@ class DatastoreReader:
             if resp.status == 404:
                 resp.read()
                 raise SourceGone(f"[{self.ds}] {self.path} is gone from the datastore")
+            if resp.status == 403:
+                resp.read()
+                raise file_access_denied("GET", self.ds, self.path)
             if resp.status != 401:
                 return resp
             resp.read()

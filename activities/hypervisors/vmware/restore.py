@@ -10,6 +10,7 @@ from ...contracts import RestoreRequest, RestoreResult, RevertRequest
 from ...errors import ChainBusy, HypervisorUnavailable, InvalidInput, SourceGone
 from .cbt import CbtOps
 from .common import flat_path, vm_lock
+from .session import file_access_denied
 
 
 class RestoreOps(CbtOps):
@@ -109,7 +110,10 @@ class RestoreOps(CbtOps):
             finally:
                 conn.close()
 
-        return bool(self.session.transfer(head, lambda status: status) == 200)
+        status = self.session.transfer(head, lambda status: status)
+        if status == 403:
+            raise file_access_denied("HEAD", ds, path)
+        return bool(status == 200)
 
     def _upload_bytes(self, ds: str, path: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile() as tmp:
@@ -119,8 +123,12 @@ class RestoreOps(CbtOps):
 
     def _upload(self, ds: str, path: str, source: Path) -> str:
         """PUT ``source``; with a session checked alive just before (a 401 would come only
-        after the whole body), and sent again after a new login if it still meets one."""
+        after the whole body), and sent again after a new login if it still meets one. A
+        HEAD goes first, so that a login without the datastore's file privileges hears
+        so (403, ``file_access_denied``) before the body, which a server refusing it may
+        stop reading."""
         url = self.session.file_url(ds, path)
+        self._exists(ds, path)
         cookie = self.session.live_cookie()
         status, body, sent = self.session.endpoint.put_file(url, source, {"Cookie": cookie})
         if status == 401:
@@ -128,6 +136,8 @@ class RestoreOps(CbtOps):
             status, body, sent = self.session.endpoint.put_file(
                 url, source, {"Cookie": self.session.cookie()}
             )
+        if status == 403:
+            raise file_access_denied("PUT", ds, path)
         if status not in (200, 201, 204):
             raise HypervisorUnavailable(
                 f"datastore PUT of [{ds}] {path} answered {status}: {body!r}"
@@ -140,6 +150,8 @@ class RestoreOps(CbtOps):
             lambda cookie: self.session.endpoint.get_sha256(url, {"Cookie": cookie}),
             lambda answer: int(answer[0]),
         )
+        if status == 403:
+            raise file_access_denied("GET", ds, path)
         if status != 200:
             raise SourceGone(f"[{ds}] {path}: datastore GET answered {status}")
         return str(digest)

@@ -68,6 +68,18 @@ def fault_error(fault: Any, what: str) -> Exception:
     return HypervisorUnavailable(f"{what}: {type(fault).__name__}: {message}")
 
 
+def file_access_denied(verb: str, ds: str, path: str) -> PermissionDenied:
+    """A ``/folder`` transfer answered 403: HTTP access to a datastore file needs
+    Datastore.Browse and Datastore.FileManagement on the datacenter and the datastore
+    ("Privilege Requirements for HTTP Access", vSphere Web Services SDK Programming
+    Guide). Permanent until an operator grants them, so never retried."""
+    return PermissionDenied(
+        f"datastore {verb} of [{ds}] {path} answered 403 Forbidden: the vCenter login lacks"
+        f" the privileges Datastore.Browse and Datastore.FileManagement on datastore {ds}"
+        " (and its datacenter): grant them to the login's role"
+    )
+
+
 class VsphereSession:
     """One logged-in pyvmomi connection per process: one stub, logged in again in place
     when vCenter drops its session.
