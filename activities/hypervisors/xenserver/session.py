@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import logging
 import re
+import ssl
 import threading
 import urllib.parse
 import xmlrpc.client
@@ -26,6 +27,69 @@ from .common import (
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+# Socket timeouts: an XML-RPC call (long work is an Async call: its task is polled), and a
+# login or a probe of a pool member. A fenced master answers nothing at all.
+CALL_TIMEOUT_S = 120.0
+LOGIN_TIMEOUT_S = 10.0
+_METHOD = re.compile(rb"<methodName>([^<]*)</methodName>")
+
+
+def repeatable(method: str) -> bool:
+    """Whether a call may be sent again when its outcome is unknown (the connection broke
+    after it went out): a call that only reads (``*.get_*``, ``get_record``,
+    ``get_all_records``) or a login, as Xen Orchestra re-sends only read-only calls
+    (``packages/xen-api/index.mjs`` l.218-223, l.432-437). Anything else (``Async.*``, a
+    snapshot, a destroy, ``set_*``, ``add_to_*``, ``task.create``) may have run once."""
+    if method.startswith("Async."):
+        return False
+    name = method.rpartition(".")[2]
+    return name.startswith("get_") or name in ("login_with_password", "logout")
+
+
+class _Transport(xmlrpc.client.SafeTransport):
+    """XML-RPC over HTTP(S) with a socket timeout, and without ``xmlrpc.client``'s silent
+    re-send of a request on a kept-alive connection that was reset
+    (``Transport.request``: "retry request once if cached connection has gone cold"): the
+    request may have run. A call that is not ``repeatable`` goes on a connection opened for
+    it, so that a refused connect is known to have sent nothing (``nothing_sent``)."""
+
+    def __init__(self, https: bool, timeout: float, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self.https, self.timeout = https, timeout
+        self.method = ""  # the last request's method
+        self.nothing_sent = False  # the last request failed before anything was sent
+
+    def make_connection(  # type: ignore[override]
+        self, host: Any
+    ) -> http.client.HTTPConnection:
+        if self.https:
+            conn: http.client.HTTPConnection = super().make_connection(host)
+        else:
+            conn = xmlrpc.client.Transport.make_connection(self, host)
+        conn.timeout = self.timeout
+        return conn
+
+    def request(self, host: Any, handler: Any, request_body: Any, verbose: bool = False) -> Any:
+        found = _METHOD.search(request_body if isinstance(request_body, bytes) else b"")
+        method = self.method = found.group(1).decode() if found else ""
+        self.nothing_sent = False
+        if repeatable(method):
+            return super().request(host, handler, request_body, verbose)
+        self.close()  # a connection of its own: no reset of a kept one, no re-send
+        try:
+            return self.single_request(host, handler, request_body, verbose)
+        except ConnectionRefusedError:
+            self.nothing_sent = True  # only a connect is refused
+            raise
+
+
+def _xenapi(url: str, verify_tls: bool, timeout: float) -> Any:
+    """A ``XenAPI.Session`` at ``url`` on ``_Transport``."""
+    https = urllib.parse.urlsplit(url).scheme == "https"
+    context = None
+    if https and not verify_tls:
+        context = ssl._create_unverified_context()
+    return XenAPI.Session(url, transport=_Transport(https, timeout, context))
 
 
 class _Unreachable(Exception):
@@ -99,7 +163,7 @@ class XapiSession:
         or ``(None, address)`` for a HOST_IS_SLAVE naming the master's address."""
         unreachable: list[str] = []
         for url in targets:
-            session = XenAPI.Session(url, ignore_ssl=not self.config.verify_tls)
+            session = _xenapi(url, self.config.verify_tls, LOGIN_TIMEOUT_S)
             try:
                 session.xenapi.login_with_password(
                     self.config.user, self.config.password(), "2.0", "snapferry"
@@ -170,7 +234,7 @@ class XapiSession:
                 return True  # another thread moved already
             ref = self._ref
             try:
-                probe = XenAPI.Session(url, ignore_ssl=not self.config.verify_tls)
+                probe = _xenapi(url, self.config.verify_tls, LOGIN_TIMEOUT_S)
                 probe._session = ref
                 probe.xenapi.session.get_this_host(ref)
                 return False  # it answers: the call met a passing fault
@@ -187,7 +251,7 @@ class XapiSession:
         ref = self.session_ref()
         proxy = getattr(self._local, "proxy", None)
         if proxy is None or getattr(self._local, "url", None) != self.master_url:
-            proxy = XenAPI.Session(self.master_url, ignore_ssl=not self.config.verify_tls)
+            proxy = _xenapi(self.master_url, self.config.verify_tls, CALL_TIMEOUT_S)
             self._local.proxy, self._local.url = proxy, self.master_url
         proxy._session = ref
         return proxy
@@ -224,9 +288,13 @@ class XapiSession:
             except _UNREACHABLE as exc:
                 self._local.proxy = None  # a broken connection: a new proxy next time
                 moved = self._failed_over(url)
-                # A refused connection sent nothing: the call can go to the new master.
-                # Any other break leaves its outcome unknown: the caller's retry decides.
-                if moved and isinstance(exc, ConnectionRefusedError) and attempt < 2:
+                # A call that only reads goes to the new master again; so does one whose
+                # connection was refused (``_Transport``: nothing was sent). Any other
+                # call cut by a break may have run: its outcome is unknown, and the
+                # caller's retry decides (it finds what the call made by its marks).
+                transport = proxy.transport
+                again = repeatable(transport.method) or transport.nothing_sent
+                if moved and again and attempt < 2:
                     continue
                 where = f" (the pool master is now {self.master_url})" if moved else ""
                 raise HypervisorUnavailable(f"{what}: XenServer unreachable: {exc}{where}") from exc
