@@ -51,6 +51,9 @@ case "$1" in
     ;;
   thaw)
     echo "THAW $up" > /dev/console
+    case " $(cat /proc/cmdline) " in
+      *" sf_thaw_fail=1 "*) kill -CONT "$(cat /run/writer.pid)"; exit 1 ;;
+    esac
     kill -CONT "$(cat /run/writer.pid)"
     ;;
 esac
@@ -72,7 +75,11 @@ while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 # Nothing reaches the disk but by a flush: no periodic writeback, no early journal commit.
 echo 0 > /proc/sys/vm/dirty_writeback_centisecs
 echo 360000 > /proc/sys/vm/dirty_expire_centisecs
-if ! mount -t ext4 -o errors=remount-ro,commit=3600 /dev/vda /mnt; then
+case " $(cat /proc/cmdline) " in
+  *" sf_no_disk=1 "*) mount -t tmpfs tmpfs /mnt ;;  # nothing the agent can freeze
+  *) mount -t ext4 -o errors=remount-ro,commit=3600 /dev/vda /mnt ;;
+esac
+if ! grep -q ' /mnt ' /proc/mounts; then
   echo "{ERROR_TAG} mount /dev/vda"
   while :; do sleep 3600; done
 fi
@@ -131,10 +138,21 @@ def build_agent_initramfs(dest: Path, version: str) -> Path:
     return build_initramfs(dest, version, init=INIT, modules=AGENT_MODULES, files=files)
 
 
-def cmdline(freeze_delay_s: float = 0.0, *, refuse_freeze: bool = False) -> str:
-    """The guest's kernel command line: how long its hook holds a freeze open, and whether
-    the hook fails (as a database that cannot flush would), so the agent does not freeze."""
-    return f"{CMDLINE} sf_freeze_delay={freeze_delay_s:g} sf_freeze_fail={int(refuse_freeze)}"
+def cmdline(
+    freeze_delay_s: float = 0.0,
+    *,
+    refuse_freeze: bool = False,
+    fail_thaw: bool = False,
+    no_disk: bool = False,
+) -> str:
+    """The guest's kernel command line: how long its hook holds a freeze open; whether the
+    hook's freeze fails (as a database that cannot flush would), so the agent does not
+    freeze; whether its thaw fails (after the agent thawed); whether the writer writes to a
+    tmpfs instead of the disk (the agent then has no file system to freeze)."""
+    return (
+        f"{CMDLINE} sf_freeze_delay={freeze_delay_s:g} sf_freeze_fail={int(refuse_freeze)}"
+        f" sf_thaw_fail={int(fail_thaw)} sf_no_disk={int(no_disk)}"
+    )
 
 
 def log_lines(data: bytes) -> list[str]:

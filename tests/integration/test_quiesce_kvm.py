@@ -28,12 +28,14 @@ from snapferry.activities.contracts import (
     Quiesce,
     SnapshotState,
     VmRef,
+    VmSnapshotOperation,
     VmSnapshotRequest,
     VmSnapshotState,
+    VmSnapshotType,
     VolumeRef,
     new_snapshot_id,
 )
-from snapferry.activities.errors import QuiesceUnavailable
+from snapferry.activities.errors import HypervisorUnavailable, QuiesceUnavailable
 from snapferry.activities.hypervisors.kvm import KvmDriver
 from snapferry.activities.hypervisors.kvm.export_vm import agent_answers
 from snapferry.activities.settings import Settings
@@ -60,18 +62,27 @@ def wait_for(what: str, ok, timeout: float = 60.0, guest: RealGuest | None = Non
 
 @contextlib.contextmanager
 def agent_guest(
-    conn: libvirt.virConnect, tmp_path: Path, *, freeze_delay_s: float = 0.0, refuse: bool = False
+    conn: libvirt.virConnect,
+    tmp_path: Path,
+    *,
+    freeze_delay_s: float = 0.0,
+    refuse: bool = False,
+    fail_thaw: bool = False,
+    no_disk: bool = False,
+    directory: str = "primary",
 ) -> Iterator[RealGuest]:
     """A booted agent guest whose agent answers and whose writer is writing."""
     kernel, version = find_kernel()
     initrd = ag.build_agent_initramfs(tmp_path / f"initrd-{os.getpid()}-{time.time_ns()}", version)
     guest = define_guest(
         conn,
-        directory=tmp_path / "primary",
+        directory=tmp_path / directory,
         initrd=initrd,
         kernel=kernel,
         disk_size=DISK_SIZE,
-        cmdline=ag.cmdline(freeze_delay_s, refuse_freeze=refuse),
+        cmdline=ag.cmdline(
+            freeze_delay_s, refuse_freeze=refuse, fail_thaw=fail_thaw, no_disk=no_disk
+        ),
         agent=True,
     )
     try:
@@ -279,3 +290,67 @@ def test_a_worker_killed_while_the_guest_is_frozen_leaves_it_thawed(
         assert retried.consistency == Consistency.APPLICATION
         assert retried.overlay == disk_source(libvirt_conn, guest.name)
         ag.check_quiesced_log(log_in(retried.image, retried.image_format, tmp_path))
+
+
+def test_a_guest_with_nothing_to_freeze_is_not_called_application_consistent(
+    driver: KvmDriver, libvirt_conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Its agent answers, but no file system it would freeze is mounted: the freeze hook
+    must not run (libvirt thaws only what was frozen, so the hook's thaw would never come)."""
+    with agent_guest(libvirt_conn, tmp_path, no_disk=True) as guest:
+        with pytest.raises(QuiesceUnavailable, match="no file system"):
+            driver.take(volume=volume(guest), snapshot_id=new_snapshot_id(), quiesce=Quiesce.YES)
+        tried = driver.take(
+            volume=volume(guest), snapshot_id=new_snapshot_id(), quiesce=Quiesce.TRY
+        )
+        assert tried.consistency == Consistency.CRASH
+        assert tried.consistency_note and "no file system" in tried.consistency_note
+        assert not console_times(guest, ag.FREEZE_RE)  # the hook never ran
+        now = appended(guest)
+        wait_for("the writer going on", lambda: appended(guest) > now + 50, guest=guest)
+
+
+def test_a_failed_thaw_after_the_snapshot_is_told_apart_from_a_failed_freeze(
+    driver: KvmDriver, libvirt_conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Under a directory whose name holds "agent": an ordinary failure (a stale file where
+    the overlay goes) is an ordinary, retryable error; a thaw hook that fails after the
+    snapshot was made leaves an application-consistent snapshot that says so."""
+    with agent_guest(libvirt_conn, tmp_path, fail_thaw=True, directory="build-agent-01") as guest:
+        sid = new_snapshot_id()
+        stale = Path(f"{disk_source(libvirt_conn, guest.name)}.snapferry-{sid}.qcow2")
+        stale.write_bytes(b"not an overlay" * 100)
+        with pytest.raises(HypervisorUnavailable, match="exists"):
+            driver.take(volume=volume(guest), snapshot_id=sid, quiesce=Quiesce.YES)
+        stale.unlink()
+        before = chain_of(disk_source(libvirt_conn, guest.name))
+        taken = driver.take(
+            volume=volume(guest), snapshot_id=new_snapshot_id(), quiesce=Quiesce.YES
+        )
+        assert taken.consistency == Consistency.APPLICATION
+        assert taken.consistency_note and "thaw" in taken.consistency_note
+        assert len(chain_of(disk_source(libvirt_conn, guest.name))) == len(before) + 1
+        ag.check_quiesced_log(log_in(taken.image, taken.image_format, tmp_path))
+        now = appended(guest)
+        wait_for("the writer going on", lambda: appended(guest) > now + 50, guest=guest)
+
+
+def test_a_disk_and_memory_snapshot_is_not_quiesced(driver: KvmDriver, make_vm) -> None:
+    """libvirt quiesces disk-only snapshots only (qemu_snapshot.c requires DISK_ONLY with
+    QUIESCE): yes is refused at once, try takes it and says why."""
+    vm = make_vm(size=8 * MIB, data_bytes=MIB)
+    ref = VmRef(name=vm.name, host="local")
+
+    def op(quiesce: Quiesce) -> VmSnapshotOperation:
+        return VmSnapshotOperation(
+            snapshot_id=new_snapshot_id(),
+            vm=ref,
+            type=VmSnapshotType.DISK_AND_MEMORY,
+            quiesce=quiesce,
+        )
+
+    with pytest.raises(QuiesceUnavailable, match="disk-only"):
+        driver.take_vm_snapshot(op(Quiesce.YES))
+    taken = driver.take_vm_snapshot(op(Quiesce.TRY))
+    assert taken.consistency == Consistency.CRASH and taken.memory is not None
+    assert taken.consistency_note and "memory" in taken.consistency_note

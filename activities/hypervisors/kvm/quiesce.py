@@ -16,6 +16,8 @@ database flushes and holds its writes (docs/operating/quiesce.md).
 
 from __future__ import annotations
 
+import contextlib
+
 import libvirt
 
 from ...contracts import Consistency, Quiesce
@@ -52,7 +54,33 @@ def guest_ready(
             )
             return False, consistency, note
         thaw_leftover(dom, vm, quiesce)
+    # libvirt thaws only when the agent froze something (qemu_snapshot.c: "if (frozen > 0)
+    # thaw = true"), yet the agent runs the guest's freeze hook whatever it then freezes: a
+    # guest with nothing to freeze (root on ZFS, NFS, 9p) would have its hook's freeze never
+    # undone. The agent's own list of the file systems it freezes (guest-get-fsinfo, the
+    # same build_fs_mount_list as guest-fsfreeze-freeze in qga/commands-posix.c) decides.
+    try:
+        freezable = dom.fsInfo()
+    except libvirt.libvirtError:
+        freezable = None  # an agent without guest-get-fsinfo: the freeze says
+    if freezable is not None and not freezable:
+        consistency, note = without_quiesce(
+            quiesce, f"VM {vm!r}'s guest agent sees no file system it can freeze"
+        )
+        return False, consistency, note
     return True, Consistency.APPLICATION, None
+
+
+def thaw_if_frozen(dom: libvirt.virDomain) -> None:
+    """A retried take that finds its snapshot made: a guest its first attempt left frozen
+    (libvirtd gone between the snapshot and the thaw) is thawed now, not at some later
+    quiesced take."""
+    try:
+        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
+    except libvirt.libvirtError as exc:
+        if _FROZEN in (exc.get_error_message() or ""):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.fsThaw()
 
 
 def thaw_leftover(dom: libvirt.virDomain, vm: str, quiesce: Quiesce) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from .common import (
     snapshot_of_overlay,
 )
 from .intent import RedefinitionIntent
-from .quiesce import guest_ready
+from .quiesce import guest_ready, thaw_if_frozen
 
 _SNAPSHOT_FLAGS = (
     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -41,15 +42,26 @@ class _FreezeFailed(Exception):
         )
 
 
-def _is_freeze_failure(exc: libvirt.libvirtError) -> bool:
-    """The agent's part failed, not the snapshot's: libvirt names the agent or its
-    ``guest-fsfreeze-freeze`` command (qemu_agent.c, qemuAgentCheckError and
-    qemuAgentFSFreeze), or gives up on an agent that stopped answering."""
-    message = (exc.get_error_message() or "").lower()
-    return exc.get_error_code() in (
-        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
-        libvirt.VIR_ERR_AGENT_UNSYNCED,
-    ) or any(word in message for word in ("agent", "fsfreeze", "freeze"))
+class _ThawFailed(Exception):
+    """libvirt's quiesced snapshot was made, frozen, and then its thaw failed: libvirt
+    reports the call failed (qemu_snapshot.c: a thaw error on an otherwise successful
+    snapshot fails it) although every disk has its new overlay."""
+
+
+def _is_agent_failure(exc: libvirt.libvirtError) -> bool:
+    """The agent's part failed, not the snapshot's: libvirt gave up on an agent that does
+    not answer, or the agent failed its ``guest-fsfreeze-*`` command (qemu_agent.c,
+    qemuAgentCheckError: "unable to execute QEMU agent command 'guest-fsfreeze-freeze'").
+    Only those: a path or a lock holder in the message must not count."""
+    message = exc.get_error_message() or ""
+    return (
+        exc.get_error_code()
+        in (
+            libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+            libvirt.VIR_ERR_AGENT_UNSYNCED,
+        )
+        or "agent command 'guest-fsfreeze" in message
+    )
 
 
 def retried_consistency(quiesce: Quiesce, *, running: bool) -> tuple[Consistency, str | None]:
@@ -83,12 +95,29 @@ class TakeOps(RedefinitionIntent):
         """:meth:`_create_external`, the guest frozen for it when ``quiesce`` asks and the
         agent answers (see :mod:`.quiesce`); the snapshot's consistency, and why when a
         ``try`` fell back."""
+        if memory is not None and quiesce != Quiesce.NO and running:
+            # libvirt quiesces disk-only snapshots only (qemu_snapshot.c requires DISK_ONLY
+            # with QUIESCE); the saved memory holds what the disks do not, on resume.
+            consistency, note = without_quiesce(
+                quiesce,
+                "libvirt quiesces disk-only snapshots; a DiskAndMemory snapshot holds the"
+                " guest's memory instead, consistent when it is resumed",
+            )
+            self._create_external(dom, vm, overlays, memory)
+            return consistency, note
         freeze, consistency, note = guest_ready(dom, vm, quiesce, running=running)
         if not freeze:
             self._create_external(dom, vm, overlays, memory)
             return consistency, note
         try:
             self._create_external(dom, vm, overlays, memory, quiesce=True)
+        except _ThawFailed as failed:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.fsThaw()  # once more: the guest must not stay frozen
+            return Consistency.APPLICATION, (
+                f"frozen for the snapshot; the guest's thaw then reported an error ({failed})"
+                " and it was thawed again"
+            )
         except _FreezeFailed as failed:
             # yes: refused (libvirt's atomic snapshot made nothing, and thawed); try: taken
             # again without the freeze, and the record says why.
@@ -129,7 +158,9 @@ class TakeOps(RedefinitionIntent):
         try:
             dom.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
         except libvirt.libvirtError as exc:
-            if quiesce and _is_freeze_failure(exc):
+            if quiesce and _is_agent_failure(exc):
+                if all(self._active_source(dom, vm, d)[0] == o for d, o in overlays.items()):
+                    raise _ThawFailed(exc.get_error_message()) from exc
                 raise _FreezeFailed(exc) from exc
             raise libvirt_error(exc, vm=vm) from exc
 
@@ -168,6 +199,8 @@ class TakeOps(RedefinitionIntent):
                 )
             else:
                 consistency, note = retried_consistency(quiesce, running=running)
+                if quiesce != Quiesce.NO and running:
+                    thaw_if_frozen(dom)
             layers = self._chain(dom, vm, disk)
             frozen = layers[chain_paths(layers).index(overlay) + 1]
             return PrimarySnapshot(

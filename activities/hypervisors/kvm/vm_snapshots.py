@@ -9,10 +9,11 @@ from pathlib import Path
 
 import libvirt
 
-from ...contracts import VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
+from ...contracts import Quiesce, VmSnapshotOperation, VmSnapshotTaken, VmSnapshotType
 from ...errors import InvalidInput, VmNotFound
 from ...storage.reader import ImageLayer
 from .common import VM_SUFFIX, chain_paths, libvirt_error, marked, memory_path, overlay_path
+from .quiesce import thaw_if_frozen
 from .release import ReleaseOps
 from .revert import RevertLayer, RevertOps
 from .take import TakeOps, retried_consistency
@@ -72,6 +73,8 @@ class VmSnapshotOps(TakeOps, ReleaseOps, RevertOps):
                 )
             else:
                 consistency, note = retried_consistency(op.quiesce, running=running)
+                if op.quiesce != Quiesce.NO and running:
+                    thaw_if_frozen(dom)
             for overlay in overlays.values():
                 Path(overlay + VM_SUFFIX).touch()  # no backup reads through it
             return VmSnapshotTaken(
