@@ -29,7 +29,7 @@ from snapferry.activities.contracts import (
     VmSnapshotType,
     new_snapshot_id,
 )
-from snapferry.activities.errors import SourceGone
+from snapferry.activities.errors import SnapferryError, SourceGone
 from snapferry.activities.hypervisors.vmware import VmwareDriver
 from snapferry.activities.storage.secondary import SecondaryStore
 from snapferry.workers import starter
@@ -274,8 +274,50 @@ async def test_after_a_volume_revert_the_next_backup_is_a_full(
         power(vsphere, "cb06", True)
         after, at_take = await backed_up(client, vsphere, "cb06", host_name)
     assert after.backup is not None and after.backup.kind == "full", after.backup
-    assert "reset" in (after.backup.full_reason or ""), after.backup.full_reason
+    # CBT stays off after the revert (turning it straight back on would not reset the
+    # tracking on a real host, VMware KB 2139574): the next take turns it on again.
+    assert "Changed Block Tracking was not on" in (after.backup.full_reason or "")
     assert restores_to(after, at_take) and at_take == at_first
+
+
+async def test_a_revert_that_cannot_turn_cbt_off_is_refused_before_it_writes(
+    client: Client, vsphere: Vsphere, host_name: str
+) -> None:
+    """Without VirtualMachine.Config.ChangeTracking, CBT cannot be turned off: the revert
+    is refused with the privilege named and nothing written, since a later incremental
+    would miss what the revert rewrote; a VM-snapshot revert likewise, before reverting."""
+    from snapferry.workflows.snapshot import REVERT_UPDATE
+
+    create_vm(vsphere.port, "cb09", [SIZE])
+    enable_cbt(vsphere.port, "cb09")
+    seed(vsphere, "cb09")
+    driver = VmwareDriver(vsphere.settings)
+    ref = VmRef(name="cb09", host=host_name, hypervisor="vmware")
+    op = VmSnapshotOperation(snapshot_id=new_snapshot_id(), vm=ref, type=VmSnapshotType.DISK)
+    async with running_workers(client, vsphere.settings, hosts=[host_name], backup=True):
+        first, _ = await backed_up(client, vsphere, "cb09", host_name)
+        scatter(vsphere, "cb09", salt=9)
+        power(vsphere, "cb09", False)
+        before = vsphere.disk("cb09").read_bytes()
+        cbt(vsphere.port, change_tracking=False)
+        try:
+            with pytest.raises(starter.SnapferryClientError, match="ChangeTracking"):
+                await starter.snapshot_operation(client, first.id, REVERT_UPDATE)
+            assert vsphere.disk("cb09").read_bytes() == before
+        finally:
+            cbt(vsphere.port, change_tracking=True)
+        driver.take_vm_snapshot(op)
+        power(vsphere, "cb09", True)
+        guest_write(vsphere.port, "cb09", 0, b"\x55" * MIB)
+        power(vsphere, "cb09", False)
+        after_snapshot = vsphere.disk("cb09").read_bytes()
+        cbt(vsphere.port, change_tracking=False)
+        try:
+            with pytest.raises(SnapferryError, match="ChangeTracking"):
+                driver.revert_vm_snapshot(op)
+            assert vsphere.disk("cb09").read_bytes() == after_snapshot
+        finally:
+            cbt(vsphere.port, change_tracking=True)
 
 
 def test_a_delta_reader_reads_only_the_changed_areas(sim: Sim) -> None:

@@ -98,6 +98,12 @@ class ChangeTracking:
         # the call is refused at once with NoPermission, whose privilegeId names it. The
         # simulator checks no other privilege.
         self.disk_random_read = True
+        # Test control: whether the login holds VirtualMachine.Config.ChangeTracking, the
+        # privilege to turn Changed Block Tracking on or off (vSphere Security guide,
+        # "Virtual Machine Configuration Privileges": "Toggle disk change tracking ...
+        # VirtualMachine.Config.ChangeTracking"). Without it a ReconfigVM_Task that sets
+        # changeTrackingEnabled is refused with NoPermission naming it.
+        self.change_tracking = True
 
     def track(self, vm: Vm) -> VmTrack:
         return self.vms.setdefault(vm.moid, VmTrack())
@@ -122,6 +128,12 @@ class ChangeTracking:
                 raise vmodl.fault.NotSupported(msg=f"simulator: ReconfigVM_Task {prop.name}")
         if spec.changeTrackingEnabled is None:
             return
+        if not self.change_tracking:
+            raise vim.fault.NoPermission(
+                object=vim.VirtualMachine(vm.moid),
+                privilegeId="VirtualMachine.Config.ChangeTracking",
+                msg="Permission to perform this operation was denied.",
+            )
         t = self.track(vm)
         t.requested = bool(spec.changeTrackingEnabled)
         if not t.requested:
@@ -322,10 +334,13 @@ class ChangeTracking:
             self.page = int(req["page"])
         if "disk_random_read" in req:
             self.disk_random_read = bool(req["disk_random_read"])
+        if "change_tracking" in req:
+            self.change_tracking = bool(req["change_tracking"])
         out: dict[str, Any] = {
             "page": self.page,
             "queries": self.queries,
             "disk_random_read": self.disk_random_read,
+            "change_tracking": self.change_tracking,
         }
         if "vm" in req:
             vm = inv.vm_by_name(req["vm"])

@@ -106,20 +106,16 @@ class CbtOps(VsphereOps):
         verb = "enabling" if on else "disabling"
         self._run(lambda: vm.ReconfigVM_Task(spec=spec), f"{verb} Changed Block Tracking on {what}")
 
-    def _reset_tracking(self, vm: Any, what: str) -> None:
-        """After a revert: CBT off, then on again if the VM has no snapshot, so that every
-        changeId given out before is unknown and the next backup is a full. A failure is
-        logged; it costs the next delta (planned against a changeId of the old disk state,
-        which a reset would have refused) only if CBT stays on with the old IDs, so the
-        disable is what matters."""
-        try:
-            self._set_tracking(vm, False, what)
-            if self.session.call(lambda _si: vm.snapshot, "reading snapshots") is None:
-                self._set_tracking(vm, True, what)
-        except SnapferryError as exc:
-            log.warning(
-                "could not reset Changed Block Tracking on %s after a revert: %s", what, exc
-            )
+    def _stop_tracking(self, vm: Any, what: str) -> None:
+        """Before a revert writes the disk: CBT off, and off it stays until the next take
+        turns it on again, so the next backup is a full of fresh tracking. Turned straight
+        back on it would not do: a host resets the tracking only with its -ctk files gone
+        and a stun cycle (VMware KB 2139574), and the old changeIds could go on, naming
+        disk states the revert replaced. A disable that fails refuses the revert before
+        anything is written (naming what failed, a missing
+        VirtualMachine.Config.ChangeTracking privilege say): an incremental after it could
+        miss what the revert rewrote."""
+        self._set_tracking(vm, False, what)
 
     def _change_id_at(self, snap: Any, key: int) -> str | None:
         """The disk's changeId at ``snap``, from the snapshot's own hardware."""

@@ -66,7 +66,7 @@ class RestoreOps(CbtOps):
                 lambda _si: bool(vm.config.changeTrackingEnabled), "reading changeTrackingEnabled"
             )
             if tracked:
-                self._reset_tracking(vm, f"VM {vm_name!r} (reverting {disk!r})")
+                self._stop_tracking(vm, f"VM {vm_name!r} (reverting {disk!r})")
             with backup_image(req.manifest_path) as raw:
                 sent = self._upload(ds, path, raw)
             if self._download_digest(ds, path) != sent:

@@ -53,8 +53,9 @@ class VmSnapshotOps(CbtOps):
         The changeIds given out after the snapshot name other disk states once it is back
         (VMware's KB on reverting to a pre-existing snapshot with CBT: "do a full VM backup
         after a snapshot revert operation"), so Changed Block Tracking is turned off after
-        the revert; the next take turns it on again once the VM has no snapshots, and the
-        next backup is a full."""
+        the revert (before it, so that a revert whose tracking cannot be stopped is not
+        done); the next take turns it on again once the VM has no snapshots, and the next
+        backup is a full."""
         vm_name = op.vm.name
         with vm_lock(vm_name):
             vm = self._vm(vm_name)
@@ -66,12 +67,12 @@ class VmSnapshotOps(CbtOps):
                     f"VM {vm_name!r} is running; stop it before reverting to Disk snapshot"
                     f" {op.snapshot_id}"
                 )
-            self._run(snap.RevertToSnapshot_Task, f"reverting {vm_name!r}")
             tracked = self.session.call(
                 lambda _si: bool(vm.config.changeTrackingEnabled), "reading changeTrackingEnabled"
             )
-            if tracked:
-                self._reset_tracking(vm, f"VM {vm_name!r} (reverted to {op.snapshot_id})")
+            if tracked:  # off first: a revert it could not follow is not done
+                self._stop_tracking(vm, f"VM {vm_name!r} (reverting to {op.snapshot_id})")
+            self._run(snap.RevertToSnapshot_Task, f"reverting {vm_name!r}")
             if op.type == VmSnapshotType.DISK_AND_MEMORY and not self._powered_on(vm):
                 self._run(vm.PowerOnVM_Task, f"resuming {vm_name!r}")
 
