@@ -162,7 +162,7 @@ async def test_a_copy_whose_worker_was_killed_is_adopted_and_finished(
             name=name,
         )
         driver = KvmDriver(settings)
-        work = tmp_path / "instant"
+        work = tmp_path / ("a-work-directory-deep-enough-" * 3) / "instant"  # long paths
         driver.run_instant(req, work=work)
         dom = libvirt_conn.lookupByName(name)
         copier = subprocess.Popen(

@@ -12,14 +12,17 @@ rewritten to say so, and the export stops. The job belongs to the domain, not to
 client that started it, so a host worker killed meanwhile finds it running (or done) when
 its activity is tried again, and adopts it.
 
-What it made is named after the new VM, in ``<home>/instant/<name>/`` (the export's socket,
-PID file and log) and beside the snapshot's volume (``<name>-<disk>.qcow2``).
+What it made is named after the new VM: in ``<home>/instant/<name>/`` (the export's PID
+file and log), the export's socket in ``$TMPDIR/snapferry-instant/`` (a socket's path must be
+short), and beside the snapshot's volume (``<name>-<disk>.qcow2``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import subprocess
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -38,9 +41,16 @@ MARK_SUFFIX = ".snapferry-instant"  # beside an overlay being made: whose it is
 POLL_S = 0.5
 
 
+# A unix socket's path is at most 107 bytes (sun_path): the export's lives in a short
+# directory of its own, named from the work directory and the VM, so that every attempt
+# (and the VM's definition) names the same one.
+SOCKET_DIR = Path(tempfile.gettempdir()) / "snapferry-instant"
+
+
 def _paths(work: Path, name: str) -> tuple[Path, Path, Path, Path]:
     d = work / name
-    return d, d / "disk.sock", d / "nbdkit.pid", d / "nbdkit.log"
+    digest = hashlib.sha256(f"{work.absolute()}/{name}".encode()).hexdigest()[:24]
+    return d, SOCKET_DIR / f"{digest}.sock", d / "nbdkit.pid", d / "nbdkit.log"
 
 
 def _description(dom: libvirt.virDomain) -> str:
@@ -73,6 +83,7 @@ def _export_alive(work: Path, name: str) -> bool:
 def _start_export(work: Path, name: str, manifest: str) -> Path:
     d, sock, pidfile, log = _paths(work, name)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    SOCKET_DIR.mkdir(mode=0o700, exist_ok=True)
     if not _export_alive(work, name):
         sock.unlink(missing_ok=True)
         pidfile.write_text(str(start_detached(manifest, sock, log)))
