@@ -10,12 +10,19 @@ which need not be the address a client reaches the host by (NAT, a name)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from snapferry.activities.contracts import (
     BackupPlan,
     PrimarySnapshot,
     VmRef,
+    VmSnapshotOperation,
+    VmSnapshotType,
     VolumeRef,
     new_snapshot_id,
 )
@@ -27,8 +34,10 @@ from tests.xapi_sim.control import (
     guest_write,
     list_hosts,
     list_vdis,
+    list_vms,
     set_host_address,
     set_pool,
+    set_task_delay,
 )
 
 from ..conftest import Xapi
@@ -126,3 +135,68 @@ def test_no_reachable_member_is_a_clear_unavailable(xapi: Xapi) -> None:
         d.take(volume=volume("ha03"), snapshot_id=new_snapshot_id())
     with pytest.raises(HypervisorUnavailable, match="no pool member answers"):
         d.take(volume=volume("ha03"), snapshot_id=new_snapshot_id())
+
+
+def during_a_failover(port: int, method: str, run: Callable[[], Any]) -> BaseException | None:
+    """``run()`` while ``method``'s task is pending on host 1 (2 s) and HA promotes host 2:
+    host 2 never heard of the task (tasks are ``PersistNothing``, ``datamodel.ml``
+    l.628-633) and answers HANDLE_INVALID for it. What ``run`` raised, once the operation
+    the old master started has ended (its write reached the new master's database)."""
+    set_task_delay(port, 2.0, method)
+    out: dict[str, BaseException] = {}
+
+    def body() -> None:
+        try:
+            run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    time.sleep(0.8)
+    set_pool(port, master=2, down=[1])
+    thread.join(60)
+    time.sleep(2.0)
+    return out.get("error")
+
+
+def test_a_take_whose_task_a_failover_lost_is_retried_and_finds_its_snapshot(
+    xapi: Xapi,
+) -> None:
+    """The new master answers HANDLE_INVALID for the old master's task: its outcome is
+    unknown (retryable), the source keeps the take's mark, and the retry adopts the
+    snapshot the task made instead of taking a second one."""
+    d = XenServerDriver(xapi.settings)
+    create_vm(xapi.port, "ha09", [4 * MIB], shared=True)
+    d.take(volume=volume("ha09"), snapshot_id=new_snapshot_id())
+    member = next(h for h in list_hosts(xapi.port) if not h["master"])
+    sid = new_snapshot_id()
+    error = during_a_failover(
+        xapi.port, "VDI.snapshot", lambda: d.take(volume=volume("ha09"), snapshot_id=sid)
+    )
+    assert isinstance(error, HypervisorUnavailable), error
+    set_task_delay(member["port"], 0.0, "VDI.snapshot")
+    d.take(volume=volume("ha09"), snapshot_id=sid)
+    snaps = [v for v in list_vdis(member["port"]) if v["is_a_snapshot"]]
+    assert len(snaps) == 2, snaps
+    assert all(v["name"].startswith("snapferry-") for v in snaps), snaps
+    assert f"snapferry-{sid}" in {v["name"] for v in snaps}
+
+
+def test_a_checkpoint_whose_task_a_failover_lost_is_retried_and_finds_it(xapi: Xapi) -> None:
+    d = XenServerDriver(xapi.settings)
+    create_vm(xapi.port, "ha10", [4 * MIB], shared=True)
+    member = next(h for h in list_hosts(xapi.port) if not h["master"])
+    op = VmSnapshotOperation(
+        snapshot_id=new_snapshot_id(),
+        vm=VmRef(name="ha10", host="xen-host", hypervisor="xenserver"),
+        type=VmSnapshotType.DISK_AND_MEMORY,
+    )
+    d.take_vm_snapshot(op)  # the driver knows the pool's members
+    op = op.model_copy(update={"snapshot_id": new_snapshot_id()})
+    error = during_a_failover(xapi.port, "VM.checkpoint", lambda: d.take_vm_snapshot(op))
+    assert isinstance(error, HypervisorUnavailable), error
+    set_task_delay(member["port"], 0.0, "VM.checkpoint")
+    d.take_vm_snapshot(op)
+    labels = [v["name"] for v in list_vms(member["port"]) if v.get("is_a_snapshot")]
+    assert labels.count(f"snapferry-vm-{op.snapshot_id}") == 1, labels

@@ -18,6 +18,7 @@ from ...errors import (
     HypervisorUnavailable,
     InvalidInput,
     SnapferryError,
+    SourceGone,
     VmNotFound,
 )
 from ...settings import Settings
@@ -43,6 +44,13 @@ TASK_CANCEL_WAIT_S = 30.0
 # Failed polls in a row of a long call's task that are polled again (about 2 min of
 # backoff in all): its outcome is read rather than lost to a dropped connection.
 TASK_POLL_RETRIES = 30
+
+
+class TaskLost(HypervisorUnavailable):
+    """A task XAPI no longer knows after the session was renewed (the pool master changed:
+    a new master starts without the old one's tasks, ``datamodel.ml`` l.628-633,
+    PersistNothing; ``xapi_pool_transition.ml`` l.84-89 and l.227-240 restart xapi): what
+    it did is unknown, and the retry finds it by its marks or labels."""
 
 
 class XenCore:
@@ -143,7 +151,23 @@ class XenCore:
         its outcome, and nothing heartbeats. ``cancellable=False`` for a call made while
         the activity already ends (a clean-up after a failure): it is waited for as is."""
         task = str(self._api(f"Async.{method}", *args))
-        return self._wait(task, method, cancellable=cancellable, poll_retries=TASK_POLL_RETRIES)
+        since = self.session.generation
+        return self._wait(
+            task, method, cancellable=cancellable, poll_retries=TASK_POLL_RETRIES, since=since
+        )
+
+    def _task_api(self, method: str, task: str, since: int | None) -> Any:
+        """``task.<method>(task)``; HANDLE_INVALID for a task made in an earlier session
+        (``since``, ``XapiSession.generation``) is ``TaskLost``, not SourceGone."""
+        try:
+            return self._api(method, task)
+        except SourceGone as exc:
+            if since is not None and self.session.generation != since:
+                raise TaskLost(
+                    f"{method}: task {task} is gone with the pool master it ran on (the"
+                    " session was renewed since); its outcome is unknown"
+                ) from exc
+            raise
 
     def _wait(
         self,
@@ -154,6 +178,7 @@ class XenCore:
         cancellable: bool = True,
         undo: Callable[[str], None] | None = None,
         poll_retries: int = 0,
+        since: int | None = None,
     ) -> str:
         """Poll an Async call's task; its result is XML like ``<value>OpaqueRef:…</value>``
         (``Xmlrpc.to_string`` of the call's value), its failure ``error_info``, mapped as
@@ -170,12 +195,13 @@ class XenCore:
         ``TASK_CANCEL_WAIT_S``, and destroyed; a result it made all the same is handed to
         ``undo``. ``poll_retries``: how many failed polls in a row (XAPI unreachable for a
         moment) are polled again, the task going on meanwhile, before the failure is
-        raised."""
+        raised. ``since``: the session generation the task was made in (``_task_api``):
+        a task lost to a master change is ``TaskLost`` (retryable), never SourceGone."""
         delay, cap = TASK_POLL_S, _poll_cap()
         try:
             # "cancelling" is a task state too (datamodel: pending, success, failure,
             # cancelling, cancelled): the task has not ended yet.
-            while (status := self._poll(task, poll_retries)) in ("pending", "cancelling"):
+            while (status := self._poll(task, poll_retries, since)) in ("pending", "cancelling"):
                 if activity.in_activity():
                     activity.heartbeat({"task": what, "status": status})
                     if cancellable and activity.is_cancelled():
@@ -183,10 +209,10 @@ class XenCore:
                 time.sleep(delay)
                 delay = min(delay * 2, cap)
             if status != "success":
-                info = self._api("task.get_error_info", task)
+                info = self._task_api("task.get_error_info", task, since)
                 self._api("task.destroy", task)
                 raise _failure_error(XenAPI.Failure(info), what)
-            result = self._api("task.get_result", task)
+            result = self._task_api("task.get_result", task, since)
         except CancelledError:
             if cancellable:
                 self._cancel_task(task, what, undo)
@@ -195,13 +221,15 @@ class XenCore:
             self._api("task.destroy", task)
         return _task_value(result)
 
-    def _poll(self, task: str, retries: int) -> str:
+    def _poll(self, task: str, retries: int, since: int | None = None) -> str:
         """``task.get_status``, asked again up to ``retries`` times while XAPI cannot be
         reached (each wait heartbeats: the activity is alive, only the link is not)."""
         delay = TASK_POLL_S
         for attempt in range(retries + 1):
             try:
-                return str(self._api("task.get_status", task))
+                return str(self._task_api("task.get_status", task, since))
+            except TaskLost:
+                raise
             except HypervisorUnavailable as exc:
                 if attempt == retries:
                     raise

@@ -88,12 +88,15 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         self._unmark(vdi)
         self._api("VDI.add_to_other_config", vdi, TAKE_KEY, snapshot_id)
         task = str(self._api("Async.VDI.snapshot", vdi, {}))
+        since = self.session.generation
         try:
             with contextlib.suppress(HypervisorUnavailable, SourceGone):
                 self._api("VDI.add_to_other_config", vdi, TAKE_TASK_KEY, task)
-            snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled)
+            snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled, since=since)
         except BaseException:
-            if not self._task_pending(task):  # it failed for sure: nothing to finish
+            # it failed for sure: nothing to finish (a task lost to a master change may
+            # have made its snapshot: the marks stay for the retry to find it)
+            if not self._task_pending(task, since):
                 with contextlib.suppress(HypervisorUnavailable, SourceGone):
                     self._unmark(vdi)
             raise
@@ -104,11 +107,11 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         it, and nothing labels it ours yet."""
         self._run("VDI.destroy", snap, cancellable=False)
 
-    def _task_pending(self, task: str) -> bool:
-        """Whether a task still exists and has not ended (True when XAPI cannot be asked:
-        the retry will look)."""
+    def _task_pending(self, task: str, since: int | None) -> bool:
+        """Whether a task still exists and has not ended (True when XAPI cannot be asked,
+        or lost it with the master it ran on: the retry will look)."""
         try:
-            return self._api("task.get_status", task) in ("pending", "cancelling")
+            return self._task_api("task.get_status", task, since) in ("pending", "cancelling")
         except SourceGone:
             return False
         except HypervisorUnavailable:
@@ -129,12 +132,13 @@ class XenServerDriver(RestoreOps, VmSnapshotOps, HypervisorDriver):
         snap: str | None = None
         task = marks.get(TAKE_TASK_KEY)
         if task:
+            since = self.session.generation
             try:
-                snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled)
+                snap = self._wait(task, what, keep=True, undo=self._destroy_unlabelled, since=since)
             except SourceGone:
                 snap = task = None  # the task is gone; look at what inherited the mark
             except BaseException:
-                if not self._task_pending(task):
+                if not self._task_pending(task, since):
                     self._unmark(vdi)  # that snapshot failed: take a new one
                 raise
         if snap is None:

@@ -66,6 +66,7 @@ class RestoreOps(XenCore):
         fmt = "vhd" if sparse else "raw"
         for attempt in range(2):
             task = str(self._api("task.create", "snapferry import", f"import into VDI {uuid}"))
+            since = self.session.generation
             try:
                 url = self.session.url("import_raw_vdi", vdi=uuid, format=fmt, task_id=task)
                 body = SparseVhd(raw, size, also) if sparse else _RawBody(raw, size)
@@ -76,7 +77,7 @@ class RestoreOps(XenCore):
                 if status in (301, 302, 303, 307) and attempt == 0:
                     endpoint = _redirect_target(self.session, location, uuid)[0]
                     continue
-                self._import_outcome(task, uuid, status)
+                self._import_outcome(task, uuid, status, since)
                 break
             finally:
                 _drop_task(self.session, task)
@@ -108,14 +109,18 @@ class RestoreOps(XenCore):
             return False
         return sr_type != "cslg"
 
-    def _import_outcome(self, task: str, uuid: str, status: int | None) -> None:
-        """The import's task, once it has ended: success, or its error as ours."""
+    def _import_outcome(self, task: str, uuid: str, status: int | None, since: int) -> None:
+        """The import's task, once it has ended: success, or its error as ours (a task
+        lost to a master change: ``TaskLost``, retryable; the revert is written again)."""
         from ...storage.liveness import alive
 
         what = f"import into VDI {uuid}"
         deadline = time.monotonic() + IMPORT_TASK_WAIT_S
         delay = TASK_POLL_S
-        while (state := self._api("task.get_status", task)) in ("pending", "cancelling"):
+        while (state := self._task_api("task.get_status", task, since)) in (
+            "pending",
+            "cancelling",
+        ):
             if time.monotonic() > deadline:
                 raise HypervisorUnavailable(f"{what}: its task is still {state}")
             alive()
@@ -125,7 +130,7 @@ class RestoreOps(XenCore):
             if status not in (None, 200):
                 raise HypervisorUnavailable(f"{what}: HTTP {status}")
             return
-        info = self._api("task.get_error_info", task) or ["UNKNOWN"]
+        info = self._task_api("task.get_error_info", task, since) or ["UNKNOWN"]
         raise _failure_error(XenAPI.Failure(info), what)
 
     def _data_host(self, vdi: str) -> Endpoint:

@@ -124,11 +124,16 @@ class XapiSession:
         self._local = threading.local()
         self.members: list[str] = []  # the other pool hosts' URLs, from their host records
         self._reached: dict[str, str] = {}  # Host.address -> the URL that host answered at
+        # Logins so far. Tasks are not in the database a master starts from (datamodel.ml
+        # l.628-633, PersistNothing), nor are sessions: a task made before the current
+        # session may be lost with the master it ran on (see ``XenCore._task_api``).
+        self.generation = 0
 
     # -- login, following the master ------------------------------------------------------
     def _login(self) -> Any:
         """A session of the pool master: the one we talk to, else the first other member
         (the configured URL last) that answers, or the master it names."""
+        self.generation += 1
         try:
             return self._login_via(self.master_url)
         except _Unreachable as exc:
