@@ -329,16 +329,30 @@ def plugin_args(manifest_path: str | Path) -> list[str]:
     ]
 
 
+def outside_the_service(unit: str) -> list[str]:
+    """Where systemd runs the host (PID 1, https://www.freedesktop.org/software/systemd/man/
+    sd_booted.html: "/run/systemd/system/" exists), a process a service starts is in the
+    service's cgroup and is killed with it (KillMode=control-group, the default): started
+    through ``systemd-run --scope`` it is moved into a scope unit of its own first
+    (systemd-run(1): "--scope ... the command is executed directly ... in a new scope unit"),
+    so the same PID outlives a restart of the worker. Elsewhere: nothing to prefix."""
+    if Path("/run/systemd/system").is_dir() and shutil.which("systemd-run"):
+        return ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={unit}"]
+    return []
+
+
 def start_detached(manifest_path: str | Path, socket_path: Path, log: Path) -> int:
-    """nbdkit serving the backup read-only on ``socket_path`` in a session of its own,
-    outliving the process that started it (a VM running on it must not lose its disk when a
-    worker dies); its PID. Stopped by :func:`stop_detached`."""
+    """nbdkit serving the backup read-only on ``socket_path`` in a session (and, under
+    systemd, a scope) of its own, outliving the process that started it: a VM running on it
+    must not lose its disk when a worker stops, restarts or dies. Its PID; stopped by
+    :func:`stop_detached`."""
     disk = open_disk(manifest_path)  # a missing key or a broken chain fails before nbdkit
     if isinstance(disk, ChainDisk):
         disk.close()
     if shutil.which("nbdkit") is None:
         raise InvalidInput("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
-    args = ["nbdkit", "-r", "-f", "-U", str(socket_path), *plugin_args(manifest_path)]
+    args = outside_the_service(f"snapferry-export-{socket_path.stem}")
+    args += ["nbdkit", "-r", "-f", "-U", str(socket_path), *plugin_args(manifest_path)]
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True

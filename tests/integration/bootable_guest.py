@@ -153,9 +153,11 @@ def define_bootable_vm(
     prefix: str = "sf-boot",
     damaged: bool = False,
     console: Path | None = None,
+    devices: str = "",
 ) -> str:
     """A stopped VM on a qcow2 copy of a bootable disk (its boot sector zeroed if asked),
-    with a guest agent channel, and its serial console to ``console`` if given."""
+    with a guest agent channel, its serial console to ``console`` if given, and the
+    libvirt device elements in ``devices``."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     directory.mkdir(parents=True, exist_ok=True)
     raw = build_bootable_disk(directory / f"{name}.raw", files)
@@ -175,7 +177,7 @@ def define_bootable_vm(
         f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
   <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
   <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-  <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>{serial}
+  <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>{serial}{devices}
   <channel type='unix'><source mode='bind'/>
   <target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>"""
     )

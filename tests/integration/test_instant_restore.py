@@ -34,9 +34,16 @@ pytestmark = pytest.mark.integration
 FILES = {"data/report.txt": b"restored at once\n" * 1000}
 
 
+ORIGINAL_MAC = "52:54:00:5f:00:01"
+# A NIC on QEMU's user-mode network: nothing to set up on the host.
+NIC = f"<interface type='user'><mac address='{ORIGINAL_MAC}'/><model type='virtio'/></interface>"
+
+
 def define_original(conn: libvirt.virConnect, tmp_path: Path) -> str:
     console = tmp_path / "original.console"
-    return define_bootable_vm(conn, tmp_path / "primary", FILES, prefix="sf-orig", console=console)
+    return define_bootable_vm(
+        conn, tmp_path / "primary", FILES, prefix="sf-orig", console=console, devices=NIC
+    )
 
 
 def disk_backing(dom: libvirt.virDomain, flags: int = 0) -> str | None:
@@ -69,6 +76,15 @@ async def test_a_vm_runs_from_the_backup_at_once_and_then_on_its_own_disk(
         assert f"VM {name} is running" in ran.stdout
         dom = libvirt_conn.lookupByName(name)
         assert dom.isActive()
+        # The copy of the original's definition: its own MAC, its link down (the original
+        # may be running), its console not the original's file.
+        live = ET.fromstring(dom.XMLDesc(0))
+        assert (live.findtext("description") or "").startswith("snapferry-instant:")
+        mac = live.find("./devices/interface/mac")
+        link = live.find("./devices/interface/link")
+        assert mac is not None and mac.get("address") != ORIGINAL_MAC
+        assert link is not None and link.get("state") == "down"
+        assert not (tmp_path / "original.console").exists()
         deadline = time.monotonic() + 120
         while not agent_answers(dom):
             assert time.monotonic() < deadline, "the instant VM never booted"

@@ -241,3 +241,24 @@ def test_on_tcp_only_tls_clients_with_a_certificate_read_it(tmp_path: Path) -> N
         # A TLS client without a certificate is turned away during the handshake.
         assert anonymous.returncode != 0 and "TLS channel" in anonymous.stderr
     assert out.read_bytes() == bytes(disk)
+
+
+def test_a_detached_export_leaves_a_systemd_service_s_cgroup_only_under_systemd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from snapferry.activities.storage import nbd_export
+
+    real_is_dir = Path.is_dir
+    booted = {"yes": True}
+
+    def is_dir(self: Path) -> bool:
+        if str(self) == "/run/systemd/system":
+            return booted["yes"]
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    monkeypatch.setattr(nbd_export.shutil, "which", lambda name: f"/usr/bin/{name}")
+    prefix = nbd_export.outside_the_service("snapferry-export-ab12")
+    assert prefix[:2] == ["systemd-run", "--scope"] and "--unit=snapferry-export-ab12" in prefix
+    booted["yes"] = False
+    assert nbd_export.outside_the_service("snapferry-export-ab12") == []

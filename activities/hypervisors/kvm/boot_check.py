@@ -64,6 +64,14 @@ def clear_leftovers(conn: libvirt.virConnect, snapshot_id: str, work: Path) -> N
         path.unlink(missing_ok=True)
 
 
+def _active(dom: libvirt.virDomain) -> bool:
+    """A transient domain that stopped is gone: libvirt answers "Domain not found"."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
 def _console_match(console: Path, pattern: re.Pattern[str]) -> str | None:
     if not console.exists():
         return None
@@ -130,7 +138,7 @@ def check_boot(
                     return BootCheck(
                         ok=True, at=at, seconds=time.monotonic() - t0, sign="the guest agent"
                     )
-                if not dom.isActive():
+                if not _active(dom):
                     return BootCheck(
                         ok=False,
                         at=at,

@@ -31,7 +31,7 @@ from pathlib import Path
 import libvirt
 
 from ...contracts import InstantRunRequest, InstantRunResult
-from ...errors import InvalidInput
+from ...errors import HypervisorUnavailable, InvalidInput
 from ...storage.nbd_export import is_our_nbdkit, open_disk, start_detached, stop_detached
 from ...storage.reader import image_info
 from .export_vm import on_export, overlay_on_export, plain_domain
@@ -125,6 +125,24 @@ def domain_xml(req: InstantRunRequest, *, overlay: Path, socket: Path, source: s
         for iface in devices.findall("interface"):
             for mac in iface.findall("mac"):
                 iface.remove(mac)
+            # The original may be running: its copy comes up unplugged (same addresses
+            # inside), until an operator sets the link up (virsh domif-setlink ... up).
+            for link in iface.findall("link"):
+                iface.remove(link)
+            ET.SubElement(iface, "link", state="down")
+        # What holds the original's own state or devices is not shared with its copy: its
+        # UEFI variables file (the copy gets a fresh one from the template), host devices,
+        # pass-through LUNs, shared file systems.
+        os_el = dom.find("os")
+        if os_el is not None:
+            for nvram in os_el.findall("nvram"):
+                os_el.remove(nvram)
+        for tag in ("hostdev", "filesystem", "smartcard", "redirdev"):
+            for el in devices.findall(tag):
+                devices.remove(el)
+        for el in devices.findall("disk"):
+            if el.get("device") == "lun":
+                devices.remove(el)
         # A console logged to the original's file would interleave with it: a pty instead.
         for tag in ("serial", "console"):
             for el in devices.findall(tag):
@@ -201,6 +219,19 @@ def _drop_persistent_backing(conn: libvirt.virConnect, dom: libvirt.virDomain, d
     conn.defineXML(ET.tostring(root, encoding="unicode"))
 
 
+def _start_pull(dom: libvirt.virDomain, disk: str, attempts: int = 3) -> None:
+    """``blockPull``, tried again briefly: right after the export came back, QEMU's first
+    read of it can fail the call, and a second one runs."""
+    for attempt in range(1, attempts + 1):
+        try:
+            dom.blockPull(disk, 0, 0)
+            return
+        except libvirt.libvirtError:
+            if attempt == attempts:
+                raise
+            time.sleep(attempt)
+
+
 def pull(
     conn: libvirt.virConnect,
     req: InstantRunRequest,
@@ -217,17 +248,23 @@ def pull(
     disk = req.volume.disk
     t0 = time.monotonic()
     if dom.isActive() and _has_backing(dom, disk):
-        if not dom.blockJobInfo(disk, 0):
-            _start_export(work, req.name, req.manifest_path)  # a host restart ended it
-            dom.blockPull(disk, 0, 0)
-        while True:
-            info = dom.blockJobInfo(disk, 0)
-            if not info:
-                break
-            progress(int(info.get("cur", 0)), int(info.get("end", 0)))
-            time.sleep(POLL_S)
+        try:
+            if not dom.blockJobInfo(disk, 0):
+                _start_export(work, req.name, req.manifest_path)  # a host restart ended it
+                _start_pull(dom, disk)
+            while True:
+                info = dom.blockJobInfo(disk, 0)
+                if not info:
+                    break
+                progress(int(info.get("cur", 0)), int(info.get("end", 0)))
+                time.sleep(POLL_S)
+        except libvirt.libvirtError as exc:
+            raise HypervisorUnavailable(
+                f"copying into {overlay}: {exc.get_error_message()}"
+            ) from exc
         if _has_backing(dom, disk):
-            raise InvalidInput(f"the copy into {overlay} ended before it was whole")
+            # A job that ended short (a read error from the export): tried again.
+            raise HypervisorUnavailable(f"the copy into {overlay} ended before it was whole")
     elif not dom.isActive() and "backing-filename" in image_info(str(overlay), "qcow2"):
         # Stopped before the copy was done: copied offline by qemu-img rebase onto no
         # backing (the overlay's format is named; its backing's, raw, is in its header).
