@@ -24,7 +24,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .guest import CMDLINE, ERROR_TAG, MOUNTED, VIRTIO_MODULES, build_initramfs
+from .guest import CMDLINE, ERROR_TAG, MOUNTED, VIRTIO_MODULES, build_initramfs, init_preamble
 
 QEMU_GA = Path("/usr/sbin/qemu-ga")
 AGENT_MODULES = (*VIRTIO_MODULES, "virtio_console")
@@ -60,17 +60,9 @@ esac
 exit 0
 """
 
-INIT = f"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /run /var/run /tmp
-for m in {" ".join(AGENT_MODULES)}; do
-  insmod /lib/modules/$m.ko || echo "{ERROR_TAG} insmod $m"
-done
-i=0
+INIT = (
+    init_preamble(AGENT_MODULES)
+    + f"""i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 # Nothing reaches the disk but by a flush: no periodic writeback, no early journal commit.
 echo 0 > /proc/sys/vm/dirty_writeback_centisecs
@@ -110,6 +102,7 @@ while [ ! -c "$port" ]; do sleep 0.1; done
   && echo "{AGENT_UP}" || echo "{ERROR_TAG} qemu-ga"
 while :; do sleep 3600; done
 """
+)
 
 
 def shared_libraries(binary: Path) -> list[Path]:
@@ -125,17 +118,21 @@ def shared_libraries(binary: Path) -> list[Path]:
 
 def build_agent_initramfs(dest: Path, version: str) -> Path:
     """The initramfs with ``qemu-ga``, its libraries and the freeze hook."""
+    files = agent_files()
+    files["bin/fsfreeze-hook"] = (0o100755, HOOK.encode())
+    return build_initramfs(dest, version, init=INIT, modules=AGENT_MODULES, files=files)
+
+
+def agent_files() -> dict[str, tuple[int, bytes]]:
+    """``qemu-ga`` and the shared libraries it loads, for an initramfs."""
     if not QEMU_GA.exists():
         raise FileNotFoundError(f"no {QEMU_GA}: install qemu-guest-agent (scripts/bootstrap.sh)")
-    files: dict[str, tuple[int, bytes]] = {
-        "usr/sbin/qemu-ga": (0o100755, QEMU_GA.read_bytes()),
-        "bin/fsfreeze-hook": (0o100755, HOOK.encode()),
-    }
+    files = {"usr/sbin/qemu-ga": (0o100755, QEMU_GA.read_bytes())}
     for lib in shared_libraries(QEMU_GA):
         # The loader is named by its absolute path (/lib64/ld-linux-x86-64.so.2); the rest
         # by the path ldd resolved, which the loader's default search finds again.
         files[str(lib).lstrip("/")] = (0o100755, lib.resolve().read_bytes())
-    return build_initramfs(dest, version, init=INIT, modules=AGENT_MODULES, files=files)
+    return files
 
 
 def cmdline(

@@ -26,7 +26,7 @@ from pathlib import Path
 import libvirt
 
 from . import agent_guest as ag
-from .guest import CMDLINE, ERROR_TAG, build_initramfs, find_kernel
+from .guest import CMDLINE, ERROR_TAG, build_initramfs, find_kernel, init_preamble
 
 MBR = Path("/usr/lib/SYSLINUX/mbr.bin")
 MIB = 1024 * 1024
@@ -34,17 +34,9 @@ BOOT_START = MIB
 BOOT_SIZE = 40 * MIB
 BOOTED = "SNAPFERRY GUEST BOOTED"
 
-INIT = f"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /run /var/run /tmp
-for m in {" ".join(ag.AGENT_MODULES)}; do
-  insmod /lib/modules/$m.ko || echo "{ERROR_TAG} insmod $m"
-done
-i=0
+INIT = (
+    init_preamble(ag.AGENT_MODULES)
+    + f"""i=0
 while [ ! -b /dev/vda2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 mount -t ext4 -o ro /dev/vda2 /mnt || echo "{ERROR_TAG} mount /dev/vda2"
 echo "{BOOTED}"
@@ -58,6 +50,7 @@ if [ -n "$port" ]; then
 fi
 while :; do sleep 3600; done
 """
+)
 
 SYSLINUX_CFG = f"""DEFAULT linux
 PROMPT 0
@@ -80,13 +73,8 @@ def build_bootable_disk(path: Path, files: dict[str, bytes], *, size: int = 64 *
     work.mkdir()
     try:
         kernel, version = find_kernel()
-        agent_files: dict[str, tuple[int, bytes]] = {
-            "usr/sbin/qemu-ga": (0o100755, ag.QEMU_GA.read_bytes())
-        }
-        for lib in ag.shared_libraries(ag.QEMU_GA):
-            agent_files[str(lib).lstrip("/")] = (0o100755, lib.resolve().read_bytes())
         initrd = build_initramfs(
-            work / "initrd.gz", version, init=INIT, modules=ag.AGENT_MODULES, files=agent_files
+            work / "initrd.gz", version, init=INIT, modules=ag.AGENT_MODULES, files=ag.agent_files()
         )
         (work / "syslinux.cfg").write_text(SYSLINUX_CFG)
         boot = work / "boot.img"

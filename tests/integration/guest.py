@@ -44,16 +44,26 @@ WROTE_RE = re.compile(r"WROTE (\d+)")
 # (panic=-1 reboots, and the domain's on_reboot is destroy), so a test fails fast.
 CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
 
-INIT = f"""#!/bin/busybox sh
+
+def init_preamble(modules: tuple[str, ...]) -> str:
+    """The start of every test guest's ``/init``: busybox's applets, /proc, /sys, /dev and
+    the kernel modules (each after those it depends on)."""
+    return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in {" ".join(VIRTIO_MODULES)}; do
+mkdir -p /run /var/run /tmp
+for m in {" ".join(modules)}; do
   insmod /lib/modules/$m.ko || echo "{ERROR_TAG} insmod $m"
 done
-i=0
+"""
+
+
+INIT = (
+    init_preamble(VIRTIO_MODULES)
+    + f"""i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 if mount -t ext4 -o errors=remount-ro /dev/vda /mnt; then
   echo "{MOUNTED}"
@@ -74,6 +84,7 @@ else
 fi
 while :; do sleep 3600; done
 """
+)
 
 
 def file_content(n: int) -> bytes:
