@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from .contracts_base import (
     Consistency,
@@ -312,6 +312,19 @@ class SnapshotRequest(_Model):
     )
     policy_id: SafeName | None = Field(None, description="The recurring policy that took it")
 
+    @model_validator(mode="after")
+    def _check_boot_on_kvm(self) -> SnapshotRequest:
+        refuse_check_boot_off_kvm(self.check_boot, self.volume)
+        return self
+
+
+def refuse_check_boot_off_kvm(check_boot: bool, volume: VolumeRef) -> None:
+    """A health check boots the backup under libvirt/QEMU on a KVM host: asked for another
+    hypervisor's VM it is refused when asked, not failed after every backup."""
+    hypervisor = volume.vm.hypervisor
+    if check_boot and hypervisor != HypervisorType.KVM:
+        raise ValueError(f"check_boot: boot checks run on KVM hosts; {hypervisor.value} has none")
+
 
 class PolicyInterval(StrEnum):
     """CloudStack's recurring snapshot intervals."""
@@ -350,6 +363,11 @@ class SnapshotPolicy(_Model):
     backup: BackupOptions = Field(default_factory=BackupOptions)
     quiesce: Quiesce = Quiesce.NO
     check_boot: bool = Field(False, description="A health check after each backup (KVM)")
+
+    @model_validator(mode="after")
+    def _check_boot_on_kvm(self) -> SnapshotPolicy:
+        refuse_check_boot_off_kvm(self.check_boot, self.volume)
+        return self
 
 
 class RetentionRequest(_Model):

@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         BootCheck,
         BootCheckOptions,
         BootCheckRequest,
+        HypervisorType,
         RestoreKind,
         RestoreRequest,
         RestoreResult,
@@ -137,6 +138,9 @@ class SnapshotOperations(EntityWorkflow):
 
     @check_boot.validator
     def _validate_check_boot(self, options: BootCheckOptions) -> None:
+        hypervisor = self.req.volume.vm.hypervisor
+        if hypervisor != HypervisorType.KVM:
+            self._refuse(f"boot checks run on KVM hosts; {hypervisor.value} has none")
         self._require_backup("check that it boots")
 
     async def _restore(self, kind: RestoreKind, name: str) -> RestoreResult:

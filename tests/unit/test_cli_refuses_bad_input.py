@@ -86,3 +86,15 @@ def test_an_unknown_quiesce_value_is_refused_naming_the_choices(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "--quiesce: invalid choice: 'maybe'" in err and "'no', 'yes', 'try'" in err
+
+
+@pytest.mark.parametrize("command", [["snapshot", "create"], ["policy", "create"]])
+def test_a_boot_check_of_a_vm_on_another_hypervisor_is_refused_when_asked(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*command, "--vm", "web01", "--disk", "disk-1", "--hypervisor", "vmware"]
+    argv += ["--check-boot"] + (["--interval", "daily"] if command[0] == "policy" else [])
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert "boot checks run on KVM hosts; vmware has none" in err
+    assert NOWHERE not in err and "connect" not in err.lower()
