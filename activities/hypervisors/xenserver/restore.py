@@ -277,10 +277,8 @@ class RestoreOps(XenCore):
 def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
     """A pool host at its ``Host.address``, reached as XAPI's own 302 would send us
     (``Importexport.return_302_redirect``: the master's scheme, the address, no port);
-    or, when that host answered us at another URL (the address is not reachable from
-    here), there."""
-    if known := session.reached_at(address):
-        return Endpoint.from_url(known, verify_tls=session.endpoint.verify_tls)
+    or, when the address cannot be reached from here and that host answered us at
+    another URL, there (``XapiSession.reachable``)."""
     scheme = session.endpoint.scheme
     host, port = address, 443 if scheme == "https" else 80
     if address.startswith("["):  # [IPv6]:port
@@ -289,7 +287,7 @@ def _host_endpoint(session: XapiSession, address: str) -> Endpoint:
     elif address.count(":") == 1:  # name or IPv4 with a port
         host, _, number = address.partition(":")
         port = int(number)
-    return Endpoint(scheme, host, port, session.endpoint.verify_tls)
+    return session.reachable(Endpoint(scheme, host, port, session.endpoint.verify_tls), address)
 
 
 class _RawBody:

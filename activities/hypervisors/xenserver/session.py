@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import logging
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -218,6 +219,10 @@ class XapiSession:
         except (XenAPI.Failure, xmlrpc.client.Fault, KeyError, *_UNREACHABLE) as exc:
             log.info("XenServer: cannot list the pool's hosts at %s: %s", url, exc)
             return
+        # One URL leads to one host: a name that follows the master (a DNS alias, a load
+        # balancer) led to another host before, and no longer does.
+        for other in [a for a, u in self._reached.items() if u == url and a != address]:
+            del self._reached[other]
         self._reached[address] = url
         members: list[str] = []
         for ref, record in hosts.items():
@@ -229,6 +234,21 @@ class XapiSession:
         """The URL at which the host XAPI gives ``address`` (``Host.address``) answered
         us, if it did."""
         return self._reached.get(address)
+
+    def reachable(self, endpoint: Endpoint, address: str, bare: str | None = None) -> Endpoint:
+        """``endpoint`` (the address XAPI names: ``Host.address``, a 302's Location) when a
+        TCP connection to it opens (nothing is requested: no export is started); else the
+        URL that host answered us at (``address``, or ``bare``: the address without a
+        port), if any, else ``endpoint`` all the same (its failure is the answer)."""
+        try:
+            socket.create_connection((endpoint.host, endpoint.port), LOGIN_TIMEOUT_S).close()
+            return endpoint
+        except OSError:
+            pass
+        known = self.reached_at(address) or (self.reached_at(bare) if bare else None)
+        if known:
+            return Endpoint.from_url(known, verify_tls=endpoint.verify_tls)
+        return endpoint
 
     def _failed_over(self, url: str) -> bool:
         """After a call to ``url`` got no answer: whether the master is now elsewhere (we
@@ -329,17 +349,13 @@ def _redirect_target(session: XapiSession, location: str, vdi: str) -> tuple[End
     parts = urllib.parse.urlsplit(location)
     if not parts.hostname:
         raise HypervisorUnavailable(f"VDI {vdi}: bad redirect {location!r}")
-    known = session.reached_at(parts.netloc)
-    if known is None and parts.port is None:  # XAPI's Location: an address, no port
-        known = session.reached_at(parts.hostname)
-    if known:
-        # that Host.address, which need not be reachable from here (NAT), is a host that
-        # answered us at another URL: go there
-        endpoint = Endpoint.from_url(known, verify_tls=session.endpoint.verify_tls)
-    else:
-        scheme = parts.scheme or session.endpoint.scheme
-        port = parts.port or (443 if scheme == "https" else 80)
-        endpoint = Endpoint(scheme, parts.hostname, port, session.endpoint.verify_tls)
+    scheme = parts.scheme or session.endpoint.scheme
+    port = parts.port or (443 if scheme == "https" else 80)
+    endpoint = Endpoint(scheme, parts.hostname, port, session.endpoint.verify_tls)
+    # that Host.address need not be reachable from here (NAT): then the URL that host
+    # answered us at (XAPI's Location is an address with no port)
+    bare = parts.hostname if parts.port is None else None
+    endpoint = session.reachable(endpoint, parts.netloc, bare)
     if "session_id" not in urllib.parse.parse_qs(parts.query):
         extra = urllib.parse.urlencode({"session_id": session.session_ref()})
         parts = parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra)
