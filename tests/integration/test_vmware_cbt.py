@@ -359,6 +359,29 @@ def test_a_delta_reader_reads_only_the_changed_areas(sim: Sim) -> None:
     assert sim.vm("cb07")["snapshots"] == []
 
 
+def test_an_invalid_argument_from_the_delta_query_is_source_gone(sim: Sim) -> None:
+    """QueryChangedDiskAreas of a delta answered InvalidArgument (a real vCenter 7.0U3:
+    "A specified parameter was not correct: startOffset" while CBT was not active,
+    vexxhost/migratekit issue 24; a runtime fault, vmodl.fault.InvalidArgument): the same
+    query would fail again, so the reader raises SourceGone naming the fault, and the
+    backup becomes a full, as for FileFault or NotFound, not a transient error retried."""
+    create_vm(sim.port, "cb10", [SIZE])
+    enable_cbt(sim.port, "cb10", PASSWORD)
+    driver = VmwareDriver(sim.settings)
+    first_sid, sid, parent = new_snapshot_id(), new_snapshot_id(), new_snapshot_id()
+    first = driver.take(volume=volume("cb10", "cb10"), snapshot_id=first_sid)
+    guest_write(sim.port, "cb10", MIB, b"\x11" * 4096)
+    second = driver.take(volume=volume("cb10", "cb10"), snapshot_id=sid)
+    assert first.change_id is not None and second.change_id is not None
+    plan = driver.plan_backup(second, [_Entry(parent, first.change_id)])
+    assert plan.parent == parent
+    cbt(sim.port, invalid_argument="startOffset")
+    with pytest.raises(SourceGone, match="InvalidArgument.*startOffset"):
+        driver.open_reader(second, plan)
+    driver.release(volume=volume("cb10", "cb10"), snapshot_id=sid, source=second)
+    driver.release(volume=volume("cb10", "cb10"), snapshot_id=first_sid, source=first)
+
+
 class _Entry:
     """A finished backup as plan_backup reads it (BackupHistoryEntry)."""
 

@@ -104,6 +104,13 @@ class ChangeTracking:
         # VirtualMachine.Config.ChangeTracking"). Without it a ReconfigVM_Task that sets
         # changeTrackingEnabled is refused with NoPermission naming it.
         self.change_tracking = True
+        # Test control: the invalidProperty of an InvalidArgument the next
+        # QueryChangedDiskAreas of a delta (a changeId other than "*") answers, once. A real
+        # vCenter 7.0U3 answered an incremental query "A specified parameter was not correct:
+        # startOffset" while CBT was not active (vexxhost/migratekit issue 24): a runtime
+        # fault (vmodl.fault.InvalidArgument), which any method can raise, beyond the call's
+        # declared FileFault and NotFound (pyVmomi's typeinfo of queryChangedDiskAreas).
+        self.invalid_argument: str | None = None
 
     def track(self, vm: Vm) -> VmTrack:
         return self.vms.setdefault(vm.moid, VmTrack())
@@ -288,6 +295,11 @@ class ChangeTracking:
         capacity = vm.disks[vm.keys.index(device_key)]
         if start < 0 or start > capacity:
             raise vmodl.fault.InvalidArgument(invalidProperty="startOffset")
+        if self.invalid_argument and change_id != "*":
+            prop, self.invalid_argument = self.invalid_argument, None
+            raise vmodl.fault.InvalidArgument(
+                invalidProperty=prop, msg=f"A specified parameter was not correct: {prop}"
+            )
         self.queries += 1
         end = min(capacity, start + self.page)
         if change_id == "*":
@@ -328,7 +340,8 @@ class ChangeTracking:
         return merge([(a // SECTOR * SECTOR, -(-b // SECTOR) * SECTOR) for a, b in spans], end)
 
     def control(self, inv: Inventory, req: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """``/sim/cbt``: ``page``, ``disk_random_read``; for ``vm``: ``supported``, ``reset``.
+        """``/sim/cbt``: ``page``, ``disk_random_read``, ``change_tracking``,
+        ``invalid_argument``; for ``vm``: ``supported``, ``reset``.
         Answers the state."""
         if "page" in req:
             self.page = int(req["page"])
@@ -336,6 +349,8 @@ class ChangeTracking:
             self.disk_random_read = bool(req["disk_random_read"])
         if "change_tracking" in req:
             self.change_tracking = bool(req["change_tracking"])
+        if "invalid_argument" in req:
+            self.invalid_argument = req["invalid_argument"] or None
         out: dict[str, Any] = {
             "page": self.page,
             "queries": self.queries,

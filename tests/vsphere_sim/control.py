@@ -180,7 +180,8 @@ def cbt(port: int, vm: str | None = None, **controls: object) -> dict:
     """Changed Block Tracking controls and state (tests/vsphere_sim/cbt.py): ``page=n`` (the
     disk bytes one QueryChangedDiskAreas answer covers), ``disk_random_read=False`` (the
     login lacks VirtualMachine.Provisioning.DiskRandomRead: QueryChangedDiskAreas answers
-    NoPermission); for ``vm``: ``supported=False``
+    NoPermission), ``invalid_argument="startOffset"`` (the next QueryChangedDiskAreas of
+    a delta answers InvalidArgument of that property, once); for ``vm``: ``supported=False``
     (capability.changeTrackingSupported, as below hardware version 7), ``reset=True`` (a
     CBT reset: new tracking UUIDs). Answers ``page``, ``queries`` and, for ``vm``,
     ``requested``, ``active`` and each disk's ``change_ids``."""

@@ -222,9 +222,13 @@ class CbtOps(VsphereOps):
     def _changed_areas(self, source: PrimarySnapshot, plan: BackupPlan) -> list[tuple[int, int]]:
         """``QueryChangedDiskAreas`` of the disk at the take's snapshot since the parent's
         changeId. A changeId CBT cannot serve (FileFault, NotFound) is ``SourceGone``: the
-        delta's base is gone, and the backup becomes a full. So is a login without the
-        call's privilege (NoPermission, VirtualMachine.Provisioning.DiskRandomRead): a full
-        of the whole disk can still be read, and its reason names the privilege."""
+        delta's base is gone, and the backup becomes a full. So is an InvalidArgument (a
+        runtime fault, beyond the declared two: a real vCenter 7.0U3 answered an incremental
+        query "A specified parameter was not correct: startOffset" while CBT was not
+        active, vexxhost/migratekit issue 24): asked again it answers the same. So is a
+        login without the call's privilege (NoPermission,
+        VirtualMachine.Provisioning.DiskRandomRead): a full of the whole disk can still be
+        read, and its reason names the privilege."""
         assert plan.base_image is not None and source.change_id is not None
         vm, snap = self._take_snapshot_of(source)
         key = self._disk_key_at(snap, source.change_id)
@@ -238,6 +242,13 @@ class CbtOps(VsphereOps):
                     f"Changed Block Tracking cannot list the changes since changeId"
                     f" {since!r} (of backup {plan.parent}): {getattr(fault, 'msg', exc)}"
                     " (CBT was reset: a revert, a storage vMotion or a resize)"
+                ) from exc
+            if isinstance(fault, vmodl.fault.InvalidArgument):
+                raise SourceGone(
+                    f"Changed Block Tracking cannot list the changes since changeId"
+                    f" {since!r} (of backup {plan.parent}): InvalidArgument"
+                    f" {getattr(fault, 'invalidProperty', None)!r}:"
+                    f" {getattr(fault, 'msg', None) or exc} (asked again, it answers the same)"
                 ) from exc
             if isinstance(fault, vim.fault.NoPermission):
                 raise SourceGone(
