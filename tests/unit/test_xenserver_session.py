@@ -27,8 +27,13 @@ class FakeMaster:
     records each call it read; on ``die_on`` it reads the call, then closes the
     connection and stops listening, as a master whose xapi exits after running it."""
 
-    def __init__(self, ran: list[tuple[int, str]], die_on: str | None = None) -> None:
-        self.ran, self.die_on = ran, die_on
+    def __init__(
+        self,
+        ran: list[tuple[int, str]],
+        die_on: str | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> None:
+        self.ran, self.die_on, self.values = ran, die_on, values or {}
         self.srv = socket.socket()
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.srv.bind(("127.0.0.1", 0))
@@ -73,7 +78,8 @@ class FakeMaster:
                 conn.close()
                 return
             body = xmlrpc.client.dumps(
-                ({"Status": "Success", "Value": "OpaqueRef:x"},), methodresponse=True
+                ({"Status": "Success", "Value": self.values.get(method, "OpaqueRef:x")},),
+                methodresponse=True,
             ).encode()
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n"
@@ -191,3 +197,51 @@ def test_a_master_that_answers_nothing_times_out() -> None:
         xsession.CALL_TIMEOUT_S = old
         srv.close()
     assert time.monotonic() - start < 10
+
+
+class Silent:
+    """A host that answers nothing, as one powered off or fenced (``xapi_ha.ml``
+    l.2129-2150, "self-fence"): its listen queue is full, so a connect hangs."""
+
+    def __init__(self) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(0)
+        self.fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.srv.getsockname())
+            self.fillers.append(filler)
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
+
+    def close(self) -> None:
+        for one in [*self.fillers, self.srv]:
+            one.close()
+
+
+def test_pool_members_that_answer_nothing_cost_one_timeout_in_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The master is gone and three members answer nothing: they are tried at once,
+    each within the login timeout, so the member that answers is reached after about
+    one timeout, not three."""
+    monkeypatch.setattr(xsession, "LOGIN_TIMEOUT_S", 1.0)
+    silent = [Silent() for _ in range(3)]
+    time.sleep(0.2)
+    with pytest.raises(OSError):  # the premise: a connect hangs
+        socket.create_connection(("127.0.0.1", silent[0].srv.getsockname()[1]), 0.5)
+    ran: list[tuple[int, str]] = []
+    good = FakeMaster(ran, values={"host.get_all_records": {}})
+    gone = FakeMaster(ran)
+    gone.stop()
+    s = XapiSession(Config(gone.url))  # type: ignore[arg-type]
+    s.members = [one.url for one in silent] + [good.url]
+    start = time.monotonic()
+    try:
+        s._login()
+    finally:
+        for one in silent:
+            one.close()
+    assert s.master_url == good.url
+    assert time.monotonic() - start < 2.5

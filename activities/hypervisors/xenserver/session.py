@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import logging
@@ -84,6 +85,25 @@ class _Transport(xmlrpc.client.SafeTransport):
             raise
 
 
+def _connecting(urls: list[str]) -> list[str]:
+    """Those of ``urls`` a TCP connection opens to, in their order, all tried at once and
+    each within ``LOGIN_TIMEOUT_S``: a host that is off or fenced answers nothing, and
+    trying the members one after the other would add up their timeouts."""
+
+    def opens(url: str) -> bool:
+        endpoint = Endpoint.from_url(url, verify_tls=False)
+        try:
+            socket.create_connection((endpoint.host, endpoint.port), LOGIN_TIMEOUT_S).close()
+        except OSError:
+            return False
+        return True
+
+    if not urls:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(urls), 16)) as pool:
+        return [u for u, ok in zip(urls, pool.map(opens, urls), strict=True) if ok]
+
+
 def _xenapi(url: str, verify_tls: bool, timeout: float) -> Any:
     """A ``XenAPI.Session`` at ``url`` on ``_Transport``."""
     https = urllib.parse.urlsplit(url).scheme == "https"
@@ -140,10 +160,9 @@ class XapiSession:
         except _Unreachable as exc:
             first = exc
         tried = {self.master_url}
-        for url in [*self.members, self.config.url]:
-            if url in tried:
-                continue
-            tried.add(url)
+        candidates = [u for u in dict.fromkeys([*self.members, self.config.url]) if u not in tried]
+        tried.update(candidates)
+        for url in _connecting(candidates):
             try:
                 session = self._login_via(url)
             except _Unreachable:
