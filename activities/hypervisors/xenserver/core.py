@@ -157,7 +157,7 @@ class XenCore:
         )
 
     def _task_api(self, method: str, task: str, since: int | None) -> Any:
-        """``task.<method>(task)``; HANDLE_INVALID for a task made in an earlier session
+        """``task.<method>(task)``; HANDLE_INVALID for a task made before the last login
         (``since``, ``XapiSession.generation``) is ``TaskLost``, not SourceGone."""
         try:
             return self._api(method, task)

@@ -297,9 +297,13 @@ class VhdExportReader:
     def read_to_end(self) -> None:
         """Read the rest of the export, dropping it, and check that it succeeded. XAPI
         detaches the VDI from dom0 once vhd-tool has sent everything, before the handler
-        returns and the connection closes (``export_raw_vdi.ml`` l.69 ``keep_alive:false``,
-        l.94-104 ``with_block_attached_device``): after the end, an import's RW attach
-        meets no RO datapath of this export, as it would after a dropped one."""
+        returns, and closes the connection only after that (``export_raw_vdi.ml`` l.24
+        ``req.Http.Request.close <- true``; ``http_svr.ml`` l.536, l.599-604: the socket
+        closes once the handler returned; ``with_block_attached_device``'s clean-up
+        unplugs and destroys dom0's VBD first, ``attach_helpers.ml`` l.71-86): after the
+        end, an import's RW attach meets no RO datapath of this export, as it would after
+        a dropped one (a failed unplug is only logged there: the import then meets
+        ``Illegal_transition``, ChainBusy, retried)."""
         from ...storage.liveness import alive
 
         assert self._resp is not None
