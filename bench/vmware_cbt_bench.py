@@ -41,8 +41,9 @@ USER, PASSWORD = "administrator@vsphere.local", "bench"
 class Entry:
     """The full backup as the delta's plan reads it (a BackupHistoryEntry)."""
 
-    def __init__(self, snapshot_id: str, change_id: str | None) -> None:
+    def __init__(self, snapshot_id: str, change_id: str | None, virtual_size: int) -> None:
         self.snapshot_id, self.change_id, self.depth, self.source = snapshot_id, change_id, 0, ""
+        self.virtual_size = virtual_size
 
 
 def main() -> None:
@@ -102,7 +103,9 @@ def main() -> None:
             sid2 = new_snapshot_id()
             delta_src = driver.take(volume=volume, snapshot_id=sid2)
             t_take = time.perf_counter() - t0
-            plan = driver.plan_backup(delta_src, [Entry(sid1, full_src.change_id)])
+            plan = driver.plan_backup(
+                delta_src, [Entry(sid1, full_src.change_id, full_src.virtual_size)]
+            )
             assert plan.parent == sid1, plan
             reader = driver.open_reader(delta_src, plan)
             try:

@@ -48,6 +48,11 @@ class BackupHistoryEntry(Protocol):
         """The source's change-tracking ID at the snapshot, where the hypervisor has one."""
         ...
 
+    @property
+    def virtual_size(self) -> int:
+        """The disk's size in bytes at the snapshot."""
+        ...
+
 
 class HypervisorDriver(ABC):
     @abstractmethod

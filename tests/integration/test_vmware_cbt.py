@@ -152,7 +152,7 @@ async def test_a_second_backup_is_a_delta_of_the_changed_ranges_and_restores_exa
 async def test_a_cbt_reset_between_backups_gives_a_full_that_says_why(
     client: Client, vsphere: Vsphere, host_name: str
 ) -> None:
-    """CBT is reset (new tracking UUIDs: a storage vMotion, a resize) after the first
+    """CBT is reset (new tracking UUIDs: CBT turned off and on, its -ctk files lost) after the first
     backup: the next changeId is of another tracking, so the next backup is a full."""
     create_vm(vsphere.port, "cb02", [SIZE])
     enable_cbt(vsphere.port, "cb02")
@@ -385,6 +385,8 @@ def test_an_invalid_argument_from_the_delta_query_is_source_gone(sim: Sim) -> No
 class _Entry:
     """A finished backup as plan_backup reads it (BackupHistoryEntry)."""
 
-    def __init__(self, snapshot_id: str, change_id: str | None, depth: int = 0) -> None:
+    def __init__(
+        self, snapshot_id: str, change_id: str | None, depth: int = 0, virtual_size: int = SIZE
+    ) -> None:
         self.snapshot_id, self.change_id, self.depth = snapshot_id, change_id, depth
-        self.source = "[ds1] x/x-flat.vmdk"
+        self.source, self.virtual_size = "[ds1] x/x-flat.vmdk", virtual_size

@@ -415,3 +415,4 @@ class _Entry:
 
     def __init__(self, snapshot_id: str) -> None:
         self.snapshot_id, self.change_id, self.depth, self.source = snapshot_id, None, 0, ""
+        self.virtual_size = 0

@@ -20,6 +20,7 @@ class Entry:
     change_id: str | None
     depth: int = 0
     source: str = "[ds1] x/x-flat.vmdk"
+    virtual_size: int = 1 << 30
 
 
 def source(change_id: str | None) -> PrimarySnapshot:
@@ -61,3 +62,16 @@ def test_areas_are_sorted_joined_and_kept_within_the_disk() -> None:
     assert merged(answer + [(1 << 30, 4096)], 1 << 30) == [(0, 1024), (2000, 6202), (1 << 20, 100)]
     assert merged([((1 << 30) - 512, 4096)], 1 << 30) == [((1 << 30) - 512, 512)]
     assert merged([], 1 << 30) == []
+
+
+def test_a_disk_resized_since_the_newest_backup_gets_a_full() -> None:
+    """An extension keeps the disk's tracking (same UUID, later sequence), but on older
+    hosts that tracking misses changes after it ("some changed blocks might not be
+    captured by a backup", VMware KB 2090639, whose workaround is a CBT reset): the plan is
+    a full that names both sizes."""
+    newest = Entry(new_snapshot_id(), f"{U1}/5", virtual_size=512 << 20)
+    p = plan(f"{U1}/9", [newest])
+    assert p.parent is None and p.base_image is None
+    assert p.reason == (
+        f"the disk was resized since the newest backup ({512 << 20} -> {1 << 30} bytes)"
+    )

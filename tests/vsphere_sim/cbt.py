@@ -20,10 +20,13 @@ Sources, cited at each behaviour below:
   but no changeId and no QueryChangedDiskAreas (tests/integration/test_vmware_govmomi.py
   checks the driver against it).
 
-Not modelled: storage vMotion and disk extension (both reset CBT on vSphere, KB 1020128;
-the same FileFault follows here from ``reset``), the ``.ctk`` files, and how a real host
-rounds areas to its tracking block size (the reference only says the answer "may contain
-false positives"; here the areas are the written bytes rounded out to 512-byte sectors).
+Not modelled: storage vMotion (KB 1020128 does not say it resets CBT), disk extension (it
+does not reset CBT: the tracking carries on, and on ESXi 4.x and early 5.x an extension past
+a 128 GB boundary leaves it "unreliable ... some changed blocks might not be captured by a
+backup", VMware KB 2090639, whose workaround is a manual CBT reset), the ``.ctk`` files,
+and how a real host rounds areas to its tracking block size (the reference only says the
+answer "may contain false positives"; here the areas are the written bytes rounded out to
+512-byte sectors).
 """
 
 from __future__ import annotations
@@ -244,8 +247,9 @@ class ChangeTracking:
         self.vms.pop(vm.moid, None)
 
     def reset(self, vm: Vm) -> None:
-        """Test control: a CBT reset (storage vMotion, a disk extended, the ctk files lost:
-        KB 1020128): every disk gets a new tracking UUID."""
+        """Test control: a CBT reset (CBT turned off with the -ctk files removed and on
+        again, VMware KB 2139574; the -ctk files lost): every disk gets a new tracking
+        UUID."""
         t = self.track(vm)
         t.disks = {key: DiskTrack() for key in vm.keys} if t.active else {}
 

@@ -16,12 +16,15 @@
   asks it for the areas changed since the parent backup's changeId, in a loop from each
   answer's ``startOffset + length`` to the disk's capacity, and reads only those from the
   clone. The answer "may contain false positives" but no change is missed.
-- **Fall back.** A changeId that CBT cannot serve (FileFault, NotFound: CBT was reset by a
-  storage vMotion, a disk resize, a disable) makes the reader raise ``SourceGone``, and
-  the backup becomes a full that says why. A revert (of a VM snapshot, or of a volume from
-  its backup, which writes the disk past CBT) resets CBT, so the changeIds given out before
-  it mean nothing after it: "do a full VM backup after a snapshot revert operation" (VMware's
-  KB on reverting to a pre-existing snapshot with CBT).
+- **Fall back.** A changeId that CBT cannot serve (FileFault, NotFound: CBT was reset, turned
+  off or its tracking files lost) makes the reader raise ``SourceGone``, and the backup
+  becomes a full that says why. A disk resized since the newest backup gets a full too: an
+  extension keeps its tracking, unreliable on older hosts ("some changed blocks might not
+  be captured by a backup", VMware KB 2090639, whose workaround is a CBT reset). A revert
+  (of a VM snapshot, or of a volume from its backup, which writes the disk past CBT) resets
+  CBT, so the changeIds given out before it mean nothing after it: "do a full VM backup
+  after a snapshot revert operation" (VMware's KB on reverting to a pre-existing snapshot
+  with CBT).
 
 Privileges: VirtualMachine.Config.ChangeTracking (to enable it) and
 VirtualMachine.Provisioning.DiskRandomRead (``QueryChangedDiskAreas``).
@@ -163,12 +166,20 @@ class CbtOps(VsphereOps):
             return BackupPlan(
                 reason=f"{newest.depth} deltas since the last full (delta max {limit})"
             )
+        if newest.virtual_size != source.virtual_size:
+            # An extension keeps the tracking, which on older hosts misses changes after it
+            # (VMware KB 2090639: "some changed blocks might not be captured by a backup");
+            # a full is what the KB's workaround, a CBT reset, gives.
+            return BackupPlan(
+                reason=f"the disk was resized since the newest backup"
+                f" ({newest.virtual_size} -> {source.virtual_size} bytes)"
+            )
         if change_uuid(newest.change_id) != change_uuid(source.change_id):
             return BackupPlan(
                 reason=f"Changed Block Tracking was reset since the newest backup"
                 f" ({newest.snapshot_id}): changeId {source.change_id!r} is of another"
-                f" tracking than {newest.change_id!r} (a revert, a storage vMotion, a resize,"
-                " or CBT turned off and on)"
+                f" tracking than {newest.change_id!r} (a revert, CBT turned off and on, or its"
+                " tracking files lost)"
             )
         now, then = change_seq(source.change_id), change_seq(newest.change_id)
         if now is None or then is None or now <= then:
@@ -241,7 +252,7 @@ class CbtOps(VsphereOps):
                 raise SourceGone(
                     f"Changed Block Tracking cannot list the changes since changeId"
                     f" {since!r} (of backup {plan.parent}): {getattr(fault, 'msg', exc)}"
-                    " (CBT was reset: a revert, a storage vMotion or a resize)"
+                    " (CBT was reset: a revert, CBT turned off, or its tracking files lost)"
                 ) from exc
             if isinstance(fault, vmodl.fault.InvalidArgument):
                 raise SourceGone(
