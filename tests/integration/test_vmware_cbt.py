@@ -362,8 +362,8 @@ def test_a_delta_reader_reads_only_the_changed_areas(sim: Sim) -> None:
 def test_an_invalid_argument_from_the_delta_query_is_source_gone(sim: Sim) -> None:
     """QueryChangedDiskAreas of a delta answered InvalidArgument (a real vCenter 7.0U3:
     "A specified parameter was not correct: startOffset" while CBT was not active,
-    vexxhost/migratekit issue 24; a runtime fault, vmodl.fault.InvalidArgument): the same
-    query would fail again, so the reader raises SourceGone naming the fault, and the
+    github.com/vexxhost/migratekit/issues/24; a runtime fault, vmodl.fault.InvalidArgument):
+    the same query would fail again, so the reader raises SourceGone naming the fault, and the
     backup becomes a full, as for FileFault or NotFound, not a transient error retried."""
     create_vm(sim.port, "cb10", [SIZE])
     enable_cbt(sim.port, "cb10", PASSWORD)

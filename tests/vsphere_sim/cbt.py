@@ -110,8 +110,8 @@ class ChangeTracking:
         # Test control: the invalidProperty of an InvalidArgument the next
         # QueryChangedDiskAreas of a delta (a changeId other than "*") answers, once. A real
         # vCenter 7.0U3 answered an incremental query "A specified parameter was not correct:
-        # startOffset" while CBT was not active (vexxhost/migratekit issue 24): a runtime
-        # fault (vmodl.fault.InvalidArgument), which any method can raise, beyond the call's
+        # startOffset" while CBT was not active (github.com/vexxhost/migratekit/issues/24): a
+        # runtime fault (vmodl.fault.InvalidArgument), which any method can raise, beyond the call's
         # declared FileFault and NotFound (pyVmomi's typeinfo of queryChangedDiskAreas).
         self.invalid_argument: str | None = None
 

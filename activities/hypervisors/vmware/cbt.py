@@ -236,7 +236,7 @@ class CbtOps(VsphereOps):
         delta's base is gone, and the backup becomes a full. So is an InvalidArgument (a
         runtime fault, beyond the declared two: a real vCenter 7.0U3 answered an incremental
         query "A specified parameter was not correct: startOffset" while CBT was not
-        active, vexxhost/migratekit issue 24): asked again it answers the same. So is a
+        active, github.com/vexxhost/migratekit/issues/24): asked again it answers the same. So is a
         login without the call's privilege (NoPermission,
         VirtualMachine.Provisioning.DiskRandomRead): a full of the whole disk can still be
         read, and its reason names the privilege."""
