@@ -278,6 +278,18 @@ def open_disk(manifest_path: str | Path) -> Disk:
     return RepositoryDisk(repo.reader(store.read_manifest(path)))
 
 
+def servable_size(manifest_path: str | Path) -> int:
+    """The backup's size, once it is known that nbdkit can serve it: the manifest opens (a
+    missing key or a broken chain fails here, before nbdkit) and nbdkit is installed."""
+    disk = open_disk(manifest_path)
+    size = disk.size
+    if isinstance(disk, ChainDisk):
+        disk.close()
+    if shutil.which("nbdkit") is None:
+        raise InvalidInput("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
+    return size
+
+
 @dataclass
 class Export:
     """A running nbdkit serving one backup."""
@@ -346,11 +358,7 @@ def start_detached(manifest_path: str | Path, socket_path: Path, log: Path) -> i
     systemd, a scope) of its own, outliving the process that started it: a VM running on it
     must not lose its disk when a worker stops, restarts or dies. Its PID; stopped by
     :func:`stop_detached`."""
-    disk = open_disk(manifest_path)  # a missing key or a broken chain fails before nbdkit
-    if isinstance(disk, ChainDisk):
-        disk.close()
-    if shutil.which("nbdkit") is None:
-        raise InvalidInput("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
+    servable_size(manifest_path)
     args = outside_the_service(f"snapferry-export-{socket_path.stem}")
     args += ["nbdkit", "-r", "-f", "-U", str(socket_path), *plugin_args(manifest_path)]
     with open(log, "ab") as err:
@@ -398,12 +406,7 @@ def serving(
     socket (``socket_path``, else one in a new private directory), or on ``tcp`` with TLS
     required (certificates in ``tls_dir``: ca-cert.pem, server-cert.pem, server-key.pem)
     and a client certificate from that CA."""
-    disk = open_disk(manifest_path)  # a missing key or a broken chain fails before nbdkit
-    size = disk.size
-    if isinstance(disk, ChainDisk):
-        disk.close()
-    if shutil.which("nbdkit") is None:
-        raise InvalidInput("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
+    size = servable_size(manifest_path)
     private = Path(tempfile.mkdtemp(prefix="snapferry-nbd-"))  # mode 0700
     log = private / "nbdkit.log"
     made_socket: Path | None = None

@@ -38,6 +38,12 @@ def backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The rebuilt image a revert writes (secondary storage is not what is tested here)."""
     raw = tmp_path / "restore.raw"
     raw.write_bytes(random.Random(11).randbytes(16 * MIB))
+    serve_as_backup(monkeypatch, raw)
+    return raw
+
+
+def serve_as_backup(monkeypatch: pytest.MonkeyPatch, raw: Path) -> None:
+    """Every backup a revert reads is ``raw``."""
 
     @contextlib.contextmanager
     def materialized(manifest: Any, on_progress: Any = None) -> Iterator[Path]:
@@ -45,7 +51,6 @@ def backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(SecondaryStore, "read_manifest", staticmethod(lambda path: None))
     monkeypatch.setattr(SecondaryStore, "materialized", staticmethod(materialized))
-    return raw
 
 
 def revert_request(vm: str) -> RevertRequest:

@@ -8,18 +8,15 @@ impossible, and the whole disk is written raw."""
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from snapferry.activities.contracts import (
     RestoreKind,
     RestoreRequest,
-    RevertRequest,
     VmRef,
     VolumeRef,
     new_snapshot_id,
@@ -37,6 +34,7 @@ from tests.xapi_sim.control import (
 )
 
 from ..conftest import Xapi
+from .test_xenserver_blocked import revert_request, serve_as_backup
 
 pytestmark = pytest.mark.integration
 
@@ -132,26 +130,7 @@ def test_a_vhd_import_that_fails_is_the_tasks_error_and_leaves_no_volume(
 @pytest.fixture
 def backup_of(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
     """Makes a revert write ``raw`` (secondary storage is not what is tested here)."""
-    from snapferry.activities.storage.secondary import SecondaryStore
-
-    def use(raw: Path) -> None:
-        @contextlib.contextmanager
-        def materialized(manifest: Any, on_progress: Any = None) -> Iterator[Path]:
-            yield raw
-
-        monkeypatch.setattr(SecondaryStore, "read_manifest", staticmethod(lambda path: None))
-        monkeypatch.setattr(SecondaryStore, "materialized", staticmethod(materialized))
-
-    return use
-
-
-def revert_request(vm: str) -> RevertRequest:
-    return RevertRequest(
-        snapshot_id=new_snapshot_id(),
-        volume=VolumeRef(vm=VmRef(name=vm, host="xen-host", hypervisor="xenserver"), disk="xvda"),
-        primary=None,
-        manifest_path="/nowhere/manifest.json",
-    )
+    return lambda raw: serve_as_backup(monkeypatch, raw)
 
 
 def halted_with_data(xapi: Xapi, vm: str, size: int, blocks: list[int]) -> None:

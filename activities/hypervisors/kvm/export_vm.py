@@ -68,11 +68,17 @@ def on_export(disk: ET.Element, *, overlay: Path, socket: Path) -> None:
     disk.insert(2, backing)
 
 
-def agent_answers(dom: libvirt.virDomain) -> bool:
-    """The guest's QEMU agent answers a harmless question (its host name): the guest is up.
-    (libvirt learns the agent connected a moment after the guest opened its port.)"""
+def agent_error(dom: libvirt.virDomain) -> str | None:
+    """None if the guest's QEMU agent answers a harmless question (its host name), else
+    libvirt's reason (no channel, not connected, not answering, frozen). libvirt learns the
+    agent connected a moment after the guest opened its port."""
     try:
         dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
+    except libvirt.libvirtError as exc:
+        return exc.get_error_message() or str(exc)
+    return None
+
+
+def agent_answers(dom: libvirt.virDomain) -> bool:
+    """The guest is up: its agent answers."""
+    return agent_error(dom) is None

@@ -32,7 +32,7 @@ import libvirt
 
 from ...contracts import InstantRunRequest, InstantRunResult
 from ...errors import HypervisorUnavailable, InvalidInput
-from ...storage.nbd_export import is_our_nbdkit, open_disk, start_detached, stop_detached
+from ...storage.nbd_export import is_our_nbdkit, servable_size, start_detached, stop_detached
 from ...storage.reader import image_info
 from .export_vm import on_export, overlay_on_export, plain_domain
 
@@ -163,11 +163,7 @@ def start(conn: libvirt.virConnect, req: InstantRunRequest, *, work: Path, overl
     dom = _ours(conn, req)
     if dom is not None and dom.isActive():
         return
-    disk = open_disk(req.manifest_path)
-    size = disk.size
-    close = getattr(disk, "close", None)
-    if close is not None:
-        close()
+    size = servable_size(req.manifest_path)
     # An overlay is ours only with our mark beside it: a file of that name that is not
     # (another VM's disk, left after its VM was undefined) is never taken over.
     mark = Path(f"{overlay}{MARK_SUFFIX}")

@@ -23,6 +23,7 @@ import libvirt
 from ...contracts import Consistency, Quiesce
 from ...errors import QuiesceUnavailable
 from ..quiesce import stopped_vm, without_quiesce
+from .export_vm import agent_error
 
 # The agent refuses every command but a few while the guest is frozen (qemu-guest-agent's
 # qga/main.c, ga_command_is_blocked: "has been disabled ... the agent is in frozen state").
@@ -44,15 +45,13 @@ def guest_ready(
     if not running:
         consistency, note = stopped_vm(quiesce)
         return False, consistency, note
-    try:
-        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError as exc:
-        message = exc.get_error_message() or str(exc)
-        if _FROZEN not in message:
-            consistency, note = without_quiesce(
-                quiesce, f"VM {vm!r}'s guest agent does not answer ({message})"
-            )
-            return False, consistency, note
+    message = agent_error(dom)
+    if message is not None and _FROZEN not in message:
+        consistency, note = without_quiesce(
+            quiesce, f"VM {vm!r}'s guest agent does not answer ({message})"
+        )
+        return False, consistency, note
+    if message is not None:
         thaw_leftover(dom, vm, quiesce)
     # libvirt thaws only when the agent froze something (qemu_snapshot.c: "if (frozen > 0)
     # thaw = true"), yet the agent runs the guest's freeze hook whatever it then freezes: a
@@ -75,12 +74,9 @@ def thaw_if_frozen(dom: libvirt.virDomain) -> None:
     """A retried take that finds its snapshot made: a guest its first attempt left frozen
     (libvirtd gone between the snapshot and the thaw) is thawed now, not at some later
     quiesced take."""
-    try:
-        dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME, 0)
-    except libvirt.libvirtError as exc:
-        if _FROZEN in (exc.get_error_message() or ""):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.fsThaw()
+    if _FROZEN in (agent_error(dom) or ""):
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.fsThaw()
 
 
 def thaw_leftover(dom: libvirt.virDomain, vm: str, quiesce: Quiesce) -> None:
